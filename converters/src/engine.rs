@@ -1,0 +1,380 @@
+//! The conversion engine: resolve the source's allocation map, plan the writer, then read the planned data in
+//! parallel through a bounded pool of buffers (zero detection and compression on the workers) and hand it to
+//! the writer in guest order.
+//!
+//! Memory is `in_flight × unit_size` for data plus the allocation map: it does not grow with the virtual size.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::extent::{ExtentKind, ExtentMap};
+use crate::sink::Sink;
+use crate::source::{DiskSource, resolved_extents};
+use crate::writer::{ChunkCompressor, FormatWriter, Plan, Run};
+
+/// Zero detection never looks at pieces larger than this, whatever the writer's granularity.
+pub const MAX_ZERO_GRANULE: u64 = 1 << 20;
+
+/// Reports progress; called from the engine's coordinating thread.
+pub trait Progress: Sync {
+    /// Total bytes that will be processed.
+    fn set_total(&self, total: u64);
+    /// `n` more bytes processed.
+    fn inc(&self, n: u64);
+}
+
+/// Progress that reports nothing.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn set_total(&self, _: u64) {}
+    fn inc(&self, _: u64) {}
+}
+
+/// Tuning for one conversion.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Worker threads reading (and compressing).
+    pub threads: usize,
+    /// Bytes read per work unit (rounded to the writer's granularity).
+    pub unit_size: u64,
+    /// Work units allowed in flight (bounds memory).
+    pub in_flight: usize,
+    /// Detect zeros inside data ranges (`false` copies data ranges as they are).
+    pub detect_zeros: bool,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = cpus.clamp(4, 16);
+        ConvertOptions { threads, unit_size: 2 << 20, in_flight: threads * 2, detect_zeros: true }
+    }
+}
+
+/// What a conversion did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ConvertStats {
+    /// Virtual size of the output.
+    pub virtual_size: u64,
+    /// Bytes the source's allocation map called data (after backing resolution).
+    pub data_bytes: u64,
+    /// Bytes read from the source.
+    pub bytes_read: u64,
+    /// Guest bytes handed to the writer as data (non-zero).
+    pub bytes_written: u64,
+    /// Guest bytes of data ranges that turned out to be zeros.
+    pub zero_bytes_detected: u64,
+    /// Length of the output file.
+    pub output_len: u64,
+}
+
+/// True when every byte of `buf` is zero.
+pub fn is_zero(buf: &[u8]) -> bool {
+    static ZERO: [u8; 4096] = [0; 4096];
+    buf.chunks(ZERO.len()).all(|c| c == &ZERO[..c.len()])
+}
+
+/// The resolved (Data/Zero) allocation of the whole source.
+pub fn source_map(src: &dyn DiskSource) -> Result<ExtentMap> {
+    resolved_extents(src, 0, src.virtual_size())
+}
+
+struct Job {
+    seq: u64,
+    start: u64,
+    buf: Vec<u8>,
+}
+
+enum Piece {
+    Zero(u64),
+    Data { from: usize, to: usize },
+    Compressed { data: Vec<u8>, len: u64 },
+}
+
+struct Done {
+    seq: u64,
+    start: u64,
+    buf: Vec<u8>,
+    pieces: Vec<Piece>,
+}
+
+/// Converts `src` through `writer` into `sink`.
+pub fn convert(
+    src: &dyn DiskSource,
+    writer: &mut dyn FormatWriter,
+    sink: &mut dyn Sink,
+    opts: &ConvertOptions,
+    progress: &dyn Progress,
+) -> Result<ConvertStats> {
+    let map = source_map(src)?;
+    convert_with_map(src, &map, writer, sink, opts, progress)
+}
+
+/// Like [`convert`], with the source's resolved map already computed.
+pub fn convert_with_map(
+    src: &dyn DiskSource,
+    map: &ExtentMap,
+    writer: &mut dyn FormatWriter,
+    sink: &mut dyn Sink,
+    opts: &ConvertOptions,
+    progress: &dyn Progress,
+) -> Result<ConvertStats> {
+    let source_size = src.virtual_size();
+    let virtual_size = writer.output_virtual_size(source_size)?;
+    if virtual_size < source_size {
+        return Err(Error::input("internal error: a writer shrank the virtual size"));
+    }
+    let g = writer.granularity();
+    if g == 0 || !g.is_power_of_two() {
+        return Err(Error::input(format!("internal error: writer granularity {g} is not a power of two")));
+    }
+    let runs = map.data_runs(g);
+    let plan = Plan { virtual_size, runs: &runs };
+    let mut stats = ConvertStats {
+        virtual_size,
+        data_bytes: map.bytes(ExtentKind::Data),
+        ..ConvertStats::default()
+    };
+    progress.set_total(plan.data_bytes());
+    writer.begin(sink, &plan)?;
+
+    // Work units: pieces of the runs, aligned to the granularity, at most unit_size long.
+    let unit = (opts.unit_size.max(g) / g) * g;
+    let zero_granule = g.min(MAX_ZERO_GRANULE);
+    let compressor = writer.compressor();
+    let mut units = runs.iter().flat_map(|&(s, t)| {
+        let mut out = Vec::new();
+        let mut a = s;
+        while a < t {
+            let b = (a + unit).min(t);
+            out.push((a, b));
+            a = b;
+        }
+        out
+    });
+
+    let threads = opts.threads.max(1);
+    let in_flight = opts.in_flight.max(threads);
+    let detect = opts.detect_zeros;
+
+    std::thread::scope(|scope| -> Result<()> {
+        let (job_tx, job_rx) = mpsc::sync_channel::<Job>(in_flight);
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let (done_tx, done_rx) = mpsc::channel::<Result<Done>>();
+        for _ in 0..threads {
+            let job_rx = job_rx.clone();
+            let done_tx = done_tx.clone();
+            let compressor = compressor.clone();
+            scope.spawn(move || {
+                loop {
+                    let job = match job_rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(job) = job else { return };
+                    let r = process(src, job, zero_granule, g, detect, compressor.as_deref());
+                    if done_tx.send(r).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+
+        let mut pool: Vec<Vec<u8>> = Vec::new();
+        let mut pending: BTreeMap<u64, Done> = BTreeMap::new();
+        let mut next_seq = 0u64;
+        let mut sent = 0u64;
+        let mut outstanding = 0usize;
+        let mut exhausted = false;
+        let result = (|| -> Result<()> {
+            loop {
+                while !exhausted && outstanding < in_flight {
+                    match units.next() {
+                        Some((a, b)) => {
+                            let len = usize::try_from(b - a).map_err(|_| Error::input("unit too large"))?;
+                            let mut buf = pool.pop().unwrap_or_default();
+                            buf.resize(len, 0);
+                            job_tx
+                                .send(Job { seq: sent, start: a, buf })
+                                .map_err(|_| Error::input("internal error: worker pool stopped"))?;
+                            sent += 1;
+                            outstanding += 1;
+                        }
+                        None => exhausted = true,
+                    }
+                }
+                if outstanding == 0 {
+                    return Ok(());
+                }
+                let done = done_rx
+                    .recv()
+                    .map_err(|_| Error::input("internal error: worker pool stopped"))??;
+                outstanding -= 1;
+                pending.insert(done.seq, done);
+                while let Some(d) = pending.remove(&next_seq) {
+                    let mut at = d.start;
+                    stats.bytes_read += d.buf.len() as u64;
+                    for p in &d.pieces {
+                        let run = match p {
+                            Piece::Zero(n) => {
+                                stats.zero_bytes_detected += n;
+                                Run::Zero(*n)
+                            }
+                            Piece::Data { from, to } => {
+                                stats.bytes_written += (to - from) as u64;
+                                Run::Data(&d.buf[*from..*to])
+                            }
+                            Piece::Compressed { data, len } => {
+                                stats.bytes_written += len;
+                                Run::Compressed { data, len: *len }
+                            }
+                        };
+                        let n = run.guest_len();
+                        writer.write_run(sink, at, run)?;
+                        at += n;
+                    }
+                    progress.inc(d.buf.len() as u64);
+                    pool.push(d.buf);
+                    next_seq += 1;
+                }
+            }
+        })();
+        drop(job_tx);
+        result
+    })?;
+
+    stats.output_len = writer.finish(sink)?;
+    Ok(stats)
+}
+
+fn process(
+    src: &dyn DiskSource,
+    job: Job,
+    zero_granule: u64,
+    granule: u64,
+    detect: bool,
+    compressor: Option<&dyn ChunkCompressor>,
+) -> Result<Done> {
+    let Job { seq, start, mut buf } = job;
+    src.read_at(&mut buf, start)?;
+    let mut pieces: Vec<Piece> = Vec::new();
+    if let Some(c) = compressor {
+        // One piece per granule: zero, compressed, or stored.
+        let g = granule as usize;
+        let mut from = 0usize;
+        while from < buf.len() {
+            let to = (from + g).min(buf.len());
+            let chunk = &buf[from..to];
+            if detect && is_zero(chunk) {
+                push_zero(&mut pieces, (to - from) as u64);
+            } else {
+                match c.compress(chunk)? {
+                    Some(data) => pieces.push(Piece::Compressed { data, len: (to - from) as u64 }),
+                    None => push_data(&mut pieces, from, to),
+                }
+            }
+            from = to;
+        }
+    } else if detect {
+        let z = zero_granule as usize;
+        let mut from = 0usize;
+        while from < buf.len() {
+            let to = (from + z).min(buf.len());
+            if is_zero(&buf[from..to]) {
+                push_zero(&mut pieces, (to - from) as u64);
+            } else {
+                push_data(&mut pieces, from, to);
+            }
+            from = to;
+        }
+    } else {
+        pieces.push(Piece::Data { from: 0, to: buf.len() });
+    }
+    Ok(Done { seq, start, buf, pieces })
+}
+
+fn push_zero(pieces: &mut Vec<Piece>, n: u64) {
+    if let Some(Piece::Zero(m)) = pieces.last_mut() {
+        *m += n;
+    } else {
+        pieces.push(Piece::Zero(n));
+    }
+}
+
+fn push_data(pieces: &mut Vec<Piece>, from: usize, to: usize) {
+    if let Some(Piece::Data { to: t, .. }) = pieces.last_mut()
+        && *t == from
+    {
+        *t = to;
+        return;
+    }
+    pieces.push(Piece::Data { from, to });
+}
+
+/// Compares two disks' contents. Returns the first differing guest offset, or `None` when identical. Where
+/// one disk is longer, the extra part must read as zeros (qemu-img compare's non-strict rule).
+pub fn compare(a: &dyn DiskSource, b: &dyn DiskSource, progress: &dyn Progress) -> Result<Option<u64>> {
+    let common = a.virtual_size().min(b.virtual_size());
+    let ma = resolved_extents(a, 0, a.virtual_size())?;
+    let mb = resolved_extents(b, 0, b.virtual_size())?;
+    progress.set_total(a.virtual_size().max(b.virtual_size()));
+    const CHUNK: u64 = 1 << 20;
+    let mut bufa = vec![0u8; CHUNK as usize];
+    let mut bufb = vec![0u8; CHUNK as usize];
+    // Walk the union of boundaries; ranges that are zero in both are skipped without reading.
+    let mut pos = 0u64;
+    while pos < common {
+        let ea = ma.lookup(pos).ok_or_else(|| Error::input("internal error: map gap"))?;
+        let eb = mb.lookup(pos).ok_or_else(|| Error::input("internal error: map gap"))?;
+        let end = ea.end().min(eb.end()).min(common);
+        if ea.kind == ExtentKind::Zero && eb.kind == ExtentKind::Zero {
+            progress.inc(end - pos);
+            pos = end;
+            continue;
+        }
+        let mut p = pos;
+        while p < end {
+            let n = (end - p).min(CHUNK) as usize;
+            let za = ea.kind == ExtentKind::Zero;
+            let zb = eb.kind == ExtentKind::Zero;
+            if za {
+                bufa[..n].fill(0);
+            } else {
+                a.read_at(&mut bufa[..n], p)?;
+            }
+            if zb {
+                bufb[..n].fill(0);
+            } else {
+                b.read_at(&mut bufb[..n], p)?;
+            }
+            if bufa[..n] != bufb[..n] {
+                let i = bufa[..n].iter().zip(&bufb[..n]).position(|(x, y)| x != y).unwrap_or(0);
+                return Ok(Some(p + i as u64));
+            }
+            progress.inc(n as u64);
+            p += n as u64;
+        }
+        pos = end;
+    }
+    // The longer disk's tail must be zeros.
+    let (longer, lmap) = if a.virtual_size() > common { (a, &ma) } else { (b, &mb) };
+    for e in lmap.clip(common, longer.virtual_size()).iter() {
+        if e.kind == ExtentKind::Zero {
+            continue;
+        }
+        let mut p = e.start;
+        while p < e.end() {
+            let n = (e.end() - p).min(CHUNK) as usize;
+            longer.read_at(&mut bufa[..n], p)?;
+            if let Some(i) = bufa[..n].iter().position(|&x| x != 0) {
+                return Ok(Some(p + i as u64));
+            }
+            p += n as u64;
+        }
+    }
+    Ok(None)
+}

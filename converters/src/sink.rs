@@ -1,0 +1,241 @@
+//! Where a writer's bytes go. A `Sink` receives `(file offset, bytes)` pieces: a local file takes them anywhere
+//! (holes stay holes), a stream takes them only in increasing order and fills gaps with zeros, an uploader
+//! skips gaps. `OutputSet` makes local outputs atomic: temporary names in the destination folder, renamed on
+//! `commit`, removed if dropped uncommitted.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Receives a writer's output.
+pub trait Sink: Send {
+    /// Writes `data` at `offset` of the output file. Streaming sinks require increasing offsets.
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()>;
+    /// True when earlier offsets can be written again (a local file); writers then place metadata last.
+    fn can_seek_back(&self) -> bool;
+    /// Reads back bytes already written (seekable sinks only; used to patch tables).
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let _ = (offset, buf);
+        Err(Error::input("this destination cannot be read back"))
+    }
+    /// Ends the output at `len` bytes (extends with zeros or a hole).
+    fn finish(&mut self, len: u64) -> Result<()>;
+    /// A second output file next to this one, called `file_name` (VMDK extents). Only local outputs have it.
+    fn sibling(&mut self, file_name: &str) -> Result<Box<dyn Sink>> {
+        Err(Error::input(format!(
+            "this destination holds one file; '{file_name}' would need a folder (write to a local file instead)"
+        )))
+    }
+    /// The final file name of this output, when it is a file (VMDK descriptors name their extents).
+    fn file_name(&self) -> Option<String> {
+        None
+    }
+}
+
+/// A local file, written with positional writes; skipped ranges stay holes.
+pub struct FileSink {
+    file: File,
+    path: PathBuf,
+    final_name: Option<String>,
+    set: Option<std::sync::Arc<std::sync::Mutex<OutputSetInner>>>,
+}
+
+impl FileSink {
+    /// Wraps an open, writable file.
+    pub fn new(file: File, path: PathBuf) -> Self {
+        FileSink { file, path, final_name: None, set: None }
+    }
+}
+
+impl Sink for FileSink {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| Error::io(&format!("cannot write {} bytes at offset {offset} of", data.len()), &self.path, e))
+    }
+    fn can_seek_back(&self) -> bool {
+        true
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| Error::io("cannot read back", &self.path, e))
+    }
+    fn finish(&mut self, len: u64) -> Result<()> {
+        self.file.set_len(len).map_err(|e| Error::io("cannot set the length of", &self.path, e))?;
+        self.file.sync_all().map_err(|e| Error::io("cannot sync", &self.path, e))
+    }
+    fn sibling(&mut self, file_name: &str) -> Result<Box<dyn Sink>> {
+        match &self.set {
+            Some(set) => OutputSet::add_file(set, file_name),
+            None => Err(Error::input("this output cannot hold extra files")),
+        }
+    }
+    fn file_name(&self) -> Option<String> {
+        self.final_name.clone()
+    }
+}
+
+/// A forward-only stream (stdout, a pipe): gaps are written as zeros.
+pub struct StreamSink<W: Write + Send> {
+    out: W,
+    pos: u64,
+}
+
+impl<W: Write + Send> StreamSink<W> {
+    /// Wraps a writer positioned at offset 0.
+    pub fn new(out: W) -> Self {
+        StreamSink { out, pos: 0 }
+    }
+
+    fn zeros(&mut self, mut n: u64) -> Result<()> {
+        static ZERO: [u8; 64 * 1024] = [0; 64 * 1024];
+        while n > 0 {
+            let k = n.min(ZERO.len() as u64) as usize;
+            self.out.write_all(&ZERO[..k]).map_err(|e| Error::io_plain("cannot write to the output stream", e))?;
+            n -= k as u64;
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write + Send> Sink for StreamSink<W> {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        if offset < self.pos {
+            return Err(Error::input(format!(
+                "internal error: stream output went back from {} to {offset}",
+                self.pos
+            )));
+        }
+        self.zeros(offset - self.pos)?;
+        self.out.write_all(data).map_err(|e| Error::io_plain("cannot write to the output stream", e))?;
+        self.pos = offset + data.len() as u64;
+        Ok(())
+    }
+    fn can_seek_back(&self) -> bool {
+        false
+    }
+    fn finish(&mut self, len: u64) -> Result<()> {
+        if len > self.pos {
+            self.zeros(len - self.pos)?;
+            self.pos = len;
+        }
+        self.out.flush().map_err(|e| Error::io_plain("cannot flush the output stream", e))
+    }
+}
+
+/// Test/inspection sink: records pieces in memory (seekable).
+#[derive(Debug, Default)]
+pub struct MemSink {
+    /// The bytes written so far.
+    pub data: Vec<u8>,
+}
+
+impl Sink for MemSink {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let off = usize::try_from(offset).map_err(|_| Error::input("offset too large for memory"))?;
+        let end = off + data.len();
+        if self.data.len() < end {
+            self.data.resize(end, 0);
+        }
+        self.data[off..end].copy_from_slice(data);
+        Ok(())
+    }
+    fn can_seek_back(&self) -> bool {
+        true
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let off = offset as usize;
+        let end = off + buf.len();
+        if end > self.data.len() {
+            self.data.resize(end, 0);
+        }
+        buf.copy_from_slice(&self.data[off..end]);
+        Ok(())
+    }
+    fn finish(&mut self, len: u64) -> Result<()> {
+        self.data.resize(len as usize, 0);
+        Ok(())
+    }
+}
+
+struct PendingFile {
+    temp: tempfile::TempPath,
+    final_path: PathBuf,
+}
+
+/// The files of one local output.
+pub struct OutputSetInner {
+    dir: PathBuf,
+    files: Vec<PendingFile>,
+}
+
+/// Atomic local output: every file is created under a temporary name in the destination folder and renamed to
+/// its final name by `commit`. Dropping the set without committing removes the temporary files.
+pub struct OutputSet {
+    inner: std::sync::Arc<std::sync::Mutex<OutputSetInner>>,
+}
+
+impl OutputSet {
+    /// Prepares an output whose main file is `path`. Refuses when `path` is an existing directory.
+    pub fn new(path: &Path) -> Result<(OutputSet, FileSink)> {
+        if path.is_dir() {
+            return Err(Error::input(format!("{} is a directory", path.display())));
+        }
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = path
+            .file_name()
+            .ok_or_else(|| Error::input(format!("{} has no file name", path.display())))?
+            .to_string_lossy()
+            .into_owned();
+        let inner = std::sync::Arc::new(std::sync::Mutex::new(OutputSetInner { dir, files: Vec::new() }));
+        let set = OutputSet { inner };
+        let sink = Self::create(&set.inner, &name)?;
+        Ok((set, sink))
+    }
+
+    fn create(inner: &std::sync::Arc<std::sync::Mutex<OutputSetInner>>, name: &str) -> Result<FileSink> {
+        if name.contains('/') || name == ".." || name == "." || name.is_empty() {
+            return Err(Error::input(format!("invalid output file name '{name}'")));
+        }
+        let mut g = inner.lock().map_err(|_| Error::input("output set lock poisoned"))?;
+        let dir = g.dir.clone();
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".imgshift-tmp")
+            .tempfile_in(&dir)
+            .map_err(|e| Error::io("cannot create a temporary file in", &dir, e))?;
+        let (file, temp) = tmp.into_parts();
+        let path = temp.to_path_buf();
+        g.files.push(PendingFile { temp, final_path: dir.join(name) });
+        let mut sink = FileSink::new(file, path);
+        sink.final_name = Some(name.to_string());
+        sink.set = Some(inner.clone());
+        Ok(sink)
+    }
+
+    fn add_file(inner: &std::sync::Arc<std::sync::Mutex<OutputSetInner>>, name: &str) -> Result<Box<dyn Sink>> {
+        Ok(Box::new(Self::create(inner, name)?))
+    }
+
+    /// Renames every file to its final name and syncs the folder.
+    pub fn commit(self) -> Result<()> {
+        let mut g = self.inner.lock().map_err(|_| Error::input("output set lock poisoned"))?;
+        let files = std::mem::take(&mut g.files);
+        for f in files {
+            f.temp
+                .persist(&f.final_path)
+                .map_err(|e| Error::io("cannot rename the output to", &f.final_path, e.error))?;
+        }
+        if let Ok(d) = File::open(&g.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
