@@ -50,7 +50,12 @@ impl Default for ConvertOptions {
     fn default() -> Self {
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         let threads = cpus.clamp(4, 16);
-        ConvertOptions { threads, unit_size: 2 << 20, in_flight: threads * 2, detect_zeros: true }
+        ConvertOptions {
+            threads,
+            unit_size: 2 << 20,
+            in_flight: threads * 2,
+            detect_zeros: true,
+        }
     }
 }
 
@@ -125,14 +130,21 @@ pub fn convert_with_map(
     let source_size = src.virtual_size();
     let virtual_size = writer.output_virtual_size(source_size)?;
     if virtual_size < source_size {
-        return Err(Error::input("internal error: a writer shrank the virtual size"));
+        return Err(Error::input(
+            "internal error: a writer shrank the virtual size",
+        ));
     }
     let g = writer.granularity();
     if g == 0 || !g.is_power_of_two() {
-        return Err(Error::input(format!("internal error: writer granularity {g} is not a power of two")));
+        return Err(Error::input(format!(
+            "internal error: writer granularity {g} is not a power of two"
+        )));
     }
     let runs = map.data_runs(g);
-    let plan = Plan { virtual_size, runs: &runs };
+    let plan = Plan {
+        virtual_size,
+        runs: &runs,
+    };
     let mut stats = ConvertStats {
         virtual_size,
         data_bytes: map.bytes(ExtentKind::Data),
@@ -195,11 +207,16 @@ pub fn convert_with_map(
                 while !exhausted && outstanding < in_flight {
                     match units.next() {
                         Some((a, b)) => {
-                            let len = usize::try_from(b - a).map_err(|_| Error::input("unit too large"))?;
+                            let len = usize::try_from(b - a)
+                                .map_err(|_| Error::input("unit too large"))?;
                             let mut buf = pool.pop().unwrap_or_default();
                             buf.resize(len, 0);
                             job_tx
-                                .send(Job { seq: sent, start: a, buf })
+                                .send(Job {
+                                    seq: sent,
+                                    start: a,
+                                    buf,
+                                })
                                 .map_err(|_| Error::input("internal error: worker pool stopped"))?;
                             sent += 1;
                             outstanding += 1;
@@ -259,7 +276,11 @@ fn process(
     detect: bool,
     compressor: Option<&dyn ChunkCompressor>,
 ) -> Result<Done> {
-    let Job { seq, start, mut buf } = job;
+    let Job {
+        seq,
+        start,
+        mut buf,
+    } = job;
     src.read_at(&mut buf, start)?;
     let mut pieces: Vec<Piece> = Vec::new();
     if let Some(c) = compressor {
@@ -273,7 +294,10 @@ fn process(
                 push_zero(&mut pieces, (to - from) as u64);
             } else {
                 match c.compress(chunk)? {
-                    Some(data) => pieces.push(Piece::Compressed { data, len: (to - from) as u64 }),
+                    Some(data) => pieces.push(Piece::Compressed {
+                        data,
+                        len: (to - from) as u64,
+                    }),
                     None => push_data(&mut pieces, from, to),
                 }
             }
@@ -292,9 +316,17 @@ fn process(
             from = to;
         }
     } else {
-        pieces.push(Piece::Data { from: 0, to: buf.len() });
+        pieces.push(Piece::Data {
+            from: 0,
+            to: buf.len(),
+        });
     }
-    Ok(Done { seq, start, buf, pieces })
+    Ok(Done {
+        seq,
+        start,
+        buf,
+        pieces,
+    })
 }
 
 fn push_zero(pieces: &mut Vec<Piece>, n: u64) {
@@ -317,7 +349,11 @@ fn push_data(pieces: &mut Vec<Piece>, from: usize, to: usize) {
 
 /// Compares two disks' contents. Returns the first differing guest offset, or `None` when identical. Where
 /// one disk is longer, the extra part must read as zeros (qemu-img compare's non-strict rule).
-pub fn compare(a: &dyn DiskSource, b: &dyn DiskSource, progress: &dyn Progress) -> Result<Option<u64>> {
+pub fn compare(
+    a: &dyn DiskSource,
+    b: &dyn DiskSource,
+    progress: &dyn Progress,
+) -> Result<Option<u64>> {
     let common = a.virtual_size().min(b.virtual_size());
     let ma = resolved_extents(a, 0, a.virtual_size())?;
     let mb = resolved_extents(b, 0, b.virtual_size())?;
@@ -328,8 +364,12 @@ pub fn compare(a: &dyn DiskSource, b: &dyn DiskSource, progress: &dyn Progress) 
     // Walk the union of boundaries; ranges that are zero in both are skipped without reading.
     let mut pos = 0u64;
     while pos < common {
-        let ea = ma.lookup(pos).ok_or_else(|| Error::input("internal error: map gap"))?;
-        let eb = mb.lookup(pos).ok_or_else(|| Error::input("internal error: map gap"))?;
+        let ea = ma
+            .lookup(pos)
+            .ok_or_else(|| Error::input("internal error: map gap"))?;
+        let eb = mb
+            .lookup(pos)
+            .ok_or_else(|| Error::input("internal error: map gap"))?;
         let end = ea.end().min(eb.end()).min(common);
         if ea.kind == ExtentKind::Zero && eb.kind == ExtentKind::Zero {
             progress.inc(end - pos);
@@ -352,7 +392,11 @@ pub fn compare(a: &dyn DiskSource, b: &dyn DiskSource, progress: &dyn Progress) 
                 b.read_at(&mut bufb[..n], p)?;
             }
             if bufa[..n] != bufb[..n] {
-                let i = bufa[..n].iter().zip(&bufb[..n]).position(|(x, y)| x != y).unwrap_or(0);
+                let i = bufa[..n]
+                    .iter()
+                    .zip(&bufb[..n])
+                    .position(|(x, y)| x != y)
+                    .unwrap_or(0);
                 return Ok(Some(p + i as u64));
             }
             progress.inc(n as u64);
@@ -361,7 +405,11 @@ pub fn compare(a: &dyn DiskSource, b: &dyn DiskSource, progress: &dyn Progress) 
         pos = end;
     }
     // The longer disk's tail must be zeros.
-    let (longer, lmap) = if a.virtual_size() > common { (a, &ma) } else { (b, &mb) };
+    let (longer, lmap) = if a.virtual_size() > common {
+        (a, &ma)
+    } else {
+        (b, &mb)
+    };
     for e in lmap.clip(common, longer.virtual_size()).iter() {
         if e.kind == ExtentKind::Zero {
             continue;

@@ -38,23 +38,39 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A new error of `kind` with `message`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into(), source: None }
+        Error {
+            kind,
+            message: message.into(),
+            source: None,
+        }
     }
     /// The image is not valid `format`: `what`.
     pub fn invalid(format: &str, what: impl std::fmt::Display) -> Self {
-        Error::new(ErrorKind::InvalidFormat, format!("invalid {format} image: {what}"))
+        Error::new(
+            ErrorKind::InvalidFormat,
+            format!("invalid {format} image: {what}"),
+        )
     }
     /// The image's metadata is inconsistent.
     pub fn corrupt(format: &str, what: impl std::fmt::Display) -> Self {
-        Error::new(ErrorKind::Corrupt, format!("corrupt {format} image: {what}"))
+        Error::new(
+            ErrorKind::Corrupt,
+            format!("corrupt {format} image: {what}"),
+        )
     }
     /// A feature is not supported.
     pub fn unsupported(format: &str, what: impl std::fmt::Display) -> Self {
-        Error::new(ErrorKind::Unsupported, format!("unsupported {format} image: {what}"))
+        Error::new(
+            ErrorKind::Unsupported,
+            format!("unsupported {format} image: {what}"),
+        )
     }
     /// A resource bound was hit.
     pub fn limit(format: &str, what: impl std::fmt::Display) -> Self {
-        Error::new(ErrorKind::Limit, format!("{format} image exceeds a limit: {what}"))
+        Error::new(
+            ErrorKind::Limit,
+            format!("{format} image exceeds a limit: {what}"),
+        )
     }
     /// A path named in an image was refused.
     pub fn denied(what: impl std::fmt::Display) -> Self {
@@ -75,7 +91,11 @@ impl Error {
     }
     /// An I/O error without a path (streams).
     pub fn io_plain(op: &str, source: std::io::Error) -> Self {
-        Error { kind: ErrorKind::Io, message: format!("{op}: {source}"), source: Some(source) }
+        Error {
+            kind: ErrorKind::Io,
+            message: format!("{op}: {source}"),
+            source: Some(source),
+        }
     }
     /// The kind of this error.
     pub fn kind(&self) -> ErrorKind {
@@ -88,7 +108,9 @@ impl Error {
     }
     /// True when the underlying I/O error is a broken pipe (reader of stdout went away).
     pub fn is_broken_pipe(&self) -> bool {
-        self.source.as_ref().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+        self.source
+            .as_ref()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
     }
 }
 
@@ -102,9 +124,11 @@ pub trait CheckedExt: Sized {
 
 impl CheckedExt for u64 {
     fn add_or(self, rhs: u64, format: &str, what: &str) -> Result<u64> {
-        self.checked_add(rhs).ok_or_else(|| Error::corrupt(format, format!("{what} overflows")))
+        self.checked_add(rhs)
+            .ok_or_else(|| Error::corrupt(format, format!("{what} overflows")))
     }
     fn mul_or(self, rhs: u64, format: &str, what: &str) -> Result<u64> {
-        self.checked_mul(rhs).ok_or_else(|| Error::corrupt(format, format!("{what} overflows")))
+        self.checked_mul(rhs)
+            .ok_or_else(|| Error::corrupt(format, format!("{what} overflows")))
     }
 }

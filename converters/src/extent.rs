@@ -46,7 +46,9 @@ pub struct ExtentMap {
 impl ExtentMap {
     /// An empty map.
     pub fn new() -> Self {
-        ExtentMap { extents: Vec::new() }
+        ExtentMap {
+            extents: Vec::new(),
+        }
     }
 
     /// A map of one extent (nothing if `len` is 0).
@@ -63,7 +65,13 @@ impl ExtentMap {
     }
 
     /// Appends an extent with an explicit depth; merges with the last extent when kind and depth match.
-    pub fn push_at_depth(&mut self, start: u64, len: u64, kind: ExtentKind, depth: u32) -> Result<()> {
+    pub fn push_at_depth(
+        &mut self,
+        start: u64,
+        len: u64,
+        kind: ExtentKind,
+        depth: u32,
+    ) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
@@ -82,7 +90,12 @@ impl ExtentMap {
                 return Ok(());
             }
         }
-        self.extents.push(Extent { start, len, kind, depth });
+        self.extents.push(Extent {
+            start,
+            len,
+            kind,
+            depth,
+        });
         Ok(())
     }
 
@@ -121,7 +134,11 @@ impl ExtentMap {
 
     /// Total bytes of extents of `kind`.
     pub fn bytes(&self, kind: ExtentKind) -> u64 {
-        self.extents.iter().filter(|e| e.kind == kind).map(|e| e.len).sum()
+        self.extents
+            .iter()
+            .filter(|e| e.kind == kind)
+            .map(|e| e.len)
+            .sum()
     }
 
     /// The part of the map inside `[start, end)`.
@@ -180,7 +197,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn kind_strategy() -> impl Strategy<Value = ExtentKind> {
-        prop_oneof![Just(ExtentKind::Data), Just(ExtentKind::Zero), Just(ExtentKind::Unallocated)]
+        prop_oneof![
+            Just(ExtentKind::Data),
+            Just(ExtentKind::Zero),
+            Just(ExtentKind::Unallocated)
+        ]
     }
 
     fn build(pieces: &[(u64, ExtentKind)]) -> ExtentMap {

@@ -31,7 +31,10 @@ impl OpenGate {
 
     /// A gate that refuses every named file.
     pub fn deny_all() -> Self {
-        OpenGate { deny_all: true, ..OpenGate::default() }
+        OpenGate {
+            deny_all: true,
+            ..OpenGate::default()
+        }
     }
 
     /// Also allow files inside `dir` (the user's explicit `--allow-dir`).
@@ -61,7 +64,9 @@ impl OpenGate {
     /// opening it.
     pub fn resolve(&self, referrer: &Path, name: &str, what: &str) -> Result<PathBuf> {
         if self.deny_all {
-            return Err(Error::denied(format!("{what} '{name}' refused: opening files named inside images is disabled")));
+            return Err(Error::denied(format!(
+                "{what} '{name}' refused: opening files named inside images is disabled"
+            )));
         }
         if name.is_empty() {
             return Err(Error::invalid("image", format!("empty {what} name")));
@@ -76,17 +81,34 @@ impl OpenGate {
         }
         let base = referrer
             .parent()
-            .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
             .unwrap_or(Path::new("."));
-        let base = base.canonicalize().map_err(|e| Error::io("cannot resolve folder", base, e))?;
+        let base = base
+            .canonicalize()
+            .map_err(|e| Error::io("cannot resolve folder", base, e))?;
         let named = Path::new(name);
-        let joined = if named.is_absolute() { named.to_path_buf() } else { base.join(named) };
+        let joined = if named.is_absolute() {
+            named.to_path_buf()
+        } else {
+            base.join(named)
+        };
         let canon = joined.canonicalize().map_err(|e| {
-            Error::new(ErrorKind::Io, format!("{what} '{name}' (resolved to {}): {e}", joined.display()))
+            Error::new(
+                ErrorKind::Io,
+                format!("{what} '{name}' (resolved to {}): {e}", joined.display()),
+            )
         })?;
         let inside_base = canon.starts_with(&base)
             && !named.is_absolute()
-            && !named.components().any(|c| matches!(c, Component::ParentDir));
+            && !named
+                .components()
+                .any(|c| matches!(c, Component::ParentDir));
         let inside_allowed = self.allowed_dirs.iter().any(|d| canon.starts_with(d));
         if !(inside_base || inside_allowed) {
             return Err(Error::denied(format!(
@@ -95,17 +117,28 @@ impl OpenGate {
             )));
         }
         if self.chain.iter().any(|c| c == &canon) {
-            return Err(Error::new(ErrorKind::Corrupt, format!("{what} '{name}' makes a loop in the backing chain")));
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("{what} '{name}' makes a loop in the backing chain"),
+            ));
         }
         if self.chain.len() as u32 > MAX_CHAIN_DEPTH {
-            return Err(Error::limit("image", format!("backing chain deeper than {MAX_CHAIN_DEPTH}")));
+            return Err(Error::limit(
+                "image",
+                format!("backing chain deeper than {MAX_CHAIN_DEPTH}"),
+            ));
         }
         Ok(canon)
     }
 
     /// Opens `name` (named inside the image at `referrer`) read-only. Returns the storage and the gate to use
     /// for whatever that file names in turn.
-    pub fn open(&self, referrer: &Path, name: &str, what: &str) -> Result<(Arc<dyn Storage>, OpenGate)> {
+    pub fn open(
+        &self,
+        referrer: &Path,
+        name: &str,
+        what: &str,
+    ) -> Result<(Arc<dyn Storage>, OpenGate)> {
         let canon = self.resolve(referrer, name, what)?;
         let storage = FileStorage::open(&canon)?;
         let mut child = self.clone();
@@ -115,7 +148,12 @@ impl OpenGate {
 
     /// Opens a file named inside an image for a *sibling* role (a VMDK extent of the same image): same rules,
     /// but it does not deepen the chain.
-    pub fn open_sibling(&self, referrer: &Path, name: &str, what: &str) -> Result<Arc<dyn Storage>> {
+    pub fn open_sibling(
+        &self,
+        referrer: &Path,
+        name: &str,
+        what: &str,
+    ) -> Result<Arc<dyn Storage>> {
         let canon = self.resolve(referrer, name, what)?;
         Ok(Arc::new(FileStorage::open(&canon)?))
     }
@@ -127,7 +165,10 @@ fn is_pseudo_filename(name: &str) -> bool {
     match head.find(':') {
         Some(i) => {
             let proto = &head[..i];
-            !proto.is_empty() && proto.chars().all(|c| c.is_ascii_alphanumeric() || "+-._".contains(c))
+            !proto.is_empty()
+                && proto
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-._".contains(c))
         }
         None => false,
     }
@@ -150,12 +191,27 @@ mod tests {
         let g = OpenGate::new().enter_top(&top);
         assert!(g.resolve(&top, "base", "backing file").is_ok());
         assert!(g.resolve(&top, "./base", "backing file").is_ok());
-        for bad in ["/etc/passwd", "../outside", "link", "json:{\"file\":\"/etc/passwd\"}", "nbd://x/y", "top", ""] {
-            assert!(g.resolve(&top, bad, "backing file").is_err(), "{bad} must be refused");
+        for bad in [
+            "/etc/passwd",
+            "../outside",
+            "link",
+            "json:{\"file\":\"/etc/passwd\"}",
+            "nbd://x/y",
+            "top",
+            "",
+        ] {
+            assert!(
+                g.resolve(&top, bad, "backing file").is_err(),
+                "{bad} must be refused"
+            );
         }
         let g2 = OpenGate::new().allow_dir(dir.path()).unwrap();
         assert!(g2.resolve(&top, "../outside", "backing file").is_ok());
-        assert!(OpenGate::deny_all().resolve(&top, "base", "backing file").is_err());
+        assert!(
+            OpenGate::deny_all()
+                .resolve(&top, "base", "backing file")
+                .is_err()
+        );
     }
 
     #[test]

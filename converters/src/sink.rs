@@ -46,15 +46,24 @@ pub struct FileSink {
 impl FileSink {
     /// Wraps an open, writable file.
     pub fn new(file: File, path: PathBuf) -> Self {
-        FileSink { file, path, final_name: None, set: None }
+        FileSink {
+            file,
+            path,
+            final_name: None,
+            set: None,
+        }
     }
 }
 
 impl Sink for FileSink {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        self.file
-            .write_all_at(data, offset)
-            .map_err(|e| Error::io(&format!("cannot write {} bytes at offset {offset} of", data.len()), &self.path, e))
+        self.file.write_all_at(data, offset).map_err(|e| {
+            Error::io(
+                &format!("cannot write {} bytes at offset {offset} of", data.len()),
+                &self.path,
+                e,
+            )
+        })
     }
     fn can_seek_back(&self) -> bool {
         true
@@ -65,8 +74,12 @@ impl Sink for FileSink {
             .map_err(|e| Error::io("cannot read back", &self.path, e))
     }
     fn finish(&mut self, len: u64) -> Result<()> {
-        self.file.set_len(len).map_err(|e| Error::io("cannot set the length of", &self.path, e))?;
-        self.file.sync_all().map_err(|e| Error::io("cannot sync", &self.path, e))
+        self.file
+            .set_len(len)
+            .map_err(|e| Error::io("cannot set the length of", &self.path, e))?;
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io("cannot sync", &self.path, e))
     }
     fn sibling(&mut self, file_name: &str) -> Result<Box<dyn Sink>> {
         match &self.set {
@@ -95,7 +108,9 @@ impl<W: Write + Send> StreamSink<W> {
         static ZERO: [u8; 64 * 1024] = [0; 64 * 1024];
         while n > 0 {
             let k = n.min(ZERO.len() as u64) as usize;
-            self.out.write_all(&ZERO[..k]).map_err(|e| Error::io_plain("cannot write to the output stream", e))?;
+            self.out
+                .write_all(&ZERO[..k])
+                .map_err(|e| Error::io_plain("cannot write to the output stream", e))?;
             n -= k as u64;
         }
         Ok(())
@@ -111,7 +126,9 @@ impl<W: Write + Send> Sink for StreamSink<W> {
             )));
         }
         self.zeros(offset - self.pos)?;
-        self.out.write_all(data).map_err(|e| Error::io_plain("cannot write to the output stream", e))?;
+        self.out
+            .write_all(data)
+            .map_err(|e| Error::io_plain("cannot write to the output stream", e))?;
         self.pos = offset + data.len() as u64;
         Ok(())
     }
@@ -123,7 +140,9 @@ impl<W: Write + Send> Sink for StreamSink<W> {
             self.zeros(len - self.pos)?;
             self.pos = len;
         }
-        self.out.flush().map_err(|e| Error::io_plain("cannot flush the output stream", e))
+        self.out
+            .flush()
+            .map_err(|e| Error::io_plain("cannot flush the output stream", e))
     }
 }
 
@@ -136,7 +155,8 @@ pub struct MemSink {
 
 impl Sink for MemSink {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        let off = usize::try_from(offset).map_err(|_| Error::input("offset too large for memory"))?;
+        let off =
+            usize::try_from(offset).map_err(|_| Error::input("offset too large for memory"))?;
         let end = off + data.len();
         if self.data.len() < end {
             self.data.resize(end, 0);
@@ -194,17 +214,25 @@ impl OutputSet {
             .ok_or_else(|| Error::input(format!("{} has no file name", path.display())))?
             .to_string_lossy()
             .into_owned();
-        let inner = std::sync::Arc::new(std::sync::Mutex::new(OutputSetInner { dir, files: Vec::new() }));
+        let inner = std::sync::Arc::new(std::sync::Mutex::new(OutputSetInner {
+            dir,
+            files: Vec::new(),
+        }));
         let set = OutputSet { inner };
         let sink = Self::create(&set.inner, &name)?;
         Ok((set, sink))
     }
 
-    fn create(inner: &std::sync::Arc<std::sync::Mutex<OutputSetInner>>, name: &str) -> Result<FileSink> {
+    fn create(
+        inner: &std::sync::Arc<std::sync::Mutex<OutputSetInner>>,
+        name: &str,
+    ) -> Result<FileSink> {
         if name.contains('/') || name == ".." || name == "." || name.is_empty() {
             return Err(Error::input(format!("invalid output file name '{name}'")));
         }
-        let mut g = inner.lock().map_err(|_| Error::input("output set lock poisoned"))?;
+        let mut g = inner
+            .lock()
+            .map_err(|_| Error::input("output set lock poisoned"))?;
         let dir = g.dir.clone();
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{name}."))
@@ -213,20 +241,29 @@ impl OutputSet {
             .map_err(|e| Error::io("cannot create a temporary file in", &dir, e))?;
         let (file, temp) = tmp.into_parts();
         let path = temp.to_path_buf();
-        g.files.push(PendingFile { temp, final_path: dir.join(name) });
+        g.files.push(PendingFile {
+            temp,
+            final_path: dir.join(name),
+        });
         let mut sink = FileSink::new(file, path);
         sink.final_name = Some(name.to_string());
         sink.set = Some(inner.clone());
         Ok(sink)
     }
 
-    fn add_file(inner: &std::sync::Arc<std::sync::Mutex<OutputSetInner>>, name: &str) -> Result<Box<dyn Sink>> {
+    fn add_file(
+        inner: &std::sync::Arc<std::sync::Mutex<OutputSetInner>>,
+        name: &str,
+    ) -> Result<Box<dyn Sink>> {
         Ok(Box::new(Self::create(inner, name)?))
     }
 
     /// Renames every file to its final name and syncs the folder.
     pub fn commit(self) -> Result<()> {
-        let mut g = self.inner.lock().map_err(|_| Error::input("output set lock poisoned"))?;
+        let mut g = self
+            .inner
+            .lock()
+            .map_err(|_| Error::input("output set lock poisoned"))?;
         let files = std::mem::take(&mut g.files);
         for f in files {
             f.temp

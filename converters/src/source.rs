@@ -111,7 +111,13 @@ pub fn resolved_extents(src: &dyn DiskSource, offset: u64, len: u64) -> Result<E
     Ok(out)
 }
 
-fn resolve_into(src: &dyn DiskSource, offset: u64, len: u64, depth: u32, out: &mut ExtentMap) -> Result<()> {
+fn resolve_into(
+    src: &dyn DiskSource,
+    offset: u64,
+    len: u64,
+    depth: u32,
+    out: &mut ExtentMap,
+) -> Result<()> {
     if len == 0 {
         return Ok(());
     }
@@ -130,7 +136,9 @@ fn resolve_into(src: &dyn DiskSource, offset: u64, len: u64, depth: u32, out: &m
     }
     for e in &top {
         match e.kind {
-            ExtentKind::Data | ExtentKind::Zero => out.push_at_depth(e.start, e.len, e.kind, depth)?,
+            ExtentKind::Data | ExtentKind::Zero => {
+                out.push_at_depth(e.start, e.len, e.kind, depth)?
+            }
             ExtentKind::Unallocated => match src.backing() {
                 None => out.push_at_depth(e.start, e.len, ExtentKind::Zero, depth)?,
                 Some(b) => {
@@ -141,7 +149,12 @@ fn resolve_into(src: &dyn DiskSource, offset: u64, len: u64, depth: u32, out: &m
                     }
                     let tail_start = e.start.max(inside_end);
                     if e.end() > tail_start {
-                        out.push_at_depth(tail_start, e.end() - tail_start, ExtentKind::Zero, depth + 1)?;
+                        out.push_at_depth(
+                            tail_start,
+                            e.end() - tail_start,
+                            ExtentKind::Zero,
+                            depth + 1,
+                        )?;
                     }
                 }
             },
@@ -152,7 +165,11 @@ fn resolve_into(src: &dyn DiskSource, offset: u64, len: u64, depth: u32, out: &m
 
 /// Reads `[offset, offset+buf.len())` from `backing`, zero-filling what lies beyond its end. A helper for
 /// readers whose unallocated ranges show their parent through.
-pub fn read_from_backing(backing: Option<&dyn DiskSource>, buf: &mut [u8], offset: u64) -> Result<()> {
+pub fn read_from_backing(
+    backing: Option<&dyn DiskSource>,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<()> {
     match backing {
         None => {
             buf.fill(0);
@@ -160,7 +177,9 @@ pub fn read_from_backing(backing: Option<&dyn DiskSource>, buf: &mut [u8], offse
         }
         Some(b) => {
             let size = b.virtual_size();
-            let avail = usize::try_from(size.saturating_sub(offset)).unwrap_or(usize::MAX).min(buf.len());
+            let avail = usize::try_from(size.saturating_sub(offset))
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
             if avail > 0 {
                 b.read_at(&mut buf[..avail], offset)?;
             }

@@ -58,7 +58,9 @@ impl FileStorage {
     /// Opens `path` read-only. Sources are never opened for writing.
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
-        let meta = file.metadata().map_err(|e| Error::io("cannot stat", path, e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io("cannot stat", path, e))?;
         if meta.is_dir() {
             return Err(Error::input(format!("{} is a directory", path.display())));
         }
@@ -68,9 +70,14 @@ impl FileStorage {
             // Block devices report 0 in metadata; seek to the end instead.
             use std::io::Seek;
             let mut f = &file;
-            f.seek(std::io::SeekFrom::End(0)).map_err(|e| Error::io("cannot size", path, e))?
+            f.seek(std::io::SeekFrom::End(0))
+                .map_err(|e| Error::io("cannot size", path, e))?
         };
-        Ok(FileStorage { file, path: path.to_path_buf(), len })
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+            len,
+        })
     }
 }
 
@@ -92,9 +99,13 @@ impl Storage for FileStorage {
                 ),
             ));
         }
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(|e| Error::io(&format!("cannot read {} bytes at offset {offset} of", buf.len()), &self.path, e))
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            Error::io(
+                &format!("cannot read {} bytes at offset {offset} of", buf.len()),
+                &self.path,
+                e,
+            )
+        })
     }
 
     fn data_ranges(&self, offset: u64, len: u64) -> Result<Option<Vec<(u64, u64)>>> {
@@ -107,7 +118,9 @@ impl Storage for FileStorage {
                 Ok(d) => d,
                 Err(rustix::io::Errno::NXIO) => break,
                 // Filesystems without SEEK_DATA: everything is data.
-                Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::OPNOTSUPP) => return Ok(None),
+                Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::OPNOTSUPP) => {
+                    return Ok(None);
+                }
                 Err(e) => return Err(Error::io("cannot SEEK_DATA in", &self.path, e.into())),
             };
             if data >= end {
@@ -136,7 +149,10 @@ impl Storage for FileStorage {
 
     fn allocated_bytes(&self) -> Option<u64> {
         use std::os::unix::fs::MetadataExt;
-        self.file.metadata().ok().map(|m| m.blocks().saturating_mul(512))
+        self.file
+            .metadata()
+            .ok()
+            .map(|m| m.blocks().saturating_mul(512))
     }
 }
 
@@ -150,7 +166,10 @@ pub struct MemStorage {
 impl MemStorage {
     /// Wraps `data`.
     pub fn new(data: Vec<u8>, name: impl Into<String>) -> Self {
-        MemStorage { data: Arc::new(data), name: name.into() }
+        MemStorage {
+            data: Arc::new(data),
+            name: name.into(),
+        }
     }
 }
 
@@ -168,7 +187,12 @@ impl Storage for MemStorage {
             }
             None => Err(Error::new(
                 crate::ErrorKind::Corrupt,
-                format!("{}: read of {} bytes at offset {offset} is past the end ({} bytes)", self.name, buf.len(), self.data.len()),
+                format!(
+                    "{}: read of {} bytes at offset {offset} is past the end ({} bytes)",
+                    self.name,
+                    buf.len(),
+                    self.data.len()
+                ),
             )),
         }
     }
@@ -187,12 +211,25 @@ pub struct SliceStorage {
 
 impl SliceStorage {
     /// A window of `inner`; fails when the window does not fit.
-    pub fn new(inner: Arc<dyn Storage>, offset: u64, len: u64, name: impl Into<String>) -> Result<Self> {
+    pub fn new(
+        inner: Arc<dyn Storage>,
+        offset: u64,
+        len: u64,
+        name: impl Into<String>,
+    ) -> Result<Self> {
         let end = offset.checked_add(len);
         if end.is_none_or(|e| e > inner.len()) {
-            return Err(Error::input(format!("window {offset}+{len} is outside {}", inner.name())));
+            return Err(Error::input(format!(
+                "window {offset}+{len} is outside {}",
+                inner.name()
+            )));
         }
-        Ok(SliceStorage { inner, offset, len, name: name.into() })
+        Ok(SliceStorage {
+            inner,
+            offset,
+            len,
+            name: name.into(),
+        })
     }
 }
 
@@ -205,7 +242,12 @@ impl Storage for SliceStorage {
         if end.is_none_or(|e| e > self.len) {
             return Err(Error::new(
                 crate::ErrorKind::Corrupt,
-                format!("{}: read of {} bytes at offset {offset} is past its end ({} bytes)", self.name, buf.len(), self.len),
+                format!(
+                    "{}: read of {} bytes at offset {offset} is past its end ({} bytes)",
+                    self.name,
+                    buf.len(),
+                    self.len
+                ),
             ));
         }
         self.inner.read_exact_at(buf, self.offset + offset)

@@ -144,7 +144,9 @@ impl WriterOptions {
             Some(v) => match v.as_str() {
                 "on" | "true" | "yes" | "1" => Ok(Some(true)),
                 "off" | "false" | "no" | "0" => Ok(Some(false)),
-                _ => Err(Error::input(format!("option {key}: expected on or off, got '{v}'"))),
+                _ => Err(Error::input(format!(
+                    "option {key}: expected on or off, got '{v}'"
+                ))),
             },
         }
     }
@@ -153,7 +155,9 @@ impl WriterOptions {
     pub fn take_size(&mut self, key: &str) -> Result<Option<u64>> {
         match self.values.remove(key) {
             None => Ok(None),
-            Some(v) => parse_size(&v).map(Some).map_err(|e| e.context(format!("option {key}"))),
+            Some(v) => parse_size(&v)
+                .map(Some)
+                .map_err(|e| e.context(format!("option {key}"))),
         }
     }
 
@@ -161,7 +165,9 @@ impl WriterOptions {
     pub fn finish(&self, format: &str) -> Result<()> {
         match self.values.keys().next() {
             None => Ok(()),
-            Some(k) => Err(Error::input(format!("invalid option '{k}' for format {format}"))),
+            Some(k) => Err(Error::input(format!(
+                "invalid option '{k}' for format {format}"
+            ))),
         }
     }
 }
@@ -185,8 +191,12 @@ pub fn parse_size(text: &str) -> Result<u64> {
         }
         _ => (t, 1),
     };
-    let n: u64 = num.trim().parse().map_err(|_| Error::input(format!("invalid size '{text}'")))?;
-    n.checked_mul(mult).ok_or_else(|| Error::input(format!("size '{text}' is too large")))
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| Error::input(format!("invalid size '{text}'")))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| Error::input(format!("size '{text}' is too large")))
 }
 
 #[cfg(test)]
@@ -196,7 +206,8 @@ mod tests {
     #[test]
     fn options_parse() {
         let mut o = WriterOptions::default();
-        o.parse_into("cluster_size=2M,compression_type=zstd,lazy_refcounts").unwrap();
+        o.parse_into("cluster_size=2M,compression_type=zstd,lazy_refcounts")
+            .unwrap();
         assert_eq!(o.take_size("cluster_size").unwrap(), Some(2 << 20));
         assert_eq!(o.take("compression_type").as_deref(), Some("zstd"));
         assert_eq!(o.take_bool("lazy_refcounts").unwrap(), Some(true));

@@ -66,8 +66,15 @@ impl Format {
     }
 
     /// Every format, in the order the README lists them.
-    pub const ALL: [Format; 7] =
-        [Format::Raw, Format::Qcow2, Format::Vpc, Format::Vhdx, Format::Vmdk, Format::Vdi, Format::Ova];
+    pub const ALL: [Format; 7] = [
+        Format::Raw,
+        Format::Qcow2,
+        Format::Vpc,
+        Format::Vhdx,
+        Format::Vmdk,
+        Format::Vdi,
+        Format::Ova,
+    ];
 }
 
 impl std::fmt::Display for Format {
@@ -77,14 +84,22 @@ impl std::fmt::Display for Format {
 }
 
 /// Opens the image at `path` (a file the user named, so trusted as a path) with `format`, or probes it.
-pub fn open_path(path: &Path, format: Option<Format>, gate: &OpenGate) -> Result<Box<dyn DiskSource>> {
+pub fn open_path(
+    path: &Path,
+    format: Option<Format>,
+    gate: &OpenGate,
+) -> Result<Box<dyn DiskSource>> {
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path)?);
     let gate = gate.enter_top(path);
     open(storage, format, &gate)
 }
 
 /// Opens an image stored in `storage`. Files the image names are opened only through `gate`.
-pub fn open(storage: Arc<dyn Storage>, format: Option<Format>, gate: &OpenGate) -> Result<Box<dyn DiskSource>> {
+pub fn open(
+    storage: Arc<dyn Storage>,
+    format: Option<Format>,
+    gate: &OpenGate,
+) -> Result<Box<dyn DiskSource>> {
     let _ = gate;
     let format = match format {
         Some(f) => f,
@@ -92,7 +107,10 @@ pub fn open(storage: Arc<dyn Storage>, format: Option<Format>, gate: &OpenGate) 
     };
     match format {
         Format::Raw => Ok(Box::new(raw::RawReader::open(storage)?)),
-        other => Err(Error::unsupported(other.name(), "reading this format is not built yet")),
+        other => Err(Error::unsupported(
+            other.name(),
+            "reading this format is not built yet",
+        )),
     }
 }
 
@@ -100,8 +118,17 @@ pub fn open(storage: Arc<dyn Storage>, format: Option<Format>, gate: &OpenGate) 
 pub fn create_writer(format: Format, opts: &mut WriterOptions) -> Result<Box<dyn FormatWriter>> {
     let w: Box<dyn FormatWriter> = match format {
         Format::Raw => Box::new(raw::RawWriter::new(opts)?),
-        Format::Ova => return Err(Error::input("ova is an input format only; write vmdk and package it")),
-        other => return Err(Error::unsupported(other.name(), "writing this format is not built yet")),
+        Format::Ova => {
+            return Err(Error::input(
+                "ova is an input format only; write vmdk and package it",
+            ));
+        }
+        other => {
+            return Err(Error::unsupported(
+                other.name(),
+                "writing this format is not built yet",
+            ));
+        }
     };
     opts.finish(format.name())?;
     Ok(w)

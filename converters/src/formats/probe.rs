@@ -81,7 +81,9 @@ fn is_ova(head: &[u8]) -> bool {
     }
     let name = &head[..100];
     let end = name.iter().position(|&b| b == 0).unwrap_or(100);
-    String::from_utf8_lossy(&name[..end]).to_ascii_lowercase().ends_with(".ovf")
+    String::from_utf8_lossy(&name[..end])
+        .to_ascii_lowercase()
+        .ends_with(".ovf")
 }
 
 #[cfg(test)]
@@ -94,7 +96,10 @@ mod tests {
         assert_eq!(probe_bytes(b"vhdxfile", || None), Format::Vhdx);
         assert_eq!(probe_bytes(b"conectix", || None), Format::Vpc);
         assert_eq!(probe_bytes(b"KDMV", || None), Format::Vmdk);
-        assert_eq!(probe_bytes(b"# Disk DescriptorFile\nversion=1\n", || None), Format::Vmdk);
+        assert_eq!(
+            probe_bytes(b"# Disk DescriptorFile\nversion=1\n", || None),
+            Format::Vmdk
+        );
         assert_eq!(probe_bytes(&[0u8; 512], || Some(*b"conectix")), Format::Vpc);
         assert_eq!(probe_bytes(&[0u8; 512], || None), Format::Raw);
         let mut vdi = vec![0u8; 0x44];

@@ -62,7 +62,10 @@ impl DiskSource for RawReader {
     }
 
     fn info(&self) -> ImageInfo {
-        ImageInfo { virtual_size: self.virtual_size(), ..ImageInfo::default() }
+        ImageInfo {
+            virtual_size: self.virtual_size(),
+            ..ImageInfo::default()
+        }
     }
 }
 
@@ -93,7 +96,9 @@ impl FormatWriter for RawWriter {
         match run {
             Run::Zero(_) => Ok(()),
             Run::Data(d) => sink.write_at(offset, d),
-            Run::Compressed { .. } => Err(crate::Error::input("raw output cannot hold compressed data")),
+            Run::Compressed { .. } => Err(crate::Error::input(
+                "raw output cannot hold compressed data",
+            )),
         }
     }
 

@@ -1,11 +1,12 @@
 //! Helpers for the library's integration tests: qemu-img as the oracle, images generated at test time.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use imgshift_converters::{
-    ConvertOptions, Format, NoProgress, OpenGate, OutputSet, WriterOptions, convert, create_writer, open_path,
+    ConvertOptions, Format, NoProgress, OpenGate, OutputSet, WriterOptions, convert, create_writer,
+    open_path,
 };
 
 /// Runs qemu-img with `args`; panics with its stderr (and how to install it) on failure.
@@ -14,7 +15,10 @@ pub fn qemu_img(args: &[&str]) -> String {
         panic!("cannot run qemu-img ({e}): install it with `apt-get install qemu-utils` (the tests' format oracle)")
     });
     if !out.status.success() {
-        panic!("qemu-img {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        panic!(
+            "qemu-img {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -24,7 +28,9 @@ pub fn qemu_img_status(args: &[&str]) -> (i32, String) {
     let out = Command::new("qemu-img")
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run qemu-img ({e}): install it with `apt-get install qemu-utils`"));
+        .unwrap_or_else(|e| {
+            panic!("cannot run qemu-img ({e}): install it with `apt-get install qemu-utils`")
+        });
     let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
     s.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.code().unwrap_or(-1), s)
@@ -32,7 +38,10 @@ pub fn qemu_img_status(args: &[&str]) -> (i32, String) {
 
 /// A fresh temporary folder.
 pub fn tmpdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("imgshift-test").tempdir_in(std::env::temp_dir()).unwrap()
+    tempfile::Builder::new()
+        .prefix("imgshift-test")
+        .tempdir_in(std::env::temp_dir())
+        .unwrap()
 }
 
 /// Writes a sparse raw file of `size` bytes with deterministic pseudo-random data in `(offset, len)` ranges,
@@ -65,7 +74,14 @@ pub fn imgshift_convert(src: &Path, src_fmt: Option<Format>, dst: &Path, fmt: Fo
     o.parse_into(opts).unwrap();
     let mut writer = create_writer(fmt, &mut o).unwrap();
     let (set, mut sink) = OutputSet::new(dst).unwrap();
-    convert(source.as_ref(), writer.as_mut(), &mut sink, &ConvertOptions::default(), &NoProgress).unwrap();
+    convert(
+        source.as_ref(),
+        writer.as_mut(),
+        &mut sink,
+        &ConvertOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
     set.commit().unwrap();
 }
 
