@@ -1,1 +1,38 @@
-fn main() {}
+//! imgshift: move virtual machine disks between formats and clouds.
+
+mod cli;
+mod commands;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    match commands::run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            // Writing to a closed pipe (e.g. `imgshift convert ... - | head`) is not an error worth a message.
+            if e.chain().any(|c| {
+                c.downcast_ref::<imgshift_converters::Error>()
+                    .is_some_and(|e| e.is_broken_pipe())
+                    || c.downcast_ref::<std::io::Error>()
+                        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::from(1);
+            }
+            let code = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<commands::Exit>())
+                .map_or(1, |x| x.0);
+            let msg: Vec<String> = e
+                .chain()
+                .filter(|c| !c.is::<commands::Exit>())
+                .map(|c| c.to_string().replace('\n', " "))
+                .collect();
+            eprintln!("imgshift: {}", msg.join(": "));
+            ExitCode::from(code)
+        }
+    }
+}

@@ -28,8 +28,8 @@ pub enum ErrorKind {
 pub struct Error {
     kind: ErrorKind,
     message: String,
-    #[source]
-    source: Option<std::io::Error>,
+    /// Kept for `is_broken_pipe`; its text is already part of `message`, so it is not exposed as a source.
+    io: Option<std::io::Error>,
 }
 
 /// Result alias used throughout the library.
@@ -41,7 +41,7 @@ impl Error {
         Error {
             kind,
             message: message.into(),
-            source: None,
+            io: None,
         }
     }
     /// The image is not valid `format`: `what`.
@@ -86,7 +86,7 @@ impl Error {
         Error {
             kind: ErrorKind::Io,
             message: format!("{op} {}: {source}", path.display()),
-            source: Some(source),
+            io: Some(source),
         }
     }
     /// An I/O error without a path (streams).
@@ -94,7 +94,7 @@ impl Error {
         Error {
             kind: ErrorKind::Io,
             message: format!("{op}: {source}"),
-            source: Some(source),
+            io: Some(source),
         }
     }
     /// The kind of this error.
@@ -108,7 +108,7 @@ impl Error {
     }
     /// True when the underlying I/O error is a broken pipe (reader of stdout went away).
     pub fn is_broken_pipe(&self) -> bool {
-        self.source
+        self.io
             .as_ref()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
     }

@@ -1,0 +1,75 @@
+//! `imgshift convert`: any readable image to any writable format, to a local file (atomic, sparse) or stdout.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use imgshift_converters::{
+    ConvertOptions, Format, OutputSet, StreamSink, WriterOptions, convert, create_writer,
+};
+
+use super::open_image;
+use crate::cli::ConvertArgs;
+use crate::progress::Bar;
+
+/// Runs `convert`.
+pub fn run(args: &ConvertArgs, quiet: bool) -> Result<u8> {
+    let out_format = Format::from_name(&args.output_format)?;
+    let mut opts = WriterOptions::default();
+    for o in &args.options {
+        opts.parse_into(o)?;
+    }
+    if args.compress {
+        opts.set("compress", "on");
+    }
+    let mut writer = create_writer(out_format, &mut opts)?;
+    let src = open_image(&args.src, args.format.as_deref(), &args.trust)?;
+
+    let mut copts = ConvertOptions::default();
+    if let Some(t) = args.threads {
+        if t == 0 || t > 64 {
+            bail!("-m must be between 1 and 64");
+        }
+        copts.threads = t;
+        copts.in_flight = t * 2;
+    }
+    let bar = Bar::new("convert", args.progress, quiet);
+    let stats = if args.dst == "-" {
+        // A File on fd 1 avoids Stdout's line buffering (binary data is full of newlines).
+        use std::os::fd::AsFd;
+        let fd = std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("cannot use standard output")?;
+        let mut sink = StreamSink::new(std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::fs::File::from(fd),
+        ));
+        convert(src.as_ref(), writer.as_mut(), &mut sink, &copts, &bar)
+            .with_context(|| format!("cannot convert {} to standard output", args.src.display()))?
+    } else {
+        let dst = Path::new(&args.dst);
+        if same_file(&args.src, dst) {
+            bail!("{} is both the source and the destination", dst.display());
+        }
+        let (set, mut sink) = OutputSet::new(dst)?;
+        let stats =
+            convert(src.as_ref(), writer.as_mut(), &mut sink, &copts, &bar).with_context(|| {
+                format!("cannot convert {} to {}", args.src.display(), dst.display())
+            })?;
+        drop(sink);
+        set.commit()?;
+        stats
+    };
+    bar.finish();
+    if args.stats {
+        eprintln!("{}", serde_json::to_string(&stats)?);
+    }
+    Ok(0)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}

@@ -1,0 +1,108 @@
+//! `imgshift info`: format, sizes, backing file and allocation, as qemu-img info prints them.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use imgshift_converters::{DiskSource, ExtentKind, resolved_extents};
+use serde_json::{Map, Value, json};
+
+use super::{human_size, open_image};
+use crate::cli::{OutputFormat, TrustArgs};
+
+/// Runs `info`.
+pub fn run(
+    image: &Path,
+    format: Option<&str>,
+    output: OutputFormat,
+    trust: &TrustArgs,
+) -> Result<u8> {
+    let src = open_image(image, format, trust)?;
+    let v = describe(image, src.as_ref())?;
+    match output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+        OutputFormat::Human => print_human(&v),
+    }
+    Ok(0)
+}
+
+/// The JSON object `info --output json` prints (qemu-img's field names plus allocation counts).
+pub fn describe(image: &Path, src: &dyn DiskSource) -> Result<Value> {
+    let info = src.info();
+    let size = src.virtual_size();
+    let top = src
+        .extents(0, size)
+        .with_context(|| format!("cannot map {}", image.display()))?;
+    let resolved = resolved_extents(src, 0, size)
+        .with_context(|| format!("cannot map {}", image.display()))?;
+    let mut m = Map::new();
+    m.insert("virtual-size".into(), json!(size));
+    m.insert("filename".into(), json!(image.display().to_string()));
+    m.insert("format".into(), json!(src.format().name()));
+    if let Ok(meta) = std::fs::metadata(image) {
+        use std::os::unix::fs::MetadataExt;
+        m.insert("actual-size".into(), json!(meta.blocks() * 512));
+    }
+    if let Some(c) = info.cluster_size {
+        m.insert("cluster-size".into(), json!(c));
+    }
+    m.insert("dirty-flag".into(), json!(info.dirty));
+    if let Some(b) = &info.backing_filename {
+        m.insert("backing-filename".into(), json!(b));
+    }
+    if let Some(b) = &info.backing_format {
+        m.insert("backing-filename-format".into(), json!(b));
+    }
+    if let Some(fs) = &info.format_specific {
+        m.insert(
+            "format-specific".into(),
+            json!({"type": src.format().name(), "data": fs}),
+        );
+    }
+    m.insert("allocated-bytes".into(), json!(top.bytes(ExtentKind::Data)));
+    m.insert("data-bytes".into(), json!(resolved.bytes(ExtentKind::Data)));
+    Ok(Value::Object(m))
+}
+
+fn print_human(v: &Value) {
+    let get = |k: &str| v.get(k);
+    if let Some(f) = get("filename").and_then(Value::as_str) {
+        println!("image: {f}");
+    }
+    if let Some(f) = get("format").and_then(Value::as_str) {
+        println!("file format: {f}");
+    }
+    if let Some(s) = get("virtual-size").and_then(Value::as_u64) {
+        println!("virtual size: {} ({s} bytes)", human_size(s));
+    }
+    if let Some(s) = get("actual-size").and_then(Value::as_u64) {
+        println!("disk size: {}", human_size(s));
+    }
+    if let Some(c) = get("cluster-size").and_then(Value::as_u64) {
+        println!("cluster_size: {c}");
+    }
+    if let Some(b) = get("backing-filename").and_then(Value::as_str) {
+        println!("backing file: {b}");
+    }
+    if let Some(b) = get("backing-filename-format").and_then(Value::as_str) {
+        println!("backing file format: {b}");
+    }
+    if get("dirty-flag").and_then(Value::as_bool) == Some(true) {
+        println!("dirty flag: yes");
+    }
+    if let Some(Value::Object(data)) = get("format-specific").and_then(|f| f.get("data")) {
+        println!("Format specific information:");
+        for (k, val) in data {
+            let s = match val {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            println!("    {k}: {s}");
+        }
+    }
+    if let Some(a) = get("allocated-bytes").and_then(Value::as_u64) {
+        println!("allocated in this image: {} ({a} bytes)", human_size(a));
+    }
+    if let Some(d) = get("data-bytes").and_then(Value::as_u64) {
+        println!("data (with backing chain): {} ({d} bytes)", human_size(d));
+    }
+}

@@ -1,0 +1,118 @@
+//! One function per subcommand. Each validates its arguments into library calls and returns the exit code.
+
+mod check;
+mod compare;
+mod convert;
+mod info;
+mod map;
+
+use anyhow::Result;
+use imgshift_converters::{Format, OpenGate};
+
+use crate::cli::{Cli, Command, TrustArgs};
+
+/// An error that carries a specific exit code (compare and check use 2 for errors, as qemu-img).
+#[derive(Debug)]
+pub struct Exit(pub u8);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit code {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// Runs the parsed command line; returns the process exit code.
+pub fn run(cli: Cli) -> Result<u8> {
+    let quiet = cli.quiet;
+    match cli.command {
+        Command::Info {
+            image,
+            format,
+            output,
+            trust,
+        } => info::run(&image, format.as_deref(), output, &trust),
+        Command::Map {
+            image,
+            format,
+            output,
+            trust,
+        } => map::run(&image, format.as_deref(), output, &trust),
+        Command::Check {
+            image,
+            format,
+            output,
+            trust,
+        } => check::run(&image, format.as_deref(), output, &trust),
+        Command::Compare {
+            a,
+            b,
+            format_a,
+            format_b,
+            strict,
+            progress,
+            trust,
+        } => compare::run(
+            &a,
+            &b,
+            format_a.as_deref(),
+            format_b.as_deref(),
+            strict,
+            progress && !quiet,
+            &trust,
+        ),
+        Command::Convert(args) => convert::run(&args, quiet),
+    }
+}
+
+/// Parses an optional `-f` value.
+pub fn parse_format(name: Option<&str>) -> Result<Option<Format>> {
+    Ok(match name {
+        Some(n) => Some(Format::from_name(n)?),
+        None => None,
+    })
+}
+
+/// The open gate the user's `--allow-dir` flags describe.
+pub fn gate(trust: &TrustArgs) -> Result<OpenGate> {
+    let mut g = OpenGate::new();
+    for d in &trust.allow_dirs {
+        g = g.allow_dir(d)?;
+    }
+    Ok(g)
+}
+
+/// Opens an image the user named; errors name the file unless the library's message already does.
+pub fn open_image(
+    path: &std::path::Path,
+    format: Option<&str>,
+    trust: &TrustArgs,
+) -> Result<Box<dyn imgshift_converters::DiskSource>> {
+    let fmt = parse_format(format)?;
+    imgshift_converters::open_path(path, fmt, &gate(trust)?).map_err(|e| {
+        if e.kind() == imgshift_converters::ErrorKind::Io {
+            anyhow::Error::new(e)
+        } else {
+            anyhow::Error::new(e).context(path.display().to_string())
+        }
+    })
+}
+
+/// Formats a byte count like qemu-img ("16 GiB").
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else if v.fract() == 0.0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.3} {}", UNITS[u]).replace(".000", "")
+    }
+}
