@@ -22,17 +22,8 @@ fn main() -> ExitCode {
             }) {
                 return ExitCode::from(1);
             }
-            let code = e
-                .chain()
-                .find_map(|c| c.downcast_ref::<commands::Exit>())
-                .map_or(1, |x| x.0);
-            let msg: Vec<String> = e
-                .chain()
-                .filter(|c| !c.is::<commands::Exit>())
-                .map(|c| c.to_string().replace('\n', " "))
-                .collect();
-            eprintln!("imgshift: {}", msg.join(": "));
-            ExitCode::from(code)
+            commands::report(&e);
+            ExitCode::from(1)
         }
     }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use super::{Exit, open_image};
+use super::open_image;
 use crate::cli::{OutputFormat, TrustArgs};
 
 /// Runs `check`: 0 clean, 2 corruptions, 3 leaks only, 63 format has no checks; errors exit 1.
@@ -20,10 +20,11 @@ pub fn run(
         .check()
         .with_context(|| format!("cannot check {}", image.display()))?;
     if !report.supported {
-        return Err(anyhow::Error::new(Exit(63)).context(format!(
-            "{} images have no structural checks",
+        eprintln!(
+            "imgshift: {} images have no structural checks",
             src.format().name()
-        )));
+        );
+        return Ok(63);
     }
     match output {
         OutputFormat::Json => {

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use imgshift_converters::compare;
 
-use super::{Exit, open_image};
+use super::open_image;
 use crate::cli::TrustArgs;
 use crate::progress::Bar;
 
@@ -40,5 +40,8 @@ pub fn run(
             }
         }
     };
-    inner().map_err(|e| e.context(Exit(2)))
+    inner().or_else(|e| {
+        super::report(&e);
+        Ok(2)
+    })
 }

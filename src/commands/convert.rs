@@ -62,7 +62,15 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<u8> {
     };
     bar.finish();
     if args.stats {
-        eprintln!("{}", serde_json::to_string(&stats)?);
+        let mut v = serde_json::to_value(&stats)?;
+        // What this process really read and its peak memory, from the kernel's own counters.
+        if let Some(io) = proc_field("/proc/self/io", "rchar:") {
+            v["rchar"] = io.into();
+        }
+        if let Some(kib) = proc_field("/proc/self/status", "VmHWM:") {
+            v["peak_rss_bytes"] = (kib * 1024).into();
+        }
+        eprintln!("{v}");
     }
     Ok(0)
 }
@@ -72,4 +80,11 @@ fn same_file(a: &Path, b: &Path) -> bool {
         (Ok(x), Ok(y)) => x == y,
         _ => false,
     }
+}
+
+/// Reads a numeric field ("rchar:", "VmHWM:") from a /proc file.
+fn proc_field(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..].split_whitespace().next()?.parse().ok()
 }

@@ -11,17 +11,14 @@ use imgshift_converters::{Format, OpenGate};
 
 use crate::cli::{Cli, Command, TrustArgs};
 
-/// An error that carries a specific exit code (compare and check use 2 for errors, as qemu-img).
-#[derive(Debug)]
-pub struct Exit(pub u8);
-
-impl std::fmt::Display for Exit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit code {}", self.0)
-    }
+/// Prints an error as imgshift's one line on standard error: `imgshift: what: why`.
+pub fn report(e: &anyhow::Error) {
+    let parts: Vec<String> = e
+        .chain()
+        .map(|c| c.to_string().replace('\n', " "))
+        .collect();
+    eprintln!("imgshift: {}", parts.join(": "));
 }
-
-impl std::error::Error for Exit {}
 
 /// Runs the parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> Result<u8> {

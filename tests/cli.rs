@@ -1,0 +1,123 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! CLI behaviour on raw images: info/map/check/compare/convert, exit codes, stdout streaming, atomic output.
+
+mod util;
+use util::*;
+
+#[test]
+fn info_json_uses_qemu_field_names() {
+    let d = tmpdir();
+    let img = d.path().join("a.raw");
+    make_raw(&img, 32 << 20, &[(1 << 20, 2 << 20)], &[]);
+    let r = imgshift(&["info", "--output", "json", s(&img)]).ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["virtual-size"], 32 << 20);
+    assert_eq!(v["format"], "raw");
+    assert_eq!(v["data-bytes"], 2 << 20);
+    assert!(v["actual-size"].as_u64().unwrap() >= 2 << 20);
+    let q: serde_json::Value =
+        serde_json::from_str(&qemu_img(&["info", "--output", "json", s(&img)])).unwrap();
+    assert_eq!(q["virtual-size"], v["virtual-size"]);
+    assert_eq!(q["format"], v["format"]);
+}
+
+#[test]
+fn map_json_matches_data_ranges() {
+    let d = tmpdir();
+    let img = d.path().join("a.raw");
+    make_raw(&img, 16 << 20, &[(4 << 20, 1 << 20)], &[]);
+    let r = imgshift(&["map", "--output", "json", s(&img)]).ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let rows = v.as_array().unwrap();
+    let data: Vec<_> = rows.iter().filter(|r| r["data"] == true).collect();
+    assert_eq!(data.len(), 1, "{rows:?}");
+    assert_eq!(data[0]["start"], 4 << 20);
+    assert_eq!(data[0]["length"], 1 << 20);
+    let total: u64 = rows.iter().map(|r| r["length"].as_u64().unwrap()).sum();
+    assert_eq!(total, 16 << 20);
+}
+
+#[test]
+fn compare_exit_codes_and_offset() {
+    let d = tmpdir();
+    let a = d.path().join("a.raw");
+    let b = d.path().join("b.raw");
+    make_raw(&a, 8 << 20, &[(0, 1 << 20)], &[]);
+    std::fs::copy(&a, &b).unwrap();
+    assert_eq!(imgshift(&["compare", s(&a), s(&b)]).code, 0);
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&b)
+        .unwrap()
+        .write_all_at(b"\x01", 5 << 20)
+        .unwrap();
+    let r = imgshift(&["compare", s(&a), s(&b)]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stdout.contains(&format!("offset {}", 5 << 20)),
+        "{}",
+        r.stdout
+    );
+    let r = imgshift(&["compare", s(&a), "/nonexistent"]);
+    assert_eq!(r.code, 2);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+}
+
+#[test]
+fn convert_raw_to_stdout_and_file() {
+    let d = tmpdir();
+    let a = d.path().join("a.raw");
+    make_raw(
+        &a,
+        8 << 20,
+        &[(1 << 20, 1 << 20), ((8 << 20) - 512, 512)],
+        &[(3 << 20, 1 << 20)],
+    );
+    let out = std::process::Command::new(imgshift_bin())
+        .args(["convert", "-O", "raw", s(&a), "-"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout, std::fs::read(&a).unwrap());
+    let b = d.path().join("b.raw");
+    imgshift(&["convert", "-O", "raw", s(&a), s(&b)]).ok();
+    assert_same(&a, "raw", &b, "raw");
+    assert_eq!(files_in(d.path()), vec!["a.raw", "b.raw"]);
+}
+
+#[test]
+fn convert_failure_leaves_nothing() {
+    let d = tmpdir();
+    let a = d.path().join("a.raw");
+    make_raw(&a, 1 << 20, &[(0, 4096)], &[]);
+    let r = imgshift(&[
+        "convert",
+        "-O",
+        "raw",
+        "-o",
+        "bogus=1",
+        s(&a),
+        s(&d.path().join("out.raw")),
+    ]);
+    assert_ne!(r.code, 0);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("bogus"), "{}", r.stderr);
+    assert_eq!(files_in(d.path()), vec!["a.raw"]);
+}
+
+#[test]
+fn check_on_raw_says_no_checks() {
+    let d = tmpdir();
+    let a = d.path().join("a.raw");
+    make_raw(&a, 1 << 20, &[], &[]);
+    let r = imgshift(&["check", s(&a)]);
+    assert_eq!(r.code, 63);
+    assert!(r.stderr.contains("no structural checks"));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(imgshift(&["convert"]).code, 2);
+    assert_eq!(imgshift(&["frobnicate"]).code, 2);
+}

@@ -1,0 +1,194 @@
+//! Helpers for the CLI integration tests: run the built binary, run qemu-img (the format oracle), make images.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The imgshift binary under test.
+pub fn imgshift_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_imgshift"))
+}
+
+/// Result of a command run.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(out: Output) -> Run {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+    /// Panics with the output unless the exit code is 0.
+    pub fn ok(self) -> Run {
+        assert_eq!(
+            self.code, 0,
+            "command failed: stdout={} stderr={}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+}
+
+/// Runs imgshift with `args`.
+pub fn imgshift(args: &[&str]) -> Run {
+    Run::from(Command::new(imgshift_bin()).args(args).output().unwrap())
+}
+
+/// Result of a run under /usr/bin/time: exit code, stderr, wall seconds and peak RSS in KiB.
+#[derive(Debug)]
+pub struct Measured {
+    pub code: i32,
+    pub stderr: String,
+    pub seconds: f64,
+    pub max_rss_kib: u64,
+}
+
+/// Runs imgshift under GNU time (Debian package `time`), measuring wall time and peak RSS.
+pub fn imgshift_measured(args: &[&str]) -> Measured {
+    let dir = tempfile::tempdir().unwrap();
+    let tfile = dir.path().join("time");
+    let out = Command::new("/usr/bin/time")
+        .arg("-f")
+        .arg("%e %M")
+        .arg("-o")
+        .arg(&tfile)
+        .arg(imgshift_bin())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run /usr/bin/time ({e}): install it with `apt-get install time`")
+        });
+    let t = std::fs::read_to_string(&tfile).unwrap();
+    let last = t.lines().last().unwrap_or("").to_string();
+    let mut it = last.split_whitespace();
+    let seconds: f64 = it
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad time output {t}"));
+    let max_rss_kib: u64 = it
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad time output {t}"));
+    Measured {
+        code: out.status.code().unwrap_or(-1),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        seconds,
+        max_rss_kib,
+    }
+}
+
+/// Runs qemu-img; panics with its output (and how to install it) on failure.
+pub fn qemu_img(args: &[&str]) -> String {
+    let r = qemu_img_status(args);
+    assert_eq!(
+        r.code, 0,
+        "qemu-img {args:?} failed: {}{}",
+        r.stdout, r.stderr
+    );
+    r.stdout
+}
+
+/// Runs qemu-img and returns its result without judging it.
+pub fn qemu_img_status(args: &[&str]) -> Run {
+    Run::from(Command::new("qemu-img").args(args).output().unwrap_or_else(|e| {
+        panic!("cannot run qemu-img ({e}): install it with `apt-get install qemu-utils` (the tests' format oracle)")
+    }))
+}
+
+/// Runs qemu-io (shipped with qemu-utils) on an image.
+pub fn qemu_io(fmt: &str, img: &Path, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.arg("-f").arg(fmt);
+    for cmd in cmds {
+        c.arg("-c").arg(cmd);
+    }
+    let out = c.arg(img).output().unwrap_or_else(|e| {
+        panic!("cannot run qemu-io ({e}): install it with `apt-get install qemu-utils`")
+    });
+    assert!(
+        out.status.success(),
+        "qemu-io failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A fresh temporary folder.
+pub fn tmpdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("imgshift-cli")
+        .tempdir()
+        .unwrap()
+}
+
+/// Writes a sparse raw file of `size` bytes with pseudo-random data in `data` ranges and explicit zero bytes in
+/// `zeros` ranges; holes elsewhere.
+pub fn make_raw(path: &Path, size: u64, data: &[(u64, u64)], zeros: &[(u64, u64)]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut seed = 0x2545_f491_4f6c_dd1du64 ^ size;
+    for &(off, len) in data {
+        let mut buf = vec![0u8; len as usize];
+        for chunk in buf.chunks_mut(8) {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let b = seed.to_le_bytes();
+            chunk.copy_from_slice(&b[..chunk.len()]);
+        }
+        f.write_all_at(&buf, off).unwrap();
+    }
+    for &(off, len) in zeros {
+        f.write_all_at(&vec![0u8; len as usize], off).unwrap();
+    }
+}
+
+/// Asserts qemu-img compare finds the same content.
+pub fn assert_same(a: &Path, fa: &str, b: &Path, fb: &str) {
+    let r = qemu_img_status(&[
+        "compare",
+        "-f",
+        fa,
+        "-F",
+        fb,
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        r.code, 0,
+        "qemu-img compare {a:?} {b:?}: {}{}",
+        r.stdout, r.stderr
+    );
+}
+
+/// Asserts qemu-img check is clean.
+pub fn assert_check_clean(img: &Path, fmt: &str) {
+    let r = qemu_img_status(&["check", "-f", fmt, img.to_str().unwrap()]);
+    assert_eq!(
+        r.code, 0,
+        "qemu-img check {img:?}: {}{}",
+        r.stdout, r.stderr
+    );
+}
+
+/// The only files in `dir` (names), sorted; used to prove no partial output is left.
+pub fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// `path` as &str.
+pub fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
