@@ -334,3 +334,42 @@ fn refuses_bad_packages() {
     std::fs::write(&junk, vec![0x55u8; 4096]).unwrap();
     assert!(open_path(&junk, Some(Format::Ova), &OpenGate::new()).is_err());
 }
+
+/// A descriptor with one raw disk of `cap` bytes in member `href`.
+fn one_disk(href: &str, cap: &str) -> Vec<u8> {
+    descriptor(&[DiskSpec {
+        id: "d",
+        href,
+        capacity: cap,
+        units: Some("byte"),
+        format: None,
+        address: 0,
+        extra_file_attrs: "",
+    }])
+    .into_bytes()
+}
+
+#[test]
+fn refuses_an_ova_nested_in_an_ova() {
+    let d = tmpdir();
+    let inner = p(d.path(), "inner.ova");
+    let disk = vec![1u8; MIB as usize];
+    make_tar(
+        &inner,
+        &[
+            ("a.ovf", one_disk("disk.img", "1048576")),
+            ("disk.img", disk),
+        ],
+    );
+    let inner_bytes = std::fs::read(&inner).unwrap();
+    let cap = inner_bytes.len().to_string();
+    expect_refused(
+        d.path(),
+        "outer.ova",
+        &[
+            ("b.ovf", one_disk("inner.ova", &cap)),
+            ("inner.ova", inner_bytes),
+        ],
+        "itself an OVA",
+    );
+}

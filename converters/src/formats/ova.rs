@@ -277,7 +277,20 @@ impl OvaPackage {
             member.size,
             format!("{}:{}", self.storage.name(), member.name),
         )?);
-        let src = crate::formats::open(window, disk.format, &OpenGate::deny_all())
+        let format = match disk.format {
+            Some(f) => f,
+            // A member that probes as an OVA would nest archives as deep as the file allows: refused.
+            None => match crate::formats::probe::probe(window.as_ref())? {
+                Format::Ova => {
+                    return Err(Error::unsupported(
+                        FMT,
+                        format!("disk '{}' is itself an OVA archive", disk.id),
+                    ));
+                }
+                f => f,
+            },
+        };
+        let src = crate::formats::open(window, Some(format), &OpenGate::deny_all())
             .map_err(|e| e.context(format!("OVA disk '{}' ({})", disk.id, member.name)))?;
         if src.virtual_size().div_ceil(512) != disk.capacity.div_ceil(512) {
             return Err(Error::corrupt(

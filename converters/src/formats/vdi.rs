@@ -208,7 +208,7 @@ impl RawHeader {
         }
         let offset_bmap = u64::from(self.offset_bmap.get());
         let offset_data = u64::from(self.offset_data.get());
-        if offset_bmap % SECTOR != 0 || offset_data % SECTOR != 0 {
+        if !offset_bmap.is_multiple_of(SECTOR) || !offset_data.is_multiple_of(SECTOR) {
             return Err(Error::unsupported(
                 FMT,
                 "block map or data offset is not sector aligned",
@@ -620,7 +620,8 @@ mod tests {
 
     #[test]
     fn rejects_each_rule() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut RawHeader)>)> = vec![
+        type Edit = Box<dyn Fn(&mut RawHeader)>;
+        let cases: Vec<(&str, Edit)> = vec![
             ("signature", Box::new(|h| h.signature = U32::new(1))),
             ("version", Box::new(|h| h.version = U32::new(0x0001_0000))),
             ("type", Box::new(|h| h.image_type = U32::new(4))),

@@ -225,7 +225,7 @@ impl VhdReader {
             while end < to {
                 let sector = end / SECTOR;
                 // whole bytes of the same value at once
-                if sector % 8 == 0 && end + 8 * SECTOR <= to {
+                if sector.is_multiple_of(8) && end + 8 * SECTOR <= to {
                     let b = usize::try_from(sector / 8)
                         .ok()
                         .and_then(|i| bm.get(i))
