@@ -125,6 +125,11 @@ fn reads_a_sparse_disk_above_4_gib() {
         let out = p(d.path(), &format!("big{i}.raw"));
         imgshift_convert(&img, Some(Format::Vpc), &out, Format::Raw, "");
         assert_same(&src, "raw", &out, "raw");
+        // and imgshift writes the same options back (a local file: holes stay holes)
+        let w = p(d.path(), &format!("big{i}.w.vhd"));
+        imgshift_convert(&src, Some(Format::Raw), &w, Format::Vpc, o);
+        assert_eq!(virtual_size(&w, "vpc"), virtual_size(&img, "vpc"), "{o}");
+        assert_same(&w, "vpc", &src, "raw");
     }
 }
 
