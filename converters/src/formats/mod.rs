@@ -10,8 +10,11 @@ use crate::source::DiskSource;
 use crate::storage::{FileStorage, Storage};
 use crate::writer::{FormatWriter, WriterOptions};
 
+pub mod ova;
 pub mod probe;
 pub mod raw;
+pub mod vdi;
+pub mod vhd;
 
 /// The image formats imgshift knows, named as qemu-img names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -100,13 +103,15 @@ pub fn open(
     format: Option<Format>,
     gate: &OpenGate,
 ) -> Result<Box<dyn DiskSource>> {
-    let _ = gate;
     let format = match format {
         Some(f) => f,
         None => probe::probe(storage.as_ref())?,
     };
     match format {
         Format::Raw => Ok(Box::new(raw::RawReader::open(storage)?)),
+        Format::Vpc => Ok(Box::new(vhd::VhdReader::open(storage, gate)?)),
+        Format::Vdi => Ok(Box::new(vdi::VdiReader::open(storage)?)),
+        Format::Ova => ova::OvaPackage::open(storage)?.open_boot_disk(gate),
         other => Err(Error::unsupported(
             other.name(),
             "reading this format is not built yet",
@@ -118,6 +123,8 @@ pub fn open(
 pub fn create_writer(format: Format, opts: &mut WriterOptions) -> Result<Box<dyn FormatWriter>> {
     let w: Box<dyn FormatWriter> = match format {
         Format::Raw => Box::new(raw::RawWriter::new(opts)?),
+        Format::Vpc => Box::new(vhd::VhdWriter::new(opts)?),
+        Format::Vdi => Box::new(vdi::VdiWriter::new(opts)?),
         Format::Ova => {
             return Err(Error::input(
                 "ova is an input format only; write vmdk and package it",
