@@ -132,8 +132,15 @@ fn open_and_read_all(path: &Path) -> imgshift_converters::Result<()> {
 fn assert_refused(path: &Path, what: &str) {
     let t = Instant::now();
     let r = open_and_read_all(path);
-    assert!(r.is_err(), "{what}: expected an error, the image opened and read fine");
-    assert!(t.elapsed() < Duration::from_secs(5), "{what}: took {:?}", t.elapsed());
+    assert!(
+        r.is_err(),
+        "{what}: expected an error, the image opened and read fine"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "{what}: took {:?}",
+        t.elapsed()
+    );
     eprintln!("{what}: {}", r.err().unwrap());
 }
 
@@ -184,7 +191,16 @@ fn reads_large_sparse_image() {
         &[],
     );
     let img = p(d.path(), "big.vhdx");
-    qemu_img(&["convert", "-q", "-f", "raw", "-O", "vhdx", raw.to_str().unwrap(), img.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "vhdx",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
     let src = open_vhdx(&img).unwrap();
     assert_eq!(src.virtual_size(), size);
     // Allocation follows the data: holes are Zero, only the touched blocks (16 MiB each) are Data.
@@ -224,9 +240,12 @@ fn writes_vhdx_qemu_accepts() {
     }
     // 4096-byte logical sectors (Azure Ultra / Premium v2 accept 4K VHDX): qemu 10 refuses to open any VHDX
     // whose logical sector is not 512 ("Operation not supported"), so only imgshift's reader checks this one.
-    for (i, opts) in ["logical_sector_size=4096,block_size=4M", "logical_sector_size=4096,subformat=fixed,block_size=1M"]
-        .iter()
-        .enumerate()
+    for (i, opts) in [
+        "logical_sector_size=4096,block_size=4M",
+        "logical_sector_size=4096,subformat=fixed,block_size=1M",
+    ]
+    .iter()
+    .enumerate()
     {
         let img = p(d.path(), &format!("k{i}.vhdx"));
         imgshift_convert(&raw, Some(Format::Raw), &img, Format::Vhdx, opts);
@@ -265,9 +284,14 @@ fn writes_streaming_layout() {
     let raw = p(d.path(), "src.raw");
     let size = 37 * MIB + 3 * 4096;
     source_raw(&raw, size);
-    for (i, opts) in ["", "block_size=1M", "subformat=fixed,block_size=4M", "block_size=32M"]
-        .iter()
-        .enumerate()
+    for (i, opts) in [
+        "",
+        "block_size=1M",
+        "subformat=fixed,block_size=4M",
+        "block_size=32M",
+    ]
+    .iter()
+    .enumerate()
     {
         let img = p(d.path(), &format!("s{i}.vhdx"));
         convert_streaming(&raw, &img, opts);
@@ -277,7 +301,13 @@ fn writes_streaming_layout() {
 }
 
 /// Builds a log entry (MS-VHDX 2.3.1) with data and zero descriptors, at log sector 0.
-fn log_entry(guid: &[u8; 16], seq: u64, file_len: u64, data: &[(u64, Vec<u8>)], zeros: &[(u64, u64)]) -> Vec<u8> {
+fn log_entry(
+    guid: &[u8; 16],
+    seq: u64,
+    file_len: u64,
+    data: &[(u64, Vec<u8>)],
+    zeros: &[(u64, u64)],
+) -> Vec<u8> {
     let count = data.len() + zeros.len();
     let desc_sectors = (64 + 32 * count).div_ceil(4096);
     let len = (desc_sectors + data.len()) * 4096;
@@ -325,7 +355,18 @@ fn small_qemu_image(dir: &Path, name: &str, extra: &str) -> std::path::PathBuf {
     make_raw(&raw, 8 * MIB, &[(0, MIB), (2 * MIB, 2 * MIB)], &[]);
     let img = p(dir, name);
     let opts = format!("block_size=1M{extra}");
-    qemu_img(&["convert", "-q", "-f", "raw", "-O", "vhdx", "-o", &opts, raw.to_str().unwrap(), img.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "vhdx",
+        "-o",
+        &opts,
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
     img
 }
 
@@ -342,7 +383,13 @@ fn replays_a_dirty_log_in_memory() {
     sector[0..8].copy_from_slice(&2u64.to_le_bytes());
     sector[40..48].copy_from_slice(&block2.to_le_bytes());
     let guid = Guid::random().0;
-    let entry = log_entry(&guid, 7, file_len, &[(bat, sector)], &[(block2 & !0xfffff, 4096)]);
+    let entry = log_entry(
+        &guid,
+        7,
+        file_len,
+        &[(bat, sector)],
+        &[(block2 & !0xfffff, 4096)],
+    );
     let log_off = u64_at(&read(&img, 64 * 1024, 80), 72);
     put(&img, log_off, &entry);
     patch_headers(&img, 48, &guid);
@@ -356,10 +403,22 @@ fn replays_a_dirty_log_in_memory() {
     to_raw_with_imgshift(&img, &out);
     assert_same(&out, "raw", &copy, "vhdx");
     assert!(open_vhdx(&img).unwrap().info().dirty);
-    assert_eq!(std::fs::read(&img).unwrap(), before, "the source was modified");
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        before,
+        "the source was modified"
+    );
     // sanity: the replay changed something
     let clean = small_qemu_image(d.path(), "clean.vhdx", "");
-    let (code, _) = qemu_img_status(&["compare", "-f", "vhdx", "-F", "raw", clean.to_str().unwrap(), out.to_str().unwrap()]);
+    let (code, _) = qemu_img_status(&[
+        "compare",
+        "-f",
+        "vhdx",
+        "-F",
+        "raw",
+        clean.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
     assert_ne!(code, 0);
 }
 
@@ -405,7 +464,11 @@ fn make_differencing(child: &Path, pairs: &[(&str, String)]) {
 fn parent_guid(parent: &Path) -> String {
     let h1 = read(parent, 64 * 1024, 80);
     let h2 = read(parent, 128 * 1024, 80);
-    let cur = if u64_at(&h2, 8) > u64_at(&h1, 8) { h2 } else { h1 };
+    let cur = if u64_at(&h2, 8) > u64_at(&h1, 8) {
+        h2
+    } else {
+        h1
+    };
     Guid(cur[32..48].try_into().unwrap()).to_string()
 }
 
@@ -415,11 +478,33 @@ fn reads_differencing_chain() {
     let parent_raw = p(d.path(), "parent.raw");
     make_raw(&parent_raw, 8 * MIB, &[(0, 8 * MIB)], &[]);
     let parent = p(d.path(), "parent.vhdx");
-    qemu_img(&["convert", "-q", "-f", "raw", "-O", "vhdx", "-o", "block_size=1M", parent_raw.to_str().unwrap(), parent.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "vhdx",
+        "-o",
+        "block_size=1M",
+        parent_raw.to_str().unwrap(),
+        parent.to_str().unwrap(),
+    ]);
     let child_raw = p(d.path(), "child.raw");
     make_raw(&child_raw, 8 * MIB, &[(MIB, MIB), (3 * MIB, MIB)], &[]);
     let child = p(d.path(), "child.vhdx");
-    qemu_img(&["convert", "-q", "-f", "raw", "-O", "vhdx", "-o", "block_size=1M", child_raw.to_str().unwrap(), child.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "vhdx",
+        "-o",
+        "block_size=1M",
+        child_raw.to_str().unwrap(),
+        child.to_str().unwrap(),
+    ]);
     make_differencing(
         &child,
         &[
@@ -449,7 +534,11 @@ fn reads_differencing_chain() {
         *byte = 0xff;
     }
     put(&child, sb_off, &bitmap);
-    put(&child, bat + 4096 * 8, &((sb_off / MIB) << 20 | 6).to_le_bytes());
+    put(
+        &child,
+        bat + 4096 * 8,
+        &((sb_off / MIB) << 20 | 6).to_le_bytes(),
+    );
 
     let mut expected = std::fs::read(&parent_raw).unwrap();
     let c = std::fs::read(&child_raw).unwrap();
@@ -540,7 +629,11 @@ fn rejects_bad_images() {
     put(&f, bat, &((e0 & !7) | 7).to_le_bytes());
     assert_refused(&f, "PARTIALLY_PRESENT in a dynamic disk");
 
-    for (name, bs) in [("bs3m.vhdx", 3 * MIB as u32), ("bs512m.vhdx", 512 * MIB as u32), ("bs0.vhdx", 0)] {
+    for (name, bs) in [
+        ("bs3m.vhdx", 3 * MIB as u32),
+        ("bs512m.vhdx", 512 * MIB as u32),
+        ("bs0.vhdx", 0),
+    ] {
         let f = case(name);
         put(&f, item_offset(&f, &FILE_PARAMS_GUID), &bs.to_le_bytes());
         assert_refused(&f, name);
@@ -548,11 +641,19 @@ fn rejects_bad_images() {
 
     let f = case("huge-bat.vhdx");
     // 64 TiB of 1 MiB blocks: 2^26 BAT entries in a 1 MiB region
-    put(&f, item_offset(&f, &VSIZE_GUID), &(64u64 << 40).to_le_bytes());
+    put(
+        &f,
+        item_offset(&f, &VSIZE_GUID),
+        &(64u64 << 40).to_le_bytes(),
+    );
     assert_refused(&f, "BAT larger than its region");
 
     let f = case("2pow40-blocks.vhdx");
-    put(&f, item_offset(&f, &VSIZE_GUID), &(1u64 << 60).to_le_bytes());
+    put(
+        &f,
+        item_offset(&f, &VSIZE_GUID),
+        &(1u64 << 60).to_le_bytes(),
+    );
     assert_refused(&f, "virtual size of 2^40 blocks");
 
     let f = case("required-item.vhdx");
@@ -594,9 +695,36 @@ fn rejects_bad_images() {
     std::fs::create_dir_all(&sub).unwrap();
     std::fs::copy(&base, p(d.path(), "x")).unwrap();
     for (name, pairs) in [
-        ("a/b/dotdot.vhdx", vec![("parent_linkage", "{00000000-0000-0000-0000-000000000000}".to_string()), ("relative_path", "..\\..\\x".to_string())]),
-        ("abs-only.vhdx", vec![("parent_linkage", "{00000000-0000-0000-0000-000000000000}".to_string()), ("absolute_win32_path", "/etc/passwd".to_string())]),
-        ("abs-rel.vhdx", vec![("parent_linkage", "{00000000-0000-0000-0000-000000000000}".to_string()), ("relative_path", "/etc/passwd".to_string())]),
+        (
+            "a/b/dotdot.vhdx",
+            vec![
+                (
+                    "parent_linkage",
+                    "{00000000-0000-0000-0000-000000000000}".to_string(),
+                ),
+                ("relative_path", "..\\..\\x".to_string()),
+            ],
+        ),
+        (
+            "abs-only.vhdx",
+            vec![
+                (
+                    "parent_linkage",
+                    "{00000000-0000-0000-0000-000000000000}".to_string(),
+                ),
+                ("absolute_win32_path", "/etc/passwd".to_string()),
+            ],
+        ),
+        (
+            "abs-rel.vhdx",
+            vec![
+                (
+                    "parent_linkage",
+                    "{00000000-0000-0000-0000-000000000000}".to_string(),
+                ),
+                ("relative_path", "/etc/passwd".to_string()),
+            ],
+        ),
         ("no-locator-pairs.vhdx", vec![]),
     ] {
         let f = case(name);

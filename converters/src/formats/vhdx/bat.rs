@@ -181,7 +181,10 @@ impl Bat {
         if index >= self.entries {
             return Err(Error::corrupt(
                 FMT,
-                format!("BAT index {index} is past the table ({} entries)", self.entries),
+                format!(
+                    "BAT index {index} is past the table ({} entries)",
+                    self.entries
+                ),
             ));
         }
         let page_no = index / PAGE_ENTRIES;
@@ -216,5 +219,46 @@ impl Bat {
         pages.insert(0, (page_no, page.clone()));
         pages.truncate(CACHED_PAGES);
         Ok(page)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry_follows_the_spec_formulas() {
+        // 512-byte sectors, 1 MiB blocks: chunk ratio 4096; 8 GiB = 8192 blocks + 1 bitmap entry between chunks.
+        let g = Geometry::compute(MIB, 512, 8 << 30, false);
+        assert_eq!(g.chunk_ratio, 4096);
+        assert_eq!(g.bat_entries, 8192 + 1);
+        assert_eq!(g.payload_index(4095), 4095);
+        assert_eq!(g.payload_index(4096), 4097);
+        assert_eq!(g.bitmap_index(0), 4096);
+        // 4 KiB sectors, 256 MiB blocks: (2^23 * 4096) / 2^28 = 128.
+        assert_eq!(
+            Geometry::compute(256 * MIB, 4096, 1 << 30, false).chunk_ratio,
+            128
+        );
+        // differencing: whole chunks, each with its bitmap entry
+        let d = Geometry::compute(MIB, 512, 10 * MIB, true);
+        assert_eq!(d.bat_entries, 4097);
+        assert_eq!(Geometry::compute(MIB, 512, 0, false).bat_entries, 0);
+    }
+
+    #[test]
+    fn rejects_reserved_and_misplaced_states() {
+        assert_eq!(
+            decode_payload(6 | 5 << 20, 0, false).ok(),
+            Some(Payload::Full(5 * MIB))
+        );
+        assert_eq!(decode_payload(3, 0, false).ok(), Some(Payload::Zero));
+        assert_eq!(decode_payload(5, 0, false).ok(), Some(Payload::Zero));
+        assert!(decode_payload(4, 0, false).is_err());
+        assert!(decode_payload(7, 0, false).is_err());
+        assert_eq!(
+            decode_payload(7 | 1 << 20, 0, true).ok(),
+            Some(Payload::Partial(MIB))
+        );
     }
 }

@@ -148,7 +148,10 @@ fn validate_header(raw: &RawHeader, file_len: u64) -> Result<Header> {
             format!("log version {} (only 0 is defined)", raw.log_version.get()),
         ));
     }
-    if log_length % MIB != 0 || log_offset % MIB != 0 || log_offset < HEADER_SECTION_SIZE {
+    if !log_length.is_multiple_of(MIB)
+        || !log_offset.is_multiple_of(MIB)
+        || log_offset < HEADER_SECTION_SIZE
+    {
         return Err(Error::corrupt(
             FMT,
             format!(
@@ -156,7 +159,11 @@ fn validate_header(raw: &RawHeader, file_len: u64) -> Result<Header> {
             ),
         ));
     }
-    if log_length > 0 && log_offset.checked_add(log_length).is_none_or(|e| e > file_len) {
+    if log_length > 0
+        && log_offset
+            .checked_add(log_length)
+            .is_none_or(|e| e > file_len)
+    {
         return Err(Error::corrupt(
             FMT,
             format!(
@@ -262,7 +269,7 @@ pub fn parse_region_table(buf: &[u8], file_len: u64, log: Option<Region>) -> Res
         };
         // "FileOffset: MUST be a multiple of 1 MB and MUST be at least 1 MB"; "Length: MUST be a multiple of
         // 1 MB" (MS-VHDX 2.2.3.2).
-        if r.offset % MIB != 0 || r.length % MIB != 0 || r.length == 0 {
+        if !r.offset.is_multiple_of(MIB) || !r.length.is_multiple_of(MIB) || r.length == 0 {
             return Err(Error::corrupt(
                 FMT,
                 format!(
@@ -274,10 +281,16 @@ pub fn parse_region_table(buf: &[u8], file_len: u64, log: Option<Region>) -> Res
         if r.offset < HEADER_SECTION_SIZE {
             return Err(Error::corrupt(
                 FMT,
-                format!("region {} at {} overlaps the header section", e.guid, r.offset),
+                format!(
+                    "region {} at {} overlaps the header section",
+                    e.guid, r.offset
+                ),
             ));
         }
-        if r.offset.checked_add(r.length).is_none_or(|end| end > file_len) {
+        if r.offset
+            .checked_add(r.length)
+            .is_none_or(|end| end > file_len)
+        {
             return Err(Error::corrupt(
                 FMT,
                 format!(

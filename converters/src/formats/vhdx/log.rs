@@ -151,9 +151,7 @@ fn find_active_sequence(log: &[u8], guid: Guid) -> Result<Vec<Entry>> {
         valid.push(parse_entry(log, s, guid, &mut budget)?);
     }
     let mut heads: Vec<u64> = (0..n).filter(|&s| valid[s as usize].is_some()).collect();
-    heads.sort_by_key(|&s| {
-        std::cmp::Reverse(valid[s as usize].as_ref().map_or(0, |e| e.sequence))
-    });
+    heads.sort_by_key(|&s| std::cmp::Reverse(valid[s as usize].as_ref().map_or(0, |e| e.sequence)));
     for h in heads {
         let Some(head) = valid.get(h as usize).and_then(|e| e.as_ref()) else {
             continue;
@@ -214,13 +212,14 @@ fn parse_entry(log: &[u8], sector: u64, guid: Guid, budget: &mut u64) -> Result<
     let last_file_offset = read_u64(h, 56)?;
     // EntryLength "MUST be a multiple of 4 KB"; SequenceNumber "MUST be greater than zero"; LogGuid must equal
     // the header's; Tail is a sector offset inside the log (MS-VHDX 2.3.1.1).
-    let desc_sectors = (ENTRY_HEADER_SIZE + descriptor_count * DESCRIPTOR_SIZE).div_ceil(LOG_SECTOR);
+    let desc_sectors =
+        (ENTRY_HEADER_SIZE + descriptor_count * DESCRIPTOR_SIZE).div_ceil(LOG_SECTOR);
     if entry_length == 0
-        || entry_length % LOG_SECTOR != 0
+        || !entry_length.is_multiple_of(LOG_SECTOR)
         || entry_length > log_len
         || sequence == 0
         || log_guid != guid
-        || tail % LOG_SECTOR != 0
+        || !tail.is_multiple_of(LOG_SECTOR)
         || tail >= log_len
         || desc_sectors * LOG_SECTOR > entry_length
     {
@@ -230,7 +229,10 @@ fn parse_entry(log: &[u8], sector: u64, guid: Guid, budget: &mut u64) -> Result<
     // The entry may wrap around the end of the circular log.
     let mut entry = Vec::with_capacity(entry_length as usize);
     let first = (log_len - start).min(entry_length);
-    entry.extend_from_slice(log.get(start as usize..(start + first) as usize).unwrap_or(&[]));
+    entry.extend_from_slice(
+        log.get(start as usize..(start + first) as usize)
+            .unwrap_or(&[]),
+    );
     entry.extend_from_slice(log.get(..(entry_length - first) as usize).unwrap_or(&[]));
     if entry.len() as u64 != entry_length {
         return Ok(None);
@@ -247,12 +249,12 @@ fn parse_entry(log: &[u8], sector: u64, guid: Guid, budget: &mut u64) -> Result<
             return Ok(None);
         };
         let file_offset = read_u64(d, 16)?;
-        if read_u64(d, 24)? != sequence || file_offset % LOG_SECTOR != 0 {
+        if read_u64(d, 24)? != sequence || !file_offset.is_multiple_of(LOG_SECTOR) {
             return Ok(None);
         }
         if d.starts_with(ZERO_DESC_SIGNATURE) {
             let zero_length = read_u64(d, 8)?;
-            if zero_length % LOG_SECTOR != 0 {
+            if !zero_length.is_multiple_of(LOG_SECTOR) {
                 return Ok(None);
             }
             changes.push(Change::Zero(file_offset, zero_length));
@@ -287,11 +289,14 @@ fn parse_entry(log: &[u8], sector: u64, guid: Guid, budget: &mut u64) -> Result<
     }))
 }
 
+/// A replayed range: its end, and its data sector (None: zeros).
+type Piece = (u64, Option<Arc<Vec<u8>>>);
+
 /// Replayed changes as non-overlapping pieces keyed by file offset; later changes replace earlier ones.
 #[derive(Default)]
 struct Overlay {
     /// start -> (end, data sector or None for zeros). Every bound is a multiple of 4 KiB.
-    pieces: BTreeMap<u64, (u64, Option<Arc<Vec<u8>>>)>,
+    pieces: BTreeMap<u64, Piece>,
 }
 
 impl Overlay {
@@ -386,5 +391,53 @@ impl Storage for Replayed {
 
     fn path(&self) -> Option<&Path> {
         self.inner.path()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    fn sector(b: u8) -> Arc<Vec<u8>> {
+        Arc::new(vec![b; LOG_SECTOR as usize])
+    }
+
+    #[test]
+    fn later_changes_win() {
+        let mut o = Overlay::default();
+        o.apply(Change::Zero(0, 4 * LOG_SECTOR));
+        o.apply(Change::Data(LOG_SECTOR, sector(7)));
+        o.apply(Change::Data(3 * LOG_SECTOR, sector(8)));
+        o.apply(Change::Zero(3 * LOG_SECTOR, LOG_SECTOR));
+        let r = Replayed {
+            inner: Arc::new(MemStorage::new(vec![0xff; 6 * 4096], "t")),
+            len: 6 * 4096,
+            overlay: o,
+        };
+        let mut buf = vec![1u8; 6 * 4096];
+        r.read_exact_at(&mut buf, 0).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 0));
+        assert!(buf[4096..8192].iter().all(|&b| b == 7));
+        assert!(buf[8192..16384].iter().all(|&b| b == 0));
+        assert!(buf[16384..].iter().all(|&b| b == 0xff));
+        let mut mid = vec![0u8; 10];
+        r.read_exact_at(&mut mid, 4090).unwrap();
+        assert_eq!(&mid[..6], &[0; 6]);
+        assert_eq!(&mid[6..], &[7; 4]);
+        assert!(r.read_exact_at(&mut mid, 6 * 4096 - 5).is_err());
+    }
+
+    #[test]
+    fn empty_or_foreign_log_has_no_sequence() {
+        let g = Guid([1; 16]);
+        assert!(
+            find_active_sequence(&vec![0u8; 1 << 20], g)
+                .unwrap()
+                .is_empty()
+        );
+        let mut log = vec![0u8; 1 << 20];
+        log[..4].copy_from_slice(ENTRY_SIGNATURE);
+        assert!(find_active_sequence(&log, g).unwrap().is_empty());
     }
 }

@@ -156,7 +156,10 @@ pub fn read_metadata(storage: &dyn Storage, region: Region) -> Result<Metadata> 
         if item.length < min {
             return Err(Error::corrupt(
                 FMT,
-                format!("metadata item {name} is {} bytes (at least {min})", item.length),
+                format!(
+                    "metadata item {name} is {} bytes (at least {min})",
+                    item.length
+                ),
             ));
         }
         // bounded by MAX_ITEM_LENGTH in parse_table
@@ -202,7 +205,7 @@ pub fn read_metadata(storage: &dyn Storage, region: Region) -> Result<Metadata> 
         ));
     }
     // "VirtualDiskSize: MUST be a multiple of the LogicalSectorSize" (MS-VHDX 2.6.2.2).
-    if virtual_size % logical_sector_size != 0 {
+    if !virtual_size.is_multiple_of(logical_sector_size) {
         return Err(Error::corrupt(
             FMT,
             format!(
@@ -243,7 +246,10 @@ fn parse_table(table: &[u8], region_len: u64) -> Result<Items> {
     let (hdr, mut rest) = RawTableHeader::read_from_prefix(table)
         .map_err(|_| Error::corrupt(FMT, "metadata region is too small"))?;
     if &hdr.signature != METADATA_SIGNATURE {
-        return Err(Error::invalid(FMT, "metadata table has no 'metadata' signature"));
+        return Err(Error::invalid(
+            FMT,
+            "metadata table has no 'metadata' signature",
+        ));
     }
     let count = hdr.entry_count.get();
     if count > MAX_ENTRIES {
@@ -282,7 +288,10 @@ fn parse_table(table: &[u8], region_len: u64) -> Result<Items> {
         if flags & FLAG_IS_USER != 0 {
             return Err(Error::corrupt(
                 FMT,
-                format!("system metadata item {} is flagged as user metadata", e.item_id),
+                format!(
+                    "system metadata item {} is flagged as user metadata",
+                    e.item_id
+                ),
             ));
         }
         // "Offset: MUST be at least 64 KB"; "Length: MUST be less than or equal to 1 MB"; the item lies inside
@@ -318,10 +327,7 @@ pub fn parse_parent_locator(raw: &[u8]) -> Result<Vec<(String, String)>> {
             format!("parent locator type {locator_type} (only VHDX parents are known)"),
         ));
     }
-    let count = u16::from_le_bytes([
-        *raw.get(18).unwrap_or(&0),
-        *raw.get(19).unwrap_or(&0),
-    ]);
+    let count = u16::from_le_bytes([*raw.get(18).unwrap_or(&0), *raw.get(19).unwrap_or(&0)]);
     if count > MAX_LOCATOR_ENTRIES {
         return Err(Error::limit(
             FMT,
@@ -342,7 +348,10 @@ pub fn parse_parent_locator(raw: &[u8]) -> Result<Vec<(String, String)>> {
             *raw.get(at + 11).unwrap_or(&0),
         ]));
         if raw.len() < at + 12 {
-            return Err(Error::corrupt(FMT, "parent locator entries run past the item"));
+            return Err(Error::corrupt(
+                FMT,
+                "parent locator entries run past the item",
+            ));
         }
         let key = utf16_at(raw, key_offset, key_len, "key")?;
         let value = utf16_at(raw, value_offset, value_len, "value")?;

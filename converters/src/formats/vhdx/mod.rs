@@ -41,7 +41,9 @@ pub(crate) const FMT: &str = "vhdx";
 pub const MIB: u64 = 1 << 20;
 
 /// A GUID as stored on disk: Data1 (LE u32), Data2 (LE u16), Data3 (LE u16), Data4 (8 bytes) (MS-VHDX 1.3).
-#[derive(Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
 #[repr(transparent)]
 pub struct Guid(pub [u8; 16]);
 
@@ -52,8 +54,8 @@ impl Guid {
         let b = d2.to_le_bytes();
         let c = d3.to_le_bytes();
         Guid([
-            a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d4[0], d4[1], d4[2], d4[3], d4[4], d4[5],
-            d4[6], d4[7],
+            a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d4[0], d4[1], d4[2], d4[3], d4[4],
+            d4[5], d4[6], d4[7],
         ])
     }
 
@@ -73,7 +75,12 @@ impl Guid {
             .and_then(|end| buf.get(at..end))
             .and_then(|b| b.try_into().ok())
             .map(Guid)
-            .ok_or_else(|| Error::corrupt(FMT, format!("GUID at {at} is past the end of its structure")))
+            .ok_or_else(|| {
+                Error::corrupt(
+                    FMT,
+                    format!("GUID at {at} is past the end of its structure"),
+                )
+            })
     }
 }
 
@@ -124,7 +131,12 @@ pub(crate) fn read_u32(buf: &[u8], at: usize) -> Result<u32> {
         .and_then(|end| buf.get(at..end))
         .and_then(|b| b.try_into().ok())
         .map(u32::from_le_bytes)
-        .ok_or_else(|| Error::corrupt(FMT, format!("field at {at} is past the end of its structure")))
+        .ok_or_else(|| {
+            Error::corrupt(
+                FMT,
+                format!("field at {at} is past the end of its structure"),
+            )
+        })
 }
 
 /// Little-endian u64 at `at`.
@@ -133,7 +145,12 @@ pub(crate) fn read_u64(buf: &[u8], at: usize) -> Result<u64> {
         .and_then(|end| buf.get(at..end))
         .and_then(|b| b.try_into().ok())
         .map(u64::from_le_bytes)
-        .ok_or_else(|| Error::corrupt(FMT, format!("field at {at} is past the end of its structure")))
+        .ok_or_else(|| {
+            Error::corrupt(
+                FMT,
+                format!("field at {at} is past the end of its structure"),
+            )
+        })
 }
 
 /// Where a piece of the guest disk comes from.
@@ -223,9 +240,7 @@ impl VhdxReader {
         // "parent_linkage: ... the DataWriteGuid of the parent" (MS-VHDX 2.6.2.6.3); parent_linkage2 is an
         // alternative value a parent may also carry.
         let want = parent.data_write_guid().to_string();
-        let matches = |k: &str| {
-            get(k).is_some_and(|v| v.trim().eq_ignore_ascii_case(&want))
-        };
+        let matches = |k: &str| get(k).is_some_and(|v| v.trim().eq_ignore_ascii_case(&want));
         if get("parent_linkage").is_none() {
             return Err(Error::corrupt(FMT, "parent locator has no parent_linkage"));
         }
@@ -324,11 +339,17 @@ impl VhdxReader {
         if sb & bat::STATE_MASK != SB_BLOCK_PRESENT {
             return Err(Error::corrupt(
                 FMT,
-                format!("block {block} is PARTIALLY_PRESENT but its sector bitmap block is not present"),
+                format!(
+                    "block {block} is PARTIALLY_PRESENT but its sector bitmap block is not present"
+                ),
             ));
         }
         let sb_off = (sb >> bat::OFFSET_SHIFT) * MIB;
-        self.check_stored(sb_off, bat::BITMAP_BLOCK_SIZE, &format!("sector bitmap of chunk {chunk}"))?;
+        self.check_stored(
+            sb_off,
+            bat::BITMAP_BLOCK_SIZE,
+            &format!("sector bitmap of chunk {chunk}"),
+        )?;
         let ss = geo.sector_size;
         let first_sector = in_block / ss;
         let last_sector = (in_block + n).div_ceil(ss);
@@ -466,5 +487,31 @@ impl DiskSource for VhdxReader {
             }
         }
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guid_text_form() {
+        assert_eq!(
+            metadata::VHDX_PARENT_TYPE.to_string(),
+            "{B04AEFB7-D19E-4A81-B789-25B8E9445913}"
+        );
+        assert!(Guid::default().is_zero());
+        assert!(Guid::read(&[0u8; 10], 0).is_err());
+    }
+
+    #[test]
+    fn checksum_skips_its_field() {
+        let mut b = vec![7u8; 64];
+        let c = checksum(&b, 4);
+        b[4..8].copy_from_slice(&c.to_le_bytes());
+        assert!(checksum_ok(&b, 4));
+        b[9] ^= 1;
+        assert!(!checksum_ok(&b, 4));
+        assert!(!checksum_ok(&b[..2], 4));
     }
 }

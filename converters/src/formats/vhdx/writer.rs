@@ -90,7 +90,11 @@ impl VhdxWriter {
         let log_size = match opts.take_size("log_size")? {
             None => MIB,
             // qemu: "Log size must be a multiple of 1 MB" and at least 1 MB.
-            Some(n) if n >= MIB && n % MIB == 0 && n <= u64::from(u32::MAX) / MIB * MIB => n,
+            Some(n)
+                if n >= MIB && n.is_multiple_of(MIB) && n <= u64::from(u32::MAX) / MIB * MIB =>
+            {
+                n
+            }
             Some(n) => {
                 return Err(Error::input(format!(
                     "vhdx log_size {n}: must be a multiple of 1M, at least 1M"
