@@ -428,6 +428,64 @@ mod tests {
         assert!(r.read_exact_at(&mut mid, 6 * 4096 - 5).is_err());
     }
 
+    /// An entry with one zero descriptor and one data descriptor (so it spans 2 sectors).
+    fn entry(guid: Guid, seq: u64, tail: u64, target: u64) -> Vec<u8> {
+        let mut e = vec![0u8; 2 * LOG_SECTOR as usize];
+        e[0..4].copy_from_slice(ENTRY_SIGNATURE);
+        e[8..12].copy_from_slice(&(2 * LOG_SECTOR as u32).to_le_bytes());
+        e[12..16].copy_from_slice(&(tail as u32).to_le_bytes());
+        e[16..24].copy_from_slice(&seq.to_le_bytes());
+        e[24..28].copy_from_slice(&2u32.to_le_bytes());
+        e[32..48].copy_from_slice(&guid.0);
+        e[64..68].copy_from_slice(ZERO_DESC_SIGNATURE);
+        e[72..80].copy_from_slice(&LOG_SECTOR.to_le_bytes());
+        e[80..88].copy_from_slice(&(target + LOG_SECTOR).to_le_bytes());
+        e[88..96].copy_from_slice(&seq.to_le_bytes());
+        e[96..100].copy_from_slice(DATA_DESC_SIGNATURE);
+        e[112..120].copy_from_slice(&target.to_le_bytes());
+        e[120..128].copy_from_slice(&seq.to_le_bytes());
+        e[4096..4100].copy_from_slice(DATA_SECTOR_SIGNATURE);
+        e[4100..4104].copy_from_slice(&((seq >> 32) as u32).to_le_bytes());
+        e[8188..8192].copy_from_slice(&(seq as u32).to_le_bytes());
+        let c = super::super::checksum(&e, 4);
+        e[4..8].copy_from_slice(&c.to_le_bytes());
+        e
+    }
+
+    /// Writes `e` into the circular `log` at sector `at`, wrapping.
+    fn place(log: &mut [u8], at: u64, e: &[u8]) {
+        let n = log.len();
+        for (i, b) in e.iter().enumerate() {
+            log[(at as usize * 4096 + i) % n] = *b;
+        }
+    }
+
+    #[test]
+    fn finds_a_wrapping_sequence_from_the_head_tail() {
+        let g = Guid([3; 16]);
+        let mut log = vec![0u8; 1 << 20];
+        let last = 255u64;
+        // seq 5 wraps from the last sector to sector 0; seq 6 follows at sector 1 and names seq 5 as its tail
+        place(&mut log, last, &entry(g, 5, last * LOG_SECTOR, 2 << 20));
+        place(&mut log, 1, &entry(g, 6, last * LOG_SECTOR, 3 << 20));
+        // a stale entry of an older sequence elsewhere, and one of another log GUID with a higher number
+        place(&mut log, 100, &entry(g, 2, 100 * LOG_SECTOR, 4 << 20));
+        place(
+            &mut log,
+            150,
+            &entry(Guid([4; 16]), 99, 150 * LOG_SECTOR, 4 << 20),
+        );
+        let seq = find_active_sequence(&log, g).unwrap();
+        assert_eq!(
+            seq.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+            vec![5, 6]
+        );
+        // a head whose tail does not lead back to it is not a sequence: break seq 5's checksum
+        log[(last as usize) * 4096 + 200] ^= 1;
+        let seq = find_active_sequence(&log, g).unwrap();
+        assert_eq!(seq.iter().map(|e| e.sequence).collect::<Vec<_>>(), vec![2]);
+    }
+
     #[test]
     fn empty_or_foreign_log_has_no_sequence() {
         let g = Guid([1; 16]);
