@@ -15,6 +15,7 @@ pub mod probe;
 pub mod raw;
 pub mod vdi;
 pub mod vhd;
+pub mod vhdx;
 
 /// The image formats imgshift knows, named as qemu-img names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -112,6 +113,7 @@ pub fn open(
         Format::Vpc => Ok(Box::new(vhd::VhdReader::open(storage, gate)?)),
         Format::Vdi => Ok(Box::new(vdi::VdiReader::open(storage)?)),
         Format::Ova => ova::OvaPackage::open(storage)?.open_boot_disk(gate),
+        Format::Vhdx => Ok(Box::new(vhdx::VhdxReader::open(storage, gate)?)),
         other => Err(Error::unsupported(
             other.name(),
             "reading this format is not built yet",
@@ -125,6 +127,7 @@ pub fn create_writer(format: Format, opts: &mut WriterOptions) -> Result<Box<dyn
         Format::Raw => Box::new(raw::RawWriter::new(opts)?),
         Format::Vpc => Box::new(vhd::VhdWriter::new(opts)?),
         Format::Vdi => Box::new(vdi::VdiWriter::new(opts)?),
+        Format::Vhdx => Box::new(vhdx::VhdxWriter::new(opts)?),
         Format::Ova => {
             return Err(Error::input(
                 "ova is an input format only; write vmdk and package it",
