@@ -11,6 +11,7 @@ use crate::storage::{FileStorage, Storage};
 use crate::writer::{FormatWriter, WriterOptions};
 
 pub mod probe;
+pub mod qcow2;
 pub mod raw;
 
 /// The image formats imgshift knows, named as qemu-img names them.
@@ -107,6 +108,7 @@ pub fn open(
     };
     match format {
         Format::Raw => Ok(Box::new(raw::RawReader::open(storage)?)),
+        Format::Qcow2 => Ok(Box::new(qcow2::Qcow2Reader::open(storage, gate)?)),
         other => Err(Error::unsupported(
             other.name(),
             "reading this format is not built yet",
@@ -118,6 +120,7 @@ pub fn open(
 pub fn create_writer(format: Format, opts: &mut WriterOptions) -> Result<Box<dyn FormatWriter>> {
     let w: Box<dyn FormatWriter> = match format {
         Format::Raw => Box::new(raw::RawWriter::new(opts)?),
+        Format::Qcow2 => Box::new(qcow2::Qcow2Writer::new(opts)?),
         Format::Ova => {
             return Err(Error::input(
                 "ova is an input format only; write vmdk and package it",
