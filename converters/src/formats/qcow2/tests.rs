@@ -266,3 +266,16 @@ fn truncated_and_empty_fail() {
     assert!(open_mem(img[..100].to_vec()).is_err());
     assert!(open_mem(img[..70_000].to_vec()).is_err());
 }
+
+#[test]
+fn compresses_big_clusters() {
+    let mut chunk = vec![0u8; 2 << 20];
+    chunk[..300_000].copy_from_slice(&pattern(300_000, 3));
+    for kind in [Compression::Zlib, Compression::Zstd] {
+        let c = Qcow2Compressor::new(2 << 20, kind);
+        let z = c.compress(&chunk).unwrap().expect("compressible");
+        let mut out = vec![0u8; 2 << 20];
+        decompress(kind, &z, &mut out).unwrap();
+        assert_eq!(out, chunk);
+    }
+}
