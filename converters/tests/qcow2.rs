@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::Command;
 
 use imgshift_converters::{
-    ConvertOptions, DiskSource, ExtentKind, Format, NoProgress, OpenGate, StreamSink,
-    WriterOptions, convert, create_writer, open_path, resolved_extents,
+    ConvertOptions, ExtentKind, Format, NoProgress, OpenGate, StreamSink, WriterOptions, convert,
+    create_writer, open_path, resolved_extents,
 };
 use util::*;
 

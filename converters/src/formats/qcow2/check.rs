@@ -56,7 +56,7 @@ impl Counter<'_> {
     }
 
     fn aligned(&self, off: u64) -> bool {
-        off % self.cs == 0
+        off.is_multiple_of(self.cs)
     }
 }
 
@@ -245,7 +245,7 @@ fn stored_refcounts(
     )?);
     for (i, e) in rt.into_iter().enumerate() {
         let off = e & REFT_OFFSET_MASK;
-        if off == 0 || off % cs != 0 || off >= storage.len() {
+        if off == 0 || !off.is_multiple_of(cs) || off >= storage.len() {
             continue;
         }
         let block = read(storage, off, cs, "refcount block")?;

@@ -548,7 +548,7 @@ fn parse_extensions(head: &[u8], start: u64, end: u64, version: u32) -> Result<E
 
 fn validate_tables(h: &Header, file_len: u64) -> Result<()> {
     let cs = h.cluster_size();
-    let aligned = |off: u64| off % cs == 0;
+    let aligned = |off: u64| off.is_multiple_of(cs);
     // The L1 table must cover the virtual disk ("L1 table is too small" in qemu).
     let needed = h.size.div_ceil(h.l2_span());
     if needed.saturating_mul(8) > MAX_L1_BYTES {

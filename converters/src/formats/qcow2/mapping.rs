@@ -185,7 +185,7 @@ pub fn decode(
     let host = e & OFFSET_MASK;
     let cs = 1u64 << cluster_bits;
     let check_host = || -> Result<()> {
-        if host % cs != 0 {
+        if !host.is_multiple_of(cs) {
             return Err(Error::corrupt(
                 FMT,
                 format!(
@@ -303,7 +303,7 @@ pub fn words(raw: &[u8]) -> Vec<u64> {
 
 /// Checks that an L2 table offset (from L1 index `l1_idx`) is aligned and inside the file.
 pub fn check_l2_offset(l2_off: u64, l1_idx: u64, cluster_size: u64, file_len: u64) -> Result<()> {
-    if l2_off % cluster_size != 0 {
+    if !l2_off.is_multiple_of(cluster_size) {
         return Err(Error::corrupt(
             FMT,
             format!("L2 table offset {l2_off:#x} is not cluster aligned (L1 index {l1_idx})"),

@@ -429,7 +429,7 @@ impl Qcow2Writer {
                 Ok(())
             }
             Run::Compressed { data, len } => {
-                if offset % cs != 0 || len > cs || data.is_empty() {
+                if !offset.is_multiple_of(cs) || len > cs || data.is_empty() {
                     return Err(Error::input(
                         "internal error: a compressed run must be one cluster",
                     ));
