@@ -340,26 +340,30 @@ fn writes_each_cluster_size_and_compression() {
     }
 }
 
+/// raw → qcow2 through a forward-only stream (the layout used for stdout and uploads).
+fn stream_convert(src: &Path, out: &Path, opts: &str) {
+    let source = open_path(src, Some(Format::Raw), &OpenGate::new()).unwrap();
+    let mut o = WriterOptions::default();
+    o.parse_into(opts).unwrap();
+    let mut w = create_writer(Format::Qcow2, &mut o).unwrap();
+    let mut sink = StreamSink::new(std::fs::File::create(out).unwrap());
+    convert(
+        source.as_ref(),
+        w.as_mut(),
+        &mut sink,
+        &ConvertOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+}
+
 #[test]
 fn writes_streaming_layout() {
     let d = tmpdir();
     let src = source_raw(d.path());
     for opts in ["", "cluster_size=512", "cluster_size=2M"] {
         let out = p(d.path(), "stream.qcow2");
-        let source = open_path(&src, Some(Format::Raw), &OpenGate::new()).unwrap();
-        let mut o = WriterOptions::default();
-        o.parse_into(opts).unwrap();
-        let mut w = create_writer(Format::Qcow2, &mut o).unwrap();
-        let mut sink = StreamSink::new(std::fs::File::create(&out).unwrap());
-        convert(
-            source.as_ref(),
-            w.as_mut(),
-            &mut sink,
-            &ConvertOptions::default(),
-            &NoProgress,
-        )
-        .unwrap();
-        drop(sink);
+        stream_convert(&src, &out, opts);
         assert_check_clean(&out, "qcow2");
         assert_same(&src, "raw", &out, "qcow2");
     }
@@ -406,15 +410,19 @@ fn writes_backing_file_reference() {
             e.write_all_at(&buf, off).unwrap();
         }
     }
-    for opts in ["", ",compress=on"] {
+    for opts in ["", ",compress=on", "stream"] {
         let out = p(d.path(), "overlay.qcow2");
-        imgshift_convert(
-            &src,
-            Some(Format::Raw),
-            &out,
-            Format::Qcow2,
-            &format!("backing_file=base.raw,backing_fmt=raw{opts}"),
-        );
+        if opts == "stream" {
+            stream_convert(&src, &out, "backing_file=base.raw,backing_fmt=raw");
+        } else {
+            imgshift_convert(
+                &src,
+                Some(Format::Raw),
+                &out,
+                Format::Qcow2,
+                &format!("backing_file=base.raw,backing_fmt=raw{opts}"),
+            );
+        }
         let info: serde_json::Value =
             serde_json::from_str(&qemu_img(&["info", "--output=json", s(&out)])).unwrap();
         assert_eq!(info["backing-filename"], "base.raw");
@@ -485,6 +493,26 @@ fn check_reports_clean_leaks_and_corruption() {
     let rep = open(&bad);
     assert!(rep.corruptions >= 1, "{:?}", rep.messages);
     assert_eq!(qemu_img_status(&["check", s(&bad)]).0, 2);
+}
+
+#[test]
+fn check_counts_snapshots_and_bitmaps() {
+    let d = tmpdir();
+    let src = source_raw(d.path());
+    let img = p(d.path(), "snap.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", s(&src), s(&img)]);
+    qemu_img(&["snapshot", "-c", "s1", s(&img)]);
+    qemu_img(&["bitmap", "--add", s(&img), "b1"]);
+    // writes after the snapshot copy shared clusters; the bitmap records them
+    qemu_io(
+        &img,
+        "qcow2",
+        &["write -P 0x66 0 128k", "write -P 0x67 9M 64k"],
+    );
+    qemu_img(&["snapshot", "-c", "s2", s(&img)]);
+    qemu_io(&img, "qcow2", &["write -P 0x68 64k 64k"]);
+    // assert_reads_like_qemu also requires our check to find no errors and no leaks
+    assert_reads_like_qemu(&img);
 }
 
 #[test]
