@@ -12,6 +12,7 @@ use crate::writer::{FormatWriter, WriterOptions};
 
 pub mod ova;
 pub mod probe;
+pub mod qcow2;
 pub mod raw;
 pub mod vdi;
 pub mod vhd;
@@ -114,6 +115,7 @@ pub fn open(
         Format::Vdi => Ok(Box::new(vdi::VdiReader::open(storage)?)),
         Format::Ova => ova::OvaPackage::open(storage)?.open_boot_disk(gate),
         Format::Vhdx => Ok(Box::new(vhdx::VhdxReader::open(storage, gate)?)),
+        Format::Qcow2 => Ok(Box::new(qcow2::Qcow2Reader::open(storage, gate)?)),
         other => Err(Error::unsupported(
             other.name(),
             "reading this format is not built yet",
@@ -128,6 +130,7 @@ pub fn create_writer(format: Format, opts: &mut WriterOptions) -> Result<Box<dyn
         Format::Vpc => Box::new(vhd::VhdWriter::new(opts)?),
         Format::Vdi => Box::new(vdi::VdiWriter::new(opts)?),
         Format::Vhdx => Box::new(vhdx::VhdxWriter::new(opts)?),
+        Format::Qcow2 => Box::new(qcow2::Qcow2Writer::new(opts)?),
         Format::Ova => {
             return Err(Error::input(
                 "ova is an input format only; write vmdk and package it",
