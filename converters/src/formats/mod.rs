@@ -12,6 +12,7 @@ use crate::writer::{FormatWriter, WriterOptions};
 
 pub mod probe;
 pub mod raw;
+pub mod vmdk;
 
 /// The image formats imgshift knows, named as qemu-img names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -107,6 +108,7 @@ pub fn open(
     };
     match format {
         Format::Raw => Ok(Box::new(raw::RawReader::open(storage)?)),
+        Format::Vmdk => Ok(Box::new(vmdk::VmdkReader::open(storage, gate)?)),
         other => Err(Error::unsupported(
             other.name(),
             "reading this format is not built yet",
@@ -118,6 +120,7 @@ pub fn open(
 pub fn create_writer(format: Format, opts: &mut WriterOptions) -> Result<Box<dyn FormatWriter>> {
     let w: Box<dyn FormatWriter> = match format {
         Format::Raw => Box::new(raw::RawWriter::new(opts)?),
+        Format::Vmdk => Box::new(vmdk::VmdkWriter::new(opts)?),
         Format::Ova => {
             return Err(Error::input(
                 "ova is an input format only; write vmdk and package it",
