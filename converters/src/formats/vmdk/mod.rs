@@ -44,7 +44,7 @@ enum PartData {
     /// Zeros.
     Zero,
     /// A hosted sparse extent.
-    Sparse(SparseExtent),
+    Sparse(Box<SparseExtent>),
 }
 
 /// One extent of the virtual disk.
@@ -127,7 +127,7 @@ impl VmdkReader {
             len,
             file: storage.name(),
             kind: "SPARSE",
-            data: PartData::Sparse(extent),
+            data: PartData::Sparse(Box::new(extent)),
         }];
         let backing = open_parent(storage.as_ref(), &desc, gate)?;
         Ok(VmdkReader {
@@ -251,7 +251,7 @@ impl VmdkReader {
                         ));
                     }
                     dirty |= sp.header.unclean;
-                    (PartData::Sparse(sp), name, "SPARSE")
+                    (PartData::Sparse(Box::new(sp)), name, "SPARSE")
                 }
                 ExtentType::VmfsSparse => {
                     return Err(Error::unsupported(

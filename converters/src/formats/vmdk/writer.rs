@@ -111,7 +111,7 @@ pub struct VmdkWriter {
 enum State {
     Idle,
     Sparse(SparseOut),
-    Stream(StreamOut),
+    Stream(Box<StreamOut>),
     Split(SplitOut),
 }
 
@@ -274,7 +274,7 @@ impl FormatWriter for VmdkWriter {
                 let desc = self.descriptor(vec![(capacity, ExtentType::Sparse, name, None)])?;
                 let mut out = StreamOut::new(capacity, desc.len() as u64, self.zeroed_grain);
                 out.begin(sink, desc.as_bytes())?;
-                State::Stream(out)
+                State::Stream(Box::new(out))
             }
             Subformat::MonolithicFlat
             | Subformat::TwoGbMaxExtentFlat
@@ -319,7 +319,7 @@ impl FormatWriter for VmdkWriter {
             (State::Sparse(s), Run::Data(d)) => s.write(sink, offset, d),
             (State::Split(s), Run::Data(d)) => s.write(sink, offset, d),
             (State::Stream(s), Run::Compressed { data, len }) => {
-                if offset % GRAIN != 0 || len > GRAIN {
+                if !offset.is_multiple_of(GRAIN) || len > GRAIN {
                     return Err(Error::input(
                         "internal error: compressed VMDK run is not one grain",
                     ));
@@ -328,7 +328,7 @@ impl FormatWriter for VmdkWriter {
             }
             (State::Stream(s), Run::Data(d)) => {
                 // Stored chunks still go out compressed: VMware requires every grain deflated.
-                if offset % GRAIN != 0 {
+                if !offset.is_multiple_of(GRAIN) {
                     return Err(Error::input(
                         "internal error: VMDK stream data is not grain-aligned",
                     ));
