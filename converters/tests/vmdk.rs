@@ -479,7 +479,7 @@ fn rejects_hostile_sparse_headers() {
     let d = tmpdir();
     let dir = d.path();
     let raw = p(dir, "src.raw");
-    make_raw(&raw, 4 * MIB, &[(0, MIB)], &[]);
+    make_raw(&raw, 64 * MIB, &[(0, MIB), (40 * MIB, MIB)], &[]);
     let good = p(dir, "good.vmdk");
     qemu_to_vmdk(&raw, &good, "subformat=monolithicSparse");
     let b = std::fs::read(&good).unwrap();
@@ -504,6 +504,7 @@ fn rejects_hostile_sparse_headers() {
             "gd-past-eof",
             vec![(gd, 0x00ff_ffffu32.to_le_bytes().to_vec())],
         ),
+        ("gd-shared-table", vec![(gd + 4, b[gd..gd + 4].to_vec())]),
         (
             "gdoffset-past-eof",
             vec![(56, (1u64 << 40).to_le_bytes().to_vec())],

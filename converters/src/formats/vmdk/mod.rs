@@ -112,6 +112,10 @@ impl VmdkReader {
             Some(b) => descriptor::parse(&b).map_err(|e| e.context("embedded descriptor"))?,
             None => Descriptor::default(),
         };
+        // qemu: a sparse file with capacity 0 and an embedded descriptor is a descriptor file in disguise.
+        if extent.header.capacity == 0 && !desc.extents.is_empty() {
+            return Self::open_descriptor(storage, desc, gate);
+        }
         // qemu names the type from the header: compressed grains are streamOptimized.
         let create_type = if extent.header.compressed {
             "streamOptimized".to_string()

@@ -731,6 +731,19 @@ fn load_gd(storage: &dyn Storage, h: &SparseHeader) -> Result<Vec<u32>> {
             ));
         }
     }
+    // Each grain table has its own place: a GD whose entries share one table would make a small file
+    // describe an arbitrarily large allocation map. With distinct tables, work follows the file size.
+    let mut used: Vec<u32> = gd.iter().copied().filter(|&e| e != 0).collect();
+    used.sort_unstable();
+    if let Some(w) = used.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Error::corrupt(
+            FMT,
+            format!(
+                "{name}: two grain directory entries share the grain table at sector {}",
+                w[0]
+            ),
+        ));
+    }
     Ok(gd)
 }
 
