@@ -522,3 +522,85 @@ impl DiskSource for VmdkReader {
         Ok(report)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::MemSink;
+    use crate::storage::MemStorage;
+    use crate::writer::{FormatWriter, Plan, Run, WriterOptions};
+
+    /// Writes `disk` (zeros are holes) with `opts` into memory, seekable or planned.
+    fn write(disk: &[u8], opts: &str) -> Vec<u8> {
+        let mut o = WriterOptions::default();
+        o.parse_into(opts).unwrap();
+        let mut w = VmdkWriter::new(&mut o).unwrap();
+        let g = w.granularity() as usize;
+        let runs: Vec<(u64, u64)> = (0..disk.len())
+            .step_by(g)
+            .filter(|&s| disk[s..(s + g).min(disk.len())].iter().any(|&b| b != 0))
+            .map(|s| (s as u64, (s + g).min(disk.len()) as u64))
+            .collect();
+        let mut sink = MemSink::default();
+        let plan = Plan {
+            virtual_size: disk.len() as u64,
+            runs: &runs,
+        };
+        w.begin(&mut sink, &plan).unwrap();
+        let c = w.compressor();
+        for &(s, e) in &runs {
+            let chunk = &disk[s as usize..e as usize];
+            let run = match &c {
+                Some(c) => {
+                    let data = c.compress(chunk).unwrap().unwrap();
+                    w.write_run(
+                        &mut sink,
+                        s,
+                        Run::Compressed {
+                            data: &data,
+                            len: e - s,
+                        },
+                    )
+                    .unwrap();
+                    continue;
+                }
+                None => Run::Data(chunk),
+            };
+            w.write_run(&mut sink, s, run).unwrap();
+        }
+        let len = w.finish(&mut sink).unwrap();
+        assert_eq!(len as usize, sink.data.len());
+        sink.data
+    }
+
+    #[test]
+    fn roundtrip_in_memory_with_deny_all_gate() {
+        let mut disk = vec![0u8; 3 * 1024 * 1024 + 1536];
+        for (i, b) in disk.iter_mut().enumerate().skip(70_000).take(200_000) {
+            *b = (i % 251) as u8 + 1;
+        }
+        let n = disk.len();
+        disk[n - 10..].fill(7);
+        for opts in ["", "subformat=streamOptimized", "zeroed_grain=on"] {
+            let img = write(&disk, opts);
+            let st: Arc<dyn Storage> = Arc::new(MemStorage::new(img, "mem.vmdk"));
+            let r = VmdkReader::open(st, &OpenGate::deny_all()).unwrap();
+            assert_eq!(r.virtual_size(), n as u64);
+            let mut back = vec![0u8; n];
+            r.read_at(&mut back, 0).unwrap();
+            assert!(back == disk, "{opts}");
+            let map = r.extents(0, n as u64).unwrap();
+            assert!(map.bytes(ExtentKind::Data) <= 5 * 65536, "{opts}: {map:?}");
+            let report = r.check().unwrap();
+            assert_eq!(report.corruptions, 0);
+        }
+    }
+
+    #[test]
+    fn descriptor_files_need_a_path_and_the_gate() {
+        let text = b"# Disk DescriptorFile\nCID=1\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"x-flat.vmdk\" 0\n";
+        let st: Arc<dyn Storage> = Arc::new(MemStorage::new(text.to_vec(), "mem.vmdk"));
+        let e = VmdkReader::open(st, &OpenGate::deny_all()).err().unwrap();
+        assert_eq!(e.kind(), crate::ErrorKind::Unsupported, "{e}");
+    }
+}
