@@ -17,6 +17,7 @@ pub mod raw;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
+pub mod vmdk;
 
 /// The image formats imgshift knows, named as qemu-img names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -116,6 +117,7 @@ pub fn open(
         Format::Ova => ova::OvaPackage::open(storage)?.open_boot_disk(gate),
         Format::Vhdx => Ok(Box::new(vhdx::VhdxReader::open(storage, gate)?)),
         Format::Qcow2 => Ok(Box::new(qcow2::Qcow2Reader::open(storage, gate)?)),
+        Format::Vmdk => Ok(Box::new(vmdk::VmdkReader::open(storage, gate)?)),
         other => Err(Error::unsupported(
             other.name(),
             "reading this format is not built yet",
@@ -131,6 +133,7 @@ pub fn create_writer(format: Format, opts: &mut WriterOptions) -> Result<Box<dyn
         Format::Vdi => Box::new(vdi::VdiWriter::new(opts)?),
         Format::Vhdx => Box::new(vhdx::VhdxWriter::new(opts)?),
         Format::Qcow2 => Box::new(qcow2::Qcow2Writer::new(opts)?),
+        Format::Vmdk => Box::new(vmdk::VmdkWriter::new(opts)?),
         Format::Ova => {
             return Err(Error::input(
                 "ova is an input format only; write vmdk and package it",
