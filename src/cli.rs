@@ -101,6 +101,18 @@ pub enum Command {
     },
     /// Convert an image to another format. DST '-' writes to standard output.
     Convert(ConvertArgs),
+    /// Stream an image into a cloud or hypervisor target (no temporary disk).
+    Upload {
+        /// The target.
+        #[command(subcommand)]
+        target: UploadTarget,
+    },
+    /// Read a cloud disk back into a local image.
+    Download {
+        /// The source.
+        #[command(subcommand)]
+        target: DownloadTarget,
+    },
 }
 
 /// `imgshift convert`.
@@ -133,4 +145,126 @@ pub struct ConvertArgs {
     pub stats: bool,
     #[command(flatten)]
     pub trust: TrustArgs,
+}
+
+/// Where `upload` sends the disk.
+#[derive(Debug, Subcommand)]
+pub enum UploadTarget {
+    /// Stream the disk into an EBS snapshot (EBS direct APIs) and register an AMI.
+    Aws(AwsUploadArgs),
+}
+
+/// Where `download` reads from.
+#[derive(Debug, Subcommand)]
+pub enum DownloadTarget {
+    /// Read an EBS snapshot back into a local image of any format.
+    Aws(AwsDownloadArgs),
+}
+
+/// AWS connection options.
+#[derive(Debug, Clone, Args, Default)]
+pub struct AwsConnArgs {
+    /// AWS region (default: from the environment or profile).
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Named profile from ~/.aws/config.
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Endpoint URL (also read from AWS_ENDPOINT_URL).
+    #[arg(long = "endpoint-url", value_name = "URL")]
+    pub endpoint_url: Option<String>,
+    /// Attempts per request for retryable failures (throttling, 5xx, timeouts).
+    #[arg(long = "max-attempts", default_value_t = 10, value_name = "N")]
+    pub max_attempts: u32,
+}
+
+/// `imgshift upload aws`.
+#[derive(Debug, Args)]
+pub struct AwsUploadArgs {
+    /// Source image (any supported format).
+    pub src: PathBuf,
+    /// AMI name (required unless --snapshot-only).
+    #[arg(long, required_unless_present = "snapshot_only")]
+    pub name: Option<String>,
+    /// Description for the snapshot and the AMI.
+    #[arg(long)]
+    pub description: Option<String>,
+    #[command(flatten)]
+    pub conn: AwsConnArgs,
+    /// CPU architecture of the guest.
+    #[arg(long, default_value = "x86_64", value_parser = ["x86_64", "arm64"])]
+    pub architecture: String,
+    /// Boot mode to register (default: EC2's choice).
+    #[arg(long = "boot-mode", value_parser = ["legacy-bios", "uefi", "uefi-preferred"])]
+    pub boot_mode: Option<String>,
+    /// Register the AMI without ENA support (ENA is on by default).
+    #[arg(long = "no-ena")]
+    pub no_ena: bool,
+    /// Register the AMI with NitroTPM 2.0.
+    #[arg(long = "tpm-v2")]
+    pub tpm_v2: bool,
+    /// Require IMDSv2 on instances of the AMI.
+    #[arg(long = "imds-v2-required")]
+    pub imds_v2_required: bool,
+    /// Root volume type.
+    #[arg(long = "volume-type", default_value = "gp3", value_parser = ["gp3", "gp2", "io1", "io2", "st1", "sc1", "standard"])]
+    pub volume_type: String,
+    /// Root device name.
+    #[arg(long = "root-device", default_value = "/dev/xvda")]
+    pub root_device: String,
+    /// Encrypt the snapshot (every block is then written, zeros included).
+    #[arg(long)]
+    pub encrypted: bool,
+    /// KMS key for encryption (implies --encrypted).
+    #[arg(long = "kms-key-id", value_name = "ARN")]
+    pub kms_key_id: Option<String>,
+    /// Tag for the snapshot and the AMI. Repeatable.
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Stop after the snapshot; register no AMI.
+    #[arg(long = "snapshot-only")]
+    pub snapshot_only: bool,
+    /// PutSnapshotBlock requests in flight.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub concurrency: usize,
+    /// Source format (probed when absent).
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
+    /// Folder for job journals (default: $XDG_STATE_HOME/imgshift/jobs).
+    #[arg(long = "state-dir", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Output style.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    /// Show a progress bar even when standard error is not a terminal.
+    #[arg(short = 'p', long)]
+    pub progress: bool,
+    /// Print each step on standard error.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+    #[command(flatten)]
+    pub trust: TrustArgs,
+}
+
+/// `imgshift download aws`.
+#[derive(Debug, Args)]
+pub struct AwsDownloadArgs {
+    /// The snapshot id (snap-...).
+    pub snapshot_id: String,
+    /// Destination file.
+    pub dst: PathBuf,
+    /// Output format.
+    #[arg(short = 'O', value_name = "FMT", default_value = "raw")]
+    pub output_format: String,
+    /// Output options, qemu-img style. Repeatable.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    #[command(flatten)]
+    pub conn: AwsConnArgs,
+    /// Parallel block reads.
+    #[arg(short = 'm', long = "threads", default_value_t = 16, value_name = "N")]
+    pub threads: usize,
+    /// Show a progress bar even when standard error is not a terminal.
+    #[arg(short = 'p', long)]
+    pub progress: bool,
 }

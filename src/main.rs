@@ -2,7 +2,9 @@
 
 mod cli;
 mod commands;
+mod journal;
 mod progress;
+mod targets;
 
 use std::process::ExitCode;
 

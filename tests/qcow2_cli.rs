@@ -9,14 +9,27 @@ use std::path::{Path, PathBuf};
 use util::*;
 
 fn be32(f: &Path, off: u64, v: u32) {
-    std::fs::OpenOptions::new().write(true).open(f).unwrap().write_all_at(&v.to_be_bytes(), off).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(f)
+        .unwrap()
+        .write_all_at(&v.to_be_bytes(), off)
+        .unwrap();
 }
 fn be64(f: &Path, off: u64, v: u64) {
-    std::fs::OpenOptions::new().write(true).open(f).unwrap().write_all_at(&v.to_be_bytes(), off).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(f)
+        .unwrap()
+        .write_all_at(&v.to_be_bytes(), off)
+        .unwrap();
 }
 fn read_be64(f: &Path, off: u64) -> u64 {
     let mut b = [0u8; 8];
-    std::fs::File::open(f).unwrap().read_exact_at(&mut b, off).unwrap();
+    std::fs::File::open(f)
+        .unwrap()
+        .read_exact_at(&mut b, off)
+        .unwrap();
     u64::from_be_bytes(b)
 }
 
@@ -36,9 +49,19 @@ fn assert_rejected(dir: &Path, bad: &Path, expect: &str) {
     let before = files_in(dir);
     let m = imgshift_measured(&["convert", "-f", "qcow2", "-O", "raw", s(bad), s(&out)]);
     assert_ne!(m.code, 0, "{bad:?} was accepted");
-    assert!(m.code == 1, "exit code {} (a panic is 101): {}", m.code, m.stderr);
+    assert!(
+        m.code == 1,
+        "exit code {} (a panic is 101): {}",
+        m.code,
+        m.stderr
+    );
     let lines: Vec<&str> = m.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "expected one line on stderr, got: {}", m.stderr);
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected one line on stderr, got: {}",
+        m.stderr
+    );
     assert!(
         lines[0].to_lowercase().contains(&expect.to_lowercase()),
         "error for {bad:?} should mention '{expect}': {}",
@@ -57,7 +80,9 @@ fn cost_follows_data() {
     let d = tmpdir();
     let raw = d.path().join("src.raw");
     // 16 GiB virtual, 64 MiB of data in 16 scattered pieces of 4 MiB.
-    let pieces: Vec<(u64, u64)> = (0..16).map(|i| (i * (1 << 30) + (i % 3) * (4 << 20), 4 << 20)).collect();
+    let pieces: Vec<(u64, u64)> = (0..16)
+        .map(|i| (i * (1 << 30) + (i % 3) * (4 << 20), 4 << 20))
+        .collect();
     make_raw(&raw, 16 << 30, &pieces, &[]);
     let img = d.path().join("src.qcow2");
     qemu_img(&["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&img)]);
@@ -66,7 +91,10 @@ fn cost_follows_data() {
     let r = imgshift(&["convert", "--stats", "-O", "qcow2", s(&img), s(&out)]).ok();
     let stats: serde_json::Value = serde_json::from_str(r.stderr.trim()).unwrap();
     let rchar = stats["rchar"].as_u64().unwrap();
-    assert!(rchar < 4 * (64 << 20), "read {rchar} bytes for 64 MiB of data");
+    assert!(
+        rchar < 4 * (64 << 20),
+        "read {rchar} bytes for 64 MiB of data"
+    );
     assert_eq!(stats["data_bytes"], 64u64 << 20);
     assert_check_clean(&out, "qcow2");
     assert_same(&img, "qcow2", &out, "qcow2");
@@ -143,7 +171,18 @@ fn rejects_backing_loop() {
     let a = d.path().join("a.qcow2");
     let b = d.path().join("b.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&a), "1M"]);
-    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", s(&b), "1M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "a.qcow2",
+        "-F",
+        "qcow2",
+        s(&b),
+        "1M",
+    ]);
     qemu_img(&["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", s(&a)]);
     assert_rejected(d.path(), &b, "loop");
 }
@@ -160,7 +199,11 @@ fn rejects_backing_outside_folder() {
         qemu_img(&["rebase", "-u", "-b", name, "-F", "raw", s(&a)]);
         assert_rejected(&sub, &a, "outside");
         // with explicit trust it opens
-        let allow = if name.starts_with('/') { "/etc".to_string() } else { s(d.path()).to_string() };
+        let allow = if name.starts_with('/') {
+            "/etc".to_string()
+        } else {
+            s(d.path()).to_string()
+        };
         let r = imgshift(&["info", "--allow-dir", &allow, s(&a)]);
         assert_eq!(r.code, 0, "{}", r.stderr);
     }

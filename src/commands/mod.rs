@@ -3,13 +3,15 @@
 mod check;
 mod compare;
 mod convert;
+mod download;
 mod info;
 mod map;
+mod upload;
 
 use anyhow::Result;
 use imgshift_converters::{Format, OpenGate};
 
-use crate::cli::{Cli, Command, TrustArgs};
+use crate::cli::{Cli, Command, DownloadTarget, TrustArgs, UploadTarget};
 
 /// Prints an error as imgshift's one line on standard error: `imgshift: what: why`.
 pub fn report(e: &anyhow::Error) {
@@ -60,6 +62,12 @@ pub fn run(cli: Cli) -> Result<u8> {
             &trust,
         ),
         Command::Convert(args) => convert::run(&args, quiet),
+        Command::Upload {
+            target: UploadTarget::Aws(args),
+        } => upload::aws(&args, quiet),
+        Command::Download {
+            target: DownloadTarget::Aws(args),
+        } => download::aws(&args, quiet),
     }
 }
 

@@ -118,10 +118,6 @@ pub fn open(
         Format::Vhdx => Ok(Box::new(vhdx::VhdxReader::open(storage, gate)?)),
         Format::Qcow2 => Ok(Box::new(qcow2::Qcow2Reader::open(storage, gate)?)),
         Format::Vmdk => Ok(Box::new(vmdk::VmdkReader::open(storage, gate)?)),
-        other => Err(Error::unsupported(
-            other.name(),
-            "reading this format is not built yet",
-        )),
     }
 }
 
@@ -137,12 +133,6 @@ pub fn create_writer(format: Format, opts: &mut WriterOptions) -> Result<Box<dyn
         Format::Ova => {
             return Err(Error::input(
                 "ova is an input format only; write vmdk and package it",
-            ));
-        }
-        other => {
-            return Err(Error::unsupported(
-                other.name(),
-                "writing this format is not built yet",
             ));
         }
     };

@@ -1,0 +1,250 @@
+//! Resumable job state: a JSON document (header fields + a done-bitmap of blocks) replaced atomically
+//! (temp file, fsync, rename, folder fsync), with one writer at a time enforced by a lock file
+//! (`File::try_lock`). Lives under `$XDG_STATE_HOME/imgshift/jobs/` (default `~/.local/state/imgshift/jobs/`).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+/// The folder jobs are kept in: `--state-dir`, else `$XDG_STATE_HOME/imgshift/jobs`, else
+/// `~/.local/state/imgshift/jobs`.
+pub fn state_dir(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(x).join("imgshift/jobs"));
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => Ok(PathBuf::from(h).join(".local/state/imgshift/jobs")),
+        None => bail!(
+            "cannot find a folder for job state: set HOME, XDG_STATE_HOME or pass --state-dir"
+        ),
+    }
+}
+
+/// A set of block indices, stored as a bitmap.
+#[derive(Debug, Clone, Default)]
+pub struct Bitmap {
+    bits: Vec<u8>,
+    count: u64,
+}
+
+impl Bitmap {
+    /// An empty bitmap for `n` blocks.
+    pub fn new(n: u64) -> Bitmap {
+        Bitmap {
+            bits: vec![0; n.div_ceil(8) as usize],
+            count: 0,
+        }
+    }
+    /// True when block `i` is set.
+    pub fn get(&self, i: u64) -> bool {
+        self.bits
+            .get((i / 8) as usize)
+            .is_some_and(|b| b & (1 << (i % 8)) != 0)
+    }
+    /// Sets block `i` (ignored when out of range).
+    pub fn set(&mut self, i: u64) {
+        if let Some(b) = self.bits.get_mut((i / 8) as usize) {
+            let m = 1 << (i % 8);
+            if *b & m == 0 {
+                *b |= m;
+                self.count += 1;
+            }
+        }
+    }
+    /// Number of blocks set.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+    fn encode(&self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(&self.bits)
+    }
+    fn decode(s: &str, n: u64) -> Result<Bitmap> {
+        let bits = base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .context("corrupt bitmap in job journal")?;
+        if bits.len() as u64 != n.div_ceil(8) {
+            bail!("job journal bitmap has the wrong length");
+        }
+        let count = bits.iter().map(|b| u64::from(b.count_ones())).sum();
+        Ok(Bitmap { bits, count })
+    }
+}
+
+/// What a job journal stores. Never holds credentials.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct JobState {
+    /// Layout version of this file.
+    pub version: u32,
+    /// Job id (also the cloud-side idempotency token).
+    pub id: String,
+    /// What the job does ("aws-upload").
+    pub kind: String,
+    /// The source image path.
+    pub source: String,
+    /// Blocks in the job.
+    pub block_count: u64,
+    /// Block size in bytes.
+    pub block_size: u64,
+    /// Stage reached ("started", "uploaded", "completed", "registered").
+    pub stage: String,
+    /// Target-side ids (snapshot, image...).
+    #[serde(default)]
+    pub ids: std::collections::BTreeMap<String, String>,
+    /// Whether the target is encrypted (every block is written).
+    #[serde(default)]
+    pub encrypted: bool,
+    /// Done-bitmap, base64 (filled from `Journal::done` on save).
+    #[serde(default)]
+    pub done: String,
+}
+
+/// An open, locked job journal.
+pub struct Journal {
+    path: PathBuf,
+    _lock: File,
+    /// The job's state (header fields).
+    pub state: JobState,
+    /// Blocks acknowledged by the target.
+    pub done: Bitmap,
+}
+
+impl Journal {
+    /// Opens the journal of job `id` in `dir`, or creates a new one from `fresh`. Fails when another process
+    /// holds the job.
+    pub fn open_or_create(dir: &Path, fresh: JobState) -> Result<(Journal, bool)> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join(format!("{}.json", fresh.id));
+        let lock_path = dir.join(format!("{}.lock", fresh.id));
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("cannot open {}", lock_path.display()))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                bail!("job {} is running in another imgshift process", fresh.id)
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", lock_path.display()));
+            }
+        }
+        if path.exists() {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let state: JobState = serde_json::from_str(&text)
+                .with_context(|| format!("corrupt job journal {}", path.display()))?;
+            if state.block_count != fresh.block_count || state.kind != fresh.kind {
+                bail!(
+                    "job journal {} does not match this job (source changed?); remove it to start over",
+                    path.display()
+                );
+            }
+            let done = Bitmap::decode(&state.done, state.block_count)?;
+            return Ok((
+                Journal {
+                    path,
+                    _lock: lock,
+                    state,
+                    done,
+                },
+                true,
+            ));
+        }
+        let done = Bitmap::new(fresh.block_count);
+        let j = Journal {
+            path,
+            _lock: lock,
+            state: fresh,
+            done,
+        };
+        j.save()?;
+        Ok((j, false))
+    }
+
+    /// Writes the journal atomically.
+    pub fn save(&self) -> Result<()> {
+        let mut state = self.state.clone();
+        state.done = self.done.encode();
+        let text = serde_json::to_vec_pretty(&state)?;
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let mut tmp =
+            tempfile::NamedTempFile::new_in(dir).context("cannot create a journal temp file")?;
+        tmp.write_all(&text)
+            .context("cannot write the job journal")?;
+        tmp.as_file()
+            .sync_all()
+            .context("cannot sync the job journal")?;
+        tmp.persist(&self.path)
+            .map_err(|e| e.error)
+            .with_context(|| format!("cannot replace {}", self.path.display()))?;
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// Removes the journal (the job finished).
+    pub fn remove(self) -> Result<()> {
+        let lock = self.path.with_extension("lock");
+        std::fs::remove_file(&self.path)
+            .with_context(|| format!("cannot remove {}", self.path.display()))?;
+        let _ = std::fs::remove_file(lock);
+        Ok(())
+    }
+
+    /// Where the journal lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_roundtrip() {
+        let mut b = Bitmap::new(20);
+        b.set(0);
+        b.set(19);
+        b.set(19);
+        b.set(25);
+        assert_eq!(b.count(), 2);
+        let c = Bitmap::decode(&b.encode(), 20).unwrap();
+        assert!(c.get(0) && c.get(19) && !c.get(1));
+        assert_eq!(c.count(), 2);
+    }
+
+    #[test]
+    fn journal_locks_and_resumes() {
+        let d = tempfile::tempdir().unwrap();
+        let fresh = JobState {
+            id: "j1".into(),
+            kind: "t".into(),
+            block_count: 10,
+            version: 1,
+            ..Default::default()
+        };
+        let (mut j, resumed) = Journal::open_or_create(d.path(), fresh.clone()).unwrap();
+        assert!(!resumed);
+        assert!(
+            Journal::open_or_create(d.path(), fresh.clone()).is_err(),
+            "second writer must be refused"
+        );
+        j.done.set(3);
+        j.state.ids.insert("snapshot".into(), "snap-1".into());
+        j.save().unwrap();
+        drop(j);
+        let (j, resumed) = Journal::open_or_create(d.path(), fresh).unwrap();
+        assert!(resumed && j.done.get(3) && j.state.ids["snapshot"] == "snap-1");
+    }
+}

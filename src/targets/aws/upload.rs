@@ -1,0 +1,370 @@
+//! `EbsSnapshotUploader`: the engine's stream of 512 KiB blocks into PutSnapshotBlock calls, many in flight,
+//! with per-block retries, throttling feedback, and a journal of acknowledged blocks for resume.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, bail};
+use aws_sdk_ebs::primitives::ByteStream;
+use aws_sdk_ebs::types::ChecksumAlgorithm;
+use imgshift_converters::{FormatWriter, Plan, Run, Sink};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+use super::retry::{self, Class, Policy};
+use super::{EBS_BLOCK_SIZE, block_checksum};
+use crate::journal::Journal;
+
+/// One block on its way to EBS.
+pub struct Block {
+    /// Block index (512 KiB units).
+    pub index: u64,
+    /// Exactly 512 KiB.
+    pub data: Vec<u8>,
+}
+
+/// Feeds the engine's runs to the uploader as whole 512 KiB blocks. Zero blocks are skipped for an unencrypted
+/// snapshot; for an encrypted one every block is sent, because EBS returns random bytes for blocks never
+/// written to an encrypted snapshot.
+pub struct EbsBlockWriter {
+    tx: mpsc::Sender<Block>,
+    skip: crate::journal::Bitmap,
+    encrypted: bool,
+    next_index: u64,
+    block_count: u64,
+    /// Blocks handed to the uploader.
+    pub sent: Arc<AtomicU64>,
+}
+
+impl EbsBlockWriter {
+    /// A writer sending to `tx`; blocks set in `skip` were acknowledged in an earlier run.
+    pub fn new(
+        tx: mpsc::Sender<Block>,
+        skip: crate::journal::Bitmap,
+        encrypted: bool,
+        block_count: u64,
+    ) -> Self {
+        EbsBlockWriter {
+            tx,
+            skip,
+            encrypted,
+            next_index: 0,
+            block_count,
+            sent: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn send(&mut self, index: u64, data: Vec<u8>) -> imgshift_converters::Result<()> {
+        if self.skip.get(index) {
+            return Ok(());
+        }
+        self.tx
+            .blocking_send(Block { index, data })
+            .map_err(|_| imgshift_converters::Error::input("the upload stopped"))?;
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sends zero blocks for every index below `upto` not yet sent (encrypted snapshots only).
+    fn fill_zeros(&mut self, upto: u64) -> imgshift_converters::Result<()> {
+        if self.encrypted {
+            while self.next_index < upto {
+                let i = self.next_index;
+                self.send(i, vec![0u8; EBS_BLOCK_SIZE as usize])?;
+                self.next_index += 1;
+            }
+        }
+        self.next_index = self.next_index.max(upto);
+        Ok(())
+    }
+}
+
+impl FormatWriter for EbsBlockWriter {
+    fn granularity(&self) -> u64 {
+        EBS_BLOCK_SIZE
+    }
+
+    fn begin(&mut self, _sink: &mut dyn Sink, _plan: &Plan<'_>) -> imgshift_converters::Result<()> {
+        Ok(())
+    }
+
+    fn write_run(
+        &mut self,
+        _sink: &mut dyn Sink,
+        offset: u64,
+        run: Run<'_>,
+    ) -> imgshift_converters::Result<()> {
+        let Run::Data(data) = run else {
+            // Zero runs: nothing to send (encrypted: filled in before the next data block or at the end).
+            return Ok(());
+        };
+        // Runs start on block boundaries (granularity) and hold whole blocks, except at the disk's end.
+        let mut at = 0usize;
+        while at < data.len() {
+            let index = (offset + at as u64) / EBS_BLOCK_SIZE;
+            let n = (EBS_BLOCK_SIZE as usize).min(data.len() - at);
+            self.fill_zeros(index)?;
+            let mut block = vec![0u8; EBS_BLOCK_SIZE as usize];
+            block[..n].copy_from_slice(&data[at..at + n]);
+            self.send(index, block)?;
+            self.next_index = index + 1;
+            at += n;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, _sink: &mut dyn Sink) -> imgshift_converters::Result<u64> {
+        self.fill_zeros(self.block_count)?;
+        Ok(self.block_count * EBS_BLOCK_SIZE)
+    }
+}
+
+/// A sink that takes nothing: the EBS writer sends its blocks itself.
+pub struct NullSink;
+
+impl Sink for NullSink {
+    fn write_at(&mut self, _offset: u64, _data: &[u8]) -> imgshift_converters::Result<()> {
+        Ok(())
+    }
+    fn can_seek_back(&self) -> bool {
+        false
+    }
+    fn finish(&mut self, _len: u64) -> imgshift_converters::Result<()> {
+        Ok(())
+    }
+}
+
+/// Counters of one upload run.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct UploadCounts {
+    /// PutSnapshotBlock calls that succeeded in this run.
+    pub blocks_put: u64,
+    /// Failed attempts that were retried.
+    pub retries: u64,
+    /// Of those, throttling replies.
+    pub throttled: u64,
+    /// Bytes of block data sent successfully.
+    pub bytes_sent: u64,
+}
+
+/// Tuning of the uploader.
+#[derive(Debug, Clone, Copy)]
+pub struct UploaderOptions {
+    /// Most PutSnapshotBlock requests in flight (one snapshot tops out near 1000 requests/s).
+    pub concurrency: usize,
+    /// Retry policy per block.
+    pub policy: Policy,
+}
+
+/// Adaptive limit: throttling halves the requests in flight (down to `MIN_IN_FLIGHT`), successes add one back.
+const MIN_IN_FLIGHT: usize = 4;
+/// Successes needed before one more request may be in flight again.
+const RAMP_UP_EVERY: u64 = 64;
+
+/// Uploads every block from `rx` to `snapshot_id`, recording acknowledged blocks in `journal`.
+pub async fn put_blocks(
+    client: aws_sdk_ebs::Client,
+    snapshot_id: String,
+    mut rx: mpsc::Receiver<Block>,
+    opts: UploaderOptions,
+    journal: Arc<Mutex<Journal>>,
+    progress: Arc<dyn Fn(u64) + Send + Sync>,
+    verbose: bool,
+) -> Result<UploadCounts> {
+    let max = opts.concurrency.max(1);
+    let sem = Arc::new(Semaphore::new(max));
+    let limit = Arc::new(AtomicUsize::new(max));
+    let successes = Arc::new(AtomicU64::new(0));
+    let retries = Arc::new(AtomicU64::new(0));
+    let throttled = Arc::new(AtomicU64::new(0));
+    let mut tasks: JoinSet<Result<u64>> = JoinSet::new();
+    let mut counts = UploadCounts::default();
+    let mut last_save = std::time::Instant::now();
+
+    let mut handle = |res: Result<Result<u64>, tokio::task::JoinError>,
+                      counts: &mut UploadCounts|
+     -> Result<()> {
+        let index = res.context("an upload task failed")??;
+        counts.blocks_put += 1;
+        counts.bytes_sent += EBS_BLOCK_SIZE;
+        progress(EBS_BLOCK_SIZE);
+        let mut j = journal
+            .lock()
+            .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
+        j.done.set(index);
+        if last_save.elapsed().as_secs() >= 2 {
+            j.save()?;
+            last_save = std::time::Instant::now();
+        }
+        Ok(())
+    };
+
+    while let Some(block) = rx.recv().await {
+        let permit = sem
+            .clone()
+            .acquire_owned()
+            .await
+            .context("upload limiter closed")?;
+        let client = client.clone();
+        let snapshot_id = snapshot_id.clone();
+        let (sem2, limit2, succ2, retries2, thr2) = (
+            sem.clone(),
+            limit.clone(),
+            successes.clone(),
+            retries.clone(),
+            throttled.clone(),
+        );
+        let policy = opts.policy;
+        tasks.spawn(async move {
+            let checksum = block_checksum(&block.data);
+            let index = i32::try_from(block.index).context("block index out of range for EBS")?;
+            let data = bytes::Bytes::from(block.data);
+            let what = format!("PutSnapshotBlock {index} of {snapshot_id}");
+            let on_class = |c: Class| {
+                retries2.fetch_add(1, Ordering::Relaxed);
+                if c == Class::Throttle {
+                    thr2.fetch_add(1, Ordering::Relaxed);
+                    // Multiplicative decrease: take permits out of circulation.
+                    let cur = limit2.load(Ordering::Relaxed);
+                    let target = (cur / 2).max(MIN_IN_FLIGHT);
+                    if cur > target
+                        && limit2
+                            .compare_exchange(cur, target, Ordering::Relaxed, Ordering::Relaxed)
+                            .is_ok()
+                    {
+                        sem2.forget_permits(cur - target);
+                    }
+                }
+            };
+            let r = retry::with_retry(&policy, &what, on_class, || {
+                client
+                    .put_snapshot_block()
+                    .snapshot_id(&snapshot_id)
+                    .block_index(index)
+                    .block_data(ByteStream::from(data.clone()))
+                    .data_length(EBS_BLOCK_SIZE as i32)
+                    .checksum(&checksum)
+                    .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
+                    .send()
+            })
+            .await;
+            drop(permit);
+            // Additive increase.
+            if r.is_ok()
+                && succ2.fetch_add(1, Ordering::Relaxed) % RAMP_UP_EVERY == RAMP_UP_EVERY - 1
+            {
+                let cur = limit2.load(Ordering::Relaxed);
+                if cur < max
+                    && limit2
+                        .compare_exchange(cur, cur + 1, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    sem2.add_permits(1);
+                }
+            }
+            r.map(|_| block.index)
+        });
+        while let Some(res) = tasks.try_join_next() {
+            if let Err(e) = handle(res, &mut counts) {
+                tasks.abort_all();
+                return Err(e);
+            }
+        }
+    }
+    while let Some(res) = tasks.join_next().await {
+        if let Err(e) = handle(res, &mut counts) {
+            tasks.abort_all();
+            return Err(e);
+        }
+    }
+    counts.retries = retries.load(Ordering::Relaxed);
+    counts.throttled = throttled.load(Ordering::Relaxed);
+    if verbose && counts.retries > 0 {
+        eprintln!(
+            "imgshift: {} retried requests ({} throttled)",
+            counts.retries, counts.throttled
+        );
+    }
+    journal
+        .lock()
+        .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?
+        .save()?;
+    Ok(counts)
+}
+
+/// Starts (or, with the same client token, finds again) a snapshot. Returns its id and whether it is encrypted.
+pub async fn start_snapshot(
+    client: &aws_sdk_ebs::Client,
+    policy: &Policy,
+    volume_gib: u64,
+    client_token: &str,
+    description: Option<&str>,
+    encrypted: bool,
+    kms_key_arn: Option<&str>,
+    tags: &[(String, String)],
+) -> Result<(String, bool)> {
+    if volume_gib > super::EBS_MAX_VOLUME_GIB {
+        bail!(
+            "the disk needs {volume_gib} GiB; EBS snapshots hold at most {} GiB",
+            super::EBS_MAX_VOLUME_GIB
+        );
+    }
+    let out = retry::with_retry(
+        policy,
+        "StartSnapshot",
+        |_| {},
+        || {
+            let mut req = client
+                .start_snapshot()
+                .volume_size(volume_gib as i64)
+                .client_token(client_token)
+                .timeout(60);
+            if let Some(d) = description {
+                req = req.description(d);
+            }
+            if encrypted || kms_key_arn.is_some() {
+                req = req.encrypted(true);
+            }
+            if let Some(k) = kms_key_arn {
+                req = req.kms_key_arn(k);
+            }
+            for (k, v) in tags {
+                req = req.tags(aws_sdk_ebs::types::Tag::builder().key(k).value(v).build());
+            }
+            req.send()
+        },
+    )
+    .await?;
+    let id = out
+        .snapshot_id()
+        .context("StartSnapshot returned no snapshot id")?
+        .to_string();
+    // Encryption by default shows up as a KMS key in the reply even when we did not ask for it.
+    let enc =
+        encrypted || kms_key_arn.is_some() || out.kms_key_arn().is_some_and(|k| !k.is_empty());
+    Ok((id, enc))
+}
+
+/// Completes the snapshot.
+pub async fn complete_snapshot(
+    client: &aws_sdk_ebs::Client,
+    policy: &Policy,
+    snapshot_id: &str,
+    changed_blocks: u64,
+) -> Result<()> {
+    let n = i32::try_from(changed_blocks).context("too many blocks for CompleteSnapshot")?;
+    retry::with_retry(
+        policy,
+        "CompleteSnapshot",
+        |_| {},
+        || {
+            client
+                .complete_snapshot()
+                .snapshot_id(snapshot_id)
+                .changed_blocks_count(n)
+                .send()
+        },
+    )
+    .await?;
+    Ok(())
+}
