@@ -146,16 +146,15 @@ pub fn aws(args: &AwsUploadArgs, quiet: bool) -> Result<u8> {
             (s.clone(), journal.state.encrypted)
         }
         None => {
-            let (s, enc) = rt.block_on(up::start_snapshot(
-                &ebs,
-                &pol,
-                gib,
-                &id,
-                args.description.as_deref(),
-                encrypted_req,
-                args.kms_key_id.as_deref(),
-                &tags,
-            ))?;
+            let req = up::SnapshotRequest {
+                volume_gib: gib,
+                client_token: &id,
+                description: args.description.as_deref(),
+                encrypted: encrypted_req,
+                kms_key_arn: args.kms_key_id.as_deref(),
+                tags: &tags,
+            };
+            let (s, enc) = rt.block_on(up::start_snapshot(&ebs, &pol, &req))?;
             say(format!(
                 "started snapshot {s} ({gib} GiB{})",
                 if enc { ", encrypted" } else { "" }

@@ -161,6 +161,11 @@ const MIN_IN_FLIGHT: usize = 4;
 /// Successes needed before one more request may be in flight again.
 const RAMP_UP_EVERY: u64 = 64;
 
+/// Acknowledged blocks between two journal saves (8 MiB of data).
+const JOURNAL_EVERY_BLOCKS: u64 = 16;
+/// Shortest time between two journal saves.
+const JOURNAL_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Uploads every block from `rx` to `snapshot_id`, recording acknowledged blocks in `journal`.
 pub async fn put_blocks(
     client: aws_sdk_ebs::Client,
@@ -180,6 +185,7 @@ pub async fn put_blocks(
     let mut tasks: JoinSet<Result<u64>> = JoinSet::new();
     let mut counts = UploadCounts::default();
     let mut last_save = std::time::Instant::now();
+    let mut since_save = 0u64;
 
     let mut handle = |res: Result<Result<u64>, tokio::task::JoinError>,
                       counts: &mut UploadCounts|
@@ -192,9 +198,12 @@ pub async fn put_blocks(
             .lock()
             .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
         j.done.set(index);
-        if last_save.elapsed().as_secs() >= 2 {
+        since_save += 1;
+        // Journal often enough that a crash loses little, rarely enough to stay cheap (at most 4 saves/s).
+        if since_save >= JOURNAL_EVERY_BLOCKS && last_save.elapsed() >= JOURNAL_MIN_INTERVAL {
             j.save()?;
             last_save = std::time::Instant::now();
+            since_save = 0;
         }
         Ok(())
     };
@@ -292,17 +301,37 @@ pub async fn put_blocks(
     Ok(counts)
 }
 
+/// What StartSnapshot is asked for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SnapshotRequest<'a> {
+    /// Volume size in GiB.
+    pub volume_gib: u64,
+    /// Idempotency token (the job id).
+    pub client_token: &'a str,
+    /// Snapshot description.
+    pub description: Option<&'a str>,
+    /// Ask for encryption.
+    pub encrypted: bool,
+    /// KMS key (implies encryption).
+    pub kms_key_arn: Option<&'a str>,
+    /// Tags.
+    pub tags: &'a [(String, String)],
+}
+
 /// Starts (or, with the same client token, finds again) a snapshot. Returns its id and whether it is encrypted.
 pub async fn start_snapshot(
     client: &aws_sdk_ebs::Client,
     policy: &Policy,
-    volume_gib: u64,
-    client_token: &str,
-    description: Option<&str>,
-    encrypted: bool,
-    kms_key_arn: Option<&str>,
-    tags: &[(String, String)],
+    r: &SnapshotRequest<'_>,
 ) -> Result<(String, bool)> {
+    let SnapshotRequest {
+        volume_gib,
+        client_token,
+        description,
+        encrypted,
+        kms_key_arn,
+        tags,
+    } = *r;
     if volume_gib > super::EBS_MAX_VOLUME_GIB {
         bail!(
             "the disk needs {volume_gib} GiB; EBS snapshots hold at most {} GiB",
