@@ -152,6 +152,8 @@ pub struct ConvertArgs {
 pub enum UploadTarget {
     /// Stream the disk into an EBS snapshot (EBS direct APIs) and register an AMI.
     Aws(AwsUploadArgs),
+    /// Stream the disk into a libvirt storage volume and optionally define (and start) a domain using it.
+    Libvirt(LibvirtUploadArgs),
 }
 
 /// Where `download` reads from.
@@ -267,4 +269,61 @@ pub struct AwsDownloadArgs {
     /// Show a progress bar even when standard error is not a terminal.
     #[arg(short = 'p', long)]
     pub progress: bool,
+}
+
+/// `imgshift upload libvirt`.
+#[derive(Debug, Args)]
+pub struct LibvirtUploadArgs {
+    /// Source image (any supported format).
+    pub src: PathBuf,
+    /// libvirt connection URI (qemu:///system, qemu:///session, qemu:///system?socket=PATH, ...).
+    #[arg(short = 'c', long, env = "LIBVIRT_DEFAULT_URI", default_value = "qemu:///system", value_name = "URI")]
+    pub connect: String,
+    /// Storage pool that receives the volume (must be running).
+    #[arg(long)]
+    pub pool: String,
+    /// Name of the volume to create.
+    #[arg(long)]
+    pub volume: String,
+    /// Volume format.
+    #[arg(short = 'O', value_name = "FMT", default_value = "qcow2", value_parser = ["qcow2", "raw"])]
+    pub output_format: String,
+    /// Replace an existing volume (and domain, with --define) of the same name.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Define a domain of this name that boots from the volume.
+    #[arg(long, value_name = "NAME")]
+    pub define: Option<String>,
+    /// Domain memory in MiB.
+    #[arg(long, default_value_t = 1024, value_name = "MiB", requires = "define")]
+    pub memory: u64,
+    /// Domain virtual CPUs.
+    #[arg(long, default_value_t = 1, value_name = "N", requires = "define")]
+    pub vcpus: u32,
+    /// Guest firmware (auto: BIOS until guest inspection exists).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "bios", "uefi"], requires = "define")]
+    pub firmware: String,
+    /// Disk bus of the volume in the domain (auto: virtio).
+    #[arg(long = "disk-bus", default_value = "auto", value_parser = ["auto", "virtio", "sata", "scsi"], requires = "define")]
+    pub disk_bus: String,
+    /// Hypervisor type of the domain (qemu: TCG emulation, kvm: hardware virtualisation).
+    #[arg(long = "domain-type", default_value = "qemu", value_parser = ["qemu", "kvm"], requires = "define")]
+    pub domain_type: String,
+    /// Attach a virtio network interface on this libvirt network.
+    #[arg(long, value_name = "NAME", requires = "define")]
+    pub network: Option<String>,
+    /// Start the defined domain.
+    #[arg(long, requires = "define")]
+    pub start: bool,
+    /// Source format (probed when absent).
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
+    /// Output style.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    /// Show a progress bar even when standard error is not a terminal.
+    #[arg(short = 'p', long)]
+    pub progress: bool,
+    #[command(flatten)]
+    pub trust: TrustArgs,
 }
