@@ -123,6 +123,9 @@ fn make_ova() -> Ova {
     std::fs::write(&ovf, descriptor(len(&qcow), len(&vmdk))).unwrap();
     let ova = dir.join("vm.ova");
     let mut b = tar::Builder::new(std::fs::File::create(&ova).unwrap());
+    // Plain ustar members, as OVF exporters write them (DSP0243 5.3), not GNU sparse ones.
+    b.sparse(false);
+    b.mode(tar::HeaderMode::Deterministic);
     for (path, name) in [
         (&ovf, "vm.ovf"),
         (&vmdk, "vm-disk1.vmdk"),
