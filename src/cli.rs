@@ -143,6 +143,9 @@ pub struct ConvertArgs {
     /// Print conversion statistics as JSON on standard error when done.
     #[arg(long)]
     pub stats: bool,
+    /// For an OVA source: the disk to convert, by its index in `imgshift info` (default: the boot disk, 0).
+    #[arg(long, value_name = "N")]
+    pub disk: Option<usize>,
     #[command(flatten)]
     pub trust: TrustArgs,
 }
