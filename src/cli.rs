@@ -313,13 +313,21 @@ pub struct AzureUploadArgs {
     #[arg(long = "tag", value_name = "KEY=VALUE")]
     pub tags: Vec<String>,
     /// Azure Resource Manager endpoint (https).
-    #[arg(long = "arm-endpoint", value_name = "URL", default_value = "https://management.azure.com")]
+    #[arg(
+        long = "arm-endpoint",
+        value_name = "URL",
+        default_value = "https://management.azure.com"
+    )]
     pub arm_endpoint: String,
     /// Extra trusted CA certificates (PEM) for HTTPS, e.g. of a TLS-inspecting proxy.
     #[arg(long = "ca-bundle", value_name = "FILE", env = "IMGSHIFT_CA_BUNDLE")]
     pub ca_bundle: Option<PathBuf>,
     /// Lifetime of the write SAS requested from the disk, in seconds.
-    #[arg(long = "access-duration", default_value_t = 86400, value_name = "SECONDS")]
+    #[arg(
+        long = "access-duration",
+        default_value_t = 86400,
+        value_name = "SECONDS"
+    )]
     pub access_duration: u64,
     /// 4 MiB windows uploaded in parallel.
     #[arg(long, default_value_t = 16, value_name = "N")]

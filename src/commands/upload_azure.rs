@@ -21,7 +21,8 @@ use crate::targets::azure::arm::{Arm, DISK_API, DiskSpec, check_name};
 use crate::targets::azure::pages::{PageSink, slot_count};
 use crate::targets::azure::retry::Policy;
 use crate::targets::azure::{
-    GEN1_MAX_OS_DISK, MAX_DISK, MAX_PUT_PAGE, credential, disk_data_size, gen, http, upload,
+    GEN1_MAX_OS_DISK, MAX_DISK, MAX_PUT_PAGE, credential, disk_data_size, http, hyperv, upload,
+    upload_size_bytes,
 };
 
 fn parse_tags(tags: &[String]) -> Result<Vec<(String, String)>> {
@@ -118,10 +119,10 @@ pub fn run(args: &AzureUploadArgs, quiet: bool) -> Result<u8> {
             args.src.display()
         )
     })?;
-    let upload_size = data_size + crate::targets::azure::FOOTER;
+    let upload_size = upload_size_bytes(size).context("disk too large")?;
     let (generation, why) = match args.hyper_v_generation.as_str() {
         "auto" => {
-            let (g, why) = gen::detect(src.as_ref());
+            let (g, why) = hyperv::detect(src.as_ref());
             (g, Some(why))
         }
         "V2" => ("V2", None),
@@ -171,7 +172,8 @@ pub fn run(args: &AzureUploadArgs, quiet: bool) -> Result<u8> {
         stage: "new".into(),
         ..JobState::default()
     };
-    let (journal, resumed) = Journal::open_or_create(&state_dir(args.state_dir.as_deref())?, fresh)?;
+    let (journal, resumed) =
+        Journal::open_or_create(&state_dir(args.state_dir.as_deref())?, fresh)?;
     say(format!("job {id} (journal {})", journal.path().display()));
     let journal = Arc::new(Mutex::new(journal));
 
@@ -215,7 +217,11 @@ pub fn run(args: &AzureUploadArgs, quiet: bool) -> Result<u8> {
             name: disk,
             location: &args.location,
             sku: &args.sku,
-            os_type: if args.os_type == "windows" { "Windows" } else { "Linux" },
+            os_type: if args.os_type == "windows" {
+                "Windows"
+            } else {
+                "Linux"
+            },
             hyper_v_generation: generation,
             upload_size_bytes: upload_size,
             tags: &tags,
@@ -227,7 +233,9 @@ pub fn run(args: &AzureUploadArgs, quiet: bool) -> Result<u8> {
         ));
         {
             let mut g = lock(&journal)?;
-            g.state.ids.insert("disk".into(), arm.id(&format!("disks/{disk}")));
+            g.state
+                .ids
+                .insert("disk".into(), arm.id(&format!("disks/{disk}")));
         }
         set_stage(&journal, "uploading")?;
     }
@@ -345,7 +353,11 @@ pub fn run(args: &AzureUploadArgs, quiet: bool) -> Result<u8> {
         image_id = match known {
             Some(i) => Some(i),
             None => {
-                let os = if args.os_type == "windows" { "Windows" } else { "Linux" };
+                let os = if args.os_type == "windows" {
+                    "Windows"
+                } else {
+                    "Linux"
+                };
                 rt.block_on(arm.create_image(name, &args.location, disk, os, generation, &tags))
                     .map_err(|e| {
                         e.context(format!(
@@ -362,7 +374,9 @@ pub fn run(args: &AzureUploadArgs, quiet: bool) -> Result<u8> {
         };
     }
     let mut version_id = None;
-    if let (Some(g), Some(def), Some(ver)) = (&args.gallery, &args.gallery_image, &args.gallery_version) {
+    if let (Some(g), Some(def), Some(ver)) =
+        (&args.gallery, &args.gallery_image, &args.gallery_version)
+    {
         rt.block_on(arm.create_gallery_version(g, def, ver, &args.location, disk, &tags))
             .map_err(|e| {
                 e.context(format!(

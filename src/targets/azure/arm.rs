@@ -54,8 +54,7 @@ impl Reply {
 pub fn check_name(what: &str, v: &str) -> Result<()> {
     let ok = !v.is_empty()
         && v.len() <= 90
-        && v
-            .chars()
+        && v.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '(' | ')'));
     if !ok {
         bail!("{what} '{v}' is not a valid Azure name (letters, digits, - _ . ( ), at most 90)");
@@ -111,9 +110,13 @@ impl Arm {
         resource_group: &str,
         verbose: bool,
     ) -> Result<Arm> {
-        let endpoint = Url::parse(endpoint).with_context(|| format!("bad ARM endpoint '{endpoint}'"))?;
+        let endpoint =
+            Url::parse(endpoint).with_context(|| format!("bad ARM endpoint '{endpoint}'"))?;
         if endpoint.scheme() != "https" {
-            bail!("the ARM endpoint must use https, not '{}'", endpoint.scheme());
+            bail!(
+                "the ARM endpoint must use https, not '{}'",
+                endpoint.scheme()
+            );
         }
         check_name("subscription", subscription)?;
         check_name("resource group", resource_group)?;
@@ -183,7 +186,13 @@ impl Arm {
     }
 
     /// Sends one request; non-2xx replies become one-line errors naming `what`, the status and ARM's code.
-    pub async fn call(&self, method: Method, url: &Url, body: Option<&Value>, what: &str) -> Result<Reply> {
+    pub async fn call(
+        &self,
+        method: Method,
+        url: &Url,
+        body: Option<&Value>,
+        what: &str,
+    ) -> Result<Reply> {
         let r = self.send(method, url, body, what).await?;
         if !(200..300).contains(&r.status) {
             let v = r.json();
@@ -199,7 +208,13 @@ impl Arm {
         Ok(r)
     }
 
-    async fn send(&self, method: Method, url: &Url, body: Option<&Value>, what: &str) -> Result<Reply> {
+    async fn send(
+        &self,
+        method: Method,
+        url: &Url,
+        body: Option<&Value>,
+        what: &str,
+    ) -> Result<Reply> {
         if self.verbose {
             eprintln!("imgshift: ARM {method} {}", url.path());
         }

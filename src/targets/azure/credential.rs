@@ -46,8 +46,10 @@ pub fn choose(transport: &Transport) -> Result<Chosen> {
                     ..ClientOptions::default()
                 },
             };
-            let cred = ClientSecretCredential::new(&t, c, Secret::new(s), Some(opts))
-                .map_err(|e| anyhow::anyhow!("bad service principal settings: {}", redact(&e.to_string())))?;
+            let cred =
+                ClientSecretCredential::new(&t, c, Secret::new(s), Some(opts)).map_err(|e| {
+                    anyhow::anyhow!("bad service principal settings: {}", redact(&e.to_string()))
+                })?;
             Ok(Chosen {
                 credential: cred,
                 source: "service principal (AZURE_CLIENT_ID)",
@@ -55,7 +57,9 @@ pub fn choose(transport: &Transport) -> Result<Chosen> {
         }
         (None, None, None) => {
             let cred = AzureCliCredential::new(Some(AzureCliCredentialOptions::default()))
-                .map_err(|e| anyhow::anyhow!("cannot use the Azure CLI: {}", redact(&e.to_string())))?;
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot use the Azure CLI: {}", redact(&e.to_string()))
+                })?;
             Ok(Chosen {
                 credential: cred,
                 source: "Azure CLI",

@@ -54,8 +54,14 @@ pub async fn wait(
     limit: Duration,
 ) -> Result<Value> {
     let start = Instant::now();
-    let async_op = first.header("azure-asyncoperation").map(|u| arm.poll_url(&u)).transpose()?;
-    let location = first.header("location").map(|u| arm.poll_url(&u)).transpose()?;
+    let async_op = first
+        .header("azure-asyncoperation")
+        .map(|u| arm.poll_url(&u))
+        .transpose()?;
+    let location = first
+        .header("location")
+        .map(|u| arm.poll_url(&u))
+        .transpose()?;
     let mut pause = retry_after(&first);
     let overdue = |start: Instant| -> Result<()> {
         if start.elapsed() > limit {

@@ -13,8 +13,8 @@
 
 pub mod arm;
 pub mod credential;
-pub mod gen;
 pub mod http;
+pub mod hyperv;
 pub mod lro;
 pub mod pages;
 pub mod redact;
@@ -60,7 +60,10 @@ mod tests {
         assert_eq!(upload_size_bytes(20 * MIB), Some(20 * MIB + 512));
         assert_eq!(upload_size_bytes(20 * MIB + 1), Some(21 * MIB + 512));
         assert_eq!(upload_size_bytes(1 << 30), Some((1 << 30) + 512));
-        assert_eq!(upload_size_bytes((1 << 30) + 512), Some((1 << 30) + MIB + 512));
+        assert_eq!(
+            upload_size_bytes((1 << 30) + 512),
+            Some((1 << 30) + MIB + 512)
+        );
         assert_eq!(upload_size_bytes(MAX_DISK), Some(MAX_DISK + 512));
         assert_eq!(upload_size_bytes(MAX_DISK + 1), None);
         assert_eq!(upload_size_bytes(u64::MAX), None);

@@ -93,6 +93,7 @@ impl<O: PieceOut> PageSink<O> {
     }
 
     /// The output, once the sink is done (tests).
+    #[cfg(test)]
     pub fn into_out(self) -> O {
         self.out
     }
@@ -108,7 +109,10 @@ impl<O: PieceOut> PageSink<O> {
             // Only a run ending at the source's end can be short of a page; pad it with zeros.
             let len = p.data.len() as u64;
             let padded = len.next_multiple_of(PAGE);
-            if p.offset.checked_add(padded).is_none_or(|e| e > self.data_size) {
+            if p.offset
+                .checked_add(padded)
+                .is_none_or(|e| e > self.data_size)
+            {
                 return Err(Error::input(format!(
                     "internal error: page write at {} of {padded} bytes passes the disk's end {}",
                     p.offset, self.data_size
@@ -235,7 +239,11 @@ mod tests {
             assert_eq!(off % 512, 0);
             assert_eq!(len % 512, 0);
             assert!(off + len <= data_size, "past the end");
-            assert_eq!(off / MAX_PUT_PAGE, (off + len - 1) / MAX_PUT_PAGE, "crosses a window");
+            assert_eq!(
+                off / MAX_PUT_PAGE,
+                (off + len - 1) / MAX_PUT_PAGE,
+                "crosses a window"
+            );
             assert!(off >= prev_end, "out of order or overlapping");
             prev_end = off + len;
         }
@@ -253,8 +261,14 @@ mod tests {
         let skip = skip.unwrap_or_else(|| Bitmap::new(slot_count(data_size)));
         let mut w = crate::targets::azure::vhd::AzureVhdWriter::new().unwrap();
         let mut sink = PageSink::new(Vec::new(), data_size, skip);
-        engine::convert(src.as_ref(), &mut w, &mut sink, &ConvertOptions::default(), &NoProgress)
-            .unwrap();
+        engine::convert(
+            src.as_ref(),
+            &mut w,
+            &mut sink,
+            &ConvertOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
         (sink.into_out(), data_size)
     }
 
@@ -299,11 +313,16 @@ mod tests {
         let (p, data_size) = run_engine(vec![7u8; 3 << 20], None);
         assert_eq!(data_size, 20 << 20);
         check_shape(&p, data_size);
-        let Piece::Footer { page, slot } = p.last().unwrap() else { panic!() };
+        let Piece::Footer { page, slot } = p.last().unwrap() else {
+            panic!()
+        };
         assert_eq!(*slot, 5);
         // The footer says 20 MiB, fixed disk.
         assert_eq!(&page.data[..8], b"conectix");
-        assert_eq!(u64::from_be_bytes(page.data[48..56].try_into().unwrap()), 20 << 20);
+        assert_eq!(
+            u64::from_be_bytes(page.data[48..56].try_into().unwrap()),
+            20 << 20
+        );
         assert_eq!(u32::from_be_bytes(page.data[60..64].try_into().unwrap()), 2);
     }
 

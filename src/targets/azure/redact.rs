@@ -48,7 +48,10 @@ mod tests {
         let r = redact(s);
         assert!(!r.contains("abc") && !r.contains("zzz"), "{r}");
         assert!(r.contains("sig=REDACTED&se=1)"), "{r}");
-        assert_eq!(redact("Authorization: Bearer eyJ0eXAi.x.y done"), "Authorization: Bearer REDACTED done");
+        assert_eq!(
+            redact("Authorization: Bearer eyJ0eXAi.x.y done"),
+            "Authorization: Bearer REDACTED done"
+        );
         assert_eq!(url_without_query("https://h/p?sig=1"), "https://h/p");
     }
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
-use azure_core::http::{RequestContent, Transport, Url};
+use azure_core::http::{Transport, Url};
 use azure_storage_blob::models::HttpRange;
 use azure_storage_blob::{PageBlobClient, PageBlobClientOptions};
 use tokio::sync::{Semaphore, mpsc};
@@ -17,6 +17,8 @@ use super::redact::{redact, url_without_query};
 use super::retry::{self, Class, Policy};
 use crate::journal::Journal;
 
+/// How often acknowledged windows are written to the journal (a kill loses at most this much work).
+const SAVE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 /// Fewest windows in flight after throttling.
 const MIN_IN_FLIGHT: usize = 2;
 /// Successes needed before one more window may be in flight again.
@@ -37,8 +39,12 @@ pub struct Counts {
 
 /// The page blob client for a SAS URL (the SAS is the credential; azure_core's retries are off, we retry).
 pub fn blob_client(sas_url: &str, transport: &Transport) -> Result<PageBlobClient> {
-    let url = Url::parse(sas_url)
-        .map_err(|_| anyhow::anyhow!("the disk's SAS URL is not a URL ({})", redact(&url_without_query(sas_url))))?;
+    let url = Url::parse(sas_url).map_err(|_| {
+        anyhow::anyhow!(
+            "the disk's SAS URL is not a URL ({})",
+            redact(&url_without_query(sas_url))
+        )
+    })?;
     let opts = PageBlobClientOptions {
         client_options: super::http::options_no_retry(transport),
         ..PageBlobClientOptions::default()
@@ -96,14 +102,19 @@ impl Shared {
         let len = page.data.len() as u64;
         let data = bytes::Bytes::from(page.data);
         let what = format!("Put Page at {} ({len} bytes)", page.offset);
-        retry::with_retry(&self.policy, &what, |c| self.on_class(c), || {
-            self.client.upload_pages(
-                RequestContent::from(data.clone()),
-                len,
-                HttpRange::new(page.offset, len),
-                None,
-            )
-        })
+        retry::with_retry(
+            &self.policy,
+            &what,
+            |c| self.on_class(c),
+            || {
+                self.client.upload_pages(
+                    data.clone().into(),
+                    len,
+                    HttpRange::new(page.offset, len),
+                    None,
+                )
+            },
+        )
         .await?;
         self.on_success();
         Ok(len)
@@ -145,7 +156,7 @@ pub async fn put_pages(
             .lock()
             .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
         j.done.set(slot);
-        if force_save || last_save.elapsed().as_secs() >= 2 {
+        if force_save || last_save.elapsed() >= SAVE_EVERY {
             j.save()?;
             last_save = std::time::Instant::now();
         }

@@ -21,7 +21,10 @@ const SECTOR: u64 = 512;
 /// The generation chosen, and why.
 pub fn detect(src: &dyn DiskSource) -> (&'static str, &'static str) {
     match has_esp(src) {
-        Some(true) => ("V2", "the disk has a GPT with an EFI system partition (UEFI boot)"),
+        Some(true) => (
+            "V2",
+            "the disk has a GPT with an EFI system partition (UEFI boot)",
+        ),
         Some(false) => ("V1", "the disk has a GPT but no EFI system partition"),
         None => ("V1", "the disk has no GPT (BIOS boot)"),
     }
@@ -83,8 +86,12 @@ mod tests {
             }
         }
         let st = std::sync::Arc::new(imgshift_converters::MemStorage::new(raw, "mem"));
-        imgshift_converters::open(st, Some(imgshift_converters::Format::Raw), &imgshift_converters::OpenGate::new())
-            .unwrap()
+        imgshift_converters::open(
+            st,
+            Some(imgshift_converters::Format::Raw),
+            &imgshift_converters::OpenGate::new(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -102,8 +109,12 @@ mod tests {
         raw[512 + 80..512 + 84].copy_from_slice(&u32::MAX.to_le_bytes());
         raw[512 + 84..512 + 88].copy_from_slice(&128u32.to_le_bytes());
         let st = std::sync::Arc::new(imgshift_converters::MemStorage::new(raw, "mem"));
-        let d = imgshift_converters::open(st, Some(imgshift_converters::Format::Raw), &imgshift_converters::OpenGate::new())
-            .unwrap();
+        let d = imgshift_converters::open(
+            st,
+            Some(imgshift_converters::Format::Raw),
+            &imgshift_converters::OpenGate::new(),
+        )
+        .unwrap();
         assert_eq!(detect(d.as_ref()).0, "V1");
     }
 }
