@@ -149,11 +149,12 @@ pub struct ConvertArgs {
 
 /// Where `upload` sends the disk.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per run; Azure's larger arguments are boxed
 pub enum UploadTarget {
     /// Stream the disk into an EBS snapshot (EBS direct APIs) and register an AMI.
     Aws(AwsUploadArgs),
     /// Stream the disk into an Azure managed disk (fixed VHD, Put Page) and create an image.
-    Azure(AzureUploadArgs),
+    Azure(Box<AzureUploadArgs>),
 }
 
 /// Where `download` reads from.

@@ -203,10 +203,10 @@ pub fn run(args: &AzureUploadArgs, quiet: bool) -> Result<u8> {
         };
         if let Some(e) = refused {
             // Nothing was created: no job to resume.
-            if let Ok(m) = Arc::try_unwrap(journal) {
-                if let Ok(j) = m.into_inner() {
-                    let _ = j.remove();
-                }
+            if let Ok(m) = Arc::try_unwrap(journal)
+                && let Ok(j) = m.into_inner()
+            {
+                let _ = j.remove();
             }
             return Err(e);
         }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Result, bail};
 use azure_core::credentials::{Secret, TokenCredential};
-use azure_core::http::{ClientOptions, Transport};
+use azure_core::http::{ClientOptions, ExponentialRetryOptions, RetryOptions, Transport};
 use azure_identity::{
     AzureCliCredential, AzureCliCredentialOptions, ClientSecretCredential,
     ClientSecretCredentialOptions,
@@ -43,6 +43,12 @@ pub fn choose(transport: &Transport) -> Result<Chosen> {
             let opts = ClientSecretCredentialOptions {
                 client_options: ClientOptions {
                     transport: Some(transport.clone()),
+                    // A bad certificate or an unreachable authority is not worth a minute of retries.
+                    retry: RetryOptions::exponential(ExponentialRetryOptions {
+                        max_retries: 3,
+                        max_total_elapsed: azure_core::time::Duration::seconds(15),
+                        ..ExponentialRetryOptions::default()
+                    }),
                     ..ClientOptions::default()
                 },
             };

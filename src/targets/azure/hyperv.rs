@@ -52,7 +52,7 @@ fn has_esp(src: &dyn DiskSource) -> Option<bool> {
     let entries_lba = le_u64(&hdr, 72)?;
     let count = le_u32(&hdr, 80)?.min(MAX_ENTRIES);
     let esize = le_u32(&hdr, 84)?;
-    if !(128..=MAX_ENTRY_SIZE).contains(&esize) || esize % 8 != 0 {
+    if !(128..=MAX_ENTRY_SIZE).contains(&esize) || !esize.is_multiple_of(8) {
         return None;
     }
     let start = entries_lba.checked_mul(SECTOR)?;

@@ -136,7 +136,7 @@ impl<O: PieceOut> PageSink<O> {
             last.data.extend_from_slice(data);
             return Ok(());
         }
-        if offset % PAGE != 0 {
+        if !offset.is_multiple_of(PAGE) {
             return Err(Error::input(format!(
                 "internal error: data at offset {offset} is not 512-aligned"
             )));
