@@ -7,6 +7,7 @@ mod download;
 mod info;
 mod map;
 mod upload;
+mod upload_azure;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -69,6 +70,9 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Upload {
             target: UploadTarget::Aws(args),
         } => upload::aws(&args, quiet),
+        Command::Upload {
+            target: UploadTarget::Azure(args),
+        } => upload_azure::run(&args, quiet),
         Command::Download {
             target: DownloadTarget::Aws(args),
         } => download::aws(&args, quiet),
