@@ -363,10 +363,16 @@ pub struct AzureUploadArgs {
 /// `imgshift upload libvirt`.
 #[derive(Debug, Args)]
 pub struct LibvirtUploadArgs {
-    /// Source image (any supported format).
+    /// Source image (any supported format; an OVA's boot disk).
     pub src: PathBuf,
     /// libvirt connection URI (qemu:///system, qemu:///session, qemu:///system?socket=PATH, ...).
-    #[arg(short = 'c', long, env = "LIBVIRT_DEFAULT_URI", default_value = "qemu:///system", value_name = "URI")]
+    #[arg(
+        short = 'c',
+        long,
+        env = "LIBVIRT_DEFAULT_URI",
+        default_value = "qemu:///system",
+        value_name = "URI"
+    )]
     pub connect: String,
     /// Storage pool that receives the volume (must be running).
     #[arg(long)]
@@ -375,9 +381,10 @@ pub struct LibvirtUploadArgs {
     #[arg(long)]
     pub volume: String,
     /// Volume format.
-    #[arg(short = 'O', value_name = "FMT", default_value = "qcow2", value_parser = ["qcow2", "raw"])]
-    pub output_format: String,
-    /// Replace an existing volume (and domain, with --define) of the same name.
+    #[arg(short = 'O', value_name = "FMT", value_enum, default_value_t = LibvirtVolFormat::Qcow2)]
+    pub output_format: LibvirtVolFormat,
+    /// Replace an existing volume (deleted before the upload starts) and, with --define, an existing stopped
+    /// domain of the same name.
     #[arg(long)]
     pub overwrite: bool,
     /// Define a domain of this name that boots from the volume.
@@ -389,18 +396,21 @@ pub struct LibvirtUploadArgs {
     /// Domain virtual CPUs.
     #[arg(long, default_value_t = 1, value_name = "N", requires = "define")]
     pub vcpus: u32,
-    /// Guest firmware (auto: BIOS until guest inspection exists).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "bios", "uefi"], requires = "define")]
-    pub firmware: String,
-    /// Disk bus of the volume in the domain (auto: virtio).
-    #[arg(long = "disk-bus", default_value = "auto", value_parser = ["auto", "virtio", "sata", "scsi"], requires = "define")]
-    pub disk_bus: String,
-    /// Hypervisor type of the domain (qemu: TCG emulation, kvm: hardware virtualisation).
-    #[arg(long = "domain-type", default_value = "qemu", value_parser = ["qemu", "kvm"], requires = "define")]
-    pub domain_type: String,
+    /// Guest firmware (auto: UEFI when the disk has a GPT with an EFI system partition, else BIOS).
+    #[arg(long, value_enum, default_value_t = FirmwareArg::Auto, requires = "define")]
+    pub firmware: FirmwareArg,
+    /// Disk bus (auto: sata, which every current OS has drivers for; virtio needs virtio drivers in the guest).
+    #[arg(long = "disk-bus", value_enum, default_value_t = DiskBusArg::Auto, requires = "define")]
+    pub disk_bus: DiskBusArg,
+    /// Domain type (auto: kvm when the host offers KVM, else qemu, i.e. TCG emulation).
+    #[arg(long = "domain-type", value_enum, default_value_t = DomainTypeArg::Auto, requires = "define")]
+    pub domain_type: DomainTypeArg,
     /// Attach a virtio network interface on this libvirt network.
     #[arg(long, value_name = "NAME", requires = "define")]
     pub network: Option<String>,
+    /// Also log the guest's serial console to this file (an absolute path on the daemon's host).
+    #[arg(long = "serial-log", value_name = "FILE", requires = "define")]
+    pub serial_log: Option<PathBuf>,
     /// Start the defined domain.
     #[arg(long, requires = "define")]
     pub start: bool,
@@ -415,4 +425,48 @@ pub struct LibvirtUploadArgs {
     pub progress: bool,
     #[command(flatten)]
     pub trust: TrustArgs,
+}
+
+/// `upload libvirt -O`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LibvirtVolFormat {
+    /// qcow2 (only data clusters are stored).
+    Qcow2,
+    /// Raw (sparse where the pool allows).
+    Raw,
+}
+
+/// `upload libvirt --firmware`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FirmwareArg {
+    /// From the disk: UEFI with a GPT holding an EFI system partition, else BIOS.
+    Auto,
+    /// Legacy BIOS.
+    Bios,
+    /// UEFI (OVMF, Secure Boot off).
+    Uefi,
+}
+
+/// `upload libvirt --disk-bus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiskBusArg {
+    /// sata until the guest's drivers are known.
+    Auto,
+    /// virtio-blk.
+    Virtio,
+    /// SATA (AHCI).
+    Sata,
+    /// SCSI on virtio-scsi.
+    Scsi,
+}
+
+/// `upload libvirt --domain-type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DomainTypeArg {
+    /// kvm when the host's capabilities offer it, else qemu.
+    Auto,
+    /// Hardware virtualisation.
+    Kvm,
+    /// TCG emulation.
+    Qemu,
 }

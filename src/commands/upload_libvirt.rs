@@ -1,90 +1,88 @@
 //! `imgshift upload libvirt`: source image → converter engine → libvirt storage volume (streamed, no temporary
 //! file) → optional domain definition and start.
+//!
+//! Order: everything that can refuse (arguments, source, daemon, pool, taken names) is checked before the volume
+//! is created; from the volume's creation on, any failure deletes it again (and undefines a domain this run
+//! defined), or names what was left behind.
 
 use anyhow::{Context, Result, anyhow, bail};
-use imgshift_converters::{ConvertOptions, Format, WriterOptions, convert, create_writer};
+use imgshift_converters::{
+    ConvertOptions, ConvertStats, DiskSource, Format, FormatWriter, WriterOptions, convert,
+    create_writer,
+};
 use serde_json::json;
+use virt::connect::Connect;
 use virt::domain::Domain;
-use virt::storage_vol::StorageVol;
 
-use super::open_image;
-use crate::cli::{LibvirtUploadArgs, OutputFormat};
+use super::{gate, naming, open_image, open_ova};
+use crate::cli::{
+    DiskBusArg, DomainTypeArg, FirmwareArg, LibvirtUploadArgs, LibvirtVolFormat, OutputFormat,
+};
 use crate::progress::Bar;
-use crate::targets::libvirt::{self as lv, DomainSpec, VolumeSink, msg};
+use crate::targets::azure::hyperv;
+use crate::targets::libvirt::sink::{SentCounts, VolumeSink};
+use crate::targets::libvirt::xml::{DomainSpec, domain_xml};
+use crate::targets::libvirt::{DiskBus, DomainType, Firmware, VolFormat, caps, conn as lv, volume};
+
+/// What to define, decided before anything is created.
+struct DomainPlan {
+    spec: DomainSpec,
+    /// Why `auto` choices came out as they did (printed unless quiet).
+    notes: Vec<String>,
+}
 
 /// Runs `upload libvirt`.
 pub fn run(args: &LibvirtUploadArgs, quiet: bool) -> Result<u8> {
-    let out_format = Format::from_name(&args.output_format)?;
-    let mut wopts = WriterOptions::default();
-    let mut writer = create_writer(out_format, &mut wopts)?;
-    let src = open_image(&args.src, args.format.as_deref(), &args.trust)?;
+    let vol_format = match args.output_format {
+        LibvirtVolFormat::Qcow2 => VolFormat::Qcow2,
+        LibvirtVolFormat::Raw => VolFormat::Raw,
+    };
+    let out_format = Format::from_name(vol_format.name())?;
+    let mut writer = create_writer(out_format, &mut WriterOptions::default())?;
+    let src = open_source(args)?;
     let capacity = writer.output_virtual_size(src.virtual_size())?;
-    if let Some(d) = &args.define {
-        if args.vcpus == 0 || args.memory == 0 {
-            bail!("--vcpus and --memory must be at least 1");
-        }
-        if d.is_empty() {
-            bail!("--define needs a domain name");
-        }
-    }
 
     let uri = args.connect.as_str();
-    let conn = lv::connect(uri)?;
-    let pool = lv::pool(&conn, &args.pool, uri)?;
     let (pool_name, vol_name) = (args.pool.as_str(), args.volume.as_str());
+    let conn = lv::connect(uri)?;
+    let pool = lv::running_pool(&conn, pool_name, uri)?;
+    let plan = match &args.define {
+        Some(name) => Some(plan_domain(args, name, vol_format, src.as_ref(), &conn)?),
+        None => None,
+    };
 
     // Refuse before creating anything when a name is taken.
     let old_domain = match &args.define {
-        Some(name) => match conn.lookup_domain_by_name(name) {
-            Ok(d) => {
-                if !args.overwrite {
-                    bail!("domain '{name}' already exists at {uri} (pass --overwrite to replace it)");
-                }
-                if d.is_active().unwrap_or(true) {
-                    bail!(
-                        "domain '{name}' is running; stop it first (`virsh -c '{uri}' destroy {name}`) to replace it"
-                    );
-                }
+        Some(name) => match lv::find_domain(&conn, name)? {
+            Some(d) => {
+                lv::check_replaceable(&d, name, args.overwrite)?;
                 Some(d)
             }
-            Err(_) => None,
+            None => None,
         },
         None => None,
     };
-    if let Ok(old) = pool.lookup_storage_vol_by_name(vol_name) {
+    if let Some(old) = lv::find_volume(&pool, pool_name, vol_name)? {
         if !args.overwrite {
-            bail!(
-                "volume '{vol_name}' already exists in pool '{pool_name}' (pass --overwrite to replace it)"
-            );
+            return Err(crate::targets::libvirt::Error::VolumeExists {
+                pool: pool_name.to_string(),
+                volume: vol_name.to_string(),
+            }
+            .into());
         }
-        old.delete(0).map_err(|e| {
-            anyhow!(
-                "cannot delete the existing volume '{vol_name}' in pool '{pool_name}': {}",
-                msg(&e)
-            )
-        })?;
+        volume::replace(&old, pool_name, vol_name)?;
     }
 
-    let xml = lv::volume_xml(vol_name, capacity, &args.output_format)?;
-    let vol = StorageVol::create_xml(&pool, &xml, 0).map_err(|e| {
-        anyhow!(
-            "cannot create volume '{vol_name}' ({capacity} bytes, {}) in pool '{pool_name}': {}",
-            args.output_format,
-            msg(&e)
-        )
-    })?;
-    // From here on, a failure removes the volume (or names it when that fails too).
-    let rollback = |e: anyhow::Error, dom: Option<&Domain>| -> anyhow::Error {
-        if let Some(d) = dom {
-            if let Err(u) = d.undefine_flags(lv::UNDEFINE_NVRAM) {
-                return e.context(format!(
-                    "domain '{}' was left defined ({}); volume '{vol_name}' was left in pool '{pool_name}'",
-                    args.define.as_deref().unwrap_or_default(),
-                    msg(&u)
-                ));
-            }
+    let created = volume::create(&pool, pool_name, vol_name, capacity, vol_format)?;
+    // From here on, a failure removes the volume (and a domain this run defined), or names them.
+    let rollback = |e: anyhow::Error, dom: Option<(&Domain, &str)>| -> anyhow::Error {
+        let mut e = e;
+        if let Some((d, name)) = dom
+            && let Err(u) = lv::undefine(d, name)
+        {
+            e = e.context(format!("domain '{name}' was left defined ({u})"));
         }
-        match lv::delete_volume(&vol, pool_name, vol_name) {
+        match volume::delete(&created.vol, pool_name, vol_name) {
             Ok(()) => e.context(format!(
                 "volume '{vol_name}' was removed from pool '{pool_name}'"
             )),
@@ -92,103 +90,187 @@ pub fn run(args: &LibvirtUploadArgs, quiet: bool) -> Result<u8> {
         }
     };
 
-    let (sent, stats) = match upload(args, &conn, &vol, src.as_ref(), writer.as_mut(), quiet) {
+    let (sent, stats) = match upload(args, &conn, &created, src.as_ref(), writer.as_mut(), quiet) {
         Ok(v) => v,
         Err(e) => return Err(rollback(e, None)),
     };
-    let path = vol.path().unwrap_or_default();
 
-    let mut domain = None;
     let mut started = false;
-    if let Some(name) = &args.define {
-        let spec = DomainSpec {
-            name: name.clone(),
-            domain_type: args.domain_type.clone(),
-            memory_mib: args.memory,
-            vcpus: args.vcpus,
-            uefi: args.firmware == "uefi",
-            disk_bus: match args.disk_bus.as_str() {
-                "auto" => "virtio".to_string(),
-                b => b.to_string(),
-            },
-            pool: pool_name.to_string(),
-            volume: vol_name.to_string(),
-            format: args.output_format.clone(),
-            network: args.network.clone(),
-        };
-        let dxml = match lv::domain_xml(&spec) {
+    if let Some(plan) = &plan {
+        let name = plan.spec.name.as_str();
+        let xml = match domain_xml(&plan.spec) {
             Ok(x) => x,
-            Err(e) => return Err(rollback(e, None)),
+            Err(e) => return Err(rollback(e.into(), None)),
         };
-        if let Some(old) = &old_domain {
-            if let Err(e) = old.undefine_flags(lv::UNDEFINE_NVRAM) {
-                return Err(rollback(
-                    anyhow!("cannot undefine the existing domain '{name}': {}", msg(&e)),
-                    None,
-                ));
-            }
+        if let Some(old) = &old_domain
+            && let Err(e) = lv::undefine(old, name)
+        {
+            return Err(rollback(e.into(), None));
         }
-        let dom = match conn.define_domain_xml(&dxml) {
+        let dom = match lv::define(&conn, &xml, name) {
             Ok(d) => d,
             Err(e) => {
-                return Err(rollback(
-                    anyhow!("cannot define domain '{name}': {}", msg(&e)),
-                    None,
-                ));
+                let e = anyhow::Error::new(e);
+                let e = if old_domain.is_some() {
+                    e.context(format!("the previous domain '{name}' was undefined"))
+                } else {
+                    e
+                };
+                return Err(rollback(e, None));
             }
         };
         if args.start {
-            if let Err(e) = dom.create() {
-                return Err(rollback(
-                    anyhow!("cannot start domain '{name}': {}", msg(&e)),
-                    Some(&dom),
-                ));
+            if let Err(e) = lv::start(&dom, name) {
+                return Err(rollback(e.into(), Some((&dom, name))));
             }
             started = true;
         }
-        domain = Some(name.clone());
-    }
-
-    match args.output {
-        OutputFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
-                "uri": uri,
-                "pool": pool_name,
-                "volume": vol_name,
-                "path": path,
-                "format": args.output_format,
-                "capacity": capacity,
-                "output_len": stats.output_len,
-                "data_bytes": stats.data_bytes,
-                "bytes_sent": sent.bytes_sent,
-                "zero_fill_bytes": sent.zero_fill,
-                "streams": sent.streams,
-                "domain": domain,
-                "started": started,
-            }))?
-        ),
-        OutputFormat::Human => {
-            println!("{path}");
-            if let Some(d) = &domain {
-                println!("{d}");
+        if !quiet {
+            for n in &plan.notes {
+                eprintln!("imgshift: {n}");
             }
         }
     }
+
+    print_result(
+        args,
+        &created.path,
+        capacity,
+        vol_format,
+        plan.as_ref(),
+        started,
+        &sent,
+        &stats,
+    )?;
     Ok(0)
 }
 
-/// Converts `src` straight into `vol`.
+/// Opens the source: an OVA's boot disk, or the image itself.
+fn open_source(args: &LibvirtUploadArgs) -> Result<Box<dyn DiskSource>> {
+    match open_ova(&args.src, args.format.as_deref())? {
+        Some(pkg) => pkg
+            .open_disk(0, &gate(&args.trust)?)
+            .map_err(|e| naming(e, &args.src)),
+        None => open_image(&args.src, args.format.as_deref(), &args.trust),
+    }
+}
+
+/// Resolves `auto` choices and checks the domain options.
+fn plan_domain(
+    args: &LibvirtUploadArgs,
+    name: &str,
+    format: VolFormat,
+    src: &dyn DiskSource,
+    conn: &Connect,
+) -> Result<DomainPlan> {
+    if name.is_empty() {
+        bail!("--define needs a domain name");
+    }
+    if args.vcpus == 0 || args.memory == 0 {
+        bail!("--vcpus and --memory must be at least 1");
+    }
+    let serial_log = match &args.serial_log {
+        Some(p) if !p.is_absolute() => bail!(
+            "--serial-log {}: give an absolute path (it is opened on the daemon's host)",
+            p.display()
+        ),
+        Some(p) => Some(
+            p.to_str()
+                .ok_or_else(|| anyhow!("--serial-log {}: not UTF-8", p.display()))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let mut notes = Vec::new();
+    let firmware = match args.firmware {
+        FirmwareArg::Bios => Firmware::Bios,
+        FirmwareArg::Uefi => Firmware::Uefi,
+        FirmwareArg::Auto => {
+            // The same rule as Azure's generation: an ESP on a GPT is what UEFI firmware boots from.
+            let (generation, why) = hyperv::detect(src);
+            let fw = if generation == "V2" {
+                Firmware::Uefi
+            } else {
+                Firmware::Bios
+            };
+            notes.push(format!("firmware {}: {why}", fw_name(fw)));
+            fw
+        }
+    };
+    let disk_bus = match args.disk_bus {
+        DiskBusArg::Virtio => DiskBus::Virtio,
+        DiskBusArg::Sata => DiskBus::Sata,
+        DiskBusArg::Scsi => DiskBus::Scsi,
+        DiskBusArg::Auto => {
+            notes.push(
+                "disk bus sata: the guest's drivers are not known (pass --disk-bus virtio for a guest with \
+                 virtio drivers)"
+                    .to_string(),
+            );
+            DiskBus::Sata
+        }
+    };
+    let domain_type = match args.domain_type {
+        DomainTypeArg::Kvm => DomainType::Kvm,
+        DomainTypeArg::Qemu => DomainType::Qemu,
+        DomainTypeArg::Auto => {
+            let t = caps::auto_domain_type(conn)?;
+            notes.push(match t {
+                DomainType::Kvm => {
+                    "domain type kvm: the host offers KVM (pass --domain-type qemu for TCG \
+                                    emulation where KVM does not work)"
+                        .to_string()
+                }
+                DomainType::Qemu => {
+                    "domain type qemu (TCG emulation): the host does not offer KVM".to_string()
+                }
+            });
+            t
+        }
+    };
+    Ok(DomainPlan {
+        spec: DomainSpec {
+            name: name.to_string(),
+            domain_type,
+            memory_mib: args.memory,
+            vcpus: args.vcpus,
+            firmware,
+            disk_bus,
+            pool: args.pool.clone(),
+            volume: args.volume.clone(),
+            format,
+            network: args.network.clone(),
+            serial_log,
+        },
+        notes,
+    })
+}
+
+fn fw_name(f: Firmware) -> &'static str {
+    match f {
+        Firmware::Bios => "bios",
+        Firmware::Uefi => "uefi",
+    }
+}
+
+/// Converts `src` straight into the new volume.
 fn upload(
     args: &LibvirtUploadArgs,
-    conn: &virt::connect::Connect,
-    vol: &StorageVol,
-    src: &dyn imgshift_converters::DiskSource,
-    writer: &mut dyn imgshift_converters::FormatWriter,
+    conn: &Connect,
+    created: &volume::Created,
+    src: &dyn DiskSource,
+    writer: &mut dyn FormatWriter,
     quiet: bool,
-) -> Result<(lv::SentCounts, imgshift_converters::ConvertStats)> {
-    let min_len = lv::physical_len(vol)?;
-    let mut sink = VolumeSink::new(conn, vol, args.output_format == "raw", min_len);
+) -> Result<(SentCounts, ConvertStats)> {
+    let (zero_from, min_end) = match (created.reads_zero, args.output_format) {
+        // A fresh sparse file: zeros everywhere.
+        (true, LibvirtVolFormat::Raw) => (0, 0),
+        // A fresh qcow2 file: libvirt's header, then nothing.
+        (true, LibvirtVolFormat::Qcow2) => (created.initial_len, created.initial_len),
+        // A block device: old data everywhere.
+        (false, _) => (u64::MAX, 0),
+    };
+    let mut sink = VolumeSink::new(conn, &created.vol, zero_from, min_end);
     let bar = Bar::new("upload", args.progress, quiet);
     let r = convert(src, writer, &mut sink, &ConvertOptions::default(), &bar);
     bar.finish();
@@ -196,13 +278,158 @@ fn upload(
         Ok(stats) => Ok((sink.sent, stats)),
         Err(e) => {
             sink.abort();
-            Err(anyhow::Error::new(e)).with_context(|| {
+            let sent = sink.sent.bytes_sent;
+            Err(naming(e, &args.src)).with_context(|| {
                 format!(
-                    "cannot upload {} to volume '{}'",
+                    "cannot upload {} to volume '{}' ({sent} bytes had been sent)",
                     args.src.display(),
                     args.volume
                 )
             })
         }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn print_result(
+    args: &LibvirtUploadArgs,
+    path: &str,
+    capacity: u64,
+    format: VolFormat,
+    plan: Option<&DomainPlan>,
+    started: bool,
+    sent: &SentCounts,
+    stats: &ConvertStats,
+) -> Result<()> {
+    match args.output {
+        OutputFormat::Json => {
+            let domain = plan.map(|p| {
+                json!({
+                    "name": p.spec.name,
+                    "type": p.spec.domain_type,
+                    "firmware": p.spec.firmware,
+                    "disk_bus": p.spec.disk_bus,
+                    "memory_mib": p.spec.memory_mib,
+                    "vcpus": p.spec.vcpus,
+                    "started": started,
+                })
+            });
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "uri": args.connect,
+                    "pool": args.pool,
+                    "volume": args.volume,
+                    "path": path,
+                    "format": format,
+                    "capacity": capacity,
+                    "output_len": stats.output_len,
+                    "data_bytes": stats.data_bytes,
+                    "sent": sent,
+                    "domain": domain,
+                }))?
+            );
+        }
+        OutputFormat::Human => {
+            println!("{path}");
+            if let Some(p) = plan {
+                println!(
+                    "domain {}{}",
+                    p.spec.name,
+                    if started { " (started)" } else { "" }
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clap::Parser;
+
+    use crate::cli::{Cli, Command, UploadTarget};
+
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<LibvirtUploadArgs, clap::Error> {
+        let mut argv = vec![
+            "imgshift", "upload", "libvirt", "d.qcow2", "--pool", "p", "--volume", "v",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Upload {
+                target: UploadTarget::Libvirt(a),
+            } => Ok(a),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.output_format, LibvirtVolFormat::Qcow2);
+        assert!(a.define.is_none() && !a.overwrite && !a.start);
+        assert_eq!(a.firmware, FirmwareArg::Auto);
+        assert_eq!(a.disk_bus, DiskBusArg::Auto);
+        assert_eq!(a.domain_type, DomainTypeArg::Auto);
+    }
+
+    #[test]
+    fn domain_flags_need_define() {
+        for f in [
+            &["--start"][..],
+            &["--memory", "512"],
+            &["--vcpus", "2"],
+            &["--firmware", "uefi"],
+            &["--disk-bus", "virtio"],
+            &["--domain-type", "qemu"],
+            &["--network", "default"],
+            &["--serial-log", "/tmp/x"],
+        ] {
+            assert!(parse(f).is_err(), "{f:?} without --define");
+        }
+        let a = parse(&[
+            "--define",
+            "vm",
+            "-O",
+            "raw",
+            "--overwrite",
+            "--memory",
+            "512",
+            "--vcpus",
+            "2",
+            "--firmware",
+            "uefi",
+            "--disk-bus",
+            "scsi",
+            "--domain-type",
+            "qemu",
+            "--network",
+            "default",
+            "--serial-log",
+            "/tmp/x",
+            "--start",
+            "--connect",
+            "qemu:///session",
+        ])
+        .unwrap();
+        assert_eq!(a.define.as_deref(), Some("vm"));
+        assert_eq!(a.output_format, LibvirtVolFormat::Raw);
+        assert_eq!((a.memory, a.vcpus), (512, 2));
+        assert_eq!(a.firmware, FirmwareArg::Uefi);
+        assert_eq!(a.disk_bus, DiskBusArg::Scsi);
+        assert_eq!(a.domain_type, DomainTypeArg::Qemu);
+        assert_eq!(a.connect, "qemu:///session");
+        assert!(a.overwrite && a.start);
+    }
+
+    #[test]
+    fn rejects_unknown_values() {
+        assert!(parse(&["-O", "vmdk"]).is_err());
+        assert!(parse(&["--define", "x", "--firmware", "coreboot"]).is_err());
+        assert!(parse(&["--define", "x", "--disk-bus", "ide"]).is_err());
+        assert!(parse(&["--define", "x", "--domain-type", "xen"]).is_err());
     }
 }
