@@ -416,6 +416,110 @@ fn define_writes_firmware_bus_disk_and_features() {
     assert!(x.contains("<target dev='sda' bus='sata'/>"), "{x}");
 }
 
+/// A per-user session daemon: `libvirtd` auto-spawned by `virsh -c qemu:///session` as the unprivileged user
+/// `nobody`, its state under a temporary XDG folder; imgshift reaches it through `qemu:///session?socket=`.
+struct SessionDaemon {
+    dir: tempfile::TempDir,
+}
+
+impl SessionDaemon {
+    fn start() -> SessionDaemon {
+        let dir = tempfile::Builder::new()
+            .prefix("imgshift-session")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        for sub in ["run", "config", "cache", "pool"] {
+            std::fs::create_dir(dir.path().join(sub)).unwrap();
+        }
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let st = Command::new("chown")
+            .args(["-R", "nobody:nogroup", s(dir.path())])
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "chown nobody (the test runs as root, like CI)"
+        );
+        let p = dir.path();
+        let out = Command::new("runuser")
+            .args(["-u", "nobody", "--", "env"])
+            .arg(format!("HOME={}", s(p)))
+            .arg(format!("XDG_RUNTIME_DIR={}", s(&p.join("run"))))
+            .arg(format!("XDG_CONFIG_HOME={}", s(&p.join("config"))))
+            .arg(format!("XDG_CACHE_HOME={}", s(&p.join("cache"))))
+            .args(["virsh", "-c", "qemu:///session", "uri"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run runuser ({e})"));
+        assert!(
+            out.status.success(),
+            "session libvirtd did not start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SessionDaemon { dir }
+    }
+
+    fn uri(&self) -> String {
+        format!(
+            "qemu:///session?socket={}",
+            s(&self.dir.path().join("run/libvirt/libvirt-sock"))
+        )
+    }
+}
+
+impl Drop for SessionDaemon {
+    fn drop(&mut self) {
+        // The daemon this test spawned (it would also exit by itself after 120 s idle).
+        let pid = std::fs::read_to_string(self.dir.path().join("run/libvirt/libvirtd.pid"));
+        if let Ok(pid) = pid {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+    }
+}
+
+#[test]
+fn uploads_to_a_session_daemon() {
+    let d = tmpdir();
+    let daemon = SessionDaemon::start();
+    let u = daemon.uri();
+    let pool_dir = daemon.dir.path().join("pool");
+    let run = |args: &[&str]| {
+        let out = Command::new("virsh")
+            .args(["-q", "-c", &u])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "virsh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&["pool-create-as", "sp", "dir", "--target", s(&pool_dir)]);
+    let raw = test_raw(d.path(), "source.raw", MIB);
+    let src = source_in(d.path(), &raw, "vhdx");
+    let r = imgshift(&[
+        "upload",
+        "libvirt",
+        s(&src),
+        "--connect",
+        &u,
+        "--pool",
+        "sp",
+        "--volume",
+        "s.qcow2",
+    ]);
+    let listed = run(&["vol-list", "sp"]);
+    run(&["pool-destroy", "sp"]);
+    let r = r.ok();
+    assert_eq!(r.stdout.trim(), s(&pool_dir.join("s.qcow2")));
+    assert!(listed.contains("s.qcow2"), "{listed}");
+    // Written by the unprivileged daemon, into its own pool.
+    let meta = std::fs::metadata(pool_dir.join("s.qcow2")).unwrap();
+    assert_ne!(meta.uid(), 0);
+    assert_same(&src, "vhdx", &pool_dir.join("s.qcow2"), "qcow2");
+}
+
 #[test]
 fn missing_or_stopped_pool_is_one_line() {
     let d = tmpdir();
@@ -642,6 +746,179 @@ fn failed_define_removes_the_volume() {
     assert!(pool.volumes().is_empty(), "{:?}", pool.volumes());
 }
 
+/// A 4 MiB BIOS disk whose boot sector writes `IMGSHIFT-BOOT-OK machine-id=bootsector` to COM1 and powers the
+/// machine off through the q35 ACPI PM1a control port (0x604). 16-bit code:
+/// `cli; xor ax,ax; mov ds,ax; cld; mov si,msg; l: lodsb; test al,al; jz d; mov dx,0x3f8; out dx,al; jmp l;
+/// d: mov dx,0x604; mov ax,0x2000; out dx,ax; h: hlt; jmp h`.
+fn boot_sector_disk(path: &Path) {
+    let mut sector = vec![
+        0xfa, 0x31, 0xc0, 0x8e, 0xd8, 0xfc, 0xbe, 0x1e, 0x7c, 0xac, 0x84, 0xc0, 0x74, 0x06, 0xba,
+        0xf8, 0x03, 0xee, 0xeb, 0xf5, 0xba, 0x04, 0x06, 0xb8, 0x00, 0x20, 0xef, 0xf4, 0xeb, 0xfd,
+    ];
+    assert_eq!(
+        sector.len(),
+        0x1e,
+        "the message must start where `mov si` points"
+    );
+    sector.extend_from_slice(b"IMGSHIFT-BOOT-OK machine-id=bootsector\r\n\0");
+    sector.resize(510, 0);
+    sector.extend_from_slice(&[0x55, 0xaa]);
+    std::fs::write(path, &sector).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(4 * MIB)
+        .unwrap();
+}
+
+/// Waits until `dom` is shut off (the guest powered itself off); panics with the serial log's tail after
+/// `secs`.
+fn wait_shut_off(dom: &str, log: &Path, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let state = virsh_ok(&["domstate", dom]);
+        if state.trim() == "shut off" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{dom} still '{}' after {secs} s; serial log tail: {}",
+            state.trim(),
+            tail(log)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Waits until the serial log holds `text`; panics with its tail after `secs`.
+fn wait_for_text(log: &Path, text: &str, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !tail(log).contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "no '{text}' after {secs} s; serial log tail: {}",
+            tail(log)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// `--define --start` end to end with a guest that needs nothing but BIOS: uploaded from a VMDK as qcow2,
+/// automatic firmware (BIOS: no GPT) and disk bus (sata), TCG. The guest prints its marker and powers off.
+#[test]
+fn started_domain_boots_a_bios_disk_under_tcg() {
+    let d = tmpdir();
+    let mut pool = Pool::new();
+    let raw = d.path().join("bootsector.raw");
+    boot_sector_disk(&raw);
+    let vmdk = source_in(d.path(), &raw, "vmdk");
+    let dom = pool.domain();
+    let log = pool.path("serial.log");
+    let t0 = Instant::now();
+    let r = pool
+        .upload(
+            &vmdk,
+            &format!("{dom}.qcow2"),
+            &[
+                "--define",
+                &dom,
+                "--memory",
+                "128",
+                "--domain-type",
+                "qemu",
+                "--serial-log",
+                s(&log),
+                "--start",
+                "--output",
+                "json",
+            ],
+        )
+        .ok();
+    let j = json(&r);
+    assert_eq!(j["domain"]["firmware"], "bios", "{}", r.stdout);
+    assert_eq!(j["domain"]["disk_bus"], "sata", "{}", r.stdout);
+    assert_eq!(j["domain"]["started"], true, "{}", r.stdout);
+    wait_shut_off(&dom, &log, 120);
+    assert!(
+        tail(&log).contains("IMGSHIFT-BOOT-OK machine-id=bootsector"),
+        "{}",
+        tail(&log)
+    );
+    eprintln!(
+        "boot sector guest: marker and power-off after {:?}",
+        t0.elapsed()
+    );
+
+    // A running domain is never replaced, even with --overwrite.
+    let dom2 = pool.domain();
+    let r = pool.upload(
+        &vmdk,
+        &format!("{dom2}.qcow2"),
+        &[
+            "--define",
+            &dom2,
+            "--domain-type",
+            "qemu",
+            "--firmware",
+            "uefi",
+            "--start",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(virsh_ok(&["domstate", &dom2]).trim(), "running");
+    let r = pool.upload(
+        &vmdk,
+        "other.qcow2",
+        &["--define", &dom2, "--overwrite", "--domain-type", "qemu"],
+    );
+    one_line_error(&r);
+    assert!(
+        r.stderr.contains(&format!("domain '{dom2}' is running")),
+        "{}",
+        r.stderr
+    );
+    assert!(!pool.volumes().contains(&"other.qcow2".to_string()));
+}
+
+/// `--firmware uefi --start`: libvirt's firmware auto-selection finds OVMF (without Secure Boot) and the
+/// firmware comes up on the serial console.
+#[test]
+fn started_uefi_domain_runs_ovmf() {
+    let d = tmpdir();
+    let mut pool = Pool::new();
+    let raw = test_raw(d.path(), "blank.raw", MIB);
+    let dom = pool.domain();
+    let log = pool.path("serial.log");
+    pool.upload(
+        &raw,
+        &format!("{dom}.raw"),
+        &[
+            "-O",
+            "raw",
+            "--define",
+            &dom,
+            "--firmware",
+            "uefi",
+            "--domain-type",
+            "qemu",
+            "--memory",
+            "256",
+            "--serial-log",
+            s(&log),
+            "--start",
+        ],
+    )
+    .ok();
+    let x = virsh_ok(&["dumpxml", &dom]);
+    assert!(x.contains("<loader readonly='yes' type='pflash'"), "{x}");
+    assert!(
+        !x.contains("secboot") && !x.contains("secure-enrolled"),
+        "{x}"
+    );
+    wait_for_text(&log, "BdsDxe", 90);
+}
+
 /// The bootable tiny BIOS guest from `tests/guests/mkguest.sh` (contract: `mkguest.sh VARIANT OUT.raw`; the
 /// guest prints `IMGSHIFT-BOOT-OK machine-id=…` on ttyS0 and powers off), converted to VMDK by qemu-img (a
 /// VMware export), uploaded as qcow2, defined with the automatic firmware and disk bus, started under TCG, and
@@ -696,27 +973,15 @@ fn defined_bios_guest_boots_under_tcg() {
     let j = json(&r);
     assert_eq!(j["domain"]["firmware"], "bios", "{}", r.stdout);
     assert_eq!(j["domain"]["started"], true, "{}", r.stdout);
-    let deadline = t0 + Duration::from_secs(120);
-    loop {
-        let state = virsh_ok(&["domstate", &dom]);
-        if state.trim() == "shut off" {
-            break;
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "{dom} still '{}' after 120 s; serial log tail: {}",
-                state.trim(),
-                tail(&log)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    wait_shut_off(&dom, &log, 120);
     assert!(
-        text.contains("IMGSHIFT-BOOT-OK machine-id="),
+        tail(&log).contains("IMGSHIFT-BOOT-OK machine-id="),
         "no marker after {:?}; serial log tail: {}",
         t0.elapsed(),
         tail(&log)
     );
-    eprintln!("booted to the marker and shut off in {:?}", t0.elapsed());
+    eprintln!(
+        "guest booted to the marker and shut off in {:?}",
+        t0.elapsed()
+    );
 }
