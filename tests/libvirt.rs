@@ -725,6 +725,70 @@ fn source_failing_mid_stream_leaves_no_volume() {
     }
 }
 
+/// Ctrl-C (SIGINT) halfway through an upload: the stream is aborted and the volume deleted, as after any other
+/// failure.
+#[test]
+fn interrupted_upload_leaves_no_volume() {
+    let d = tmpdir();
+    let pool = Pool::new();
+    // 1 GiB of data: several seconds of upload, time enough to interrupt it.
+    let raw = d.path().join("big.raw");
+    make_raw(&raw, 1024 * MIB, &[(0, 1024 * MIB)], &[]);
+    let u = uri();
+    let mut child = Command::new(imgshift_bin())
+        .args([
+            "upload",
+            "libvirt",
+            s(&raw),
+            "--connect",
+            &u,
+            "--pool",
+            &pool.name,
+            "--volume",
+            "big.raw",
+            "-O",
+            "raw",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the volume exists and some data has arrived.
+    let path = pool.path("big.raw");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(&path).map_or(0, |m| m.blocks() * 512) < 8 * MIB {
+        if let Some(st) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "imgshift ended ({st}) before it could be interrupted: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(Instant::now() < deadline, "the upload never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    let r = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    one_line_error(&r);
+    assert!(
+        r.stderr.contains("interrupted") && r.stderr.contains("volume 'big.raw' was removed"),
+        "{}",
+        r.stderr
+    );
+    assert!(pool.volumes().is_empty(), "{:?}", pool.volumes());
+    assert!(files_in(pool.dir.path()).is_empty());
+}
+
 #[test]
 fn failed_define_removes_the_volume() {
     let d = tmpdir();

@@ -5,6 +5,9 @@
 //! is created; from the volume's creation on, any failure deletes it again (and undefines a domain this run
 //! defined), or names what was left behind.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use anyhow::{Context, Result, anyhow, bail};
 use imgshift_converters::{
     ConvertOptions, ConvertStats, DiskSource, Format, FormatWriter, WriterOptions, convert,
@@ -270,7 +273,8 @@ fn upload(
         // A block device: old data everywhere.
         (false, _) => (u64::MAX, 0),
     };
-    let mut sink = VolumeSink::new(conn, &created.vol, zero_from, min_end);
+    let mut sink =
+        VolumeSink::new(conn, &created.vol, zero_from, min_end).with_cancel(interrupt_flag());
     let bar = Bar::new("upload", args.progress, quiet);
     let r = convert(src, writer, &mut sink, &ConvertOptions::default(), &bar);
     bar.finish();
@@ -288,6 +292,44 @@ fn upload(
             })
         }
     }
+}
+
+/// A flag set by Ctrl-C (SIGINT) or SIGTERM from now on, instead of the process dying with the volume half
+/// written: the sink then fails its next write and the volume is deleted like after any other failure.
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let (set, ready) = (flag.clone(), std::sync::mpsc::channel::<()>());
+    let (ready_tx, ready_rx) = ready;
+    let spawned = std::thread::Builder::new()
+        .name("imgshift-signals".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                let (Ok(mut int), Ok(mut term)) = (
+                    signal(SignalKind::interrupt()),
+                    signal(SignalKind::terminate()),
+                ) else {
+                    return;
+                };
+                let _ = ready_tx.send(());
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                set.store(true, Ordering::Relaxed);
+            });
+        });
+    if spawned.is_ok() {
+        // Handlers are installed before the upload starts (or the thread gave up).
+        let _ = ready_rx.recv();
+    }
+    flag
 }
 
 #[allow(clippy::too_many_arguments)]

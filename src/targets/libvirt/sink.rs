@@ -12,6 +12,9 @@
 //! For raw output of a sparse source this means only the data (and gaps under 1 MiB) crosses the connection;
 //! qcow2 output is compact (only data clusters) and has no large gaps to skip.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use imgshift_converters::{Error as ConvError, Sink};
 use virt::connect::Connect;
 use virt::storage_vol::StorageVol;
@@ -48,6 +51,8 @@ pub struct VolumeSink {
     zero_from: u64,
     /// `finish` makes sure everything below this offset was written (zeros after the output's end).
     min_end: u64,
+    /// Set from outside (Ctrl-C) to make the next write fail, so the caller's clean-up runs.
+    cancel: Option<Arc<AtomicBool>>,
     /// What was sent.
     pub sent: SentCounts,
 }
@@ -68,7 +73,24 @@ impl VolumeSink {
             pos: 0,
             zero_from,
             min_end,
+            cancel: None,
             sent: SentCounts::default(),
+        }
+    }
+
+    /// Makes every write fail once `flag` is set.
+    pub fn with_cancel(mut self, flag: Arc<AtomicBool>) -> VolumeSink {
+        self.cancel = Some(flag);
+        self
+    }
+
+    fn check_cancel(&self) -> imgshift_converters::Result<()> {
+        match &self.cancel {
+            Some(f) if f.load(Ordering::Relaxed) => Err(ConvError::io_plain(
+                "interrupted",
+                std::io::Error::new(std::io::ErrorKind::Interrupted, "Ctrl-C or SIGTERM"),
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -140,6 +162,7 @@ impl VolumeSink {
 
 impl Sink for VolumeSink {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> imgshift_converters::Result<()> {
+        self.check_cancel()?;
         if offset < self.pos {
             return Err(ConvError::input(format!(
                 "internal error: volume stream went back from {} to {offset}",
@@ -162,6 +185,7 @@ impl Sink for VolumeSink {
     }
 
     fn finish(&mut self, len: u64) -> imgshift_converters::Result<()> {
+        self.check_cancel()?;
         // Everything below max(len, min_end) must read as our output or zeros; what lies beyond `zero_from`
         // already does.
         let fill_to = len.max(self.min_end).min(self.zero_from.max(self.pos));
