@@ -170,7 +170,7 @@ impl Sink for VolumeSink {
             )));
         }
         let gap = offset - self.pos;
-        if gap >= HOLE_MIN && self.pos >= self.zero_from {
+        if can_skip(self.pos, gap, self.zero_from) {
             self.end_stream()?;
             self.sent.skipped_bytes += gap;
             self.pos = offset;
@@ -186,9 +186,7 @@ impl Sink for VolumeSink {
 
     fn finish(&mut self, len: u64) -> imgshift_converters::Result<()> {
         self.check_cancel()?;
-        // Everything below max(len, min_end) must read as our output or zeros; what lies beyond `zero_from`
-        // already does.
-        let fill_to = len.max(self.min_end).min(self.zero_from.max(self.pos));
+        let fill_to = fill_to(self.pos, len, self.min_end, self.zero_from);
         if fill_to > self.pos {
             self.zeros(fill_to - self.pos)?;
         }
@@ -197,8 +195,50 @@ impl Sink for VolumeSink {
     }
 }
 
+/// A gap of `gap` bytes at `pos` is left unwritten when it is long enough and the volume reads as zeros there.
+fn can_skip(pos: u64, gap: u64, zero_from: u64) -> bool {
+    gap >= HOLE_MIN && pos >= zero_from
+}
+
+/// Where `finish` must send zeros up to: everything below max(`len`, `min_end`) must read as the output or as
+/// zeros, and what lies beyond `zero_from` already does.
+fn fill_to(pos: u64, len: u64, min_end: u64, zero_from: u64) -> u64 {
+    len.max(min_end).min(zero_from.max(pos))
+}
+
 impl Drop for VolumeSink {
     fn drop(&mut self) {
         self.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const M: u64 = 1 << 20;
+
+    #[test]
+    fn gaps_are_skipped_only_where_the_volume_reads_zero() {
+        // Fresh sparse raw file: zeros everywhere.
+        assert!(can_skip(0, M, 0));
+        assert!(!can_skip(0, M - 1, 0), "short gaps are sent as zeros");
+        // Fresh qcow2 file: libvirt's header up to 192 KiB must be overwritten.
+        assert!(!can_skip(64 * 1024, 4 * M, 192 * 1024));
+        assert!(can_skip(192 * 1024, 4 * M, 192 * 1024));
+        // Block device: never.
+        assert!(!can_skip(10 * M, 100 * M, u64::MAX));
+    }
+
+    #[test]
+    fn finish_fills_what_does_not_read_zero() {
+        // Raw file: nothing to fill after the last data.
+        assert_eq!(fill_to(3 * M, 24 * M, 0, 0), 3 * M);
+        // qcow2 output shorter than libvirt's header: zero the rest of the header.
+        assert_eq!(fill_to(100_000, 100_000, 196_608, 196_608), 196_608);
+        // qcow2 output longer than the header: nothing to fill.
+        assert_eq!(fill_to(458_752, 458_752, 196_608, 196_608), 458_752);
+        // Raw block device: zeros up to the end of the disk.
+        assert_eq!(fill_to(3 * M, 24 * M, 0, u64::MAX), 24 * M);
     }
 }
