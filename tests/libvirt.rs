@@ -943,6 +943,18 @@ fn started_domain_boots_a_bios_disk_under_tcg() {
         r.stderr
     );
     assert!(!pool.volumes().contains(&"other.qcow2".to_string()));
+    // Nor is the disk of a running domain deleted by --overwrite.
+    let r = pool.upload(&vmdk, &format!("{dom2}.qcow2"), &["--overwrite"]);
+    one_line_error(&r);
+    assert!(
+        r.stderr.contains(&format!(
+            "volume '{dom2}.qcow2' in pool '{}' is in use by running domain(s) '{dom2}'",
+            pool.name
+        )),
+        "{}",
+        r.stderr
+    );
+    assert!(pool.volumes().contains(&format!("{dom2}.qcow2")));
 }
 
 /// `--firmware uefi --start`: libvirt's firmware auto-selection finds OVMF (without Secure Boot) and the

@@ -25,7 +25,9 @@ use crate::progress::Bar;
 use crate::targets::azure::hyperv;
 use crate::targets::libvirt::sink::{SentCounts, VolumeSink};
 use crate::targets::libvirt::xml::{DomainSpec, domain_xml};
-use crate::targets::libvirt::{DiskBus, DomainType, Firmware, VolFormat, caps, conn as lv, volume};
+use crate::targets::libvirt::{
+    DiskBus, DomainType, Error as LvError, Firmware, VolFormat, caps, conn as lv, inuse, volume,
+};
 
 /// What to define, decided before anything is created.
 struct DomainPlan {
@@ -67,9 +69,32 @@ pub fn run(args: &LibvirtUploadArgs, quiet: bool) -> Result<u8> {
     };
     if let Some(old) = lv::find_volume(&pool, pool_name, vol_name)? {
         if !args.overwrite {
-            return Err(crate::targets::libvirt::Error::VolumeExists {
+            return Err(LvError::VolumeExists {
                 pool: pool_name.to_string(),
                 volume: vol_name.to_string(),
+            }
+            .into());
+        }
+        let path = old.path().map_err(|e| {
+            LvError::call(format!("cannot read the path of volume '{vol_name}'"), &e)
+        })?;
+        let users = inuse::running_users(
+            &conn,
+            &inuse::VolumeRef {
+                pool: pool_name,
+                volume: vol_name,
+                path: &path,
+            },
+        )?;
+        if !users.is_empty() {
+            return Err(LvError::VolumeInUse {
+                pool: pool_name.to_string(),
+                volume: vol_name.to_string(),
+                domains: users
+                    .iter()
+                    .map(|u| format!("'{u}'"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
             }
             .into());
         }

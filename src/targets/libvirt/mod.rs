@@ -6,6 +6,7 @@
 //! - [`sink`]: the engine's [`Sink`](imgshift_converters::Sink) that sends the output over libvirt Streams.
 //! - [`xml`]: volume and domain XML, written with quick-xml's writer.
 //! - [`caps`]: reading the host's capabilities (is KVM offered?).
+//! - [`inuse`]: which running domains use a volume (never replaced under them).
 //!
 //! Bindings: the `virt` crate 0.5 (libvirt ≥ 6.0 through pkg-config). It has no safe binding for sparse streams
 //! (`virStreamSendHole`, `VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM`); `virt-sys` declares the C functions, but calling
@@ -13,6 +14,7 @@
 
 pub mod caps;
 pub mod conn;
+pub mod inuse;
 pub mod sink;
 pub mod volume;
 pub mod xml;
@@ -60,6 +62,19 @@ pub enum Error {
         pool: String,
         /// Volume name.
         volume: String,
+    },
+    /// `--overwrite` would delete a volume a running domain uses.
+    #[error(
+        "volume '{volume}' in pool '{pool}' is in use by running domain(s) {domains}; shut them down before \
+         replacing it"
+    )]
+    VolumeInUse {
+        /// Pool name.
+        pool: String,
+        /// Volume name.
+        volume: String,
+        /// The domains, quoted and comma-separated.
+        domains: String,
     },
     /// The domain name is taken and replacing was not asked for.
     #[error("domain '{name}' already exists (pass --overwrite to replace it)")]
