@@ -274,6 +274,61 @@ fn uploads_three_source_formats_as_qcow2_and_raw() {
     }
 }
 
+/// An OVA (a VMware export): its boot disk, a streamOptimized VMDK, is read in place from the tar.
+#[test]
+fn uploads_the_boot_disk_of_an_ova() {
+    let d = tmpdir();
+    let pool = Pool::new();
+    let raw = test_raw(d.path(), "source.raw", 2 * MIB);
+    let pkg = d.path().join("pkg");
+    std::fs::create_dir(&pkg).unwrap();
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        s(&raw),
+        s(&pkg.join("disk1.vmdk")),
+    ]);
+    std::fs::write(
+        pkg.join("vm.ovf"),
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1">
+  <References><File ovf:id="file1" ovf:href="disk1.vmdk"/></References>
+  <DiskSection>
+    <Info>Virtual disk information</Info>
+    <Disk ovf:diskId="vmdisk1" ovf:fileRef="file1" ovf:capacity="24" ovf:capacityAllocationUnits="byte * 2^20"
+          ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"/>
+  </DiskSection>
+  <VirtualSystem ovf:id="vm"><Info>A virtual machine</Info></VirtualSystem>
+</Envelope>
+"#,
+    )
+    .unwrap();
+    let ova = d.path().join("vm.ova");
+    let st = Command::new("tar")
+        .arg("-cf")
+        .arg(&ova)
+        .arg("-C")
+        .arg(&pkg)
+        .args(["vm.ovf", "disk1.vmdk"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for out in ["qcow2", "raw"] {
+        let vol = format!("ova.{out}");
+        pool.upload(&ova, &vol, &["-O", out]).ok();
+        assert_eq!(
+            capacity_and_format(&pool.vol_xml(&vol)),
+            (24 * MIB, out.to_string())
+        );
+        assert_same(&raw, "raw", &pool.path(&vol), out);
+    }
+}
+
 #[test]
 fn define_writes_firmware_bus_disk_and_features() {
     let d = tmpdir();
