@@ -16,6 +16,7 @@ use imgshift_converters::{
 use serde_json::json;
 use virt::connect::Connect;
 use virt::domain::Domain;
+use virt::storage_pool::StoragePool;
 
 use super::{gate, naming, open_image, open_ova};
 use crate::cli::{
@@ -57,49 +58,7 @@ pub fn run(args: &LibvirtUploadArgs, quiet: bool) -> Result<u8> {
     };
 
     // Refuse before creating anything when a name is taken.
-    let old_domain = match &args.define {
-        Some(name) => match lv::find_domain(&conn, name)? {
-            Some(d) => {
-                lv::check_replaceable(&d, name, args.overwrite)?;
-                Some(d)
-            }
-            None => None,
-        },
-        None => None,
-    };
-    if let Some(old) = lv::find_volume(&pool, pool_name, vol_name)? {
-        if !args.overwrite {
-            return Err(LvError::VolumeExists {
-                pool: pool_name.to_string(),
-                volume: vol_name.to_string(),
-            }
-            .into());
-        }
-        let path = old.path().map_err(|e| {
-            LvError::call(format!("cannot read the path of volume '{vol_name}'"), &e)
-        })?;
-        let users = inuse::running_users(
-            &conn,
-            &inuse::VolumeRef {
-                pool: pool_name,
-                volume: vol_name,
-                path: &path,
-            },
-        )?;
-        if !users.is_empty() {
-            return Err(LvError::VolumeInUse {
-                pool: pool_name.to_string(),
-                volume: vol_name.to_string(),
-                domains: users
-                    .iter()
-                    .map(|u| format!("'{u}'"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            }
-            .into());
-        }
-        volume::replace(&old, pool_name, vol_name)?;
-    }
+    let old_domain = clear_names(args, &conn, &pool)?;
 
     let created = volume::create(&pool, pool_name, vol_name, capacity, vol_format)?;
     // From here on, a failure removes the volume (and a domain this run defined), or names them.
@@ -126,32 +85,9 @@ pub fn run(args: &LibvirtUploadArgs, quiet: bool) -> Result<u8> {
     let mut started = false;
     if let Some(plan) = &plan {
         let name = plan.spec.name.as_str();
-        let xml = match domain_xml(&plan.spec) {
-            Ok(x) => x,
-            Err(e) => return Err(rollback(e.into(), None)),
-        };
-        if let Some(old) = &old_domain
-            && let Err(e) = lv::undefine(old, name)
-        {
-            return Err(rollback(e.into(), None));
-        }
-        let dom = match lv::define(&conn, &xml, name) {
-            Ok(d) => d,
-            Err(e) => {
-                let e = anyhow::Error::new(e);
-                let e = if old_domain.is_some() {
-                    e.context(format!("the previous domain '{name}' was undefined"))
-                } else {
-                    e
-                };
-                return Err(rollback(e, None));
-            }
-        };
-        if args.start {
-            if let Err(e) = lv::start(&dom, name) {
-                return Err(rollback(e.into(), Some((&dom, name))));
-            }
-            started = true;
+        match define_and_start(&conn, plan, old_domain.as_ref(), args.start) {
+            Ok(s) => started = s,
+            Err((e, dom)) => return Err(rollback(e, dom.as_ref().map(|d| (d, name)))),
         }
         if !quiet {
             for n in &plan.notes {
@@ -171,6 +107,91 @@ pub fn run(args: &LibvirtUploadArgs, quiet: bool) -> Result<u8> {
         &stats,
     )?;
     Ok(0)
+}
+
+/// Checks the volume and domain names before anything is created: a taken name needs `--overwrite`; a running
+/// domain, or a volume a running domain uses, is never replaced. With `--overwrite` the old volume is deleted
+/// here. Returns the (stopped) domain to replace.
+fn clear_names(
+    args: &LibvirtUploadArgs,
+    conn: &Connect,
+    pool: &StoragePool,
+) -> Result<Option<Domain>> {
+    let (pool_name, vol_name) = (args.pool.as_str(), args.volume.as_str());
+    let old_domain = match &args.define {
+        Some(name) => match lv::find_domain(conn, name)? {
+            Some(d) => {
+                lv::check_replaceable(&d, name, args.overwrite)?;
+                Some(d)
+            }
+            None => None,
+        },
+        None => None,
+    };
+    let Some(old) = lv::find_volume(pool, pool_name, vol_name)? else {
+        return Ok(old_domain);
+    };
+    if !args.overwrite {
+        return Err(LvError::VolumeExists {
+            pool: pool_name.to_string(),
+            volume: vol_name.to_string(),
+        }
+        .into());
+    }
+    let path = old
+        .path()
+        .map_err(|e| LvError::call(format!("cannot read the path of volume '{vol_name}'"), &e))?;
+    let vref = inuse::VolumeRef {
+        pool: pool_name,
+        volume: vol_name,
+        path: &path,
+    };
+    let users = inuse::running_users(conn, &vref)?;
+    if !users.is_empty() {
+        return Err(LvError::VolumeInUse {
+            pool: pool_name.to_string(),
+            volume: vol_name.to_string(),
+            domains: users
+                .iter()
+                .map(|u| format!("'{u}'"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+        .into());
+    }
+    volume::replace(&old, pool_name, vol_name)?;
+    Ok(old_domain)
+}
+
+/// Defines the planned domain (in place of `old`) and starts it when asked. Returns whether it was started; on
+/// failure, the error and the domain this run defined (for the caller to undefine).
+fn define_and_start(
+    conn: &Connect,
+    plan: &DomainPlan,
+    old: Option<&Domain>,
+    start: bool,
+) -> std::result::Result<bool, (anyhow::Error, Option<Domain>)> {
+    let name = plan.spec.name.as_str();
+    let xml = domain_xml(&plan.spec).map_err(|e| (e.into(), None))?;
+    if let Some(old) = old {
+        lv::undefine(old, name).map_err(|e| (e.into(), None))?;
+    }
+    let dom = lv::define(conn, &xml, name).map_err(|e| {
+        let e = anyhow::Error::new(e);
+        let e = if old.is_some() {
+            e.context(format!("the previous domain '{name}' was undefined"))
+        } else {
+            e
+        };
+        (e, None)
+    })?;
+    if start {
+        if let Err(e) = lv::start(&dom, name) {
+            return Err((e.into(), Some(dom)));
+        }
+        return Ok(true);
+    }
+    Ok(false)
 }
 
 /// Opens the source: an OVA's boot disk, or the image itself.
