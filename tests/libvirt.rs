@@ -8,7 +8,6 @@ mod util;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -17,39 +16,6 @@ use util::*;
 const DEFAULT_URI: &str =
     "qemu:///system?socket=/var/tmp/imgshift-standins/libvirt/run/libvirt-sock";
 const MIB: u64 = 1 << 20;
-
-/// The binary under test, held open and run through `/proc/self/fd/N`: a build dir shared between worktrees can
-/// have `target/debug/imgshift` replaced by another build while these minute-long tests run; the open file
-/// keeps this build's binary.
-fn bin() -> PathBuf {
-    use std::os::fd::AsRawFd;
-    static BIN: OnceLock<std::fs::File> = OnceLock::new();
-    let f = BIN.get_or_init(|| {
-        let f = std::fs::File::open(imgshift_bin()).unwrap();
-        let path = format!("/proc/self/fd/{}", f.as_raw_fd());
-        let ok = Command::new(&path)
-            .args(["upload", "libvirt", "--help"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        assert!(
-            ok,
-            "{} has no `upload libvirt`: another build replaced it; rerun the tests",
-            imgshift_bin().display()
-        );
-        f
-    });
-    PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()))
-}
-
-/// Runs the binary under test with `args`.
-fn run_imgshift(args: &[&str]) -> Run {
-    let out = Command::new(bin()).args(args).output().unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 fn uri() -> String {
     std::env::var("IMGSHIFT_LIBVIRT_URI").unwrap_or_else(|_| DEFAULT_URI.to_string())
@@ -133,7 +99,7 @@ impl Pool {
             vol,
         ];
         args.extend_from_slice(extra);
-        run_imgshift(&args)
+        imgshift(&args)
     }
 
     /// A domain name that is cleaned up with the pool.
@@ -587,7 +553,7 @@ fn uploads_to_a_session_daemon() {
     run(&["pool-create-as", "sp", "dir", "--target", s(&pool_dir)]);
     let raw = test_raw(d.path(), "source.raw", MIB);
     let src = source_in(d.path(), &raw, "vhdx");
-    let r = run_imgshift(&[
+    let r = imgshift(&[
         "upload",
         "libvirt",
         s(&src),
@@ -615,7 +581,7 @@ fn missing_or_stopped_pool_is_one_line() {
     let _pool = Pool::new();
     let raw = test_raw(d.path(), "source.raw", MIB);
     let u = uri();
-    let r = run_imgshift(&[
+    let r = imgshift(&[
         "upload",
         "libvirt",
         s(&raw),
@@ -637,7 +603,7 @@ fn missing_or_stopped_pool_is_one_line() {
     // A defined pool that is not running.
     let name = unique("stopped");
     virsh_ok(&["pool-define-as", &name, "dir", "--target", s(d.path())]);
-    let r = run_imgshift(&[
+    let r = imgshift(&[
         "upload",
         "libvirt",
         s(&raw),
@@ -717,7 +683,7 @@ fn unreachable_daemon_says_how_to_start_one() {
     let raw = test_raw(d.path(), "source.raw", MIB);
     let sock = d.path().join("no-such-sock");
     let u = format!("qemu:///system?socket={}", s(&sock));
-    let r = run_imgshift(&[
+    let r = imgshift(&[
         "upload",
         "libvirt",
         s(&raw),
@@ -824,7 +790,7 @@ fn interrupted_upload_leaves_no_volume() {
     let raw = d.path().join("big.raw");
     make_raw(&raw, 1024 * MIB, &[(0, 1024 * MIB)], &[]);
     let u = uri();
-    let mut child = Command::new(bin())
+    let mut child = Command::new(imgshift_bin())
         .args([
             "upload",
             "libvirt",
