@@ -84,6 +84,13 @@ fn convert_raw_to_stdout_and_file() {
     imgshift(&["convert", "-O", "raw", s(&a), s(&b)]).ok();
     assert_same(&a, "raw", &b, "raw");
     assert_eq!(files_in(d.path()), vec!["a.raw", "b.raw"]);
+    // A new file's mode is 0666 less the umask (as qemu-img's outputs), not a temporary file's private 0600.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&b).unwrap().permissions().mode() & 0o777;
+    let reference = d.path().join("reference");
+    std::fs::write(&reference, b"").unwrap();
+    let want = std::fs::metadata(&reference).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, want, "output mode {mode:o}, a new file gets {want:o}");
 }
 
 /// Sync calls the binary makes for one conversion, counted by strace.

@@ -324,6 +324,8 @@ impl OutputSet {
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{name}."))
             .suffix(".imgshift-tmp")
+            // As any new file (and as qemu-img's outputs): 0666 less the umask, not tempfile's private 0600.
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
             .tempfile_in(&dir)
             .map_err(|e| Error::io("cannot create a temporary file in", &dir, e))?;
         let (file, temp) = tmp.into_parts();
