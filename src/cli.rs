@@ -162,6 +162,8 @@ pub enum UploadTarget {
     Aws(AwsUploadArgs),
     /// Stream the disk into an Azure managed disk (fixed VHD, Put Page) and create an image.
     Azure(Box<AzureUploadArgs>),
+    /// Stream the disk into a libvirt storage volume and optionally define (and start) a domain using it.
+    Libvirt(LibvirtUploadArgs),
 }
 
 /// Where `download` reads from.
@@ -363,6 +365,117 @@ pub struct AzureUploadArgs {
     pub verbose: bool,
     #[command(flatten)]
     pub trust: TrustArgs,
+}
+
+/// `imgshift upload libvirt`.
+#[derive(Debug, Args)]
+pub struct LibvirtUploadArgs {
+    /// Source image (any supported format; an OVA's boot disk).
+    pub src: PathBuf,
+    /// libvirt connection URI (qemu:///system, qemu:///session, qemu:///system?socket=PATH, ...).
+    #[arg(
+        short = 'c',
+        long,
+        env = "LIBVIRT_DEFAULT_URI",
+        default_value = "qemu:///system",
+        value_name = "URI"
+    )]
+    pub connect: String,
+    /// Storage pool that receives the volume (must be running).
+    #[arg(long)]
+    pub pool: String,
+    /// Name of the volume to create.
+    #[arg(long)]
+    pub volume: String,
+    /// Volume format.
+    #[arg(short = 'O', value_name = "FMT", value_enum, default_value_t = LibvirtVolFormat::Qcow2)]
+    pub output_format: LibvirtVolFormat,
+    /// Replace an existing volume (deleted before the upload starts) and, with --define, an existing stopped
+    /// domain of the same name.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Define a domain of this name that boots from the volume.
+    #[arg(long, value_name = "NAME")]
+    pub define: Option<String>,
+    /// Domain memory in MiB.
+    #[arg(long, default_value_t = 1024, value_name = "MiB", requires = "define")]
+    pub memory: u64,
+    /// Domain virtual CPUs.
+    #[arg(long, default_value_t = 1, value_name = "N", requires = "define")]
+    pub vcpus: u32,
+    /// Guest firmware (auto: UEFI when the disk has a GPT with an EFI system partition, else BIOS).
+    #[arg(long, value_enum, default_value_t = FirmwareArg::Auto, requires = "define")]
+    pub firmware: FirmwareArg,
+    /// Disk bus (auto: sata, which every current OS has drivers for; virtio needs virtio drivers in the guest).
+    #[arg(long = "disk-bus", value_enum, default_value_t = DiskBusArg::Auto, requires = "define")]
+    pub disk_bus: DiskBusArg,
+    /// Domain type (auto: kvm when the host offers KVM, else qemu, i.e. TCG emulation).
+    #[arg(long = "domain-type", value_enum, default_value_t = DomainTypeArg::Auto, requires = "define")]
+    pub domain_type: DomainTypeArg,
+    /// Attach a virtio network interface on this libvirt network.
+    #[arg(long, value_name = "NAME", requires = "define")]
+    pub network: Option<String>,
+    /// Also log the guest's serial console to this file (an absolute path on the daemon's host).
+    #[arg(long = "serial-log", value_name = "FILE", requires = "define")]
+    pub serial_log: Option<PathBuf>,
+    /// Start the defined domain.
+    #[arg(long, requires = "define")]
+    pub start: bool,
+    /// Source format (probed when absent).
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
+    /// Output style.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    /// Show a progress bar even when standard error is not a terminal.
+    #[arg(short = 'p', long)]
+    pub progress: bool,
+    #[command(flatten)]
+    pub trust: TrustArgs,
+}
+
+/// `upload libvirt -O`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LibvirtVolFormat {
+    /// qcow2 (only data clusters are stored).
+    Qcow2,
+    /// Raw (sparse where the pool allows).
+    Raw,
+}
+
+/// `upload libvirt --firmware`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FirmwareArg {
+    /// From the disk: UEFI with a GPT holding an EFI system partition, else BIOS.
+    Auto,
+    /// Legacy BIOS.
+    Bios,
+    /// UEFI (OVMF, Secure Boot off).
+    Uefi,
+}
+
+/// `upload libvirt --disk-bus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiskBusArg {
+    /// sata until the guest's drivers are known.
+    Auto,
+    /// virtio-blk.
+    Virtio,
+    /// SATA (AHCI).
+    Sata,
+    /// SCSI on virtio-scsi.
+    Scsi,
+}
+
+/// `upload libvirt --domain-type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DomainTypeArg {
+    /// kvm when the host's capabilities offer it, else qemu.
+    Auto,
+    /// Hardware virtualisation.
+    Kvm,
+    /// TCG emulation.
+    Qemu,
 }
 
 /// `-t`: when a local output is made durable (qemu-img's cache mode names).

@@ -8,6 +8,7 @@ mod info;
 mod map;
 mod upload;
 mod upload_azure;
+mod upload_libvirt;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -73,6 +74,9 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Upload {
             target: UploadTarget::Azure(args),
         } => upload_azure::run(&args, quiet),
+        Command::Upload {
+            target: UploadTarget::Libvirt(args),
+        } => upload_libvirt::run(&args, quiet),
         Command::Download {
             target: DownloadTarget::Aws(args),
         } => download::aws(&args, quiet),
