@@ -1,20 +1,71 @@
-//! Progress bars on standard error (indicatif), shown on a terminal or when asked for.
+//! Progress on standard error: an indicatif bar on a terminal; with `-p` on a non-terminal (a log, CI), plain
+//! lines at most every few seconds.
 
 use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use imgshift_converters::Progress;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// A byte-count progress bar, or nothing.
+/// Shortest time between two plain progress lines.
+const LINE_EVERY: Duration = Duration::from_secs(5);
+
+/// Progress lines for a non-terminal.
+struct Lines {
+    what: String,
+    total: AtomicU64,
+    done: AtomicU64,
+    started: Instant,
+    last: Mutex<Instant>,
+}
+
+impl Lines {
+    fn line(&self) -> String {
+        let done = self.done.load(Ordering::Relaxed);
+        let total = self.total.load(Ordering::Relaxed);
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let pct = if total > 0 {
+            done.saturating_mul(100) / total
+        } else {
+            100
+        };
+        format!(
+            "imgshift: {}: {} of {} ({pct}%), {}/s",
+            self.what,
+            crate::commands::human_size(done),
+            crate::commands::human_size(total),
+            crate::commands::human_size((done as f64 / secs) as u64)
+        )
+    }
+}
+
+/// A byte-count progress display, or nothing.
 pub struct Bar {
     bar: Option<ProgressBar>,
+    lines: Option<Lines>,
 }
 
 impl Bar {
-    /// A bar labelled `what`, drawn when `forced` or standard error is a terminal, never when `quiet`.
+    /// Progress labelled `what`: a bar on a terminal (unless `quiet`), plain lines when `forced` on a
+    /// non-terminal, nothing otherwise.
     pub fn new(what: &str, forced: bool, quiet: bool) -> Bar {
-        if quiet || !(forced || std::io::stderr().is_terminal()) {
-            return Bar { bar: None };
+        if quiet {
+            return Bar {
+                bar: None,
+                lines: None,
+            };
+        }
+        if !std::io::stderr().is_terminal() {
+            let lines = forced.then(|| Lines {
+                what: what.to_string(),
+                total: AtomicU64::new(0),
+                done: AtomicU64::new(0),
+                started: Instant::now(),
+                last: Mutex::new(Instant::now()),
+            });
+            return Bar { bar: None, lines };
         }
         let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
         let style = ProgressStyle::with_template(
@@ -24,13 +75,19 @@ impl Bar {
         .progress_chars("=> ");
         bar.set_style(style);
         bar.set_message(what.to_string());
-        Bar { bar: Some(bar) }
+        Bar {
+            bar: Some(bar),
+            lines: None,
+        }
     }
 
-    /// Removes the bar.
+    /// Removes the bar (or prints the last line).
     pub fn finish(&self) {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
+        }
+        if let Some(l) = &self.lines {
+            eprintln!("{}", l.line());
         }
     }
 }
@@ -40,10 +97,22 @@ impl Progress for Bar {
         if let Some(b) = &self.bar {
             b.set_length(total);
         }
+        if let Some(l) = &self.lines {
+            l.total.store(total, Ordering::Relaxed);
+        }
     }
     fn inc(&self, n: u64) {
         if let Some(b) = &self.bar {
             b.inc(n);
+        }
+        if let Some(l) = &self.lines {
+            l.done.fetch_add(n, Ordering::Relaxed);
+            if let Ok(mut last) = l.last.lock()
+                && last.elapsed() >= LINE_EVERY
+            {
+                *last = Instant::now();
+                eprintln!("{}", l.line());
+            }
         }
     }
 }

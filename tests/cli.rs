@@ -138,6 +138,46 @@ fn cache_mode_unsafe_never_syncs_and_writeback_does() {
 }
 
 #[test]
+fn progress_on_a_non_terminal_is_plain_lines_with_p_and_nothing_without() {
+    let d = tmpdir();
+    let a = d.path().join("a.raw");
+    make_raw(&a, 8 << 20, &[(0, 4 << 20)], &[]);
+    let r = imgshift(&[
+        "convert",
+        "-O",
+        "qcow2",
+        s(&a),
+        s(&d.path().join("b.qcow2")),
+    ]);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""));
+    let r = imgshift(&[
+        "convert",
+        "-p",
+        "-O",
+        "qcow2",
+        s(&a),
+        s(&d.path().join("c.qcow2")),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let last = r.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("imgshift: convert: 4 MiB of 4 MiB (100%)"),
+        "{}",
+        r.stderr
+    );
+    let r = imgshift(&[
+        "-q",
+        "convert",
+        "-p",
+        "-O",
+        "qcow2",
+        s(&a),
+        s(&d.path().join("e.qcow2")),
+    ]);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""));
+}
+
+#[test]
 fn convert_failure_leaves_nothing() {
     let d = tmpdir();
     let a = d.path().join("a.raw");
