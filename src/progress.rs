@@ -26,11 +26,7 @@ impl Lines {
         let done = self.done.load(Ordering::Relaxed);
         let total = self.total.load(Ordering::Relaxed);
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
-        let pct = if total > 0 {
-            done.saturating_mul(100) / total
-        } else {
-            100
-        };
+        let pct = done.saturating_mul(100).checked_div(total).unwrap_or(100);
         format!(
             "imgshift: {}: {} of {} ({pct}%), {}/s",
             self.what,
