@@ -14,10 +14,8 @@ use crate::sink::Sink;
 use crate::source::{DiskSource, resolved_extents};
 use crate::writer::{ChunkCompressor, FormatWriter, Plan, Run};
 
-/// Writers whose granule is at most this size get zero detection per granule (a qcow2 cluster, a VMDK grain).
-pub const WHOLE_GRANULE_ZERO_LIMIT: u64 = 64 << 10;
-/// Zero detection step inside larger granules (VHD/VDI/VHDX blocks of 1 MiB and more): zero runs of 4 KiB or
-/// more inside an allocated block stay holes in the output file, as with qemu-img's default `-S 4k`.
+/// Zero detection step for writers that leave holes inside allocated blocks (VHD, VHDX, VDI): zero runs of
+/// 4 KiB or more stay holes in the output file, as with qemu-img's default `-S 4k`.
 pub const BLOCK_ZERO_GRANULE: u64 = 4096;
 
 /// Reports progress; called from the engine's coordinating thread.
@@ -161,11 +159,12 @@ pub fn convert_with_map(
 
     // Work units: pieces of the runs, aligned to the granularity, at most unit_size long.
     let unit = (opts.unit_size.max(g) / g) * g;
-    let zero_granule = if g > WHOLE_GRANULE_ZERO_LIMIT {
-        BLOCK_ZERO_GRANULE
-    } else {
-        g
-    };
+    let zero_granule = writer.zero_granule();
+    if zero_granule == 0 || !zero_granule.is_power_of_two() || zero_granule > g {
+        return Err(Error::input(format!(
+            "internal error: writer zero granule {zero_granule} is not a power of two up to {g}"
+        )));
+    }
     let compressor = writer.compressor();
     let mut units = runs.iter().flat_map(|&(s, t)| {
         let mut out = Vec::new();

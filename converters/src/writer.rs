@@ -66,8 +66,16 @@ pub trait ChunkCompressor: Send + Sync {
 /// An output format.
 pub trait FormatWriter: Send {
     /// The unit (bytes, a power of two) in which the writer allocates or compresses; the engine aligns data
-    /// runs to it and detects zeros at this granularity (capped at 1 MiB).
+    /// runs to it.
     fn granularity(&self) -> u64;
+
+    /// The step (a power of two, at most the granularity) at which the engine detects zeros inside planned
+    /// runs; `Run::Zero`/`Run::Data` pieces then start and end on multiples of it. The default, the granularity
+    /// capped at 1 MiB, suits writers that take whole granules; writers that leave holes inside an allocated
+    /// block (VHD, VHDX, VDI) ask for 4 KiB, qemu-img's default `-S`.
+    fn zero_granule(&self) -> u64 {
+        self.granularity().min(1 << 20)
+    }
 
     /// The compressor the engine should run on worker threads, when output is compressed.
     fn compressor(&self) -> Option<Arc<dyn ChunkCompressor>> {

@@ -515,6 +515,11 @@ impl VdiWriter {
 }
 
 impl FormatWriter for VdiWriter {
+    fn zero_granule(&self) -> u64 {
+        // Zero runs inside an allocated block are left as holes in the file (qemu-img's -S 4k).
+        crate::engine::BLOCK_ZERO_GRANULE.min(self.granularity())
+    }
+
     fn granularity(&self) -> u64 {
         self.block_size
     }

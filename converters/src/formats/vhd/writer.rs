@@ -271,6 +271,11 @@ impl VhdWriter {
 }
 
 impl FormatWriter for VhdWriter {
+    fn zero_granule(&self) -> u64 {
+        // Zero runs inside an allocated block are left as holes in the file (qemu-img's -S 4k).
+        crate::engine::BLOCK_ZERO_GRANULE.min(self.granularity())
+    }
+
     fn granularity(&self) -> u64 {
         match self.disk_type {
             // A fixed VHD is raw data: holes for zero runs of 4 KiB, as qemu-img's default -S.

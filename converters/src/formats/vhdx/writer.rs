@@ -287,9 +287,13 @@ impl VhdxWriter {
 }
 
 impl FormatWriter for VhdxWriter {
+    fn zero_granule(&self) -> u64 {
+        // Zero runs inside an allocated block are left as holes in the file (qemu-img's -S 4k).
+        crate::engine::BLOCK_ZERO_GRANULE.min(self.granularity())
+    }
+
     fn granularity(&self) -> u64 {
-        // Blocks are 1 MiB or larger and are allocated on their first non-zero MiB; inside one, the engine
-        // detects zeros per 4 KiB and those stay holes in the file.
+        // Blocks are 1 MiB or larger and are allocated on their first non-zero MiB.
         MIB
     }
 
