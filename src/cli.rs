@@ -163,15 +163,21 @@ pub struct ConvertArgs {
     /// Print conversion statistics as JSON on standard error when done.
     #[arg(long)]
     pub stats: bool,
+    /// For an OVA source: the disk to convert, by its index in `imgshift info` (default: the boot disk, 0).
+    #[arg(long, value_name = "N")]
+    pub disk: Option<usize>,
     #[command(flatten)]
     pub trust: TrustArgs,
 }
 
 /// Where `upload` sends the disk.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per run; Azure's larger arguments are boxed
 pub enum UploadTarget {
     /// Stream the disk into an EBS snapshot (EBS direct APIs) and register an AMI.
     Aws(AwsUploadArgs),
+    /// Stream the disk into an Azure managed disk (fixed VHD, Put Page) and create an image.
+    Azure(Box<AzureUploadArgs>),
 }
 
 /// Where `download` reads from.
@@ -287,4 +293,87 @@ pub struct AwsDownloadArgs {
     /// Show a progress bar even when standard error is not a terminal.
     #[arg(short = 'p', long)]
     pub progress: bool,
+}
+
+/// `imgshift upload azure`.
+#[derive(Debug, Args)]
+pub struct AzureUploadArgs {
+    /// Source image (any supported format).
+    pub src: PathBuf,
+    /// Subscription id.
+    #[arg(long, env = "AZURE_SUBSCRIPTION_ID")]
+    pub subscription: String,
+    /// Resource group (must exist).
+    #[arg(long = "resource-group", short = 'g')]
+    pub resource_group: String,
+    /// Azure region of the disk and image (e.g. westeurope).
+    #[arg(long, short = 'l')]
+    pub location: String,
+    /// Name of the managed disk to create.
+    #[arg(long = "disk-name")]
+    pub disk_name: String,
+    /// Create an image of this name from the disk.
+    #[arg(long = "image-name")]
+    pub image_name: Option<String>,
+    /// Gallery for a gallery image version (with --gallery-image and --gallery-version).
+    #[arg(long, requires_all = ["gallery_image", "gallery_version"])]
+    pub gallery: Option<String>,
+    /// Gallery image definition.
+    #[arg(long = "gallery-image", requires = "gallery")]
+    pub gallery_image: Option<String>,
+    /// Gallery image version (X.Y.Z).
+    #[arg(long = "gallery-version", requires = "gallery")]
+    pub gallery_version: Option<String>,
+    /// Guest OS type.
+    #[arg(long = "os-type", default_value = "linux", value_parser = ["linux", "windows"])]
+    pub os_type: String,
+    /// Hyper-V generation; auto = V2 when the disk has a GPT with an EFI system partition, else V1.
+    #[arg(long = "hyper-v-generation", default_value = "auto", value_parser = ["V1", "V2", "auto"])]
+    pub hyper_v_generation: String,
+    /// Disk storage SKU.
+    #[arg(long, default_value = "Standard_LRS", value_parser = ["Standard_LRS", "Premium_LRS", "StandardSSD_LRS"])]
+    pub sku: String,
+    /// Tag for the disk and the image. Repeatable.
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Azure Resource Manager endpoint (https).
+    #[arg(
+        long = "arm-endpoint",
+        value_name = "URL",
+        default_value = "https://management.azure.com"
+    )]
+    pub arm_endpoint: String,
+    /// Extra trusted CA certificates (PEM) for HTTPS, e.g. of a TLS-inspecting proxy.
+    #[arg(long = "ca-bundle", value_name = "FILE", env = "IMGSHIFT_CA_BUNDLE")]
+    pub ca_bundle: Option<PathBuf>,
+    /// Lifetime of the write SAS requested from the disk, in seconds.
+    #[arg(
+        long = "access-duration",
+        default_value_t = 86400,
+        value_name = "SECONDS"
+    )]
+    pub access_duration: u64,
+    /// 4 MiB windows uploaded in parallel.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub concurrency: usize,
+    /// Attempts per request for retryable failures (throttling, 5xx, timeouts).
+    #[arg(long = "max-attempts", default_value_t = 10, value_name = "N")]
+    pub max_attempts: u32,
+    /// Source format (probed when absent).
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
+    /// Folder for job journals (default: $XDG_STATE_HOME/imgshift/jobs).
+    #[arg(long = "state-dir", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Output style.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    /// Show a progress bar even when standard error is not a terminal.
+    #[arg(short = 'p', long)]
+    pub progress: bool,
+    /// Print each step on standard error.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+    #[command(flatten)]
+    pub trust: TrustArgs,
 }

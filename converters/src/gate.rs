@@ -93,6 +93,18 @@ impl OpenGate {
             .canonicalize()
             .map_err(|e| Error::io("cannot resolve folder", base, e))?;
         let named = Path::new(name);
+        // Rule: without --allow-dir, absolute names and `..` can never pass, so refuse them before asking the file
+        // system: the message then says why even when the named file does not exist.
+        let escapes = named.is_absolute()
+            || named
+                .components()
+                .any(|c| matches!(c, Component::ParentDir));
+        if escapes && self.allowed_dirs.is_empty() {
+            return Err(Error::denied(format!(
+                "{what} '{name}' refused: it is outside the image's folder {} (pass --allow-dir DIR to trust another folder)",
+                base.display()
+            )));
+        }
         let joined = if named.is_absolute() {
             named.to_path_buf()
         } else {
@@ -205,6 +217,10 @@ mod tests {
                 "{bad} must be refused"
             );
         }
+        // refused for the rule, not for a missing file
+        let e = g.resolve(&top, "../not-there", "backing file").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Denied, "{e}");
+        assert!(e.to_string().contains("outside the image's folder"), "{e}");
         let g2 = OpenGate::new().allow_dir(dir.path()).unwrap();
         assert!(g2.resolve(&top, "../outside", "backing file").is_ok());
         assert!(

@@ -36,11 +36,52 @@ pub trait Sink: Send {
 }
 
 /// A local file, written with positional writes; skipped ranges stay holes.
+///
+/// The file is made durable before it is renamed (`finish` syncs it). So that this final sync does not wait
+/// for the whole output to reach the disk, a background thread syncs the data written so far every
+/// [`EARLY_SYNC_BYTES`]: the disk writes back while the conversion goes on.
 pub struct FileSink {
     file: File,
     path: PathBuf,
     final_name: Option<String>,
     set: Option<std::sync::Arc<std::sync::Mutex<OutputSetInner>>>,
+    early: Option<EarlySync>,
+    unsynced: u64,
+}
+
+/// Bytes written between two background syncs: large enough that the syncs are few, small enough that the
+/// final one has little left to write.
+pub const EARLY_SYNC_BYTES: u64 = 32 << 20;
+
+/// The background syncing thread: a request channel (bounded to one pending request) and its handle.
+struct EarlySync {
+    tx: std::sync::mpsc::SyncSender<()>,
+    handle: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+impl EarlySync {
+    fn start(file: &File) -> Option<EarlySync> {
+        let file = file.try_clone().ok()?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let handle = std::thread::Builder::new()
+            .name("imgshift-sync".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    file.sync_data()?;
+                }
+                Ok(())
+            })
+            .ok()?;
+        Some(EarlySync { tx, handle })
+    }
+
+    /// Stops the thread; returns the first error its syncs met.
+    fn stop(self) -> std::io::Result<()> {
+        drop(self.tx);
+        self.handle
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the sync thread panicked")))
+    }
 }
 
 impl FileSink {
@@ -51,6 +92,8 @@ impl FileSink {
             path,
             final_name: None,
             set: None,
+            early: None,
+            unsynced: 0,
         }
     }
 }
@@ -63,7 +106,19 @@ impl Sink for FileSink {
                 &self.path,
                 e,
             )
-        })
+        })?;
+        self.unsynced = self.unsynced.saturating_add(data.len() as u64);
+        if self.unsynced >= EARLY_SYNC_BYTES {
+            self.unsynced = 0;
+            if self.early.is_none() {
+                self.early = EarlySync::start(&self.file);
+            }
+            if let Some(e) = &self.early {
+                // A full channel means a sync is already queued: it will cover these bytes too.
+                let _ = e.tx.try_send(());
+            }
+        }
+        Ok(())
     }
     fn can_seek_back(&self) -> bool {
         true
@@ -74,6 +129,10 @@ impl Sink for FileSink {
             .map_err(|e| Error::io("cannot read back", &self.path, e))
     }
     fn finish(&mut self, len: u64) -> Result<()> {
+        if let Some(e) = self.early.take() {
+            e.stop()
+                .map_err(|e| Error::io("cannot sync", &self.path, e))?;
+        }
         self.file
             .set_len(len)
             .map_err(|e| Error::io("cannot set the length of", &self.path, e))?;

@@ -4,10 +4,11 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use imgshift_converters::{
-    ConvertOptions, Format, OutputSet, StreamSink, WriterOptions, convert, create_writer,
+    ConvertOptions, DiskSource, Format, OutputSet, StreamSink, WriterOptions, convert,
+    create_writer,
 };
 
-use super::open_image;
+use super::{gate, naming, open_image, open_ova};
 use crate::cli::ConvertArgs;
 use crate::progress::Bar;
 
@@ -22,7 +23,7 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<u8> {
         opts.set("compress", "on");
     }
     let mut writer = create_writer(out_format, &mut opts)?;
-    let src = open_image(&args.src, args.format.as_deref(), &args.trust)?;
+    let src = open_source(args)?;
 
     let mut copts = ConvertOptions::default();
     if let Some(t) = args.threads {
@@ -73,6 +74,25 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<u8> {
         eprintln!("{v}");
     }
     Ok(0)
+}
+
+/// Opens the source: disk `--disk` (default the boot disk) of an OVA, read in place from the archive, or the
+/// image itself.
+fn open_source(args: &ConvertArgs) -> Result<Box<dyn DiskSource>> {
+    match open_ova(&args.src, args.format.as_deref())? {
+        Some(pkg) => pkg
+            .open_disk(args.disk.unwrap_or(0), &gate(&args.trust)?)
+            .map_err(|e| naming(e, &args.src)),
+        None => {
+            if let Some(n) = args.disk {
+                bail!(
+                    "--disk {n}: {} is not an OVA (--disk picks a disk of an OVA package)",
+                    args.src.display()
+                );
+            }
+            open_image(&args.src, args.format.as_deref(), &args.trust)
+        }
+    }
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use imgshift_converters::{DiskSource, ExtentKind, resolved_extents};
 use serde_json::{Map, Value, json};
 
-use super::{human_size, open_image};
+use super::{gate, human_size, naming, open_image, open_ova};
 use crate::cli::{OutputFormat, TrustArgs};
 
 /// Runs `info`.
@@ -16,8 +16,34 @@ pub fn run(
     output: OutputFormat,
     trust: &TrustArgs,
 ) -> Result<u8> {
-    let src = open_image(image, format, trust)?;
-    let v = describe(image, src.as_ref())?;
+    let v = match open_ova(image, format)? {
+        // An OVA: the boot disk's fields, plus every disk the descriptor lists.
+        Some(pkg) => {
+            let src = pkg
+                .open_boot_disk(&gate(trust)?)
+                .map_err(|e| naming(e, image))?;
+            let mut v = describe(image, src.as_ref())?;
+            v["disks"] = pkg
+                .disks()
+                .iter()
+                .map(|d| {
+                    json!({
+                        "index": d.index,
+                        "id": d.id,
+                        "file": d.file_name,
+                        "capacity": d.capacity,
+                        "format": d.format.map(|f| f.name()),
+                        "member-size": d.size,
+                    })
+                })
+                .collect();
+            v
+        }
+        None => {
+            let src = open_image(image, format, trust)?;
+            describe(image, src.as_ref())?
+        }
+    };
     match output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
         OutputFormat::Human => print_human(&v),
@@ -104,5 +130,19 @@ fn print_human(v: &Value) {
     }
     if let Some(d) = get("data-bytes").and_then(Value::as_u64) {
         println!("data (with backing chain): {} ({d} bytes)", human_size(d));
+    }
+    if let Some(Value::Array(disks)) = get("disks") {
+        println!("OVA disks (0 is the boot disk; convert --disk N picks one):");
+        for d in disks {
+            let cap = d["capacity"].as_u64().unwrap_or(0);
+            println!(
+                "    {}: id {}, file {}, capacity {} ({cap} bytes), format {}",
+                d["index"],
+                d["id"].as_str().unwrap_or("?"),
+                d["file"].as_str().unwrap_or("?"),
+                human_size(cap),
+                d["format"].as_str().unwrap_or("probed"),
+            );
+        }
     }
 }

@@ -8,9 +8,14 @@ mod info;
 mod inspect;
 mod map;
 mod upload;
+mod upload_azure;
+
+use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Result;
-use imgshift_converters::{Format, OpenGate};
+use imgshift_converters::formats::ova::OvaPackage;
+use imgshift_converters::{FileStorage, Format, OpenGate, Storage};
 
 use crate::cli::{Cli, Command, DownloadTarget, TrustArgs, UploadTarget};
 
@@ -81,6 +86,9 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Upload {
             target: UploadTarget::Aws(args),
         } => upload::aws(&args, quiet),
+        Command::Upload {
+            target: UploadTarget::Azure(args),
+        } => upload_azure::run(&args, quiet),
         Command::Download {
             target: DownloadTarget::Aws(args),
         } => download::aws(&args, quiet),
@@ -111,13 +119,35 @@ pub fn open_image(
     trust: &TrustArgs,
 ) -> Result<Box<dyn imgshift_converters::DiskSource>> {
     let fmt = parse_format(format)?;
-    imgshift_converters::open_path(path, fmt, &gate(trust)?).map_err(|e| {
-        if e.kind() == imgshift_converters::ErrorKind::Io {
-            anyhow::Error::new(e)
-        } else {
-            anyhow::Error::new(e).context(path.display().to_string())
-        }
-    })
+    imgshift_converters::open_path(path, fmt, &gate(trust)?).map_err(|e| naming(e, path))
+}
+
+/// A library error about the image at `path`, named by its path unless the message already names it.
+pub fn naming(e: imgshift_converters::Error, path: &Path) -> anyhow::Error {
+    if e.kind() == imgshift_converters::ErrorKind::Io {
+        anyhow::Error::new(e)
+    } else {
+        anyhow::Error::new(e).context(path.display().to_string())
+    }
+}
+
+/// The OVA package at `path` when it is one (`-f ova`, or probed as one); `None` for every other format.
+pub fn open_ova(path: &Path, format: Option<&str>) -> Result<Option<OvaPackage>> {
+    let fmt = parse_format(format)?;
+    if fmt.is_some_and(|f| f != Format::Ova) {
+        return Ok(None);
+    }
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path).map_err(|e| naming(e, path))?);
+    if fmt.is_none()
+        && imgshift_converters::formats::probe::probe(storage.as_ref())
+            .map_err(|e| naming(e, path))?
+            != Format::Ova
+    {
+        return Ok(None);
+    }
+    OvaPackage::open(storage)
+        .map(Some)
+        .map_err(|e| naming(e, path))
 }
 
 /// Formats a byte count like qemu-img ("16 GiB").

@@ -88,10 +88,11 @@ impl Qcow2Reader {
         let needed = header.size.div_ceil(header.l2_span());
         let mut raw_l1 = vec![0u8; (needed * 8) as usize];
         storage.read_exact_at(&mut raw_l1, header.l1_table_offset)?;
-        let l1 = raw_l1
+        let l1: Vec<u64> = raw_l1
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
             .collect();
+        refuse_shared_l2(&l1)?;
 
         let backing = match &header.backing_file {
             None => None,
@@ -111,6 +112,28 @@ impl Qcow2Reader {
     /// The validated header.
     pub fn header(&self) -> &Header {
         &self.header
+    }
+}
+
+/// Rule: each active L1 entry has its own L2 table. qemu never writes two active L1 entries that share one (only
+/// snapshots share tables with the active L1), and a shared table lets a few MiB of file describe 2^61 bytes of
+/// mapped clusters, so mapping the disk would take hours; with distinct tables the work follows the file size.
+fn refuse_shared_l2(l1: &[u64]) -> Result<()> {
+    let mut used: Vec<u64> = l1
+        .iter()
+        .map(|e| e & OFFSET_MASK)
+        .filter(|&o| o != 0)
+        .collect();
+    used.sort_unstable();
+    match used.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(Error::corrupt(
+            FMT,
+            format!(
+                "two L1 entries share the L2 table at {:#x} (qemu-img check would report its refcount)",
+                w[0]
+            ),
+        )),
+        None => Ok(()),
     }
 }
 

@@ -225,6 +225,52 @@ fn l2_entry_past_eof_fails_on_read() {
 }
 
 #[test]
+fn rejects_l1_entries_sharing_an_l2_table() {
+    // 2 MiB clusters, a 1 TiB disk: if L1 entry 1 may reuse entry 0's table, each such entry maps 2^39 more
+    // bytes from the same 2 MiB of file, and a full L1 would make `extents` walk 2^40 clusters.
+    let disk = sample_disk(1 << 20);
+    let mut img = write(&disk, "cluster_size=2M", false);
+    let r = open_mem(img.clone()).unwrap();
+    let l1_off = r.header().l1_table_offset as usize;
+    assert!(r.header().l1_size >= 1);
+    let e0 = u64::from_be_bytes(img[l1_off..l1_off + 8].try_into().unwrap());
+    // grow the disk to two L2 spans and point the second L1 entry at the first entry's table
+    set64(&mut img, 24, 2 << 39);
+    img[36..40].copy_from_slice(&2u32.to_be_bytes());
+    set64(&mut img, l1_off + 8, e0);
+    let e = open_mem(img).err().unwrap().to_string();
+    assert!(e.contains("two L1 entries share the L2 table"), "{e}");
+}
+
+#[test]
+fn check_counts_a_shared_refcount_block_past_the_end_once() {
+    // Fuzzer finding (qcow2 target, timeout-744125a5): every refcount table entry named one non-zero refcount
+    // block, so the check walked table entries x block entries, formatting a leak message for each.
+    let disk = sample_disk(1 << 20);
+    let mut img = write(&disk, "", false);
+    let h = open_mem(img.clone()).unwrap().header().clone();
+    let rt = h.refcount_table_offset as usize;
+    let first = img[rt..rt + 8].to_vec();
+    let entries = (h.refcount_table_clusters * h.cluster_size() / 8) as usize;
+    for i in 1..entries {
+        img[rt + 8 * i..rt + 8 * i + 8].copy_from_slice(&first);
+    }
+    let r = open_mem(img).unwrap();
+    let t = std::time::Instant::now();
+    let rep = r.check().unwrap();
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(1),
+        "{:?}",
+        t.elapsed()
+    );
+    // Block 0 holds the refcounts of the file's own clusters; each of the other entries repeats them past the end.
+    let nonzero = (h.cluster_size() * 8 / 16).min(1 + r.storage.len() / h.cluster_size());
+    assert!(rep.leaks >= (entries as u64 - 1) * 2, "{rep:?}");
+    assert!(rep.leaks <= (entries as u64 - 1) * nonzero, "{rep:?}");
+    assert!(rep.messages.len() <= CheckReport::MAX_MESSAGES);
+}
+
+#[test]
 fn check_finds_leaks_and_corruption() {
     let disk = sample_disk(1 << 20);
     let img = write(&disk, "", false);

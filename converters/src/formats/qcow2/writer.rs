@@ -401,13 +401,15 @@ impl Qcow2Writer {
                 Ok(())
             }
             Run::Data(d) => {
+                // Clusters allocated one after another are contiguous in the file: one write per contiguous
+                // piece (host offset, start in `d`, length).
+                let mut pending: Option<(u64, usize, usize)> = None;
                 let mut pos = offset;
-                let mut rest = d;
-                while !rest.is_empty() {
+                let mut done = 0usize;
+                while done < d.len() {
                     let cluster = pos / cs;
                     let in_cl = pos % cs;
-                    let n = ((cs - in_cl) as usize).min(rest.len());
-                    let (piece, tail) = rest.split_at(n);
+                    let n = ((cs - in_cl) as usize).min(d.len() - done);
                     self.enter(cluster)?;
                     let s = self.seek_state()?;
                     let host = match s.cur.as_ref().and_then(|c| c.host) {
@@ -422,9 +424,25 @@ impl Qcow2Writer {
                             h
                         }
                     };
-                    sink.write_at(host + in_cl, piece)?;
+                    let at = host + in_cl;
+                    match &mut pending {
+                        Some((off, from, len))
+                            if *off + *len as u64 == at && *from + *len == done =>
+                        {
+                            *len += n
+                        }
+                        _ => {
+                            if let Some((off, from, len)) = pending.take() {
+                                sink.write_at(off, &d[from..from + len])?;
+                            }
+                            pending = Some((at, done, n));
+                        }
+                    }
                     pos += n as u64;
-                    rest = tail;
+                    done += n;
+                }
+                if let Some((off, from, len)) = pending {
+                    sink.write_at(off, &d[from..from + len])?;
                 }
                 Ok(())
             }
@@ -734,6 +752,9 @@ impl Qcow2Compressor {
 
 thread_local! {
     static ZSTD: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    /// One deflate state per worker thread, reset for every cluster (setting one up costs about as much as
+    /// compressing a small cluster).
+    static DEFLATE: RefCell<Option<flate2::Compress>> = const { RefCell::new(None) };
 }
 
 impl ChunkCompressor for Qcow2Compressor {
@@ -760,17 +781,21 @@ impl ChunkCompressor for Qcow2Compressor {
         }
         let mut out = Vec::with_capacity(limit);
         match self.kind {
-            Compression::Zlib => {
-                let mut c = flate2::Compress::new_with_window_bits(
-                    flate2::Compression::default(),
-                    false,
-                    DEFLATE_WINDOW_BITS,
-                );
+            Compression::Zlib => DEFLATE.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                let c = slot.get_or_insert_with(|| {
+                    flate2::Compress::new_with_window_bits(
+                        flate2::Compression::default(),
+                        false,
+                        DEFLATE_WINDOW_BITS,
+                    )
+                });
+                c.reset();
                 match c.compress_vec(input, &mut out, flate2::FlushCompress::Finish) {
                     Ok(flate2::Status::StreamEnd) if out.len() <= limit => Ok(Some(out)),
                     _ => Ok(None),
                 }
-            }
+            }),
             Compression::Zstd => ZSTD.with(|cell| {
                 let mut slot = cell.borrow_mut();
                 if slot.is_none() {

@@ -267,24 +267,29 @@ pub fn parse_region_table(buf: &[u8], file_len: u64, log: Option<Region>) -> Res
             offset: e.file_offset.get(),
             length: u64::from(e.length.get()),
         };
+        // Messages name the region ("BAT region {GUID}"), not only its GUID.
+        let name = if e.guid == BAT_GUID {
+            format!("BAT region {}", e.guid)
+        } else if e.guid == METADATA_GUID {
+            format!("metadata region {}", e.guid)
+        } else {
+            format!("region {}", e.guid)
+        };
         // "FileOffset: MUST be a multiple of 1 MB and MUST be at least 1 MB"; "Length: MUST be a multiple of
         // 1 MB" (MS-VHDX 2.2.3.2).
         if !r.offset.is_multiple_of(MIB) || !r.length.is_multiple_of(MIB) || r.length == 0 {
             return Err(Error::corrupt(
                 FMT,
                 format!(
-                    "region {} at {} of {} bytes is not 1 MiB aligned",
-                    e.guid, r.offset, r.length
+                    "{name} at {} of {} bytes is not 1 MiB aligned",
+                    r.offset, r.length
                 ),
             ));
         }
         if r.offset < HEADER_SECTION_SIZE {
             return Err(Error::corrupt(
                 FMT,
-                format!(
-                    "region {} at {} overlaps the header section",
-                    e.guid, r.offset
-                ),
+                format!("{name} at {} overlaps the header section", r.offset),
             ));
         }
         if r.offset
@@ -294,8 +299,8 @@ pub fn parse_region_table(buf: &[u8], file_len: u64, log: Option<Region>) -> Res
             return Err(Error::corrupt(
                 FMT,
                 format!(
-                    "region {} at {} of {} bytes is outside the file ({file_len} bytes)",
-                    e.guid, r.offset, r.length
+                    "{name} at {} of {} bytes is outside the file ({file_len} bytes)",
+                    r.offset, r.length
                 ),
             ));
         }
@@ -303,8 +308,8 @@ pub fn parse_region_table(buf: &[u8], file_len: u64, log: Option<Region>) -> Res
             return Err(Error::corrupt(
                 FMT,
                 format!(
-                    "region {} at {} overlaps another region or the log at {}",
-                    e.guid, r.offset, o.offset
+                    "{name} at {} overlaps another region or the log at {}",
+                    r.offset, o.offset
                 ),
             ));
         }

@@ -497,17 +497,50 @@ impl SparseExtent {
         backing: Option<&dyn DiskSource>,
     ) -> Result<()> {
         let g = self.header.grain_bytes();
+        let per = self.header.gtes_per_gt;
+        // Uncompressed grains that follow each other in the file are read with one call: (buffer start, file
+        // offset, length).
+        let mut pending: Option<(usize, u64, usize)> = None;
+        let mut table: Option<(u64, Option<Arc<Vec<u32>>>)> = None;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
             let gi = pos / g;
             let within = pos % g;
             let n = ((g - within) as usize).min(buf.len() - done);
+            let gd_index = gi / per;
+            if table.as_ref().is_none_or(|t| t.0 != gd_index) {
+                table = Some((gd_index, self.table(gd_index)?));
+            }
+            let grain = match table.as_ref().and_then(|t| t.1.as_ref()) {
+                None => Grain::Unallocated,
+                Some(t) => self.classify(gi, t.get((gi % per) as usize).copied().unwrap_or(0))?,
+            };
+            if let Grain::At(file_off) = grain
+                && !self.header.compressed
+            {
+                let at = file_off + within;
+                match &mut pending {
+                    Some((from, foff, len))
+                        if *foff + *len as u64 == at && *from + *len == done =>
+                    {
+                        *len += n;
+                    }
+                    _ => {
+                        if let Some(p) = pending.take() {
+                            self.read_pending(buf, p)?;
+                        }
+                        pending = Some((done, at, n));
+                    }
+                }
+                done += n;
+                continue;
+            }
             let out = &mut buf[done..done + n];
-            match self.grain(gi)? {
+            match grain {
                 Grain::Unallocated => read_from_backing(backing, out, base + pos)?,
                 Grain::Zero => out.fill(0),
-                Grain::At(file_off) if self.header.compressed => {
+                Grain::At(file_off) => {
                     let data = self.inflate(gi, file_off)?;
                     let w = within as usize;
                     let src = data.get(w..w + n).ok_or_else(|| {
@@ -515,13 +548,27 @@ impl SparseExtent {
                     })?;
                     out.copy_from_slice(src);
                 }
-                Grain::At(file_off) => {
-                    // Data past the end of the file reads as zeros (a last grain may be cut short).
-                    self.storage.read_at_zero_fill(out, file_off + within)?;
-                }
             }
             done += n;
         }
+        if let Some(p) = pending {
+            self.read_pending(buf, p)?;
+        }
+        Ok(())
+    }
+
+    /// Reads a run of uncompressed grains gathered by `read`. Data past the end of the file reads as zeros (a
+    /// last grain may be cut short).
+    fn read_pending(
+        &self,
+        buf: &mut [u8],
+        (from, file_off, len): (usize, u64, usize),
+    ) -> Result<()> {
+        let out = from
+            .checked_add(len)
+            .and_then(|to| buf.get_mut(from..to))
+            .ok_or_else(|| Error::input("internal error: VMDK read outside the buffer"))?;
+        self.storage.read_at_zero_fill(out, file_off)?;
         Ok(())
     }
 

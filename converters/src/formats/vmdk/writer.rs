@@ -15,7 +15,6 @@
 //!   `<name>-flat.vmdk`, `<name>-f001.vmdk`.. or `<name>-s001.vmdk`.. beside it (qemu's names), 2 GiB each for
 //!   the split types. These need a local output.
 
-use std::io::Write;
 use std::sync::Arc;
 
 use zerocopy::byteorder::little_endian::{U16, U32, U64};
@@ -385,18 +384,47 @@ impl ChunkCompressor for GrainCompressor {
     }
 }
 
+thread_local! {
+    /// One zlib state per worker thread, reset for every grain (setting one up costs about as much as
+    /// compressing a grain of text).
+    static ZLIB: std::cell::RefCell<Option<flate2::Compress>> = const { std::cell::RefCell::new(None) };
+}
+
 fn deflate_grain(chunk: &[u8]) -> Result<Vec<u8>> {
-    let io = |e| Error::io_plain("cannot compress a VMDK grain", e);
-    let mut enc = flate2::write::ZlibEncoder::new(
-        Vec::with_capacity(chunk.len() / 2 + 64),
-        flate2::Compression::default(),
-    );
-    enc.write_all(chunk).map_err(io)?;
-    let pad = (GRAIN as usize).saturating_sub(chunk.len());
-    if pad > 0 {
-        enc.write_all(&vec![0u8; pad]).map_err(io)?;
-    }
-    enc.finish().map_err(io)
+    static ZERO_GRAIN: [u8; GRAIN as usize] = [0; GRAIN as usize];
+    let pad = ZERO_GRAIN
+        .get(..(GRAIN as usize).saturating_sub(chunk.len()))
+        .unwrap_or(&[]);
+    ZLIB.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let c =
+            slot.get_or_insert_with(|| flate2::Compress::new(flate2::Compression::default(), true));
+        c.reset();
+        // zlib's deflateBound for a grain is under grain + grain/64 + 64 bytes: one pass almost always.
+        let mut out = Vec::with_capacity(chunk.len() + pad.len() + GRAIN as usize / 64 + 64);
+        let start = c.total_in();
+        loop {
+            let consumed = usize::try_from(c.total_in() - start).unwrap_or(usize::MAX);
+            let (input, flush) = match consumed.checked_sub(chunk.len()) {
+                None => (chunk.get(consumed..).unwrap_or(&[]), pad.is_empty()),
+                Some(k) => (pad.get(k..).unwrap_or(&[]), true),
+            };
+            let flush = if flush {
+                flate2::FlushCompress::Finish
+            } else {
+                flate2::FlushCompress::None
+            };
+            if out.capacity() - out.len() < 64 {
+                out.reserve(GRAIN as usize / 4);
+            }
+            let status = c
+                .compress_vec(input, &mut out, flush)
+                .map_err(|e| Error::input(format!("cannot compress a VMDK grain: {e}")))?;
+            if status == flate2::Status::StreamEnd {
+                return Ok(out);
+            }
+        }
+    })
 }
 
 fn header_bytes(h: &RawSparseHeader) -> [u8; 512] {
@@ -636,6 +664,8 @@ impl SparseOut {
 
     /// Writes `data` at extent-relative byte `offset`.
     fn write(&mut self, sink: &mut dyn Sink, offset: u64, data: &[u8]) -> Result<()> {
+        // Grains allocated one after another are contiguous in the file: one write per contiguous piece.
+        let mut pending: Option<(u64, usize, usize)> = None;
         let mut done = 0usize;
         while done < data.len() {
             let pos = offset + done as u64;
@@ -643,8 +673,22 @@ impl SparseOut {
             let within = pos % GRAIN;
             let n = ((GRAIN - within) as usize).min(data.len() - done);
             let s = self.sector_for(sink, grain)?;
-            sink.write_at(s * SECTOR + within, &data[done..done + n])?;
+            let at = s * SECTOR + within;
+            match &mut pending {
+                Some((off, from, len)) if *off + (*len as u64) == at && *from + *len == done => {
+                    *len += n
+                }
+                _ => {
+                    if let Some((off, from, len)) = pending.take() {
+                        sink.write_at(off, &data[from..from + len])?;
+                    }
+                    pending = Some((at, done, n));
+                }
+            }
             done += n;
+        }
+        if let Some((off, from, len)) = pending {
+            sink.write_at(off, &data[from..from + len])?;
         }
         Ok(())
     }

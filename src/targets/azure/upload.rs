@@ -1,0 +1,218 @@
+//! The page uploader: Put Page requests for the pieces `PageSink` produces, many windows in flight, each request
+//! retried with capped, jittered backoff (throttling halves the windows in flight), acknowledged windows recorded
+//! in the job journal. The footer goes last, after every window was acknowledged.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use azure_core::http::{Transport, Url};
+use azure_storage_blob::models::HttpRange;
+use azure_storage_blob::{PageBlobClient, PageBlobClientOptions};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+use super::pages::{Page, Piece};
+use super::redact::{redact, url_without_query};
+use super::retry::{self, Class, Policy};
+use crate::journal::Journal;
+
+/// How often acknowledged windows are written to the journal (a kill loses at most this much work).
+const SAVE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+/// Fewest windows in flight after throttling.
+const MIN_IN_FLIGHT: usize = 2;
+/// Successes needed before one more window may be in flight again.
+const RAMP_UP_EVERY: u64 = 32;
+
+/// Counters of one upload run.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Counts {
+    /// Put Page requests that succeeded.
+    pub requests: u64,
+    /// Bytes sent in successful requests (footer included).
+    pub bytes_sent: u64,
+    /// Failed attempts that were retried.
+    pub retries: u64,
+    /// Of those, throttling replies (429, 503).
+    pub throttled: u64,
+}
+
+/// The page blob client for a SAS URL (the SAS is the credential; azure_core's retries are off, we retry).
+pub fn blob_client(sas_url: &str, transport: &Transport) -> Result<PageBlobClient> {
+    let url = Url::parse(sas_url).map_err(|_| {
+        anyhow::anyhow!(
+            "the disk's SAS URL is not a URL ({})",
+            redact(&url_without_query(sas_url))
+        )
+    })?;
+    let opts = PageBlobClientOptions {
+        client_options: super::http::options_no_retry(transport),
+        ..PageBlobClientOptions::default()
+    };
+    PageBlobClient::new(url, None, Some(opts))
+        .map_err(|e| anyhow::anyhow!("cannot use the disk's SAS URL: {}", retry::describe(&e)))
+}
+
+/// Shared state of the running tasks.
+struct Shared {
+    client: PageBlobClient,
+    policy: Policy,
+    sem: Arc<Semaphore>,
+    limit: AtomicUsize,
+    max: usize,
+    successes: AtomicU64,
+    retries: AtomicU64,
+    throttled: AtomicU64,
+}
+
+impl Shared {
+    fn on_class(&self, c: Class) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+        if c == Class::Throttle {
+            self.throttled.fetch_add(1, Ordering::Relaxed);
+            let cur = self.limit.load(Ordering::Relaxed);
+            let target = (cur / 2).max(MIN_IN_FLIGHT);
+            if cur > target
+                && self
+                    .limit
+                    .compare_exchange(cur, target, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                self.sem.forget_permits(cur - target);
+            }
+        }
+    }
+
+    fn on_success(&self) {
+        if self.successes.fetch_add(1, Ordering::Relaxed) % RAMP_UP_EVERY == RAMP_UP_EVERY - 1 {
+            let cur = self.limit.load(Ordering::Relaxed);
+            if cur < self.max
+                && self
+                    .limit
+                    .compare_exchange(cur, cur + 1, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                self.sem.add_permits(1);
+            }
+        }
+    }
+
+    /// One Put Page, retried.
+    async fn put(&self, page: Page) -> Result<u64> {
+        let len = page.data.len() as u64;
+        let data = bytes::Bytes::from(page.data);
+        let what = format!("Put Page at {} ({len} bytes)", page.offset);
+        retry::with_retry(
+            &self.policy,
+            &what,
+            |c| self.on_class(c),
+            || {
+                self.client.upload_pages(
+                    data.clone().into(),
+                    len,
+                    HttpRange::new(page.offset, len),
+                    None,
+                )
+            },
+        )
+        .await?;
+        self.on_success();
+        Ok(len)
+    }
+}
+
+/// Uploads every piece from `rx`, recording acknowledged windows in `journal`.
+pub async fn put_pages(
+    client: PageBlobClient,
+    mut rx: mpsc::Receiver<Piece>,
+    concurrency: usize,
+    policy: Policy,
+    journal: Arc<Mutex<Journal>>,
+    progress: Arc<dyn Fn(u64) + Send + Sync>,
+) -> Result<Counts> {
+    let max = concurrency.max(1);
+    let sh = Arc::new(Shared {
+        client,
+        policy,
+        sem: Arc::new(Semaphore::new(max)),
+        limit: AtomicUsize::new(max),
+        max,
+        successes: AtomicU64::new(0),
+        retries: AtomicU64::new(0),
+        throttled: AtomicU64::new(0),
+    });
+    let mut tasks: JoinSet<Result<(u64, u64, u64)>> = JoinSet::new();
+    let mut counts = Counts::default();
+    let mut last_save = std::time::Instant::now();
+    let mut done = |r: Result<Result<(u64, u64, u64)>, tokio::task::JoinError>,
+                    counts: &mut Counts,
+                    force_save: bool|
+     -> Result<()> {
+        let (slot, reqs, bytes) = r.context("an upload task failed")??;
+        counts.requests += reqs;
+        counts.bytes_sent += bytes;
+        progress(bytes);
+        let mut j = journal
+            .lock()
+            .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
+        j.done.set(slot);
+        if force_save || last_save.elapsed() >= SAVE_EVERY {
+            j.save()?;
+            last_save = std::time::Instant::now();
+        }
+        Ok(())
+    };
+
+    let result: Result<()> = async {
+        while let Some(piece) = rx.recv().await {
+            match piece {
+                Piece::Window { slot, pages } => {
+                    let permit = sh
+                        .sem
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .context("upload limiter closed")?;
+                    let sh2 = sh.clone();
+                    tasks.spawn(async move {
+                        let mut reqs = 0;
+                        let mut bytes = 0;
+                        for p in pages {
+                            bytes += sh2.put(p).await?;
+                            reqs += 1;
+                        }
+                        drop(permit);
+                        Ok((slot, reqs, bytes))
+                    });
+                }
+                Piece::Footer { slot, page } => {
+                    // Footer last: only once every window is acknowledged.
+                    while let Some(r) = tasks.join_next().await {
+                        done(r, &mut counts, false)?;
+                    }
+                    let n = sh.put(page).await?;
+                    done(Ok(Ok((slot, 1, n))), &mut counts, true)?;
+                }
+            }
+            while let Some(r) = tasks.try_join_next() {
+                done(r, &mut counts, false)?;
+            }
+        }
+        while let Some(r) = tasks.join_next().await {
+            done(r, &mut counts, false)?;
+        }
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        tasks.abort_all();
+    }
+    // Whatever happened, keep what was acknowledged.
+    if let Ok(j) = journal.lock() {
+        j.save()?;
+    }
+    result?;
+    counts.retries = sh.retries.load(Ordering::Relaxed);
+    counts.throttled = sh.throttled.load(Ordering::Relaxed);
+    Ok(counts)
+}

@@ -1,0 +1,340 @@
+#!/usr/bin/env python3
+"""A fake Azure Resource Manager (Microsoft.Compute) + Entra token endpoint for the Azure tests, over HTTPS.
+
+`serve`: answers the calls `imgshift upload azure` makes, with real long-running-operation semantics
+(201/202 + Azure-AsyncOperation / Location, InProgress polls, Retry-After), and hands out, from beginGetAccess,
+a blob SAS for a page blob it creates in Azurite (SharedKey with the Azurite dev key) of exactly uploadSizeBytes.
+It checks the bearer token and records every request (one JSON line each) so tests assert what was sent. Faults:
+--fail-lro OP (disk|grant|image|gallery: the operation ends Failed), --throttle-once REGEX (first matching request
+gets 429 + Retry-After: 1), --sas-ttl SECONDS[,SECONDS...]. Prints its port as its first line. Loopback only.
+
+`get BLOB OUT` / `ranges BLOB` / `create-blob BLOB SIZE`: Azurite helpers for the tests (SharedKey).
+"""
+import argparse
+import base64
+import datetime
+import hashlib
+import hmac
+import http.client
+import json
+import re
+import ssl
+import sys
+import threading
+import urllib.parse
+import uuid
+import xml.etree.ElementTree as ET
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ACCOUNT = "devstoreaccount1"
+KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+VERSION = "2025-01-05"
+
+
+# ---------------------------------------------------------------- Azurite (SharedKey, service SAS)
+def shared_key_request(azurite, method, path, query=None, headers=None, body=b""):
+    """Signs and sends a request to Azurite with the dev account key. `path` starts with /container/..."""
+    up = urllib.parse.urlparse(azurite)
+    query = query or {}
+    headers = dict(headers or {})
+    headers["x-ms-date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%a, %d %b %Y %H:%M:%S GMT")
+    headers["x-ms-version"] = VERSION
+    full_path = f"/{ACCOUNT}{path}"
+    length = str(len(body)) if body else ""
+    std = ["Content-Encoding", "Content-Language", "Content-Length", "Content-MD5", "Content-Type", "Date",
+           "If-Modified-Since", "If-Match", "If-None-Match", "If-Unmodified-Since", "Range"]
+    lower = {k.lower(): v for k, v in headers.items()}
+    parts = [method]
+    for h in std:
+        parts.append(length if h == "Content-Length" else lower.get(h.lower(), ""))
+    canon_headers = "".join(f"{k}:{lower[k]}\n" for k in sorted(k for k in lower if k.startswith("x-ms-")))
+    canon_res = f"/{ACCOUNT}{full_path}" + "".join(f"\n{k}:{query[k]}" for k in sorted(query))
+    sts = "\n".join(parts) + "\n" + canon_headers + canon_res
+    sig = base64.b64encode(hmac.new(base64.b64decode(KEY), sts.encode(), hashlib.sha256).digest()).decode()
+    headers["Authorization"] = f"SharedKey {ACCOUNT}:{sig}"
+    if body:
+        headers["Content-Length"] = length
+    conn = http.client.HTTPConnection(up.hostname, up.port, timeout=120)
+    qs = urllib.parse.urlencode(query)
+    conn.request(method, full_path + ("?" + qs if qs else ""), body=body or None, headers=headers)
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    return r.status, data
+
+
+def create_page_blob(azurite, container, blob, size):
+    st, _ = shared_key_request(azurite, "PUT", f"/{container}", {"restype": "container"})
+    if st not in (201, 409):
+        raise RuntimeError(f"create container: {st}")
+    st, data = shared_key_request(azurite, "PUT", f"/{container}/{blob}", {}, {
+        "x-ms-blob-type": "PageBlob", "x-ms-blob-content-length": str(size)})
+    if st != 201:
+        raise RuntimeError(f"create page blob: {st} {data[:200]}")
+
+
+def blob_sas(container, blob, ttl):
+    """A service SAS (sr=b, read+write) for one blob, signed with the dev key (string-to-sign of 2020-12-06+)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    st = (now - datetime.timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    se = (now + datetime.timedelta(seconds=ttl)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    fields = ["rw", st, se, f"/blob/{ACCOUNT}/{container}/{blob}", "", "", "", VERSION, "b", "", "", "", "", "", "",
+              ""]
+    sig = base64.b64encode(hmac.new(base64.b64decode(KEY), "\n".join(fields).encode(), hashlib.sha256).digest())
+    return urllib.parse.urlencode({"sv": VERSION, "st": st, "se": se, "sr": "b", "sp": "rw", "sig": sig.decode()})
+
+
+def split_blob(name):
+    container, blob = name.split("/", 1)
+    return container, blob
+
+
+# ---------------------------------------------------------------- the fake ARM
+class State:
+    def __init__(self, args):
+        self.args = args
+        self.lock = threading.Lock()
+        self.disks = {}      # name -> dict
+        self.resources = {}  # path -> json
+        self.ops = {}        # op id -> {"polls": n, "fail": bool, "result": json or None}
+        self.throttled = set()
+        self.seq = 0
+        self.grants = 0
+
+
+def make_handler(state):
+    a = state.args
+    base_re = re.compile(r"^/subscriptions/([^/]+)/resourceGroups/([^/]+)/providers/Microsoft\.Compute/(.*)$")
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *x):
+            pass
+
+        def reply(self, status, body=None, headers=None):
+            data = json.dumps(body).encode() if body is not None else b""
+            self.send_response(status)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            if data:
+                self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def err(self, status, code, msg):
+            self.reply(status, {"error": {"code": code, "message": msg}})
+
+        def new_op(self, fail=False, result=None):
+            with state.lock:
+                state.seq += 1
+                op = f"op{state.seq}"
+                state.ops[op] = {"polls": a.lro_polls, "fail": fail, "result": result}
+            host = f"https://127.0.0.1:{self.server.server_address[1]}"
+            return op, host
+
+        def handle_any(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            u = urllib.parse.urlparse(self.path)
+            q = urllib.parse.parse_qs(u.query)
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                body = None
+            auth = self.headers.get("Authorization", "")
+            rec = {"method": self.command, "path": u.path, "api": q.get("api-version", [""])[0],
+                   "auth": auth == f"Bearer {a.token}", "body": body}
+            if u.path.endswith("/oauth2/v2.0/token"):
+                form = urllib.parse.parse_qs(raw.decode())
+                rec["body"] = {"client_id": form.get("client_id", [""])[0],
+                               "scope": form.get("scope", [""])[0]}
+                self.log(rec)
+                if form.get("client_secret", [""])[0] != a.client_secret:
+                    return self.reply(401, {"error": "invalid_client", "error_description": "AADSTS7000215: bad secret",
+                                            "error_codes": [7000215]})
+                return self.reply(200, {"token_type": "Bearer", "expires_in": 3600, "ext_expires_in": 3600,
+                                        "access_token": a.token})
+            with state.lock:
+                throttle = a.throttle_once and re.search(a.throttle_once, u.path) and u.path not in state.throttled
+                if throttle:
+                    state.throttled.add(u.path)
+            rec["throttled"] = bool(throttle)
+            self.log(rec)
+            if not rec["auth"]:
+                return self.err(401, "AuthenticationFailed", "missing or wrong bearer token")
+            if throttle:
+                return self.reply(429, {"error": {"code": "TooManyRequests", "message": "slow down"}},
+                                  {"Retry-After": "1"})
+            if u.path.startswith("/operations/"):
+                return self.poll_op(u.path.split("/")[2], u.path.endswith("/result"))
+            m = base_re.match(u.path)
+            if not m:
+                return self.err(404, "NotFound", f"no route {u.path}")
+            sub, rg, rest = m.groups()
+            if sub != a.subscription:
+                return self.err(404, "SubscriptionNotFound", f"The subscription '{sub}' could not be found.")
+            if rg != a.resource_group:
+                return self.err(404, "ResourceGroupNotFound", f"Resource group '{rg}' could not be found.")
+            parts = rest.split("/")
+            if parts[0] == "disks" and len(parts) == 2:
+                return self.disk(parts[1], body)
+            if parts[0] == "disks" and len(parts) == 3 and self.command == "POST":
+                return self.disk_action(parts[1], parts[2], body)
+            if parts[0] in ("images", "galleries") and self.command in ("PUT", "GET"):
+                return self.resource(rest, body, "image" if parts[0] == "images" else "gallery")
+            return self.err(404, "NotFound", f"no route {u.path}")
+
+        def log(self, rec):
+            with state.lock, open(a.log, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+        def poll_op(self, op, result):
+            with state.lock:
+                o = state.ops.get(op)
+                if o is None:
+                    return self.err(404, "NotFound", "no such operation")
+                if o["polls"] > 0:
+                    o["polls"] -= 1
+                    running = True
+                else:
+                    running = False
+            if result:
+                if running:
+                    return self.reply(202, None, {"Location": self.path, "Retry-After": "0"})
+                return self.reply(200, o["result"])
+            if running:
+                return self.reply(200, {"status": "InProgress"}, {"Retry-After": "0"})
+            if o["fail"]:
+                return self.reply(200, {"status": "Failed",
+                                        "error": {"code": "InternalOperationError", "message": "injected failure"}})
+            return self.reply(200, {"status": "Succeeded"})
+
+        def disk(self, name, body):
+            if self.command == "GET":
+                d = state.disks.get(name)
+                if d is None:
+                    return self.err(404, "ResourceNotFound", f"The Resource 'Microsoft.Compute/disks/{name}' was not found.")
+                return self.reply(200, d)
+            if self.command != "PUT":
+                return self.err(405, "MethodNotAllowed", "")
+            props = (body or {}).get("properties", {})
+            cd = props.get("creationData", {})
+            size = cd.get("uploadSizeBytes")
+            if cd.get("createOption") != "Upload" or not isinstance(size, int):
+                return self.err(400, "InvalidParameter", "createOption Upload and uploadSizeBytes required")
+            if size % (1 << 20) != 512 or size < (20 << 20) + 512:
+                return self.err(400, "InvalidParameter", f"uploadSizeBytes {size} is not N MiB + 512 with N >= 20")
+            blob = f"{a.container}/{name}.vhd"
+            container, b = split_blob(blob)
+            if name not in state.disks:
+                create_page_blob(a.azurite, container, b, size)
+            d = {"name": name, "location": body.get("location"), "properties": dict(props)}
+            d["properties"]["provisioningState"] = "Succeeded"
+            d["properties"]["diskState"] = "ReadyToUpload"
+            state.disks[name] = d
+            op, host = self.new_op(fail="disk" in a.fail_lro)
+            self.reply(201, {**d, "properties": {**d["properties"], "provisioningState": "Updating"}},
+                       {"Azure-AsyncOperation": f"{host}/operations/{op}", "Retry-After": "0"})
+
+        def disk_action(self, name, action, body):
+            d = state.disks.get(name)
+            if d is None:
+                return self.err(404, "ResourceNotFound", f"disk {name} not found")
+            if action == "beginGetAccess":
+                if (body or {}).get("access") != "Write":
+                    return self.err(400, "InvalidParameter", "access must be Write")
+                d["properties"]["diskState"] = "ActiveUpload"
+                with state.lock:
+                    ttls = [int(x) for x in a.sas_ttl.split(",")]
+                    ttl = ttls[min(state.grants, len(ttls) - 1)]
+                    state.grants += 1
+                sas = f"{a.blob_base}/{ACCOUNT}/{a.container}/{name}.vhd?" + blob_sas(a.container, f"{name}.vhd", ttl)
+                op, host = self.new_op(fail="grant" in a.fail_lro, result={"accessSAS": sas})
+                return self.reply(202, None, {"Azure-AsyncOperation": f"{host}/operations/{op}",
+                                              "Location": f"{host}/operations/{op}/result", "Retry-After": "0"})
+            if action == "endGetAccess":
+                d["properties"]["diskState"] = "Unattached"
+                op, host = self.new_op()
+                return self.reply(202, None, {"Location": f"{host}/operations/{op}/result", "Retry-After": "0"})
+            return self.err(404, "NotFound", action)
+
+        def resource(self, rest, body, kind):
+            if self.command == "GET":
+                r = state.resources.get(rest)
+                if r is None:
+                    return self.err(404, "ResourceNotFound", rest)
+                return self.reply(200, r)
+            r = dict(body or {})
+            r.setdefault("properties", {})["provisioningState"] = "Succeeded"
+            state.resources[rest] = r
+            op, host = self.new_op(fail=kind in a.fail_lro)
+            self.reply(201, {**r, "properties": {**r["properties"], "provisioningState": "Creating"}},
+                       {"Azure-AsyncOperation": f"{host}/operations/{op}", "Retry-After": "0"})
+
+        do_GET = do_PUT = do_POST = do_DELETE = handle_any
+
+    return H
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--azurite", default="http://127.0.0.1:10000")
+    s.add_argument("--blob-base", help="base URL put in SAS URLs (default: --azurite)")
+    s.add_argument("--container", required=True)
+    s.add_argument("--cert", required=True)
+    s.add_argument("--key", required=True)
+    s.add_argument("--log", required=True)
+    s.add_argument("--token", required=True)
+    s.add_argument("--client-secret", required=True)
+    s.add_argument("--subscription", required=True)
+    s.add_argument("--resource-group", required=True)
+    s.add_argument("--sas-ttl", default="3600", help="seconds; a comma list gives the n-th grant its own (last repeats)")
+    s.add_argument("--lro-polls", type=int, default=1)
+    s.add_argument("--fail-lro", default="")
+    s.add_argument("--throttle-once", default="")
+    g = sub.add_parser("get")
+    g.add_argument("blob")
+    g.add_argument("out")
+    g.add_argument("--azurite", default="http://127.0.0.1:10000")
+    r = sub.add_parser("ranges")
+    r.add_argument("blob")
+    r.add_argument("--azurite", default="http://127.0.0.1:10000")
+    c = sub.add_parser("create-blob")
+    c.add_argument("blob")
+    c.add_argument("size", type=int)
+    c.add_argument("--azurite", default="http://127.0.0.1:10000")
+    a = ap.parse_args()
+    if a.cmd == "get":
+        st, data = shared_key_request(a.azurite, "GET", "/" + a.blob)
+        if st != 200:
+            sys.exit(f"get blob: {st}")
+        open(a.out, "wb").write(data)
+        return
+    if a.cmd == "ranges":
+        st, data = shared_key_request(a.azurite, "GET", "/" + a.blob, {"comp": "pagelist"})
+        if st != 200:
+            sys.exit(f"get page ranges: {st}")
+        root = ET.fromstring(data)
+        print(json.dumps([[int(p.find("Start").text), int(p.find("End").text)] for p in root.iter("PageRange")]))
+        return
+    if a.cmd == "create-blob":
+        container, b = split_blob(a.blob)
+        create_page_blob(a.azurite, container, b, a.size)
+        return
+    a.blob_base = (a.blob_base or a.azurite).rstrip("/")
+    a.fail_lro = [x for x in a.fail_lro.split(",") if x]
+    state = State(a)
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(a.cert, a.key)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    print(srv.server_address[1], flush=True)
+    srv.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
