@@ -108,12 +108,16 @@ pub enum Command {
         #[arg(short = 'f', long = "format", value_name = "FMT")]
         format: Option<String>,
         /// Check the guest against a target's boot requirements: aws, azure, libvirt.
-        #[arg(long, value_name = "TARGET")]
+        #[arg(long, value_name = "TARGET", value_parser = ["aws", "azure", "libvirt"])]
         target: Option<String>,
+        /// With --target aws: the boot mode the AMI will be registered with (as `upload aws --boot-mode`).
+        #[arg(long = "boot-mode", value_parser = ["legacy-bios", "uefi", "uefi-preferred"])]
+        boot_mode: Option<String>,
         /// Output style.
         #[arg(long, value_enum, default_value_t)]
         output: OutputFormat,
-        /// Print bytes read and peak memory as JSON on standard error.
+        /// Print, as one JSON line on standard error: bytes read from the guest, the process's rchar (from
+        /// /proc/self/io) and its peak RSS.
         #[arg(long)]
         stats: bool,
         #[command(flatten)]

@@ -1,28 +1,36 @@
-//! `imgshift inspect`: read a guest offline (partitions, filesystems, OS, boot mode, boot drivers) and, with
+//! `imgshift inspect`: read a guest offline through its DiskSource (any format, read-only, no mount) and, with
 //! `--target`, give a preflight verdict. Exit 0 for ok/warn, 1 for fail (or an error).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Result, bail};
-use ext4_view::Ext4;
-use serde_json::{Value, json};
+use serde::Serialize;
 
 use super::open_image;
 use crate::cli::{OutputFormat, TrustArgs};
-use crate::guest::fs::{self, FsInfo};
-use crate::guest::os::{self, OsFacts};
-use crate::guest::partitions::{self, PartitionTable};
-use crate::guest::preflight::{self, Facts, Level};
 use crate::guest::Window;
+use crate::guest::preflight::{self, Level, Verdict};
+use crate::guest::report::{self, Report};
+
+/// The JSON document printed.
+#[derive(Serialize)]
+struct Output<'a> {
+    filename: String,
+    format: &'a str,
+    #[serde(flatten)]
+    report: &'a Report,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    preflight: Option<Verdict>,
+}
 
 /// Runs `inspect`.
 pub fn run(
     image: &Path,
     format: Option<&str>,
     target: Option<&str>,
+    boot_mode: Option<&str>,
     output: OutputFormat,
     stats: bool,
     trust: &TrustArgs,
@@ -34,33 +42,33 @@ pub fn run(
         },
         None => None,
     };
-    let src: Arc<dyn imgshift_converters::DiskSource> = Arc::from(open_image(image, format, trust)?);
+    let src: Arc<dyn imgshift_converters::DiskSource> =
+        Arc::from(open_image(image, format, trust)?);
     let counter = Arc::new(AtomicU64::new(0));
     let disk = Window::whole(Arc::clone(&src), Arc::clone(&counter));
-    let report = inspect(&disk);
-    let mut v = report.json;
-    v["filename"] = json!(image.display().to_string());
-    v["format"] = json!(src.format().name());
-    let mut code = 0;
-    if let Some((t, r)) = rules {
-        let verdict = preflight::evaluate(t, r, &report.facts);
-        if verdict.verdict == Level::Fail {
-            code = 1;
-        }
-        v["preflight"] = serde_json::to_value(&verdict)?;
-    }
-    match output {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
-        OutputFormat::Human => print_human(&v),
-    }
+    let report = report::inspect(&disk);
+    let preflight = rules.map(|(t, r)| preflight::evaluate(t, r, &report.facts(boot_mode)));
+    let code = u8::from(preflight.as_ref().is_some_and(|v| v.verdict == Level::Fail));
+    let out = Output {
+        filename: image.display().to_string(),
+        format: src.format().name(),
+        report: &report,
+        preflight,
+    };
+    let text = match output {
+        OutputFormat::Json => serde_json::to_string_pretty(&out)? + "\n",
+        OutputFormat::Human => human(&out),
+    };
+    // A closed pipe (`inspect ... | head`) comes back as an io::Error that main treats as quiet.
+    std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes())?;
     if stats {
-        let mut s = json!({"guest_bytes_read": counter.load(Ordering::Relaxed)});
-        if let Some(io) = proc_field("/proc/self/io", "rchar:") {
-            s["rchar"] = io.into();
-        }
-        if let Some(kib) = proc_field("/proc/self/status", "VmHWM:") {
-            s["peak_rss_bytes"] = (kib * 1024).into();
-        }
+        // rchar is the kernel's count of bytes this process read through read(2)/pread(2) — the image file
+        // included, whatever its format — read at the very end so it covers the whole inspection.
+        let s = serde_json::json!({
+            "guest_bytes_read": counter.load(Ordering::Relaxed),
+            "rchar": proc_field("/proc/self/io", "rchar:"),
+            "peak_rss_bytes": proc_field("/proc/self/status", "VmHWM:").map(|k| k.saturating_mul(1024)),
+        });
         eprintln!("{s}");
     }
     Ok(code)
@@ -69,217 +77,121 @@ pub fn run(
 fn proc_field(path: &str, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(path).ok()?;
     let line = text.lines().find(|l| l.starts_with(key))?;
-    line.get(key.len()..)?.split_whitespace().next()?.parse().ok()
+    line.get(key.len()..)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
-/// The inspection result: the JSON document and the facts preflight rules use.
-pub struct Report {
-    pub json: Value,
-    pub facts: Facts,
+fn opt(s: &Option<String>) -> &str {
+    s.as_deref().unwrap_or("-")
 }
 
-struct Found {
-    device: String,
-    window: Window,
-    info: FsInfo,
-    type_name: String,
-}
-
-/// Inspects a whole disk.
-pub fn inspect(disk: &Window) -> Report {
-    let table: PartitionTable = partitions::read(disk);
-    let mut problems = table.problems.clone();
-    let mut found = Vec::new();
-    if table.scheme == "none" {
-        let info = fs::probe(disk);
-        if info.fs_type != "unknown" {
-            found.push(Found {
-                device: "/dev/sda".into(),
-                window: disk.clone(),
-                info,
-                type_name: String::new(),
-            });
-        }
+/// The readable form.
+fn human(o: &Output<'_>) -> String {
+    use std::fmt::Write;
+    let r = o.report;
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "image: {} ({}, {} bytes)",
+        o.filename, o.format, r.virtual_size
+    );
+    let _ = writeln!(t, "partition table: {}", r.partition_table.scheme);
+    for p in &r.partition_table.partitions {
+        let fs = r.filesystems.get(&format!("/dev/sda{}", p.number));
+        let _ = writeln!(
+            t,
+            "  /dev/sda{}: {} at {} size {}, {} label={} uuid={}",
+            p.number,
+            p.type_name,
+            p.start,
+            p.size,
+            fs.map_or("-", |f| f.fs_type.as_str()),
+            fs.map_or("-", |f| opt(&f.label)),
+            fs.map_or("-", |f| opt(&f.uuid)),
+        );
     }
-    for p in &table.partitions {
-        let Some(w) = disk.sub(p.start, p.size) else {
-            continue;
+    let b = &r.boot;
+    let _ = write!(t, "boot mode: {}", b.mode);
+    if let Some(l) = &b.bios_loader {
+        let _ = write!(t, " (BIOS: {l}");
+        if let Some(lba) = b.grub_core_lba {
+            let _ = write!(t, ", core at sector {lba}");
+        }
+        t.push(')');
+    }
+    if let Some(f) = &b.efi_fallback {
+        let _ = write!(t, " (UEFI: {f})");
+    }
+    t.push('\n');
+    for os in &r.operatingsystems {
+        let f = &os.facts;
+        let _ = writeln!(
+            t,
+            "os: {} [{} {}], root {}, arch {}, hostname {}",
+            opt(&f.product_name),
+            opt(&f.distro),
+            opt(&f.version),
+            os.root,
+            opt(&f.arch),
+            opt(&f.hostname)
+        );
+        if let Some(k) = f.kernels.first() {
+            let _ = writeln!(
+                t,
+                "  kernel {} initramfs {} ({})",
+                k.version,
+                opt(&k.initramfs),
+                k.initramfs_listing
+                    .as_ref()
+                    .map_or("not read".to_string(), |l| l.archives.join("+"))
+            );
+            if let Some(c) = &k.cmdline {
+                let _ = writeln!(t, "  cmdline: {c}");
+            }
+        }
+        let drivers = f.drivers.as_ref().map_or("unknown".into(), |d| d.join(" "));
+        let _ = writeln!(t, "  boot drivers: {drivers}");
+        for e in &f.fstab {
+            let _ = writeln!(
+                t,
+                "  fstab: {} on {} ({}, by {})",
+                e.spec, e.mountpoint, e.vfstype, e.by
+            );
+        }
+        let _ = writeln!(t, "  agents: {}", f.agents.join(" "));
+        let m = &f.machine_state;
+        let _ = writeln!(
+            t,
+            "  machine state: machine-id {}, {} ssh host keys, {} log files, {} shell histories, {} DHCP leases, cloud-init instance {}",
+            opt(&m.machine_id),
+            m.ssh_host_keys.len(),
+            m.log_files.len(),
+            m.shell_history.len(),
+            m.dhcp_leases.len(),
+            if m.cloud_init_instance { "yes" } else { "no" },
+        );
+    }
+    for p in &r.problems {
+        let _ = writeln!(t, "problem: {p}");
+    }
+    if let Some(v) = &o.preflight {
+        let verdict = match v.verdict {
+            Level::Ok => "OK",
+            Level::Warn => "WARN",
+            Level::Fail => "FAIL",
         };
-        found.push(Found {
-            device: format!("/dev/sda{}", p.number),
-            info: fs::probe(&w),
-            window: w,
-            type_name: p.type_name.clone(),
-        });
-    }
-    // EFI loaders on FAT filesystems of ESPs.
-    let mut efi_loaders = Vec::new();
-    for f in &found {
-        if f.info.fs_type == "vfat" && (f.type_name == "efi-system" || table.scheme == "mbr") {
-            match fs::efi_loaders(&f.window) {
-                Ok(l) => efi_loaders.extend(l.into_iter().map(|x| format!("{}:{x}", f.device))),
-                Err(e) => problems.push(format!("{}: {e}", f.device)),
-            }
+        let _ = writeln!(t, "preflight {}: {verdict}", v.target);
+        for f in &v.findings {
+            let level = serde_json::to_value(f.level).ok();
+            let level = level.as_ref().and_then(|l| l.as_str()).unwrap_or("?");
+            let _ = writeln!(t, "  [{level}] {}: {}", f.id, f.reason);
+            let _ = writeln!(t, "         fix: {}", f.fix);
         }
+        let settings: Vec<String> = v.settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = writeln!(t, "  settings: {}", settings.join(" "));
     }
-    // Linux roots: ext filesystems holding os-release.
-    let mut exts: Vec<(String, Ext4)> = Vec::new();
-    for f in &found {
-        if f.info.fs_type.starts_with("ext") {
-            match Ext4::load(Box::new(f.window.clone())) {
-                Ok(e) => exts.push((f.device.clone(), e)),
-                Err(e) => problems.push(format!("{}: {} filesystem unreadable: {e}", f.device, f.info.fs_type)),
-            }
-        }
-    }
-    let resolve = |spec: &str| -> Option<String> {
-        let (k, v) = spec.split_once('=').unwrap_or(("", spec));
-        found
-            .iter()
-            .find(|f| match k.to_ascii_uppercase().as_str() {
-                "UUID" => f.info.uuid.as_deref().is_some_and(|u| u.eq_ignore_ascii_case(v)),
-                "LABEL" => f.info.label.as_deref() == Some(v),
-                _ => f.device == spec,
-            })
-            .map(|f| f.device.clone())
-    };
-    let mut oses = Vec::new();
-    let mut facts_os: Option<OsFacts> = None;
-    for (dev, e) in &exts {
-        let is_root = e.exists("/etc/os-release").unwrap_or(false) || e.exists("/usr/lib/os-release").unwrap_or(false);
-        if !is_root {
-            continue;
-        }
-        let fstab = os::parse_fstab(&String::from_utf8_lossy(
-            &e.open("/etc/fstab")
-                .ok()
-                .and_then(|mut f| {
-                    let mut b = vec![0u8; 65536];
-                    let n = f.read_bytes(&mut b).ok()?;
-                    b.truncate(n);
-                    Some(b)
-                })
-                .unwrap_or_default(),
-        ));
-        let boot_dev = fstab
-            .iter()
-            .find(|x| x.mountpoint == "/boot")
-            .and_then(|x| resolve(&x.spec));
-        let boot = boot_dev
-            .as_ref()
-            .and_then(|b| exts.iter().find(|(d, _)| d == b))
-            .map(|(_, e)| e);
-        let o = os::inspect(e, boot);
-        let mut mountpoints = BTreeMap::new();
-        mountpoints.insert("/".to_string(), dev.clone());
-        for x in &o.fstab {
-            if x.mountpoint.starts_with('/') && x.mountpoint != "/" {
-                if let Some(d) = resolve(&x.spec) {
-                    mountpoints.insert(x.mountpoint.clone(), d);
-                }
-            }
-        }
-        problems.extend(o.problems.iter().map(|p| format!("{dev}: {p}")));
-        oses.push(json!({
-            "root": dev,
-            "type": "linux",
-            "distro": o.distro,
-            "product_name": o.product_name,
-            "version": o.version_id,
-            "major_version": o.major_version,
-            "minor_version": o.minor_version,
-            "arch": o.arch,
-            "hostname": o.hostname,
-            "mountpoints": mountpoints,
-            "fstab": o.fstab,
-            "agents": o.agents,
-            "kernels": o.kernels,
-            "drivers": o.drivers,
-            "machine_specific": {
-                "machine_id": o.machine_id,
-                "ssh_host_keys": o.ssh_host_keys,
-            },
-        }));
-        if facts_os.is_none() {
-            facts_os = Some(o);
-        }
-    }
-    for f in &found {
-        if !f.info.inspectable && f.info.fs_type != "swap" && f.info.fs_type != "unknown" {
-            problems.push(format!(
-                "{}: {} is present but not inspectable (files on it are not read)",
-                f.device, f.info.fs_type
-            ));
-        }
-    }
-    let has_bios_boot = table.partitions.iter().any(|p| p.type_name == "bios-boot");
-    let bios = table.mbr_boot_code && (table.scheme == "mbr" || has_bios_boot || table.scheme == "none");
-    let uefi = !efi_loaders.is_empty();
-    let boot_mode = match (bios, uefi) {
-        (true, true) => "bios+uefi",
-        (true, false) => "bios",
-        (false, true) => "uefi",
-        (false, false) => "unknown",
-    };
-    let filesystems: BTreeMap<String, &FsInfo> = found.iter().map(|f| (f.device.clone(), &f.info)).collect();
-    let facts = Facts {
-        boot_mode: boot_mode.into(),
-        drivers: facts_os.as_ref().map(|o| o.drivers.clone()),
-        fstab_devices: facts_os
-            .as_ref()
-            .map(|o| o.fstab.iter().filter(|x| x.by == "device").map(|x| x.spec.clone()).collect())
-            .unwrap_or_default(),
-        agents: facts_os.as_ref().map(|o| o.agents.clone()).unwrap_or_default(),
-        size: disk.len(),
-    };
-    let json = json!({
-        "virtual_size": disk.len(),
-        "partition_table": table,
-        "filesystems": filesystems,
-        "operatingsystems": oses,
-        "boot_mode": boot_mode,
-        "efi_loaders": efi_loaders,
-        "problems": problems,
-    });
-    Report { json, facts }
-}
-
-fn print_human(v: &Value) {
-    let s = |x: &Value| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string());
-    println!("image: {}", s(&v["filename"]));
-    println!("partition table: {}", s(&v["partition_table"]["scheme"]));
-    if let Some(fss) = v["filesystems"].as_object() {
-        for (d, f) in fss {
-            println!("  {d}: {} label={} uuid={}", s(&f["type"]), s(&f["label"]), s(&f["uuid"]));
-        }
-    }
-    println!("boot mode: {}", s(&v["boot_mode"]));
-    for o in v["operatingsystems"].as_array().into_iter().flatten() {
-        println!(
-            "os: {} ({} {}), root {}, arch {}, hostname {}",
-            s(&o["product_name"]),
-            s(&o["distro"]),
-            s(&o["version"]),
-            s(&o["root"]),
-            s(&o["arch"]),
-            s(&o["hostname"])
-        );
-        println!("  boot drivers: {}", s(&o["drivers"]));
-        println!("  agents: {}", s(&o["agents"]));
-        println!(
-            "  machine-specific: machine-id={} ssh host keys={}",
-            s(&o["machine_specific"]["machine_id"]),
-            o["machine_specific"]["ssh_host_keys"].as_array().map_or(0, Vec::len)
-        );
-    }
-    for p in v["problems"].as_array().into_iter().flatten() {
-        println!("problem: {}", s(p));
-    }
-    if let Some(pf) = v.get("preflight") {
-        println!("preflight {}: {}", s(&pf["target"]), s(&pf["verdict"]).to_uppercase());
-        for f in pf["findings"].as_array().into_iter().flatten() {
-            println!("  [{}] {}: {}", s(&f["level"]), s(&f["id"]), s(&f["reason"]));
-            println!("      fix: {}", s(&f["fix"]));
-        }
-    }
+    t
 }

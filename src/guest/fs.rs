@@ -38,7 +38,9 @@ fn uuid_str(b: &[u8]) -> Option<String> {
 
 fn label_str(b: &[u8]) -> Option<String> {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    let s = String::from_utf8_lossy(b.get(..end)?).trim_end().to_string();
+    let s = String::from_utf8_lossy(b.get(..end)?)
+        .trim_end()
+        .to_string();
     (!s.is_empty()).then_some(s)
 }
 
@@ -66,10 +68,18 @@ pub fn probe(part: &Window) -> FsInfo {
         };
     }
     if at(0, b"XFSB") {
-        return not_inspectable("xfs", h.get(108..120).and_then(label_str), h.get(32..48).and_then(uuid_str));
+        return not_inspectable(
+            "xfs",
+            h.get(108..120).and_then(label_str),
+            h.get(32..48).and_then(uuid_str),
+        );
     }
     if at(0x10040, b"_BHRfS_M") {
-        return not_inspectable("btrfs", h.get(0x1012B..0x1022B).and_then(label_str), h.get(0x10020..0x10030).and_then(uuid_str));
+        return not_inspectable(
+            "btrfs",
+            h.get(0x1012B..0x1022B).and_then(label_str),
+            h.get(0x10020..0x10030).and_then(uuid_str),
+        );
     }
     if at(0, b"LUKS\xba\xbe") {
         return not_inspectable("crypto_LUKS", None, h.get(168..208).and_then(label_str));
@@ -107,7 +117,10 @@ pub fn probe(part: &Window) -> FsInfo {
             let serial = le_u32(&h, id).unwrap_or(0);
             return FsInfo {
                 fs_type: "vfat".into(),
-                label: h.get(lab..lab + 11).and_then(label_str).filter(|l| l != "NO NAME"),
+                label: h
+                    .get(lab..lab + 11)
+                    .and_then(label_str)
+                    .filter(|l| l != "NO NAME"),
                 uuid: Some(format!("{:04X}-{:04X}", serial >> 16, serial & 0xffff)),
                 inspectable: true,
             };
@@ -132,28 +145,41 @@ fn unknown() -> FsInfo {
     }
 }
 
-/// Lists `\EFI\*\*.EFI` loaders on a FAT filesystem (at most 64 names, two levels deep).
-pub fn efi_loaders(part: &Window) -> Result<Vec<String>, String> {
+/// Most EFI loaders listed, and bytes of each read (enough for the PE header).
+const MAX_LOADERS: usize = 64;
+const LOADER_HEAD: u64 = 4096;
+
+/// Lists `\EFI\*\*.EFI` loaders on a FAT filesystem (two levels deep, at most 64), each with its first 4 KiB.
+pub fn efi_loaders(part: &Window) -> Result<Vec<(String, Vec<u8>)>, String> {
+    use std::io::Read;
     let fs = fatfs::FileSystem::new(part.clone(), fatfs::FsOptions::new())
         .map_err(|e| format!("FAT filesystem unreadable: {e}"))?;
     let root = fs.root_dir();
     let mut out = Vec::new();
-    let efi = match root.open_dir("EFI") {
-        Ok(d) => d,
-        Err(_) => return Ok(out),
+    let Ok(efi) = root.open_dir("EFI") else {
+        return Ok(out);
     };
-    for vendor in efi.iter().take(64) {
-        let vendor = vendor.map_err(|e| format!("FAT directory unreadable: {e}"))?;
+    for vendor in efi.iter().take(MAX_LOADERS) {
+        let vendor = vendor.map_err(|e| format!("FAT directory \\EFI unreadable: {e}"))?;
         if !vendor.is_dir() || vendor.file_name().starts_with('.') {
             continue;
         }
-        for f in vendor.to_dir().iter().take(64) {
+        for f in vendor.to_dir().iter().take(MAX_LOADERS) {
             let f = f.map_err(|e| format!("FAT directory unreadable: {e}"))?;
-            if f.is_file() && f.file_name().to_ascii_uppercase().ends_with(".EFI") {
-                out.push(format!("\\EFI\\{}\\{}", vendor.file_name(), f.file_name()));
-                if out.len() >= 64 {
-                    return Ok(out);
-                }
+            if !(f.is_file() && f.file_name().to_ascii_uppercase().ends_with(".EFI")) {
+                continue;
+            }
+            let mut head = Vec::new();
+            f.to_file()
+                .take(LOADER_HEAD)
+                .read_to_end(&mut head)
+                .map_err(|e| format!("{} unreadable: {e}", f.file_name()))?;
+            out.push((
+                format!("\\EFI\\{}\\{}", vendor.file_name(), f.file_name()),
+                head,
+            ));
+            if out.len() >= MAX_LOADERS {
+                return Ok(out);
             }
         }
     }

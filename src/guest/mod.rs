@@ -1,11 +1,13 @@
 //! Offline, read-only guest inspection through a `DiskSource`: partitions, filesystems, OS facts, boot drivers,
 //! and per-target preflight rules. Every read is bounded: a crafted guest yields findings, never a panic.
 
+pub mod boot;
 pub mod fs;
 pub mod initramfs;
 pub mod os;
 pub mod partitions;
 pub mod preflight;
+pub mod report;
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::sync::Arc;
@@ -72,7 +74,10 @@ impl Window {
                 ));
             }
         }
-        let abs = self.base.checked_add(offset).ok_or_else(|| io::Error::other("offset overflow"))?;
+        let abs = self
+            .base
+            .checked_add(offset)
+            .ok_or_else(|| io::Error::other("offset overflow"))?;
         self.counter.fetch_add(n, Ordering::Relaxed);
         self.src.read_at(buf, abs).map_err(io::Error::other)
     }
@@ -148,13 +153,38 @@ impl ext4_view::Ext4Read for Window {
     }
 }
 
+/// Runs a third-party parser on guest data; a panic inside it (a crate bug on crafted input) becomes `None`
+/// instead of ending the inspection. The checks done before calling such crates are the first line of defence.
+pub(crate) fn no_panic<T>(f: impl FnOnce() -> T) -> Option<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok()
+}
+
 /// Little-endian field readers that return `None` instead of panicking when out of range.
 pub(crate) fn le_u16(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(at..at.checked_add(2)?)?.try_into().ok()?))
+    Some(u16::from_le_bytes(
+        b.get(at..at.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
 pub(crate) fn le_u32(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at.checked_add(4)?)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        b.get(at..at.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 pub(crate) fn le_u64(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(at..at.checked_add(8)?)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        b.get(at..at.checked_add(8)?)?.try_into().ok()?,
+    ))
+}
+
+/// A window over bytes in memory, for unit tests.
+#[cfg(test)]
+pub(crate) fn mem_window(bytes: Vec<u8>) -> Window {
+    use imgshift_converters::MemStorage;
+    use imgshift_converters::formats::raw::RawReader;
+    let reader = RawReader::open(Arc::new(MemStorage::new(bytes, "mem")));
+    let src: Arc<dyn DiskSource> = match reader {
+        Ok(r) => Arc::new(r),
+        Err(e) => panic!("raw reader: {e}"),
+    };
+    Window::whole(src, Arc::new(AtomicU64::new(0)))
 }

@@ -93,7 +93,15 @@ pub fn read(disk: &Window) -> PartitionTable {
     t
 }
 
-fn push_checked(t: &mut PartitionTable, size: u64, number: u32, start: u64, len: u64, sys: u8, boot: bool) {
+fn push_checked(
+    t: &mut PartitionTable,
+    size: u64,
+    number: u32,
+    start: u64,
+    len: u64,
+    sys: u8,
+    boot: bool,
+) {
     if start.checked_add(len).is_none_or(|end| end > size) || len == 0 {
         t.problems.push(format!(
             "partition {number} ({start}+{len} bytes) lies outside the {size} byte disk"
@@ -121,12 +129,16 @@ fn walk_ebr(disk: &Window, ext_lba: u64, t: &mut PartitionTable) {
             return;
         };
         let Ok(ebr) = disk.read_vec(off, SECTOR as usize) else {
-            t.problems.push(format!("extended boot record at byte {off} lies outside the disk"));
+            t.problems.push(format!(
+                "extended boot record at byte {off} lies outside the disk"
+            ));
             return;
         };
         if ebr.len() < 512 || ebr.get(510..512) != Some(&[0x55, 0xAA][..]) {
             if n > 0 {
-                t.problems.push(format!("extended boot record at byte {off} has no signature"));
+                t.problems.push(format!(
+                    "extended boot record at byte {off} has no signature"
+                ));
             }
             return;
         }
@@ -152,51 +164,70 @@ fn walk_ebr(disk: &Window, ext_lba: u64, t: &mut PartitionTable) {
             return;
         }
         if u64::from(next) <= rel {
-            t.problems.push("extended partition chain loops back".into());
+            t.problems
+                .push("extended partition chain loops back".into());
             return;
         }
         rel = u64::from(next);
     }
-    t.problems
-        .push(format!("more than {MAX_LOGICAL} logical partitions; the rest were not read"));
+    t.problems.push(format!(
+        "more than {MAX_LOGICAL} logical partitions; the rest were not read"
+    ));
 }
 
-/// Checks a GPT header's entry fields before the `gpt` crate sees them (it asserts entry size 128 and would
-/// read any number of entries).
-fn gpt_header_sane(disk: &Window, lba: u64) -> Result<bool, String> {
+/// Checks a GPT header's entry fields before the `gpt` crate sees them: it asserts an entry size of 128 and
+/// would read any number of entries. `Ok(None)`: no header there; `Ok(Some(backup_lba))`: a sane header.
+fn gpt_header_sane(disk: &Window, lba: u64) -> Result<Option<u64>, String> {
     let Some(off) = lba.checked_mul(SECTOR) else {
-        return Ok(false);
+        return Ok(None);
     };
     let Ok(h) = disk.read_vec(off, 92) else {
-        return Ok(false);
+        return Ok(None);
     };
     if h.get(0..8) != Some(&b"EFI PART"[..]) {
-        return Ok(false);
+        return Ok(None);
     }
     let entries = le_u32(&h, 80).unwrap_or(0);
     let entry_size = le_u32(&h, 84).unwrap_or(0);
     let start = le_u64(&h, 72).unwrap_or(0);
     if entry_size != 128 {
-        return Err(format!("GPT header at LBA {lba} declares {entry_size} byte entries (only 128 is valid)"));
+        return Err(format!(
+            "GPT header at LBA {lba} declares {entry_size} byte entries (only 128 is valid)"
+        ));
     }
     if entries > MAX_GPT_ENTRIES {
-        return Err(format!("GPT header at LBA {lba} declares {entries} entries (at most {MAX_GPT_ENTRIES} accepted)"));
+        return Err(format!(
+            "GPT header at LBA {lba} declares {entries} entries (at most {MAX_GPT_ENTRIES} accepted)"
+        ));
     }
     let table_end = start
         .checked_mul(SECTOR)
         .and_then(|s| s.checked_add(u64::from(entries) * 128));
     if table_end.is_none_or(|e| e > disk.len()) {
-        return Err(format!("GPT header at LBA {lba} puts its partition entries outside the disk"));
+        return Err(format!(
+            "GPT header at LBA {lba} puts its partition entries outside the disk"
+        ));
     }
-    Ok(true)
+    Ok(Some(le_u64(&h, 32).unwrap_or(0)))
 }
 
 fn read_gpt(disk: &Window, t: &mut PartitionTable) {
     let last = (disk.len() / SECTOR).saturating_sub(1);
     let mut any = false;
-    for lba in [1, last] {
+    // The gpt crate reads the primary header, then the backup it names (or the last sector when the primary is
+    // damaged): every header it may read is checked first.
+    let mut lbas = vec![1, last];
+    let mut i = 0;
+    while let Some(&lba) = lbas.get(i) {
+        i += 1;
         match gpt_header_sane(disk, lba) {
-            Ok(ok) => any |= ok,
+            Ok(Some(backup)) => {
+                any = true;
+                if !lbas.contains(&backup) && lbas.len() < 3 {
+                    lbas.push(backup);
+                }
+            }
+            Ok(None) => {}
             Err(e) => {
                 t.problems.push(e);
                 return;
@@ -207,28 +238,41 @@ fn read_gpt(disk: &Window, t: &mut PartitionTable) {
         t.problems.push("protective MBR but no GPT header".into());
         return;
     }
-    let gd = match gpt::GptConfig::new()
-        .writable(false)
-        .logical_block_size(gpt::disk::LogicalBlockSize::Lb512)
-        .open_from_device(disk.clone())
-    {
-        Ok(g) => g,
-        Err(e) => {
+    let opened = super::no_panic(|| {
+        gpt::GptConfig::new()
+            .writable(false)
+            .logical_block_size(gpt::disk::LogicalBlockSize::Lb512)
+            .open_from_device(disk.clone())
+    });
+    let gd = match opened {
+        Some(Ok(g)) => g,
+        Some(Err(e)) => {
             t.problems.push(format!("GPT is invalid: {e}"));
+            return;
+        }
+        None => {
+            t.problems
+                .push("GPT could not be parsed (the gpt crate panicked on it)".into());
             return;
         }
     };
     if gd.primary_header().is_err() {
-        t.problems.push("primary GPT header is damaged (the backup was used)".into());
+        t.problems
+            .push("primary GPT header is damaged (the backup was used)".into());
     } else if gd.backup_header().is_err() {
-        t.problems.push("backup GPT header is damaged or missing".into());
+        t.problems
+            .push("backup GPT header is damaged or missing".into());
     }
     let size = disk.len();
     for (&n, p) in gd.partitions() {
         let start = p.first_lba.checked_mul(SECTOR);
-        let end = p.last_lba.checked_add(1).and_then(|l| l.checked_mul(SECTOR));
+        let end = p
+            .last_lba
+            .checked_add(1)
+            .and_then(|l| l.checked_mul(SECTOR));
         let (Some(start), Some(end)) = (start, end) else {
-            t.problems.push(format!("partition {n} has out-of-range bounds"));
+            t.problems
+                .push(format!("partition {n} has out-of-range bounds"));
             continue;
         };
         if end <= start || end > size {
@@ -241,7 +285,7 @@ fn read_gpt(disk: &Window, t: &mut PartitionTable) {
         t.partitions.push(Partition {
             number: n,
             start,
-            size: end - start,
+            size: end.saturating_sub(start),
             type_name: gpt_type_name(&guid).into(),
             type_id: guid,
             bootable: false,
@@ -271,11 +315,17 @@ const GPT_TYPES: &[(&str, &str)] = &[
     ("21686148-6449-6E6F-744E-656564454649", "bios-boot"),
     ("0FC63DAF-8483-4772-8E79-3D69D8477DE4", "linux"),
     ("4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709", "linux-root-x86-64"),
-    ("BC13C2FF-59E6-4262-A352-B275FD6F7172", "linux-extended-boot"),
+    (
+        "BC13C2FF-59E6-4262-A352-B275FD6F7172",
+        "linux-extended-boot",
+    ),
     ("E6D6D379-F507-44C2-A23C-238F2A3DF928", "linux-lvm"),
     ("0657FD6D-A4AB-43C4-84E5-0933C84B4F4F", "linux-swap"),
     ("A19D880F-05FC-4D3B-A006-743F0F84911E", "linux-raid"),
-    ("EBD0A0A2-B9E5-4433-87C0-68B6B72699C7", "microsoft-basic-data"),
+    (
+        "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7",
+        "microsoft-basic-data",
+    ),
     ("E3C9E316-0B5C-4DB8-817D-F92DF00215AE", "microsoft-reserved"),
     ("DE94BBA4-06D1-4D40-A16A-BFD50179D6AC", "windows-recovery"),
 ];
@@ -285,4 +335,86 @@ fn gpt_type_name(guid: &str) -> &'static str {
         .iter()
         .find(|(g, _)| *g == guid)
         .map_or("other", |(_, n)| n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::mem_window;
+
+    fn entry(disk: &mut [u8], sector: usize, slot: usize, sys: u8, lba: u32, secs: u32) {
+        let b = sector * 512 + 446 + 16 * slot;
+        disk[b + 4] = sys;
+        disk[b + 8..b + 12].copy_from_slice(&lba.to_le_bytes());
+        disk[b + 12..b + 16].copy_from_slice(&secs.to_le_bytes());
+        disk[sector * 512 + 510] = 0x55;
+        disk[sector * 512 + 511] = 0xAA;
+    }
+
+    #[test]
+    fn mbr_partition_past_the_disk_is_named() {
+        let mut d = vec![0u8; 1 << 20];
+        entry(&mut d, 0, 0, 0x83, 2048, 1_000_000);
+        entry(&mut d, 0, 1, 0x83, 100, 100);
+        let t = read(&mem_window(d));
+        assert_eq!(t.scheme, "mbr");
+        assert_eq!(t.partitions.len(), 1);
+        assert_eq!(t.partitions[0].number, 2);
+        assert_eq!(
+            t.problems,
+            ["partition 1 (1048576+512000000 bytes) lies outside the 1048576 byte disk"]
+        );
+    }
+
+    #[test]
+    fn ebr_chain_loop_and_length_are_bounded() {
+        // Extended partition at LBA 100; its EBR points to itself.
+        let mut d = vec![0u8; 1 << 20];
+        entry(&mut d, 0, 0, 0x05, 100, 1000);
+        entry(&mut d, 100, 0, 0x83, 10, 10);
+        entry(&mut d, 100, 1, 0x05, 0, 10);
+        let t = read(&mem_window(d));
+        assert_eq!(t.partitions.len(), 1);
+        assert!(
+            t.problems.iter().all(|p| p.contains("loops back")),
+            "{:?}",
+            t.problems
+        );
+        // A chain of 200 EBRs, each pointing to the next: stops at MAX_LOGICAL.
+        let mut d = vec![0u8; 4 << 20];
+        entry(&mut d, 0, 0, 0x05, 100, 6000);
+        for k in 0..200u32 {
+            let s = 100 + 20 * k as usize;
+            entry(&mut d, s, 0, 0x83, 1, 1);
+            entry(&mut d, s, 1, 0x05, 20 * (k + 1), 20);
+        }
+        let t = read(&mem_window(d));
+        assert_eq!(t.partitions.len(), MAX_LOGICAL);
+        assert!(
+            t.problems
+                .iter()
+                .any(|p| p.contains("more than 128 logical partitions"))
+        );
+    }
+
+    #[test]
+    fn rejects_gpt_backup_header_the_crate_would_assert_on() {
+        let mut d = vec![0u8; 1 << 20];
+        entry(&mut d, 0, 0, 0xEE, 1, 2047);
+        let sectors = (d.len() / 512) as u64;
+        for (lba, entry_size) in [(1u64, 128u32), (sectors - 1, 256)] {
+            let h = lba as usize * 512;
+            d[h..h + 8].copy_from_slice(b"EFI PART");
+            d[h + 32..h + 40].copy_from_slice(&(sectors - 1).to_le_bytes());
+            d[h + 72..h + 80].copy_from_slice(&2u64.to_le_bytes());
+            d[h + 80..h + 84].copy_from_slice(&4u32.to_le_bytes());
+            d[h + 84..h + 88].copy_from_slice(&entry_size.to_le_bytes());
+        }
+        let t = read(&mem_window(d));
+        assert_eq!(t.scheme, "gpt");
+        assert_eq!(
+            t.problems,
+            ["GPT header at LBA 2047 declares 256 byte entries (only 128 is valid)"]
+        );
+    }
 }

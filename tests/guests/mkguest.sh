@@ -224,7 +224,19 @@ ln -s busybox "$root/bin/sh"
 cp "$ktree/boot/vmlinuz-$kver" "$root/boot/vmlinuz-$kver"
 cp "$ktree/boot/config-$kver" "$root/boot/config-$kver"
 cp "$initrd" "$root/boot/initrd.img-$kver"
-cp "$kmods/modules.builtin" "$kmods/modules.order" "$root/lib/modules/$kver/"
+cp "$kmods/modules.builtin" "$kmods/modules.order" "$kmods/modules.dep" "$root/lib/modules/$kver/"
+# Network drivers as installed modules on the root (udev loads them after the root is mounted); the storage
+# drivers that matter for booting are the initramfs's.
+case $variant in
+  novirtio) net_mods= ;;
+  uefi) net_mods="virtio_net ena hv_netvsc" ;;
+  *) net_mods="virtio_net ena" ;;
+esac
+for m in $net_mods; do
+  p=${kpath[$m]}
+  mkdir -p "$root/lib/modules/$kver/$(dirname "$p")"
+  cp "$kmods/$p" "$root/lib/modules/$kver/$p"
+done
 cat >"$root/etc/os-release" <<'OS'
 PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"
 NAME="Debian GNU/Linux"
@@ -316,7 +328,11 @@ case $variant in
   uefi)
     printf 'label: gpt\nlabel-id: 5E1F0C2A-0000-4000-8000-00000000AEF1\nstart=2048, size=65536, type=U, name="EFI System"\nstart=67584, size=%d, type=L, name=root\n' \
       $(((size_b - 67584 * 512 - mib) / 512)) | sfdisk -q "$out"
-    mkfs.vfat -F 16 -i ABCD1234 -n ESP --offset 2048 "$out" 32768 >/dev/null
+    # mkfs.vfat warns that the image is larger than the ESP ("block count mismatch"): that is the point here.
+    mkfs.vfat -F 16 -i ABCD1234 -n ESP --offset 2048 "$out" 32768 >"$work/mkfs.vfat.log" 2>&1 || {
+      cat "$work/mkfs.vfat.log" >&2
+      exit 1
+    }
     grub-mkstandalone -O x86_64-efi -o "$work/BOOTX64.EFI" --modules="$grub_mods" \
       --install-modules="$grub_mods fat" --locales= --themes= --fonts= \
       "boot/grub/grub.cfg=$work/early.cfg"
