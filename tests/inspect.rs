@@ -727,6 +727,56 @@ fn bad_input_is_named_not_panicked() {
     assert_eq!(m.code, 0, "{}", m.stderr);
     assert!(m.max_rss_kib < 64 * 1024, "peak RSS {} KiB", m.max_rss_kib);
 
+    // Filesystems recognised but not read: XFS, LUKS, btrfs and LVM on four MBR partitions.
+    let mut x = vec![0u8; 8 << 20];
+    for (slot, (lba, magic_at, magic)) in [
+        (2048u32, 0usize, &b"XFSB"[..]),
+        (4096, 0, &b"LUKS\xba\xbe"[..]),
+        (8192, 0x10040, &b"_BHRfS_M"[..]),
+        (
+            12288,
+            512,
+            &b"LABELONE\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0LVM2 001"[..],
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let e = 446 + 16 * slot;
+        x[e + 4] = 0x83;
+        x[e + 8..e + 12].copy_from_slice(&lba.to_le_bytes());
+        x[e + 12..e + 16].copy_from_slice(&2048u32.to_le_bytes());
+        let at = lba as usize * 512 + magic_at;
+        x[at..at + magic.len()].copy_from_slice(magic);
+    }
+    x[510] = 0x55;
+    x[511] = 0xAA;
+    let fss = d.path().join("fss.raw");
+    std::fs::write(&fss, &x).unwrap();
+    let (code, v) = inspect(&fss, &["--target", "libvirt"]);
+    assert_eq!(code, 1, "{v}");
+    for (dev, t) in [
+        ("/dev/sda1", "xfs"),
+        ("/dev/sda2", "crypto_LUKS"),
+        ("/dev/sda3", "btrfs"),
+        ("/dev/sda4", "LVM2_member"),
+    ] {
+        assert_eq!(v["filesystems"][dev]["type"], t, "{v}");
+        assert_eq!(v["filesystems"][dev]["inspectable"], false);
+        assert!(
+            problems(&v).contains(&format!("{dev}: {t} is present but not inspectable")),
+            "{v}"
+        );
+    }
+    assert_eq!(v["operatingsystems"].as_array().unwrap().len(), 0);
+    let ids: Vec<&str> = v["preflight"]["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["libvirt-boot-loader", "libvirt-drivers-unknown"]);
+
     // Not a disk at all.
     let junk = d.path().join("junk.raw");
     std::fs::write(&junk, vec![0xA5u8; 4096]).unwrap();
