@@ -338,6 +338,24 @@ fn other_variants_field_by_field() {
         ["gzip"]
     );
 
+    let (_, v) = inspect(&guest("bootpart"), &[]);
+    assert_linux_root(&v, "bootpart", "/dev/sda2");
+    let boot = &v["filesystems"]["/dev/sda1"];
+    assert_eq!(boot["label"], "imgshift-boot");
+    assert_eq!(boot["uuid"], "5e1f0c2a-7b3d-4c8e-9f10-00000000b007");
+    let os = &v["operatingsystems"][0];
+    assert_eq!(os["mountpoints"]["/boot"], "/dev/sda1");
+    // Kernel, initramfs and grub.cfg were read from the separate /boot filesystem.
+    assert!(
+        os["kernels"][0]["cmdline"]
+            .as_str()
+            .unwrap()
+            .starts_with("root=LABEL=imgshift-root")
+    );
+    assert_eq!(strs(&os["drivers"]), BIOS_DRIVERS);
+    assert_eq!(v["boot"]["mode"], "bios");
+    assert_eq!(problems(&v), "[]");
+
     let (_, v) = inspect(&guest("bomb"), &[]);
     assert_linux_root(&v, "bomb", "/dev/sda1");
     assert_eq!(v["operatingsystems"][0]["drivers"], Value::Null);
@@ -364,135 +382,26 @@ fn preflight_verdicts_per_target() {
         &'a [&'a str],
         &'a [(&'a str, &'a str)],
     );
+    #[rustfmt::skip]
     let cases: &[Case<'_>] = &[
-        (
-            "bios",
-            "aws",
-            &[],
-            0,
-            "ok",
-            &[],
-            &[("boot_mode", "legacy-bios")],
-        ),
-        (
-            "bios",
-            "azure",
-            &[],
-            1,
-            "fail",
-            &["azure-hv-storage", "azure-hv-net"],
-            &[("hyper_v_generation", "V1")],
-        ),
-        (
-            "bios",
-            "libvirt",
-            &[],
-            0,
-            "ok",
-            &[],
-            &[("bus", "virtio"), ("firmware", "bios")],
-        ),
-        (
-            "uefi",
-            "aws",
-            &[],
-            1,
-            "fail",
-            &["aws-boot-mode-uefi"],
-            &[("boot_mode", "uefi")],
-        ),
-        (
-            "uefi",
-            "aws",
-            &["--boot-mode", "uefi"],
-            0,
-            "ok",
-            &[],
-            &[("boot_mode", "uefi")],
-        ),
-        (
-            "uefi",
-            "azure",
-            &[],
-            0,
-            "ok",
-            &[],
-            &[("hyper_v_generation", "V2")],
-        ),
+        ("bios", "aws", &[], 0, "ok", &[], &[("boot_mode", "legacy-bios")]),
+        ("bios", "azure", &[], 1, "fail", &["azure-hv-storage", "azure-hv-net"], &[("hyper_v_generation", "V1")]),
+        ("bios", "libvirt", &[], 0, "ok", &[], &[("bus", "virtio"), ("firmware", "bios")]),
+        ("uefi", "aws", &[], 1, "fail", &["aws-boot-mode-uefi"], &[("boot_mode", "uefi")]),
+        ("uefi", "aws", &["--boot-mode", "uefi"], 0, "ok", &[], &[("boot_mode", "uefi")]),
+        ("uefi", "azure", &[], 0, "ok", &[], &[("hyper_v_generation", "V2")]),
         ("uefi", "libvirt", &[], 0, "ok", &[], &[("firmware", "efi")]),
-        (
-            "novirtio",
-            "aws",
-            &[],
-            1,
-            "fail",
-            &["aws-nvme", "aws-ena"],
-            &[],
-        ),
-        (
-            "novirtio",
-            "libvirt",
-            &[],
-            0,
-            "warn",
-            &["libvirt-virtio-sata", "libvirt-virtio-net"],
-            &[("bus", "sata")],
-        ),
+        ("novirtio", "aws", &[], 1, "fail", &["aws-nvme", "aws-ena"], &[]),
+        ("novirtio", "libvirt", &[], 0, "warn", &["libvirt-virtio-sata", "libvirt-virtio-net"], &[("bus", "sata")]),
         ("sda", "aws", &[], 1, "fail", &["aws-root-device"], &[]),
-        (
-            "sda",
-            "libvirt",
-            &[],
-            0,
-            "warn",
-            &["libvirt-root-sd-scsi"],
-            &[("bus", "scsi")],
-        ),
-        (
-            "noesp",
-            "aws",
-            &[],
-            0,
-            "ok",
-            &[],
-            &[("boot_mode", "legacy-bios")],
-        ),
-        (
-            "noesp",
-            "aws",
-            &["--boot-mode", "uefi"],
-            1,
-            "fail",
-            &["aws-boot-mode-bios"],
-            &[],
-        ),
-        (
-            "noesp",
-            "libvirt",
-            &[],
-            0,
-            "ok",
-            &[],
-            &[("firmware", "bios")],
-        ),
-        (
-            "bomb",
-            "libvirt",
-            &[],
-            1,
-            "fail",
-            &["libvirt-initramfs-unreadable"],
-            &[],
-        ),
-        (
-            "bomb",
-            "aws",
-            &[],
-            1,
-            "fail",
-            &["aws-initramfs-unreadable"],
-            &[],
-        ),
+        ("sda", "libvirt", &[], 0, "warn", &["libvirt-root-sd-scsi"], &[("bus", "scsi")]),
+        ("noesp", "aws", &[], 0, "ok", &[], &[("boot_mode", "legacy-bios")]),
+        ("noesp", "aws", &["--boot-mode", "uefi"], 1, "fail", &["aws-boot-mode-bios"], &[]),
+        ("noesp", "libvirt", &[], 0, "ok", &[], &[("firmware", "bios")]),
+        ("bootpart", "aws", &[], 0, "ok", &[], &[("boot_mode", "legacy-bios")]),
+        ("bootpart", "libvirt", &[], 0, "ok", &[], &[("bus", "virtio")]),
+        ("bomb", "libvirt", &[], 1, "fail", &["libvirt-initramfs-unreadable"], &[]),
+        ("bomb", "aws", &[], 1, "fail", &["aws-initramfs-unreadable"], &[]),
     ];
     for (variant, target, extra, code, want, ids, settings) in cases {
         let (c, v, got, set) = verdict(&guest(variant), target, extra);
@@ -537,7 +446,9 @@ fn boot(img: &Path, fmt: &str, firmware: &str, bus: &str) -> (bool, String, f64)
 /// boots on that bus. Boots run two at a time (TCG, 2 cores).
 #[test]
 fn libvirt_verdict_proven_by_booting() {
-    let variants = ["bios", "uefi", "novirtio", "sda", "noesp", "bomb"];
+    let variants = [
+        "bios", "uefi", "novirtio", "sda", "noesp", "bootpart", "bomb",
+    ];
     let plans: Vec<(String, PathBuf, String, Value, Value)> = variants
         .iter()
         .map(|v| {

@@ -24,6 +24,8 @@
 #   sda       as bios, initramfs lz4 (legacy format); `/dev/sda1` in fstab and `root=/dev/sda1` in grub.cfg:
 #             boots on sata/ide/scsi (sd names), not on virtio (vda) or nvme
 #   noesp     GPT without ESP: BIOS boot partition holding GRUB's core.img + root; initramfs gzip only; BIOS only
+#   bootpart  as bios, with a separate /boot: sda1 ext4 "imgshift-boot" (kernel, initramfs, grub/grub.cfg),
+#             sda2 the root; fstab mounts /boot by UUID (boot fs uuid 5e1f0c2a-7b3d-4c8e-9f10-00000000b007)
 #   bomb      as bios, but the initramfs is hostile: 1500 nested directories, then a member declaring 4 GiB in an
 #             archive that ends 4 KiB later (the kernel cannot unpack it either: no marker)
 #
@@ -36,8 +38,8 @@ set -euo pipefail
 variant=${1:?usage: mkguest.sh VARIANT OUT.raw [SIZE_MIB]}
 out=${2:?usage: mkguest.sh VARIANT OUT.raw [SIZE_MIB]}
 size_mib=${3:-64}
-case $variant in bios | uefi | novirtio | sda | noesp | bomb) ;; *)
-  echo "mkguest.sh: unknown variant $variant (bios uefi novirtio sda noesp bomb)" >&2
+case $variant in bios | uefi | novirtio | sda | noesp | bootpart | bomb) ;; *)
+  echo "mkguest.sh: unknown variant $variant (bios uefi novirtio sda noesp bootpart bomb)" >&2
   exit 2
   ;;
 esac
@@ -54,6 +56,8 @@ done
 
 label=imgshift-root
 uuid=5e1f0c2a-7b3d-4c8e-9f10-2a3b4c5d6e7f
+boot_label=imgshift-boot
+boot_uuid=5e1f0c2a-7b3d-4c8e-9f10-00000000b007
 cache=${IMGSHIFT_GUEST_CACHE:-/var/tmp/imgshift-guest-cache}
 mkdir -p "$cache"
 
@@ -185,7 +189,7 @@ cpio_of() { (cd "$1" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0)
 
 initrd=$work/initrd.img
 case $variant in
-  bios) { cpio_of "$mc"; cpio_of "$ird" | gzip -9n; } >"$initrd" ;;
+  bios | bootpart) { cpio_of "$mc"; cpio_of "$ird" | gzip -9n; } >"$initrd" ;;
   uefi) { cpio_of "$mc"; cpio_of "$ird" | zstd -q -19; } >"$initrd" ;;
   novirtio) cpio_of "$ird" | xz -q --check=crc32 --lzma2=dict=1MiB >"$initrd" ;;
   sda) cpio_of "$ird" | lz4 -q -l -9 >"$initrd" ;;
@@ -283,6 +287,9 @@ case $variant in
     root_arg=/dev/sda1
     printf '/dev/sda1 / ext4 errors=remount-ro 0 1\nproc /proc proc defaults 0 0\n' >"$root/etc/fstab"
     ;;
+  bootpart)
+    printf '# <file system> <mount point> <type> <options> <dump> <pass>\nUUID=%s / ext4 errors=remount-ro 0 1\nUUID=%s /boot ext4 defaults 0 2\n' "$uuid" "$boot_uuid" >"$root/etc/fstab"
+    ;;
   uefi)
     printf '# <file system> <mount point> <type> <options> <dump> <pass>\nUUID=%s / ext4 errors=remount-ro 0 1\nUUID=ABCD-1234 /boot/efi vfat umask=0077 0 1\n' "$uuid" >"$root/etc/fstab"
     mkdir -p "$root/boot/efi"
@@ -300,13 +307,25 @@ menuentry 'Debian GNU/Linux (imgshift test guest)' {
 }
 CFG
 
+# A separate /boot: the kernel, initramfs and grub/ move to their own filesystem, paths relative to it.
+if [ "$variant" = bootpart ]; then
+  bootfs=$work/bootfs
+  mkdir -p "$bootfs"
+  mv "$root"/boot/* "$bootfs"/
+  sed -i 's| /boot/| /|' "$bootfs/grub/grub.cfg"
+fi
+
 # --- disk ----------------------------------------------------------------------------------------------------------
 mib=1048576
 size_b=$((size_mib * mib))
 rm -f "$out"
 truncate -s "$size_b" "$out"
 # The search GRUB runs before reading /boot/grub/grub.cfg from the root.
-printf 'search --no-floppy --label %s --set root\nset prefix=($root)/boot/grub\nconfigfile ($root)/boot/grub/grub.cfg\n' "$label" >"$work/early.cfg"
+if [ "$variant" = bootpart ]; then
+  printf 'search --no-floppy --label %s --set root\nset prefix=($root)/grub\nconfigfile ($root)/grub/grub.cfg\n' "$boot_label" >"$work/early.cfg"
+else
+  printf 'search --no-floppy --label %s --set root\nset prefix=($root)/boot/grub\nconfigfile ($root)/boot/grub/grub.cfg\n' "$label" >"$work/early.cfg"
+fi
 grub_mods="normal configfile search search_label part_msdos part_gpt ext2 linux echo test"
 
 bios_boot() { # $1 = LBA of core.img
@@ -340,6 +359,13 @@ case $variant in
     mmd -i "$out@@1M" ::/EFI ::/EFI/BOOT
     mcopy -i "$out@@1M" "$work/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
     off=$((67584 * 512))
+    ;;
+  bootpart)
+    printf 'label: dos\nlabel-id: 0x5e1f0c2a\nstart=2048, size=49152, type=83, bootable\nstart=51200, size=%d, type=83\n' \
+      $(((size_b - 51200 * 512 - mib) / 512)) | sfdisk -q "$out"
+    bios_boot 1
+    mkfs.ext4 -q -F -L "$boot_label" -U "$boot_uuid" -E offset=$mib,root_owner=0:0 -d "$bootfs" "$out" 24576k
+    off=$((51200 * 512))
     ;;
   noesp)
     printf 'label: gpt\nlabel-id: 5E1F0C2A-0000-4000-8000-0000000000E5\nstart=2048, size=2048, type=21686148-6449-6E6F-744E-656564454649, name="BIOS boot"\nstart=4096, size=%d, type=L, name=root\n' \
