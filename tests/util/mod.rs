@@ -4,15 +4,25 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The imgshift binary under test. The target directory is shared between worktrees, and another worktree's
-/// build may replace `target/debug/imgshift` while these tests run; so on first use this takes a hard link to
-/// the binary cargo built for this test run (same inode, no copy) under CARGO_TARGET_TMPDIR, named by PID, and
-/// removes links left by test processes that are gone.
+/// The imgshift binary under test, from this worktree.
+///
+/// The target directory is shared between worktrees, so `target/debug/imgshift` (CARGO_BIN_EXE_imgshift) may
+/// have been replaced by another worktree's build between this run's build and now (a full workspace run
+/// reaches some test binaries minutes later). Cargo keeps each worktree's binary in `deps/imgshift-<hash>`,
+/// and a dev binary's debug info names the directory it was built from; so the binary used is the uplifted one
+/// when it names this worktree, else the newest `deps/imgshift-<hash>` that does and answers `--version`. A hard
+/// link to it (same inode, no copy) under CARGO_TARGET_TMPDIR, named by PID, keeps it while the tests run;
+/// links left by finished test processes are removed.
 pub fn imgshift_bin() -> PathBuf {
     static LINK: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     LINK.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
         let built = PathBuf::from(env!("CARGO_BIN_EXE_imgshift"));
+        let pick = if built_here(&built) {
+            built.clone()
+        } else {
+            ours_in_deps(&built).unwrap_or_else(|| built.clone())
+        };
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -25,12 +35,41 @@ pub fn imgshift_bin() -> PathBuf {
         }
         let link = dir.join(format!("imgshift-bin-{}", std::process::id()));
         let _ = std::fs::remove_file(&link);
-        match std::fs::hard_link(&built, &link) {
+        match std::fs::hard_link(&pick, &link) {
             Ok(()) => link,
-            Err(_) => built,
+            Err(_) => pick,
         }
     })
     .clone()
+}
+
+/// Whether the binary's debug info names this worktree (DWARF comp_dir, NUL-terminated).
+fn built_here(bin: &Path) -> bool {
+    let needle = concat!(env!("CARGO_MANIFEST_DIR"), "\0").as_bytes();
+    std::fs::read(bin).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+}
+
+/// The newest `deps/imgshift-<16 hex>` built from this worktree that is the CLI (not a unit-test harness).
+fn ours_in_deps(built: &Path) -> Option<PathBuf> {
+    let deps = built.parent()?.join("deps");
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&deps)
+        .ok()?
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_prefix("imgshift-")
+                .is_some_and(|h| h.len() == 16 && h.bytes().all(|c| c.is_ascii_hexdigit()))
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    found.sort();
+    found.into_iter().rev().map(|(_, p)| p).find(|p| {
+        built_here(p)
+            && Command::new(p)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success() && o.stdout.starts_with(b"imgshift "))
+    })
 }
 
 /// Result of a command run.
