@@ -161,9 +161,13 @@ pub struct ConvertArgs {
     /// Show a progress bar even when standard error is not a terminal.
     #[arg(short = 'p', long)]
     pub progress: bool,
-    /// Parallel read/compress workers (default: number of CPUs, at least 4).
+    /// Parallel read/compress workers (default: one per CPU, 2 to 16).
     #[arg(short = 'm', long = "threads", value_name = "N")]
     pub threads: Option<usize>,
+    /// Output cache mode, as qemu-img's -t: 'unsafe' never syncs (qemu-img convert's default); 'writeback'
+    /// syncs the output before renaming it into place, so it survives a power loss once the command returns.
+    #[arg(short = 't', long = "cache", value_name = "CACHE", value_enum, default_value_t = CacheMode::Unsafe)]
+    pub cache: CacheMode,
     /// Print conversion statistics as JSON on standard error when done.
     #[arg(long)]
     pub stats: bool,
@@ -294,6 +298,9 @@ pub struct AwsDownloadArgs {
     /// Parallel block reads.
     #[arg(short = 'm', long = "threads", default_value_t = 16, value_name = "N")]
     pub threads: usize,
+    /// Output cache mode, as in `convert`: 'unsafe' never syncs, 'writeback' syncs before the rename.
+    #[arg(short = 't', long = "cache", value_name = "CACHE", value_enum, default_value_t = CacheMode::Unsafe)]
+    pub cache: CacheMode,
     /// Show a progress bar even when standard error is not a terminal.
     #[arg(short = 'p', long)]
     pub progress: bool,
@@ -380,4 +387,23 @@ pub struct AzureUploadArgs {
     pub verbose: bool,
     #[command(flatten)]
     pub trust: TrustArgs,
+}
+
+/// `-t`: when a local output is made durable (qemu-img's cache mode names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CacheMode {
+    /// No syncs (qemu-img convert's default).
+    Unsafe,
+    /// Sync the data before the rename, then the folder.
+    Writeback,
+}
+
+impl CacheMode {
+    /// The library's durability for this mode.
+    pub fn durability(self) -> imgshift_converters::Durability {
+        match self {
+            CacheMode::Unsafe => imgshift_converters::Durability::Unsafe,
+            CacheMode::Writeback => imgshift_converters::Durability::Writeback,
+        }
+    }
 }

@@ -432,6 +432,28 @@ fn errors_are_one_line() {
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
     assert!(r.stderr.contains("StartSnapshot"), "{}", r.stderr);
+    // An unknown region: its EBS endpoint does not resolve; the error names the region and the endpoint.
+    let mut c = aws_cmd(d.path());
+    c.env("AWS_REGION", "xx-nowhere-9");
+    c.args([
+        "upload",
+        "aws",
+        s(&raw),
+        "--name",
+        "x",
+        "--max-attempts",
+        "1",
+    ]);
+    c.args(["--state-dir", s(&d.path().join("state"))]);
+    let r = run(c);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("region xx-nowhere-9")
+            && r.stderr.contains("ebs.xx-nowhere-9.amazonaws.com"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]

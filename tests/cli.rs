@@ -84,6 +84,57 @@ fn convert_raw_to_stdout_and_file() {
     imgshift(&["convert", "-O", "raw", s(&a), s(&b)]).ok();
     assert_same(&a, "raw", &b, "raw");
     assert_eq!(files_in(d.path()), vec!["a.raw", "b.raw"]);
+    // A new file's mode is 0666 less the umask (as qemu-img's outputs), not a temporary file's private 0600.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&b).unwrap().permissions().mode() & 0o777;
+    let reference = d.path().join("reference");
+    std::fs::write(&reference, b"").unwrap();
+    let want = std::fs::metadata(&reference).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, want, "output mode {mode:o}, a new file gets {want:o}");
+}
+
+/// Sync calls the binary makes for one conversion, counted by strace.
+fn sync_calls(args: &[&str]) -> usize {
+    let d = tmpdir();
+    let log = d.path().join("strace.log");
+    let out = std::process::Command::new("strace")
+        .args([
+            "-f",
+            "-qq",
+            "-e",
+            "trace=fsync,fdatasync,syncfs,sync",
+            "-o",
+            s(&log),
+        ])
+        .arg(imgshift_bin())
+        .args(args)
+        .output()
+        .expect("strace is missing: bash .ci/install-deps installs it");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("sync"))
+        .count()
+}
+
+#[test]
+fn cache_mode_unsafe_never_syncs_and_writeback_does() {
+    let d = tmpdir();
+    let a = d.path().join("a.raw");
+    make_raw(&a, 64 << 20, &[(0, 48 << 20)], &[]);
+    let q = d.path().join("q.qcow2");
+    // The default is qemu-img convert's: no sync at all.
+    assert_eq!(sync_calls(&["convert", "-O", "qcow2", s(&a), s(&q)]), 0);
+    assert_same(&a, "raw", &q, "qcow2");
+    let w = d.path().join("w.qcow2");
+    assert!(sync_calls(&["convert", "-t", "writeback", "-O", "qcow2", s(&a), s(&w)]) >= 1);
+    assert_same(&a, "raw", &w, "qcow2");
+    assert_eq!(imgshift(&["convert", "-t", "bogus", s(&a), s(&w)]).code, 2);
 }
 
 #[test]

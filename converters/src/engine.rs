@@ -14,8 +14,11 @@ use crate::sink::Sink;
 use crate::source::{DiskSource, resolved_extents};
 use crate::writer::{ChunkCompressor, FormatWriter, Plan, Run};
 
-/// Zero detection never looks at pieces larger than this, whatever the writer's granularity.
-pub const MAX_ZERO_GRANULE: u64 = 1 << 20;
+/// Writers whose granule is at most this size get zero detection per granule (a qcow2 cluster, a VMDK grain).
+pub const WHOLE_GRANULE_ZERO_LIMIT: u64 = 64 << 10;
+/// Zero detection step inside larger granules (VHD/VDI/VHDX blocks of 1 MiB and more): zero runs of 4 KiB or
+/// more inside an allocated block stay holes in the output file, as with qemu-img's default `-S 4k`.
+pub const BLOCK_ZERO_GRANULE: u64 = 4096;
 
 /// Reports progress; called from the engine's coordinating thread.
 pub trait Progress: Sync {
@@ -158,7 +161,11 @@ pub fn convert_with_map(
 
     // Work units: pieces of the runs, aligned to the granularity, at most unit_size long.
     let unit = (opts.unit_size.max(g) / g) * g;
-    let zero_granule = g.min(MAX_ZERO_GRANULE);
+    let zero_granule = if g > WHOLE_GRANULE_ZERO_LIMIT {
+        BLOCK_ZERO_GRANULE
+    } else {
+        g
+    };
     let compressor = writer.compressor();
     let mut units = runs.iter().flat_map(|&(s, t)| {
         let mut out = Vec::new();

@@ -21,7 +21,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use extent::{Extent, ExtentKind, ExtentMap};
 pub use formats::{Format, create_writer, open, open_path};
 pub use gate::OpenGate;
-pub use sink::{FileSink, MemSink, OutputSet, Sink, StreamSink};
+pub use sink::{Durability, FileSink, MemSink, OutputSet, Sink, StreamSink};
 pub use source::{CheckReport, DiskSource, ImageInfo, resolved_extents};
 pub use storage::{FileStorage, MemStorage, SliceStorage, Storage};
 pub use writer::{ChunkCompressor, FormatWriter, Plan, Run, WriterOptions};

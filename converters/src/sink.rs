@@ -35,11 +35,23 @@ pub trait Sink: Send {
     }
 }
 
+/// When a local output reaches the disk, named after qemu-img's `-t` cache modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// No syncs: the kernel writes the file back in its own time (qemu-img convert's default, `-t unsafe`).
+    /// A crash soon after the conversion can leave a file with stale or missing data.
+    #[default]
+    Unsafe,
+    /// The data is synced before the file is renamed into place and the folder is synced after (`-t
+    /// writeback`): once the command returns, a power loss cannot lose or tear the output.
+    Writeback,
+}
+
 /// A local file, written with positional writes; skipped ranges stay holes.
 ///
-/// The file is made durable before it is renamed (`finish` syncs it). So that this final sync does not wait
-/// for the whole output to reach the disk, a background thread syncs the data written so far every
-/// [`EARLY_SYNC_BYTES`]: the disk writes back while the conversion goes on.
+/// With [`Durability::Writeback`] the file is made durable before it is renamed (`finish` syncs it). So that
+/// this final sync does not wait for the whole output to reach the disk, a background thread syncs the data
+/// written so far every [`EARLY_SYNC_BYTES`]: the disk writes back while the conversion goes on.
 pub struct FileSink {
     file: File,
     path: PathBuf,
@@ -47,6 +59,7 @@ pub struct FileSink {
     set: Option<std::sync::Arc<std::sync::Mutex<OutputSetInner>>>,
     early: Option<EarlySync>,
     unsynced: u64,
+    durability: Durability,
 }
 
 /// Bytes written between two background syncs: large enough that the syncs are few, small enough that the
@@ -94,6 +107,7 @@ impl FileSink {
             set: None,
             early: None,
             unsynced: 0,
+            durability: Durability::Writeback,
         }
     }
 }
@@ -107,6 +121,9 @@ impl Sink for FileSink {
                 e,
             )
         })?;
+        if self.durability == Durability::Unsafe {
+            return Ok(());
+        }
         self.unsynced = self.unsynced.saturating_add(data.len() as u64);
         if self.unsynced >= EARLY_SYNC_BYTES {
             self.unsynced = 0;
@@ -136,6 +153,9 @@ impl Sink for FileSink {
         self.file
             .set_len(len)
             .map_err(|e| Error::io("cannot set the length of", &self.path, e))?;
+        if self.durability == Durability::Unsafe {
+            return Ok(());
+        }
         self.file
             .sync_all()
             .map_err(|e| Error::io("cannot sync", &self.path, e))
@@ -250,6 +270,7 @@ struct PendingFile {
 pub struct OutputSetInner {
     dir: PathBuf,
     files: Vec<PendingFile>,
+    durability: Durability,
 }
 
 /// Atomic local output: every file is created under a temporary name in the destination folder and renamed to
@@ -259,8 +280,14 @@ pub struct OutputSet {
 }
 
 impl OutputSet {
-    /// Prepares an output whose main file is `path`. Refuses when `path` is an existing directory.
+    /// Prepares an output whose main file is `path`, synced before it is renamed ([`Durability::Writeback`]).
+    /// Refuses when `path` is an existing directory.
     pub fn new(path: &Path) -> Result<(OutputSet, FileSink)> {
+        Self::with_durability(path, Durability::Writeback)
+    }
+
+    /// As [`OutputSet::new`], with the given durability for every file of the set.
+    pub fn with_durability(path: &Path, durability: Durability) -> Result<(OutputSet, FileSink)> {
         if path.is_dir() {
             return Err(Error::input(format!("{} is a directory", path.display())));
         }
@@ -276,6 +303,7 @@ impl OutputSet {
         let inner = std::sync::Arc::new(std::sync::Mutex::new(OutputSetInner {
             dir,
             files: Vec::new(),
+            durability,
         }));
         let set = OutputSet { inner };
         let sink = Self::create(&set.inner, &name)?;
@@ -296,6 +324,8 @@ impl OutputSet {
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{name}."))
             .suffix(".imgshift-tmp")
+            // As any new file (and as qemu-img's outputs): 0666 less the umask, not tempfile's private 0600.
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
             .tempfile_in(&dir)
             .map_err(|e| Error::io("cannot create a temporary file in", &dir, e))?;
         let (file, temp) = tmp.into_parts();
@@ -306,6 +336,7 @@ impl OutputSet {
         });
         let mut sink = FileSink::new(file, path);
         sink.final_name = Some(name.to_string());
+        sink.durability = g.durability;
         sink.set = Some(inner.clone());
         Ok(sink)
     }
@@ -329,7 +360,9 @@ impl OutputSet {
                 .persist(&f.final_path)
                 .map_err(|e| Error::io("cannot rename the output to", &f.final_path, e.error))?;
         }
-        if let Ok(d) = File::open(&g.dir) {
+        if g.durability == Durability::Writeback
+            && let Ok(d) = File::open(&g.dir)
+        {
             let _ = d.sync_all();
         }
         Ok(())

@@ -52,7 +52,7 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<u8> {
         if same_file(&args.src, dst) {
             bail!("{} is both the source and the destination", dst.display());
         }
-        let (set, mut sink) = OutputSet::new(dst)?;
+        let (set, mut sink) = OutputSet::with_durability(dst, args.cache.durability())?;
         let stats =
             convert(src.as_ref(), writer.as_mut(), &mut sink, &copts, &bar).with_context(|| {
                 format!("cannot convert {} to {}", args.src.display(), dst.display())

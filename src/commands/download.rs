@@ -35,7 +35,7 @@ pub fn aws(args: &AwsDownloadArgs, quiet: bool) -> Result<u8> {
         &args.snapshot_id,
     )
     .with_context(|| format!("cannot list snapshot {}", args.snapshot_id))?;
-    let (set, mut sink) = OutputSet::new(&args.dst)?;
+    let (set, mut sink) = OutputSet::with_durability(&args.dst, args.cache.durability())?;
     let bar = Bar::new("download", args.progress, quiet);
     let copts = ConvertOptions {
         threads: args.threads,

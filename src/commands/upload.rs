@@ -28,6 +28,19 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// Blocks queued between the converter and the uploader.
+const BLOCK_QUEUE: usize = 8;
+
+/// "in region R (endpoint E)" for errors: an unknown region fails as a DNS error on its EBS endpoint.
+fn where_ebs(sdk: &aws_config::SdkConfig, c: &AwsConnArgs) -> String {
+    let region = sdk.region().map(|r| r.to_string()).unwrap_or_default();
+    let endpoint = match &c.endpoint_url {
+        Some(e) => e.clone(),
+        None => format!("https://ebs.{region}.amazonaws.com; is the region name right?"),
+    };
+    format!("cannot start a snapshot in region {region} (endpoint {endpoint})")
+}
+
 pub(crate) fn aws_target(c: &AwsConnArgs) -> config::AwsTarget {
     config::AwsTarget {
         region: c.region.clone(),
@@ -154,7 +167,9 @@ pub fn aws(args: &AwsUploadArgs, quiet: bool) -> Result<u8> {
                 kms_key_arn: args.kms_key_id.as_deref(),
                 tags: &tags,
             };
-            let (s, enc) = rt.block_on(up::start_snapshot(&ebs, &pol, &req))?;
+            let (s, enc) = rt
+                .block_on(up::start_snapshot(&ebs, &pol, &req))
+                .with_context(|| where_ebs(&sdk, &args.conn))?;
             say(format!(
                 "started snapshot {s} ({gib} GiB{})",
                 if enc { ", encrypted" } else { "" }
@@ -205,7 +220,9 @@ pub fn aws(args: &AwsUploadArgs, quiet: bool) -> Result<u8> {
         };
         let bar = Arc::new(Bar::new("upload", args.progress, quiet));
         bar.set_total(planned);
-        let (tx, rx) = tokio::sync::mpsc::channel(args.concurrency.max(4));
+        // A short queue: the converter is faster than the network, so a deep one would only hold memory
+        // (each block is 512 KiB; the requests in flight hold `--concurrency` more).
+        let (tx, rx) = tokio::sync::mpsc::channel(BLOCK_QUEUE);
         let mut writer = EbsBlockWriter::new(tx, skip, encrypted, block_count);
         let bar2 = bar.clone();
         let progress: Arc<dyn Fn(u64) + Send + Sync> = Arc::new(move |n| bar2.inc(n));

@@ -397,3 +397,90 @@ pub async fn complete_snapshot(
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::Bitmap;
+
+    const B: usize = EBS_BLOCK_SIZE as usize;
+
+    /// Runs `runs` through a writer for a disk of `blocks` blocks and returns the (index, first byte) of every
+    /// block handed to the uploader, in order.
+    fn feed(
+        encrypted: bool,
+        blocks: u64,
+        skip: Bitmap,
+        runs: &[(u64, Option<Vec<u8>>)],
+    ) -> Vec<(u64, u8)> {
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut w = EbsBlockWriter::new(tx, skip, encrypted, blocks);
+        for (offset, data) in runs {
+            match data {
+                Some(d) => w.write_run(&mut NullSink, *offset, Run::Data(d)).unwrap(),
+                None => w
+                    .write_run(&mut NullSink, *offset, Run::Zero(EBS_BLOCK_SIZE))
+                    .unwrap(),
+            }
+        }
+        assert_eq!(w.finish(&mut NullSink).unwrap(), blocks * EBS_BLOCK_SIZE);
+        drop(w);
+        let mut got = Vec::new();
+        while let Ok(b) = rx.try_recv() {
+            assert_eq!(b.data.len(), B, "every block is exactly 512 KiB");
+            got.push((b.index, b.data[0]));
+        }
+        got
+    }
+
+    #[test]
+    fn unencrypted_snapshot_gets_only_data_blocks() {
+        let runs = [
+            (EBS_BLOCK_SIZE, Some(vec![7u8; B])),
+            (2 * EBS_BLOCK_SIZE, None),
+            (4 * EBS_BLOCK_SIZE, Some(vec![9u8; 2 * B])),
+        ];
+        let got = feed(false, 8, Bitmap::new(8), &runs);
+        assert_eq!(got, vec![(1, 7), (4, 9), (5, 9)]);
+    }
+
+    #[test]
+    fn encrypted_snapshot_gets_every_block_zeros_included() {
+        // EBS returns random bytes for never-written blocks of an encrypted snapshot: all 8 must be sent,
+        // holes and zero runs as zero blocks, in order.
+        let runs = [
+            (EBS_BLOCK_SIZE, Some(vec![7u8; B])),
+            (2 * EBS_BLOCK_SIZE, None),
+            (4 * EBS_BLOCK_SIZE, Some(vec![9u8; 2 * B])),
+        ];
+        let got = feed(true, 8, Bitmap::new(8), &runs);
+        assert_eq!(
+            got,
+            vec![
+                (0, 0),
+                (1, 7),
+                (2, 0),
+                (3, 0),
+                (4, 9),
+                (5, 9),
+                (6, 0),
+                (7, 0)
+            ]
+        );
+    }
+
+    #[test]
+    fn resume_skips_acknowledged_blocks_even_when_encrypted() {
+        let mut done = Bitmap::new(4);
+        done.set(0);
+        done.set(2);
+        let got = feed(true, 4, done, &[(2 * EBS_BLOCK_SIZE, Some(vec![5u8; B]))]);
+        assert_eq!(got, vec![(1, 0), (3, 0)]);
+    }
+
+    #[test]
+    fn short_last_block_is_padded_to_512_kib() {
+        let got = feed(false, 1, Bitmap::new(1), &[(0, Some(vec![3u8; 4096]))]);
+        assert_eq!(got, vec![(0, 3)]);
+    }
+}

@@ -288,8 +288,8 @@ impl VhdxWriter {
 
 impl FormatWriter for VhdxWriter {
     fn granularity(&self) -> u64 {
-        // Blocks are 1 MiB or larger and are allocated on their first non-zero MiB; zero detection stays at
-        // the engine's 1 MiB cap.
+        // Blocks are 1 MiB or larger and are allocated on their first non-zero MiB; inside one, the engine
+        // detects zeros per 4 KiB and those stay holes in the file.
         MIB
     }
 
