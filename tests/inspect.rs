@@ -17,15 +17,55 @@ use std::time::Instant;
 use serde_json::Value;
 use util::*;
 
+/// Where built guests are kept across runs (and worktrees: the target directory is shared), keyed by the
+/// content of mkguest.sh: an unchanged script reuses its guests. Inspection never writes them and boots run
+/// with -snapshot. Guests of other script versions are removed after a day.
 fn guests_dir() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        tempfile::Builder::new()
-            .prefix("imgshift-guests")
-            .tempdir()
-            .unwrap()
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("inspect-guests");
+        std::fs::create_dir_all(&dir).unwrap();
+        let tag = script_tag();
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|a| a.as_secs() > 86_400));
+            if old && !e.file_name().to_string_lossy().contains(&tag) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        dir
     })
-    .path()
+}
+
+/// FNV-1a of mkguest.sh: the cache key of its guests.
+fn script_tag() -> String {
+    let text = std::fs::read(script("mkguest.sh")).unwrap();
+    let h = text.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{h:016x}")
+}
+
+/// This process's scratch folder (converted images); folders of finished test processes are removed.
+fn scratch() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        for e in std::fs::read_dir(base).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("inspect-scratch-")
+                && !Path::new("/proc").join(pid).exists()
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        let dir = base.join(format!("inspect-scratch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    })
 }
 
 fn script(name: &str) -> PathBuf {
@@ -46,11 +86,16 @@ fn guest_sized(variant: &str, size_mib: u64) -> PathBuf {
         Arc::clone(m.entry(key.clone()).or_default())
     };
     cell.get_or_init(|| {
-        let out = guests_dir().join(format!("{key}.raw"));
+        let out = guests_dir().join(format!("{key}-{}.raw", script_tag()));
+        if out.exists() {
+            return out;
+        }
+        // Built under a private name and renamed: a concurrent run never sees half a guest.
+        let tmp = out.with_extension(format!("tmp-{}", std::process::id()));
         let r = Command::new("bash")
             .arg(script("mkguest.sh"))
             .arg(variant)
-            .arg(&out)
+            .arg(&tmp)
             .arg(size_mib.to_string())
             .output()
             .unwrap();
@@ -59,6 +104,7 @@ fn guest_sized(variant: &str, size_mib: u64) -> PathBuf {
             "mkguest.sh {variant} failed (run .ci/install-deps for its tools): {}",
             String::from_utf8_lossy(&r.stderr)
         );
+        std::fs::rename(&tmp, &out).unwrap();
         out
     })
     .clone()
@@ -69,7 +115,8 @@ fn guest(variant: &str) -> PathBuf {
 }
 
 fn convert(src: &Path, fmt: &str) -> PathBuf {
-    let dst = src.with_extension(format!("{}.{fmt}", rand_tag()));
+    let stem = src.file_stem().unwrap().to_string_lossy();
+    let dst = scratch().join(format!("{stem}.{}.{fmt}", rand_tag()));
     imgshift(&["convert", "-O", fmt, s(src), s(&dst)]).ok();
     dst
 }
