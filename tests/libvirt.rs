@@ -1134,18 +1134,26 @@ fn md5_hex(data: &[u8]) -> u128 {
     u128::from_str_radix(hex.split_whitespace().next().unwrap(), 16).unwrap()
 }
 
-/// The BIOS guest (MBR + GRUB) with every automatic choice: BIOS firmware, sata disk.
+/// The BIOS guest (MBR + GRUB, virtio drivers in its initramfs) with every automatic choice: inspection picks
+/// BIOS firmware and a virtio disk, and it boots on them.
 #[test]
 fn defined_bios_guest_boots_under_tcg() {
     let j = boot_contract_guest("bios", &[]);
     assert_eq!(j["domain"]["firmware"], "bios");
-    assert_eq!(j["domain"]["disk_bus"], "sata");
+    assert_eq!(j["domain"]["disk_bus"], "virtio");
 }
 
-/// The UEFI guest (GPT + ESP + GRUB EFI): `--firmware auto` finds the ESP and picks UEFI; virtio disk.
+/// The UEFI guest (GPT + ESP + GRUB EFI): `--firmware auto` finds the ESP and its loader and picks UEFI; virtio.
 #[test]
 fn defined_uefi_guest_boots_under_tcg() {
-    let j = boot_contract_guest("uefi", &["--disk-bus", "virtio"]);
+    let j = boot_contract_guest("uefi", &[]);
     assert_eq!(j["domain"]["firmware"], "uefi");
     assert_eq!(j["domain"]["disk_bus"], "virtio");
+}
+
+/// A guest without virtio drivers: `--disk-bus auto` falls back to sata, on which it boots.
+#[test]
+fn defined_guest_without_virtio_gets_sata_and_boots() {
+    let j = boot_contract_guest("novirtio", &[]);
+    assert_eq!(j["domain"]["disk_bus"], "sata");
 }

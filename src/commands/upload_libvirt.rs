@@ -45,7 +45,7 @@ pub fn run(args: &LibvirtUploadArgs, quiet: bool) -> Result<u8> {
     };
     let out_format = Format::from_name(vol_format.name())?;
     let mut writer = create_writer(out_format, &mut WriterOptions::default())?;
-    let src = open_source(args)?;
+    let src: std::sync::Arc<dyn DiskSource> = std::sync::Arc::from(open_source(args)?);
     let capacity = writer.output_virtual_size(src.virtual_size())?;
 
     let uri = args.connect.as_str();
@@ -53,7 +53,7 @@ pub fn run(args: &LibvirtUploadArgs, quiet: bool) -> Result<u8> {
     let conn = lv::connect(uri)?;
     let pool = lv::running_pool(&conn, pool_name, uri)?;
     let plan = match &args.define {
-        Some(name) => Some(plan_domain(args, name, vol_format, src.as_ref(), &conn)?),
+        Some(name) => Some(plan_domain(args, name, vol_format, &src, &conn)?),
         None => None,
     };
 
@@ -209,7 +209,7 @@ fn plan_domain(
     args: &LibvirtUploadArgs,
     name: &str,
     format: VolFormat,
-    src: &dyn DiskSource,
+    src: &std::sync::Arc<dyn DiskSource>,
     conn: &Connect,
 ) -> Result<DomainPlan> {
     if name.is_empty() {
@@ -231,12 +231,45 @@ fn plan_domain(
         None => None,
     };
     let mut notes = Vec::new();
+    // `auto` choices come from imgshift's own offline inspection of the guest (its libvirt preflight settings:
+    // firmware from the boot mode, virtio only when the guest's initramfs has the virtio drivers).
+    let guest =
+        (args.firmware == FirmwareArg::Auto || args.disk_bus == DiskBusArg::Auto).then(|| {
+            let disk = crate::guest::Window::whole(
+                std::sync::Arc::clone(src),
+                std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            );
+            let report = crate::guest::report::inspect(&disk);
+            let facts = report.facts(None);
+            let verdict = crate::guest::preflight::table("libvirt")
+                .map(|rules| crate::guest::preflight::evaluate("libvirt", rules, &facts));
+            (facts, verdict)
+        });
+    let setting = |key: &str| -> Option<String> {
+        guest
+            .as_ref()
+            .and_then(|(_, v)| v.as_ref())
+            .and_then(|v| v.settings.get(key).cloned())
+    };
+    let linux = guest.as_ref().is_some_and(|(f, _)| f.linux_root);
     let firmware = match args.firmware {
         FirmwareArg::Bios => Firmware::Bios,
         FirmwareArg::Uefi => Firmware::Uefi,
+        FirmwareArg::Auto if linux => {
+            let fw = if setting("firmware").as_deref() == Some("efi") {
+                Firmware::Uefi
+            } else {
+                Firmware::Bios
+            };
+            notes.push(format!(
+                "firmware {}: from the guest's boot mode (inspection)",
+                fw_name(fw)
+            ));
+            fw
+        }
         FirmwareArg::Auto => {
-            // The same rule as Azure's generation: an ESP on a GPT is what UEFI firmware boots from.
-            let (generation, why) = hyperv::detect(src);
+            // No Linux root to inspect: an ESP on a GPT is what UEFI firmware boots from (Azure's rule).
+            let (generation, why) = hyperv::detect(src.as_ref());
             let fw = if generation == "V2" {
                 Firmware::Uefi
             } else {
@@ -251,12 +284,24 @@ fn plan_domain(
         DiskBusArg::Sata => DiskBus::Sata,
         DiskBusArg::Scsi => DiskBus::Scsi,
         DiskBusArg::Auto => {
-            notes.push(
-                "disk bus sata: the guest's drivers are not known (pass --disk-bus virtio for a guest with \
-                 virtio drivers)"
-                    .to_string(),
-            );
-            DiskBus::Sata
+            match setting("bus").as_deref() {
+                Some("virtio") if linux => {
+                    notes.push("disk bus virtio: the guest's initramfs has the virtio drivers (inspection)".into());
+                    DiskBus::Virtio
+                }
+                Some("scsi") if linux => {
+                    notes.push("disk bus scsi: inspection suggests it for this guest".into());
+                    DiskBus::Scsi
+                }
+                _ => {
+                    notes.push(
+                    "disk bus sata: the guest's virtio drivers were not found by inspection (pass --disk-bus \
+                     virtio for a guest that has them)"
+                        .to_string(),
+                );
+                    DiskBus::Sata
+                }
+            }
         }
     };
     let domain_type = match args.domain_type {
