@@ -99,6 +99,30 @@ pub enum Command {
         #[command(flatten)]
         trust: TrustArgs,
     },
+    /// Inspect the guest inside an image (read-only): partitions, filesystems, OS, boot mode, boot drivers.
+    /// With --target, a preflight verdict: exit 0 ok or warn, 1 fail or error.
+    Inspect {
+        /// The image.
+        image: PathBuf,
+        /// Image format (probed when absent).
+        #[arg(short = 'f', long = "format", value_name = "FMT")]
+        format: Option<String>,
+        /// Check the guest against a target's boot requirements: aws, azure, libvirt.
+        #[arg(long, value_name = "TARGET", value_parser = ["aws", "azure", "libvirt"])]
+        target: Option<String>,
+        /// With --target aws: the boot mode the AMI will be registered with (as `upload aws --boot-mode`).
+        #[arg(long = "boot-mode", value_parser = ["legacy-bios", "uefi", "uefi-preferred"])]
+        boot_mode: Option<String>,
+        /// Output style.
+        #[arg(long, value_enum, default_value_t)]
+        output: OutputFormat,
+        /// Print, as one JSON line on standard error: bytes read from the guest, the process's rchar (from
+        /// /proc/self/io) and its peak RSS.
+        #[arg(long)]
+        stats: bool,
+        #[command(flatten)]
+        trust: TrustArgs,
+    },
     /// Convert an image to another format. DST '-' writes to standard output.
     Convert(ConvertArgs),
     /// Stream an image into a cloud or hypervisor target (no temporary disk).

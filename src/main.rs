@@ -2,6 +2,7 @@
 
 mod cli;
 mod commands;
+mod guest;
 mod journal;
 mod progress;
 mod targets;

@@ -5,6 +5,7 @@ mod compare;
 mod convert;
 mod download;
 mod info;
+mod inspect;
 mod map;
 mod upload;
 mod upload_azure;
@@ -64,6 +65,23 @@ pub fn run(cli: Cli) -> Result<u8> {
             format_b.as_deref(),
             strict,
             progress && !quiet,
+            &trust,
+        ),
+        Command::Inspect {
+            image,
+            format,
+            target,
+            boot_mode,
+            output,
+            stats,
+            trust,
+        } => inspect::run(
+            &image,
+            format.as_deref(),
+            target.as_deref(),
+            boot_mode.as_deref(),
+            output,
+            stats,
             &trust,
         ),
         Command::Convert(args) => convert::run(&args, quiet),

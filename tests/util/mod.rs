@@ -4,9 +4,33 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The imgshift binary under test.
+/// The imgshift binary under test. The target directory is shared between worktrees, and another worktree's
+/// build may replace `target/debug/imgshift` while these tests run; so on first use this takes a hard link to
+/// the binary cargo built for this test run (same inode, no copy) under CARGO_TARGET_TMPDIR, named by PID, and
+/// removes links left by test processes that are gone.
 pub fn imgshift_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_imgshift"))
+    static LINK: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    LINK.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let built = PathBuf::from(env!("CARGO_BIN_EXE_imgshift"));
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name.strip_prefix("imgshift-bin-")
+                    && !Path::new("/proc").join(pid).exists()
+                {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let link = dir.join(format!("imgshift-bin-{}", std::process::id()));
+        let _ = std::fs::remove_file(&link);
+        match std::fs::hard_link(&built, &link) {
+            Ok(()) => link,
+            Err(_) => built,
+        }
+    })
+    .clone()
 }
 
 /// Result of a command run.

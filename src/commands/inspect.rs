@@ -1,0 +1,197 @@
+//! `imgshift inspect`: read a guest offline through its DiskSource (any format, read-only, no mount) and, with
+//! `--target`, give a preflight verdict. Exit 0 for ok/warn, 1 for fail (or an error).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+
+use super::open_image;
+use crate::cli::{OutputFormat, TrustArgs};
+use crate::guest::Window;
+use crate::guest::preflight::{self, Level, Verdict};
+use crate::guest::report::{self, Report};
+
+/// The JSON document printed.
+#[derive(Serialize)]
+struct Output<'a> {
+    filename: String,
+    format: &'a str,
+    #[serde(flatten)]
+    report: &'a Report,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    preflight: Option<Verdict>,
+}
+
+/// Runs `inspect`.
+pub fn run(
+    image: &Path,
+    format: Option<&str>,
+    target: Option<&str>,
+    boot_mode: Option<&str>,
+    output: OutputFormat,
+    stats: bool,
+    trust: &TrustArgs,
+) -> Result<u8> {
+    let rules = match target {
+        Some(t) => match preflight::table(t) {
+            Some(r) => Some((t, r)),
+            None => bail!("unknown target {t:?} (aws, azure, libvirt)"),
+        },
+        None => None,
+    };
+    let src: Arc<dyn imgshift_converters::DiskSource> =
+        Arc::from(open_image(image, format, trust)?);
+    let counter = Arc::new(AtomicU64::new(0));
+    let disk = Window::whole(Arc::clone(&src), Arc::clone(&counter));
+    let report = report::inspect(&disk);
+    let preflight = rules.map(|(t, r)| preflight::evaluate(t, r, &report.facts(boot_mode)));
+    let code = u8::from(preflight.as_ref().is_some_and(|v| v.verdict == Level::Fail));
+    let out = Output {
+        filename: image.display().to_string(),
+        format: src.format().name(),
+        report: &report,
+        preflight,
+    };
+    let text = match output {
+        OutputFormat::Json => serde_json::to_string_pretty(&out)? + "\n",
+        OutputFormat::Human => human(&out),
+    };
+    // A closed pipe (`inspect ... | head`) comes back as an io::Error that main treats as quiet.
+    std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes())?;
+    if stats {
+        // rchar is the kernel's count of bytes this process read through read(2)/pread(2) — the image file
+        // included, whatever its format — read at the very end so it covers the whole inspection.
+        let s = serde_json::json!({
+            "guest_bytes_read": counter.load(Ordering::Relaxed),
+            "rchar": proc_field("/proc/self/io", "rchar:"),
+            "peak_rss_bytes": proc_field("/proc/self/status", "VmHWM:").map(|k| k.saturating_mul(1024)),
+        });
+        eprintln!("{s}");
+    }
+    Ok(code)
+}
+
+fn proc_field(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    line.get(key.len()..)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn opt(s: &Option<String>) -> &str {
+    s.as_deref().unwrap_or("-")
+}
+
+/// The readable form.
+fn human(o: &Output<'_>) -> String {
+    use std::fmt::Write;
+    let r = o.report;
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "image: {} ({}, {} bytes)",
+        o.filename, o.format, r.virtual_size
+    );
+    let _ = writeln!(t, "partition table: {}", r.partition_table.scheme);
+    for p in &r.partition_table.partitions {
+        let fs = r.filesystems.get(&format!("/dev/sda{}", p.number));
+        let _ = writeln!(
+            t,
+            "  /dev/sda{}: {} at {} size {}, {} label={} uuid={}",
+            p.number,
+            p.type_name,
+            p.start,
+            p.size,
+            fs.map_or("-", |f| f.fs_type.as_str()),
+            fs.map_or("-", |f| opt(&f.label)),
+            fs.map_or("-", |f| opt(&f.uuid)),
+        );
+    }
+    let b = &r.boot;
+    let _ = write!(t, "boot mode: {}", b.mode);
+    if let Some(l) = &b.bios_loader {
+        let _ = write!(t, " (BIOS: {l}");
+        if let Some(lba) = b.grub_core_lba {
+            let _ = write!(t, ", core at sector {lba}");
+        }
+        t.push(')');
+    }
+    if let Some(f) = &b.efi_fallback {
+        let _ = write!(t, " (UEFI: {f})");
+    }
+    t.push('\n');
+    for os in &r.operatingsystems {
+        let f = &os.facts;
+        let _ = writeln!(
+            t,
+            "os: {} [{} {}], root {}, arch {}, hostname {}",
+            opt(&f.product_name),
+            opt(&f.distro),
+            opt(&f.version),
+            os.root,
+            opt(&f.arch),
+            opt(&f.hostname)
+        );
+        if let Some(k) = f.kernels.first() {
+            let _ = writeln!(
+                t,
+                "  kernel {} initramfs {} ({})",
+                k.version,
+                opt(&k.initramfs),
+                k.initramfs_listing
+                    .as_ref()
+                    .map_or("not read".to_string(), |l| l.archives.join("+"))
+            );
+            if let Some(c) = &k.cmdline {
+                let _ = writeln!(t, "  cmdline: {c}");
+            }
+        }
+        let drivers = f.drivers.as_ref().map_or("unknown".into(), |d| d.join(" "));
+        let _ = writeln!(t, "  boot drivers: {drivers}");
+        for e in &f.fstab {
+            let _ = writeln!(
+                t,
+                "  fstab: {} on {} ({}, by {})",
+                e.spec, e.mountpoint, e.vfstype, e.by
+            );
+        }
+        let _ = writeln!(t, "  agents: {}", f.agents.join(" "));
+        let m = &f.machine_state;
+        let _ = writeln!(
+            t,
+            "  machine state: machine-id {}, {} ssh host keys, {} log files, {} shell histories, {} DHCP leases, cloud-init instance {}",
+            opt(&m.machine_id),
+            m.ssh_host_keys.len(),
+            m.log_files.len(),
+            m.shell_history.len(),
+            m.dhcp_leases.len(),
+            if m.cloud_init_instance { "yes" } else { "no" },
+        );
+    }
+    for p in &r.problems {
+        let _ = writeln!(t, "problem: {p}");
+    }
+    if let Some(v) = &o.preflight {
+        let verdict = match v.verdict {
+            Level::Ok => "OK",
+            Level::Warn => "WARN",
+            Level::Fail => "FAIL",
+        };
+        let _ = writeln!(t, "preflight {}: {verdict}", v.target);
+        for f in &v.findings {
+            let level = serde_json::to_value(f.level).ok();
+            let level = level.as_ref().and_then(|l| l.as_str()).unwrap_or("?");
+            let _ = writeln!(t, "  [{level}] {}: {}", f.id, f.reason);
+            let _ = writeln!(t, "         fix: {}", f.fix);
+        }
+        let settings: Vec<String> = v.settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = writeln!(t, "  settings: {}", settings.join(" "));
+    }
+    t
+}

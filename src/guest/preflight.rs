@@ -1,0 +1,613 @@
+//! Preflight rules: one table per target. A rule looks at the inspected [`Facts`]; when it fires it gives a
+//! level, one reason (with the evidence that made it fire), one fix, and optionally settings the target should
+//! use (a disk bus, a boot mode). The verdict is the worst level fired (ok < warn < fail): `ok` means the guest
+//! boots on the target as imgshift would create it, `warn` that it boots with the settings given (or boots but
+//! lacks something, such as network drivers), `fail` that it will not boot without a change to the guest.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+/// Facts the rules look at.
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    /// "bios", "uefi", "bios+uefi" or "unknown".
+    pub boot_mode: String,
+    /// The disk has a GPT with an EFI system partition (what `upload azure --hyper-v-generation auto` looks at).
+    pub gpt_esp: bool,
+    /// A Linux root filesystem was read.
+    pub linux_root: bool,
+    /// Boot drivers of the default kernel; `None` when unknown.
+    pub drivers: Option<Vec<String>>,
+    /// Boot drivers installed as modules on the root (loadable once it is mounted: enough for network drivers).
+    pub installed: Vec<String>,
+    /// Why the default kernel's initramfs could not be listed, if it could not.
+    pub initramfs_problem: Option<String>,
+    /// How the root filesystem is named when that depends on the disk bus: (where, name), e.g.
+    /// ("kernel command line", "/dev/sda1"), ("/etc/fstab", "/dev/sda1").
+    pub root_device: Option<(String, String)>,
+    /// Other fstab entries naming a bus-dependent device.
+    pub fstab_devices: Vec<String>,
+    /// Agents installed.
+    pub agents: Vec<String>,
+    /// Guest architecture.
+    pub arch: Option<String>,
+    /// Virtual disk size in bytes.
+    pub size: u64,
+    /// `--boot-mode` requested for AWS (legacy-bios, uefi, uefi-preferred).
+    pub aws_boot_mode: Option<String>,
+}
+
+impl Facts {
+    fn has(&self, d: &str) -> bool {
+        self.drivers
+            .as_ref()
+            .is_some_and(|v| v.iter().any(|x| x == d))
+    }
+    /// A network driver is available: at boot, or as a module on the root.
+    fn net(&self, d: &str) -> bool {
+        self.has(d) || self.installed.iter().any(|x| x == d)
+    }
+    fn known(&self) -> bool {
+        self.drivers.is_some()
+    }
+    fn virtio_blk(&self) -> bool {
+        self.has("virtio_blk") && self.has("virtio_pci")
+    }
+    fn virtio_scsi(&self) -> bool {
+        self.has("virtio_scsi") && self.has("virtio_pci") && self.has("sd_mod")
+    }
+    fn sata(&self) -> bool {
+        self.has("ahci") && self.has("sd_mod")
+    }
+    fn ide(&self) -> bool {
+        self.has("ata_piix") && self.has("sd_mod")
+    }
+    /// The root's bus-dependent name, when it starts with `prefix` (`sd`, `vd`, `xvd`, `nvme`, `hd`).
+    fn root_named(&self, prefix: &str) -> Option<String> {
+        let (place, dev) = self.root_device.as_ref()?;
+        dev.strip_prefix("/dev/")?
+            .starts_with(prefix)
+            .then(|| format!("{dev} in the {place}"))
+    }
+    fn boot(&self, mode: &str) -> bool {
+        self.boot_mode == mode
+    }
+}
+
+/// Severity of a finding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// Nothing to do.
+    Ok,
+    /// Boots with the given settings, or boots with something missing.
+    Warn,
+    /// Will not boot.
+    Fail,
+}
+
+/// One rule of a target's table.
+pub struct Rule {
+    /// Stable identifier (`<target>-<what>`).
+    pub id: &'static str,
+    /// Level when it fires.
+    pub level: Level,
+    /// Fires when this returns the evidence.
+    pub when: fn(&Facts) -> Option<String>,
+    /// Why it matters.
+    pub reason: &'static str,
+    /// What to do.
+    pub fix: &'static str,
+    /// Settings the target should use when this fired (the first rule to set a key wins).
+    pub set: &'static [(&'static str, &'static str)],
+}
+
+/// A fired rule.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    /// The rule's id.
+    pub id: String,
+    /// Its level.
+    pub level: Level,
+    /// Why, with the evidence.
+    pub reason: String,
+    /// What to do.
+    pub fix: String,
+}
+
+/// The result for one target.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    /// aws, azure or libvirt.
+    pub target: String,
+    /// Worst level fired.
+    pub verdict: Level,
+    /// Fired rules, in table order.
+    pub findings: Vec<Finding>,
+    /// What the target should be set up with (boot mode, generation, firmware, disk bus).
+    pub settings: BTreeMap<String, String>,
+}
+
+fn yes(c: bool) -> Option<String> {
+    c.then(String::new)
+}
+
+fn missing(f: &Facts, need: &[&str]) -> Option<String> {
+    if !f.known() {
+        return None;
+    }
+    let gone: Vec<&str> = need.iter().copied().filter(|d| !f.has(d)).collect();
+    (!gone.is_empty()).then(|| format!("missing: {}", gone.join(", ")))
+}
+
+fn missing_net(f: &Facts, d: &str) -> Option<String> {
+    (f.known() && !f.net(d)).then(|| format!("missing: {d}"))
+}
+
+fn fstab_devices(f: &Facts) -> Option<String> {
+    (!f.fstab_devices.is_empty()).then(|| f.fstab_devices.join(", "))
+}
+
+/// Rules every target shares: nothing bootable, an initramfs the kernel cannot unpack, no Linux root read.
+const BOOT_UNKNOWN: Rule = Rule {
+    id: "boot-loader",
+    level: Level::Fail,
+    when: |f| yes(f.boot("unknown")),
+    reason: "no BIOS boot code with its next stage and no UEFI fallback loader found: the guest will not boot",
+    fix: "install a boot loader in the guest (grub-install; for UEFI also grub-install --removable) before migrating",
+    set: &[],
+};
+const INITRAMFS_BROKEN: Rule = Rule {
+    id: "initramfs-unreadable",
+    level: Level::Fail,
+    when: |f| f.initramfs_problem.clone(),
+    reason: "the default kernel's initramfs cannot be read; the kernel would fail to unpack it the same way",
+    fix: "rebuild the initramfs in the guest (update-initramfs -u -k all, or dracut -f --regenerate-all)",
+    set: &[],
+};
+const DRIVERS_UNKNOWN: Rule = Rule {
+    id: "drivers-unknown",
+    level: Level::Warn,
+    when: |f| yes(!f.linux_root),
+    reason: "no Linux root filesystem could be read, so the boot drivers are unknown",
+    fix: "check the guest's storage and network drivers by hand before migrating",
+    set: &[],
+};
+
+/// AWS (EC2). Nitro instance types expose EBS as NVMe and the network as ENA
+/// (<https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/nvme-ebs-volumes.html>); an AMI registered without a
+/// boot mode boots x86_64 instances by legacy BIOS
+/// (<https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/ami-boot.html>).
+pub const AWS: &[Rule] = &[
+    BOOT_UNKNOWN,
+    INITRAMFS_BROKEN,
+    DRIVERS_UNKNOWN,
+    Rule {
+        id: "aws-boot-mode-uefi",
+        level: Level::Fail,
+        when: |f| {
+            yes(f.boot("uefi")
+                && !matches!(f.aws_boot_mode.as_deref(), Some("uefi" | "uefi-preferred")))
+        },
+        reason: "the guest boots only by UEFI, and EC2 boots x86_64 AMIs by legacy BIOS unless registered otherwise",
+        fix: "upload with --boot-mode uefi",
+        set: &[("boot_mode", "uefi")],
+    },
+    Rule {
+        id: "aws-boot-mode-bios",
+        level: Level::Fail,
+        when: |f| yes(f.boot("bios") && f.aws_boot_mode.as_deref() == Some("uefi")),
+        reason: "the guest boots only by BIOS but --boot-mode uefi was asked for",
+        fix: "upload with --boot-mode legacy-bios (or uefi-preferred)",
+        set: &[("boot_mode", "legacy-bios")],
+    },
+    Rule {
+        id: "aws-nvme",
+        level: Level::Fail,
+        when: |f| missing(f, &["nvme"]),
+        reason: "no NVMe driver at boot: Nitro instance types expose EBS volumes as NVMe devices",
+        fix: "add nvme to the initramfs (echo nvme >> /etc/initramfs-tools/modules && update-initramfs -u, or dracut --add-drivers nvme -f)",
+        set: &[],
+    },
+    Rule {
+        id: "aws-root-device",
+        level: Level::Fail,
+        when: |f| {
+            f.root_named("sd")
+                .or_else(|| f.root_named("vd"))
+                .or_else(|| f.root_named("hd"))
+        },
+        reason: "the root is named by a bus-dependent device; on Nitro instance types it is /dev/nvme0n1p*, so it will not be found",
+        fix: "name the root by UUID= or LABEL= in /etc/fstab and the boot loader (root=UUID=... in GRUB_CMDLINE_LINUX, update-grub)",
+        set: &[],
+    },
+    Rule {
+        id: "aws-ena",
+        level: Level::Warn,
+        when: |f| missing_net(f, "ena"),
+        reason: "no ENA network driver in the initramfs or the root's modules: Nitro instance types will boot without network",
+        fix: "install a kernel that ships the ena module",
+        set: &[],
+    },
+    Rule {
+        id: "aws-fstab-device",
+        level: Level::Warn,
+        when: fstab_devices,
+        reason: "fstab names disks by device; on Nitro instance types they are /dev/nvmeXnY",
+        fix: "use UUID= or LABEL= in /etc/fstab",
+        set: &[],
+    },
+    Rule {
+        id: "aws-arch",
+        level: Level::Fail,
+        when: |f| f.arch.clone().filter(|a| a != "x86_64" && a != "aarch64"),
+        reason: "EC2 runs x86_64 and arm64 guests only",
+        fix: "migrate to a target that runs this architecture",
+        set: &[],
+    },
+];
+
+/// Azure. Hyper-V guests need the VMBus storage and network drivers
+/// (<https://learn.microsoft.com/azure/virtual-machines/linux/create-upload-generic>); generation 1 boots by
+/// BIOS, generation 2 by UEFI; managed disks are whole MiB; provisioning needs waagent or cloud-init.
+pub const AZURE: &[Rule] = &[
+    BOOT_UNKNOWN,
+    INITRAMFS_BROKEN,
+    DRIVERS_UNKNOWN,
+    Rule {
+        id: "azure-generation-v1",
+        level: Level::Fail,
+        when: |f| yes(f.boot("bios") && f.gpt_esp),
+        reason: "the guest boots only by BIOS, but its GPT has an EFI system partition, so --hyper-v-generation auto picks V2 (UEFI)",
+        fix: "upload with --hyper-v-generation V1",
+        set: &[("hyper_v_generation", "V1")],
+    },
+    Rule {
+        id: "azure-generation-v2",
+        level: Level::Fail,
+        when: |f| yes(f.boot("uefi") && !f.gpt_esp),
+        reason: "the guest boots only by UEFI, but --hyper-v-generation auto picks V1 (BIOS) without a GPT EFI system partition",
+        fix: "upload with --hyper-v-generation V2",
+        set: &[("hyper_v_generation", "V2")],
+    },
+    Rule {
+        id: "azure-hv-storage",
+        level: Level::Fail,
+        when: |f| missing(f, &["hv_vmbus", "hv_storvsc"]),
+        reason: "no Hyper-V storage drivers at boot: Azure disks will not be found",
+        fix: "add hv_vmbus and hv_storvsc to the initramfs (dracut --add-drivers \"hv_vmbus hv_storvsc\" -f, or /etc/initramfs-tools/modules)",
+        set: &[],
+    },
+    Rule {
+        id: "azure-hv-net",
+        level: Level::Warn,
+        when: |f| missing_net(f, "hv_netvsc"),
+        reason: "no Hyper-V network driver (hv_netvsc) in the initramfs or the root's modules: the VM will have no network",
+        fix: "install a kernel that ships hv_netvsc (linux-azure, or the distribution's generic kernel)",
+        set: &[],
+    },
+    Rule {
+        id: "azure-agent",
+        level: Level::Warn,
+        when: |f| yes(f.linux_root && !f.agents.iter().any(|a| a == "waagent" || a == "cloud-init")),
+        reason: "neither waagent nor cloud-init is installed: Azure cannot provision the VM or report it ready",
+        fix: "install walinuxagent (or cloud-init with the Azure datasource)",
+        set: &[],
+    },
+    Rule {
+        id: "azure-size-alignment",
+        level: Level::Warn,
+        when: |f| (f.size % (1 << 20) != 0).then(|| format!("{} bytes", f.size)),
+        reason: "the virtual size is not a whole number of MiB; the upload pads it, so the guest sees a slightly larger disk",
+        fix: "nothing required; to avoid the padding, resize the disk to a whole MiB (qemu-img resize)",
+        set: &[],
+    },
+    Rule {
+        id: "azure-root-device",
+        level: Level::Warn,
+        when: |f| {
+            f.root_named("sd")
+                .or_else(|| f.root_named("vd"))
+                .or_else(|| f.root_named("hd"))
+        },
+        reason: "the root is named by device; Azure's disk order (OS, resource and data disks) is not guaranteed",
+        fix: "name the root by UUID= or LABEL= in /etc/fstab and the boot loader",
+        set: &[],
+    },
+    Rule {
+        id: "azure-fstab-device",
+        level: Level::Warn,
+        when: fstab_devices,
+        reason: "fstab names disks by device; Azure's disk order is not guaranteed",
+        fix: "use UUID= or LABEL= in /etc/fstab",
+        set: &[],
+    },
+];
+
+/// libvirt (KVM/QEMU). The default disk is virtio-blk (`/dev/vdX`, needs virtio_blk + virtio_pci); the
+/// fallbacks are virtio-scsi (`/dev/sdX`), SATA (ahci) and IDE (ata_piix).
+pub const LIBVIRT: &[Rule] = &[
+    BOOT_UNKNOWN,
+    INITRAMFS_BROKEN,
+    DRIVERS_UNKNOWN,
+    Rule {
+        id: "libvirt-root-sd-scsi",
+        level: Level::Warn,
+        when: |f| f.root_named("sd").filter(|_| f.virtio_scsi()),
+        reason: "the root is named /dev/sdX, which a virtio-blk disk is not (/dev/vdX); on virtio-scsi it is",
+        fix: "attach the disk with bus='scsi' on a virtio-scsi controller, or name the root by UUID=",
+        set: &[("bus", "scsi")],
+    },
+    Rule {
+        id: "libvirt-root-sd-sata",
+        level: Level::Warn,
+        when: |f| f.root_named("sd").filter(|_| !f.virtio_scsi() && f.sata()),
+        reason: "the root is named /dev/sdX, which a virtio-blk disk is not (/dev/vdX); on SATA it is",
+        fix: "attach the disk with bus='sata', or name the root by UUID=",
+        set: &[("bus", "sata")],
+    },
+    Rule {
+        id: "libvirt-root-sd-ide",
+        level: Level::Warn,
+        when: |f| {
+            f.root_named("sd")
+                .filter(|_| !f.virtio_scsi() && !f.sata() && f.ide())
+        },
+        reason: "the root is named /dev/sdX, which a virtio-blk disk is not (/dev/vdX); on IDE (libata) it is",
+        fix: "attach the disk with bus='ide', or name the root by UUID=",
+        set: &[("bus", "ide")],
+    },
+    Rule {
+        id: "libvirt-root-sd-none",
+        level: Level::Fail,
+        when: |f| {
+            f.root_named("sd")
+                .filter(|_| f.known() && !f.virtio_scsi() && !f.sata() && !f.ide())
+        },
+        reason: "the root is named /dev/sdX and no driver that gives that name (virtio-scsi, ahci, ata_piix with sd_mod) is at boot",
+        fix: "name the root by UUID= or LABEL= in /etc/fstab and the boot loader",
+        set: &[],
+    },
+    Rule {
+        id: "libvirt-root-device",
+        level: Level::Fail,
+        when: |f| {
+            f.root_named("xvd")
+                .or_else(|| f.root_named("nvme"))
+                .or_else(|| f.root_named("hd"))
+        },
+        reason: "the root is named by a device name no libvirt disk bus gives it",
+        fix: "name the root by UUID= or LABEL= in /etc/fstab and the boot loader",
+        set: &[],
+    },
+    Rule {
+        id: "libvirt-virtio-scsi",
+        level: Level::Warn,
+        when: |f| yes(f.known() && !f.virtio_blk() && f.virtio_scsi()),
+        reason: "no virtio-blk driver at boot, but virtio-scsi is there",
+        fix: "attach the disk with bus='scsi' on a virtio-scsi controller, or add virtio_blk to the initramfs",
+        set: &[("bus", "scsi")],
+    },
+    Rule {
+        id: "libvirt-virtio-sata",
+        level: Level::Warn,
+        when: |f| yes(f.known() && !f.virtio_blk() && !f.virtio_scsi() && f.sata()),
+        reason: "no virtio disk driver at boot, but a SATA (ahci) driver is there",
+        fix: "attach the disk with bus='sata', or add virtio_blk and virtio_pci to the initramfs",
+        set: &[("bus", "sata")],
+    },
+    Rule {
+        id: "libvirt-virtio-ide",
+        level: Level::Warn,
+        when: |f| yes(f.known() && !f.virtio_blk() && !f.virtio_scsi() && !f.sata() && f.ide()),
+        reason: "no virtio or SATA disk driver at boot, but an IDE (ata_piix) driver is there",
+        fix: "attach the disk with bus='ide', or add virtio_blk and virtio_pci to the initramfs",
+        set: &[("bus", "ide")],
+    },
+    Rule {
+        id: "libvirt-no-disk-driver",
+        level: Level::Fail,
+        when: |f| yes(f.known() && !f.virtio_blk() && !f.virtio_scsi() && !f.sata() && !f.ide()),
+        reason: "no virtio, SATA or IDE disk driver at boot: the root disk will not be found",
+        fix: "add virtio_blk and virtio_pci to the initramfs",
+        set: &[],
+    },
+    Rule {
+        id: "libvirt-virtio-net",
+        level: Level::Warn,
+        when: |f| missing_net(f, "virtio_net"),
+        reason: "no virtio network driver in the initramfs or the root's modules: a virtio NIC will not work",
+        fix: "install a kernel that ships virtio_net, or define the interface with model type='e1000'",
+        set: &[],
+    },
+    Rule {
+        id: "libvirt-fstab-device",
+        level: Level::Warn,
+        when: fstab_devices,
+        reason: "fstab names disks by device; their names depend on the disk bus (vdX on virtio, sdX on SATA/SCSI)",
+        fix: "use UUID= or LABEL= in /etc/fstab",
+        set: &[],
+    },
+];
+
+/// The rule table of a target name.
+pub fn table(target: &str) -> Option<&'static [Rule]> {
+    match target {
+        "aws" => Some(AWS),
+        "azure" => Some(AZURE),
+        "libvirt" => Some(LIBVIRT),
+        _ => None,
+    }
+}
+
+/// Settings that follow from the facts before any rule: the boot mode the target must use, the default bus.
+fn base_settings(target: &str, f: &Facts) -> Vec<(&'static str, &'static str)> {
+    let uefi_only = f.boot("uefi");
+    match target {
+        "aws" => vec![("boot_mode", if uefi_only { "uefi" } else { "legacy-bios" })],
+        "azure" => vec![("hyper_v_generation", if uefi_only { "V2" } else { "V1" })],
+        "libvirt" => vec![
+            ("firmware", if uefi_only { "efi" } else { "bios" }),
+            ("bus", "virtio"),
+        ],
+        _ => Vec::new(),
+    }
+}
+
+/// Applies a target's rules.
+pub fn evaluate(target: &str, rules: &[Rule], f: &Facts) -> Verdict {
+    let mut findings = Vec::new();
+    let mut settings = BTreeMap::new();
+    for r in rules {
+        let Some(evidence) = (r.when)(f) else {
+            continue;
+        };
+        let reason = if evidence.is_empty() {
+            r.reason.to_string()
+        } else {
+            format!("{} ({evidence})", r.reason)
+        };
+        let id = if r.id.starts_with(target) {
+            r.id.to_string()
+        } else {
+            format!("{target}-{}", r.id)
+        };
+        findings.push(Finding {
+            id,
+            level: r.level,
+            reason,
+            fix: r.fix.into(),
+        });
+        for (k, v) in r.set {
+            settings
+                .entry(k.to_string())
+                .or_insert_with(|| v.to_string());
+        }
+    }
+    for (k, v) in base_settings(target, f) {
+        settings
+            .entry(k.to_string())
+            .or_insert_with(|| v.to_string());
+    }
+    let verdict = findings.iter().map(|x| x.level).max().unwrap_or(Level::Ok);
+    Verdict {
+        target: target.into(),
+        verdict,
+        findings,
+        settings,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(drivers: &[&str]) -> Facts {
+        Facts {
+            boot_mode: "bios".into(),
+            linux_root: true,
+            drivers: Some(drivers.iter().map(|s| s.to_string()).collect()),
+            agents: vec!["cloud-init".into()],
+            arch: Some("x86_64".into()),
+            size: 64 << 20,
+            ..Facts::default()
+        }
+    }
+
+    const ALL: &[&str] = &[
+        "virtio_blk",
+        "virtio_pci",
+        "virtio_scsi",
+        "virtio_net",
+        "nvme",
+        "ena",
+        "ahci",
+        "ata_piix",
+        "sd_mod",
+        "hv_vmbus",
+        "hv_storvsc",
+        "hv_netvsc",
+    ];
+
+    fn ids(v: &Verdict) -> Vec<&str> {
+        v.findings.iter().map(|f| f.id.as_str()).collect()
+    }
+
+    #[test]
+    fn all_drivers_is_ok_everywhere() {
+        for t in ["aws", "azure", "libvirt"] {
+            let v = evaluate(t, table(t).unwrap_or_default(), &facts(ALL));
+            assert_eq!(v.verdict, Level::Ok, "{t}: {:?}", v.findings);
+        }
+    }
+
+    #[test]
+    fn libvirt_fallback_buses() {
+        let v = evaluate("libvirt", LIBVIRT, &facts(&["ahci", "ata_piix", "sd_mod"]));
+        assert_eq!(ids(&v), ["libvirt-virtio-sata", "libvirt-virtio-net"]);
+        assert_eq!(v.settings["bus"], "sata");
+        let v = evaluate("libvirt", LIBVIRT, &facts(&["ata_piix", "sd_mod"]));
+        assert_eq!(v.settings["bus"], "ide");
+        let v = evaluate("libvirt", LIBVIRT, &facts(&["virtio_net"]));
+        assert_eq!(
+            (v.verdict, ids(&v)),
+            (Level::Fail, vec!["libvirt-no-disk-driver"])
+        );
+        let mut f = facts(ALL);
+        f.root_device = Some(("kernel command line".into(), "/dev/sda1".into()));
+        let v = evaluate("libvirt", LIBVIRT, &f);
+        assert_eq!(
+            (v.verdict, v.settings["bus"].as_str()),
+            (Level::Warn, "scsi")
+        );
+        assert!(
+            v.findings[0]
+                .reason
+                .contains("/dev/sda1 in the kernel command line")
+        );
+    }
+
+    #[test]
+    fn boot_modes() {
+        let mut f = facts(ALL);
+        f.boot_mode = "uefi".into();
+        f.gpt_esp = true;
+        let v = evaluate("aws", AWS, &f);
+        assert_eq!(ids(&v), ["aws-boot-mode-uefi"]);
+        f.aws_boot_mode = Some("uefi".into());
+        assert_eq!(evaluate("aws", AWS, &f).verdict, Level::Ok);
+        assert_eq!(
+            evaluate("azure", AZURE, &f).settings["hyper_v_generation"],
+            "V2"
+        );
+        assert_eq!(evaluate("libvirt", LIBVIRT, &f).settings["firmware"], "efi");
+        f.boot_mode = "bios".into();
+        assert_eq!(ids(&evaluate("azure", AZURE, &f)), ["azure-generation-v1"]);
+        assert_eq!(ids(&evaluate("aws", AWS, &f)), ["aws-boot-mode-bios"]);
+        f.boot_mode = "unknown".into();
+        assert_eq!(
+            ids(&evaluate("libvirt", LIBVIRT, &f)),
+            ["libvirt-boot-loader"]
+        );
+    }
+
+    #[test]
+    fn unknown_drivers() {
+        let mut f = facts(ALL);
+        f.drivers = None;
+        f.initramfs_problem = Some("gzip archive at byte 0: truncated".into());
+        let v = evaluate("aws", AWS, &f);
+        assert_eq!(
+            (v.verdict, ids(&v)),
+            (Level::Fail, vec!["aws-initramfs-unreadable"])
+        );
+        f.initramfs_problem = None;
+        f.linux_root = false;
+        let v = evaluate("azure", AZURE, &f);
+        assert_eq!(
+            (v.verdict, ids(&v)),
+            (Level::Warn, vec!["azure-drivers-unknown"])
+        );
+    }
+}
