@@ -73,7 +73,12 @@ pub const OPERATIONS: &[Operation] = &[
         target: None,
         sysprep: &["logfiles"],
         delete: &[],
-        paths: &["/var/log/*.log", "/var/log/syslog", "/var/log/messages", "/var/log/journal/**/*"],
+        paths: &[
+            "/var/log/*.log",
+            "/var/log/syslog",
+            "/var/log/messages",
+            "/var/log/journal/**/*",
+        ],
         effect: Effect::Remove,
     },
     Operation {
@@ -81,9 +86,15 @@ pub const OPERATIONS: &[Operation] = &[
         description: "remove shell histories (.bash_history, .zsh_history) of root and every user",
         default: true,
         target: None,
-        sysprep: &["bash-history", "zsh-history"],
-        delete: &[],
-        paths: &["/root/.bash_history", "/home/*/.bash_history", "/root/.zsh_history", "/home/*/.zsh_history"],
+        // virt-sysprep 1.48 (Debian 12) has no zsh-history operation: zsh histories go through --delete.
+        sysprep: &["bash-history"],
+        delete: &["/root/.zsh_history", "/home/*/.zsh_history"],
+        paths: &[
+            "/root/.bash_history",
+            "/home/*/.bash_history",
+            "/root/.zsh_history",
+            "/home/*/.zsh_history",
+        ],
         effect: Effect::Remove,
     },
     Operation {
@@ -102,8 +113,15 @@ pub const OPERATIONS: &[Operation] = &[
         default: true,
         target: None,
         sysprep: &["dhcp-client-state"],
-        delete: &["/var/lib/NetworkManager/*.lease", "/run/systemd/netif/leases/*"],
-        paths: &["/var/lib/dhcp/*.leases", "/var/lib/dhclient/*", "/var/lib/NetworkManager/*.lease"],
+        delete: &[
+            "/var/lib/NetworkManager/*.lease",
+            "/run/systemd/netif/leases/*",
+        ],
+        paths: &[
+            "/var/lib/dhcp/*.leases",
+            "/var/lib/dhclient/*",
+            "/var/lib/NetworkManager/*.lease",
+        ],
         effect: Effect::Remove,
     },
     Operation {
@@ -123,7 +141,11 @@ pub const OPERATIONS: &[Operation] = &[
         target: None,
         sysprep: &["package-manager-cache"],
         delete: &[],
-        paths: &["/var/cache/apt/archives/*.deb", "/var/cache/dnf/**/*", "/var/cache/yum/**/*"],
+        paths: &[
+            "/var/cache/apt/archives/*.deb",
+            "/var/cache/dnf/**/*",
+            "/var/cache/yum/**/*",
+        ],
         effect: Effect::Remove,
     },
     Operation {
@@ -153,7 +175,12 @@ pub const OPERATIONS: &[Operation] = &[
         target: None,
         sysprep: &["passwd-backups"],
         delete: &[],
-        paths: &["/etc/passwd-", "/etc/shadow-", "/etc/group-", "/etc/gshadow-"],
+        paths: &[
+            "/etc/passwd-",
+            "/etc/shadow-",
+            "/etc/group-",
+            "/etc/gshadow-",
+        ],
         effect: Effect::Remove,
     },
     Operation {
@@ -162,8 +189,18 @@ pub const OPERATIONS: &[Operation] = &[
         default: true,
         target: None,
         sysprep: &[],
-        delete: &["/var/lib/cloud/instance", "/var/lib/cloud/instances", "/var/lib/cloud/data", "/var/lib/cloud/sem"],
-        paths: &["/var/lib/cloud/instance", "/var/lib/cloud/instances/**/*", "/var/lib/cloud/data/*", "/var/lib/cloud/sem/*"],
+        delete: &[
+            "/var/lib/cloud/instance",
+            "/var/lib/cloud/instances",
+            "/var/lib/cloud/data",
+            "/var/lib/cloud/sem",
+        ],
+        paths: &[
+            "/var/lib/cloud/instance",
+            "/var/lib/cloud/instances/**/*",
+            "/var/lib/cloud/data/*",
+            "/var/lib/cloud/sem/*",
+        ],
         effect: Effect::Remove,
     },
     Operation {
@@ -269,7 +306,12 @@ mod tests {
 
     #[test]
     fn defaults_never_lock_anyone_out() {
-        for t in [None, Some(Target::Aws), Some(Target::Azure), Some(Target::Libvirt)] {
+        for t in [
+            None,
+            Some(Target::Aws),
+            Some(Target::Azure),
+            Some(Target::Libvirt),
+        ] {
             let d = names(&defaults(t));
             assert!(!d.contains(&"ssh-userdir") && !d.contains(&"user-accounts"));
             assert!(d.contains(&"machine-id") && d.contains(&"cloud-init"));
@@ -279,7 +321,10 @@ mod tests {
 
     #[test]
     fn selection_adds_removes_and_refuses_unknown_names() {
-        assert_eq!(names(&select(Some("machine-id,logs"), None).unwrap()), vec!["machine-id", "logs"]);
+        assert_eq!(
+            names(&select(Some("machine-id,logs"), None).unwrap()),
+            vec!["machine-id", "logs"]
+        );
         let without = names(&select(Some("-logs"), None).unwrap());
         assert!(!without.contains(&"logs") && without.contains(&"machine-id"));
         let plus = names(&select(Some("defaults,ssh-userdir"), None).unwrap());

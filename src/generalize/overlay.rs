@@ -46,7 +46,9 @@ pub fn backing_name(source: &Path, overlay: &Path) -> Result<String> {
     };
     if name.contains(':') {
         // qemu would read "proto:..." as a protocol name (CVE-2024-4467's class of confusion).
-        bail!("the source's path {name} contains ':', which qemu would take for a protocol; rename it");
+        bail!(
+            "the source's path {name} contains ':', which qemu would take for a protocol; rename it"
+        );
     }
     Ok(name)
 }
@@ -70,7 +72,9 @@ pub fn create(
         .context("cannot prepare the qcow2 overlay")?;
     let size = writer.output_virtual_size(virtual_size)?;
     if size != virtual_size {
-        bail!("internal error: the overlay would change the virtual size from {virtual_size} to {size}");
+        bail!(
+            "internal error: the overlay would change the virtual size from {virtual_size} to {size}"
+        );
     }
     let (set, mut sink) = OutputSet::with_durability(out, Durability::Writeback)
         .with_context(|| format!("cannot create {}", out.display()))?;
