@@ -424,3 +424,76 @@ fn convert_generalize_uses_a_temporary_overlay() {
         files_in(&scratch)
     );
 }
+
+fn moto_url() -> String {
+    let url = std::env::var("IMGSHIFT_MOTO_URL").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
+    let hostport = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    assert!(
+        std::net::TcpStream::connect(&hostport).is_ok(),
+        "moto is not reachable at {url}: start the stand-ins with `bash .ci/standins start` (or set IMGSHIFT_MOTO_URL)"
+    );
+    url
+}
+
+#[test]
+fn upload_generalize_sends_the_generalised_guest_and_drops_its_overlay() {
+    let mut env = guestfs_env();
+    let d = tmpdir();
+    let src = source_in(d.path());
+    let state = d.path().join("state");
+    for (k, v) in [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ] {
+        env.push((k.into(), v.into()));
+    }
+    let url = moto_url();
+    let r = run_with_env(
+        &[
+            "upload",
+            "aws",
+            s(&src),
+            "--snapshot-only",
+            "--generalize=ssh-hostkeys,machine-id",
+            "--endpoint-url",
+            &url,
+            "--state-dir",
+            s(&state),
+            "--output",
+            "json",
+        ],
+        &env,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("generalised"), "{}", r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    let snap = v["snapshot_id"].as_str().unwrap();
+    // The job finished: its journal and its overlay are gone.
+    assert!(files_in(&state).is_empty(), "{:?}", files_in(&state));
+    let back = d.path().join("back.raw");
+    let r = run_with_env(
+        &[
+            "download",
+            "aws",
+            snap,
+            s(&back),
+            "-O",
+            "raw",
+            "--endpoint-url",
+            &url,
+        ],
+        &env,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!exists_in(&back, "/etc/ssh/ssh_host_rsa_key"));
+    assert_eq!(size_in(&back, "/etc/machine-id"), 0);
+    assert!(
+        exists_in(&back, "/root/.bash_history"),
+        "not named, so kept"
+    );
+}

@@ -160,10 +160,7 @@ pub fn run(req: &Request<'_>) -> Result<Outcome> {
     outcome.sysprep_seconds = took.as_secs_f64();
 
     // The result, through the overlay and its backing chain (the source's folder is trusted for it).
-    let mut gate = OpenGate::new();
-    if let Some(dir) = req.source.parent().filter(|p| !p.as_os_str().is_empty()) {
-        gate = gate.allow_dir(dir)?;
-    }
+    let gate = source_gate(req.source)?;
     let after_src: Arc<dyn DiskSource> =
         imgshift_converters::open_path(&pending.temp_path, Some(Format::Qcow2), &gate)
             .map(Arc::from)
@@ -208,6 +205,18 @@ pub fn run(req: &Request<'_>) -> Result<Outcome> {
     });
     outcome.total_seconds = started.elapsed().as_secs_f64();
     Ok(outcome)
+}
+
+/// The open gate for an overlay: its own folder (the default) and the source's folder, where its backing file is.
+fn source_gate(source: &Path) -> Result<OpenGate> {
+    let canon = source
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", source.display()))?;
+    let mut gate = OpenGate::new();
+    if let Some(dir) = canon.parent() {
+        gate = gate.allow_dir(dir)?;
+    }
+    Ok(gate)
 }
 
 fn action(e: Effect) -> &'static str {
@@ -267,13 +276,7 @@ pub fn prepare(
             dry_run: false,
         })?)
     };
-    let mut gate = OpenGate::new();
-    let canon = source
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", source.display()))?;
-    if let Some(dir) = canon.parent() {
-        gate = gate.allow_dir(dir)?;
-    }
+    let gate = source_gate(source)?;
     let opened = imgshift_converters::open_path(overlay, Some(Format::Qcow2), &gate)
         .with_context(|| format!("cannot open the overlay {}", overlay.display()))?;
     Ok(Generalized {
