@@ -125,6 +125,9 @@ pub enum Command {
     },
     /// Convert an image to another format. DST '-' writes to standard output.
     Convert(ConvertArgs),
+    /// Strip machine-specific state (machine-id, SSH host keys, logs, ...) offline into a qcow2 overlay whose
+    /// backing file is the untouched source (libguestfs's virt-sysprep does the writes).
+    Generalize(GeneralizeArgs),
     /// Stream an image into a cloud or hypervisor target (no temporary disk).
     Upload {
         /// The target.
@@ -174,6 +177,10 @@ pub struct ConvertArgs {
     /// For an OVA source: the disk to convert, by its index in `imgshift info` (default: the boot disk, 0).
     #[arg(long, value_name = "N")]
     pub disk: Option<usize>,
+    /// Generalise the guest on the way (as `imgshift generalize`; OPS as its --operations, default its default
+    /// set), through a temporary overlay that is removed afterwards; the source is never modified.
+    #[arg(long, value_name = "OPS", num_args = 0..=1, require_equals = true, default_missing_value = "defaults")]
+    pub generalize: Option<String>,
     #[command(flatten)]
     pub trust: TrustArgs,
 }
@@ -269,6 +276,11 @@ pub struct AwsUploadArgs {
     /// Folder for job journals (default: $XDG_STATE_HOME/imgshift/jobs).
     #[arg(long = "state-dir", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Generalise the guest on the way (as `imgshift generalize`; OPS as its --operations, default its default
+    /// set plus this target's), through an overlay kept beside the job's journal until the upload completes (a
+    /// resumed upload sends the same bytes); the source is never modified.
+    #[arg(long, value_name = "OPS", num_args = 0..=1, require_equals = true, default_missing_value = "defaults")]
+    pub generalize: Option<String>,
     /// Output style.
     #[arg(long, value_enum, default_value_t)]
     pub output: OutputFormat,
@@ -378,6 +390,11 @@ pub struct AzureUploadArgs {
     /// Folder for job journals (default: $XDG_STATE_HOME/imgshift/jobs).
     #[arg(long = "state-dir", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Generalise the guest on the way (as `imgshift generalize`; OPS as its --operations, default its default
+    /// set plus this target's), through an overlay kept beside the job's journal until the upload completes (a
+    /// resumed upload sends the same bytes); the source is never modified.
+    #[arg(long, value_name = "OPS", num_args = 0..=1, require_equals = true, default_missing_value = "defaults")]
+    pub generalize: Option<String>,
     /// Output style.
     #[arg(long, value_enum, default_value_t)]
     pub output: OutputFormat,
@@ -519,4 +536,50 @@ impl CacheMode {
             CacheMode::Writeback => imgshift_converters::Durability::Writeback,
         }
     }
+}
+
+/// `imgshift generalize`.
+#[derive(Debug, Args)]
+pub struct GeneralizeArgs {
+    /// The source image (opened read-only; never modified).
+    #[arg(required_unless_present = "list_operations")]
+    pub image: Option<PathBuf>,
+    /// The qcow2 overlay to write (its backing file is IMAGE, format recorded).
+    #[arg(long, value_name = "OUT.qcow2", required_unless_present_any = ["list_operations", "dry_run"])]
+    pub overlay: Option<PathBuf>,
+    /// Operations, comma-separated: NAME adds, -NAME removes, 'defaults' adds the default set; only
+    /// removals start from the defaults. Default: the default set.
+    #[arg(long, value_name = "OPS", allow_hyphen_values = true)]
+    pub operations: Option<String>,
+    /// Add the operations that matter for this target (e.g. the Azure agent's state).
+    #[arg(long, value_enum)]
+    pub target: Option<GeneralizeTarget>,
+    /// Set this hostname in the guest.
+    #[arg(long, value_name = "NAME")]
+    pub hostname: Option<String>,
+    /// Inspect and list what would be removed; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// List the operations and exit.
+    #[arg(long)]
+    pub list_operations: bool,
+    /// Source format (probed when absent).
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    pub format: Option<String>,
+    /// Output style.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    #[command(flatten)]
+    pub trust: TrustArgs,
+}
+
+/// `--target` of generalize.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GeneralizeTarget {
+    /// An AWS AMI.
+    Aws,
+    /// An Azure image.
+    Azure,
+    /// A libvirt domain.
+    Libvirt,
 }

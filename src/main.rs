@@ -2,6 +2,7 @@
 
 mod cli;
 mod commands;
+mod generalize;
 mod guest;
 mod journal;
 mod progress;

@@ -98,6 +98,11 @@ impl EarlySync {
 }
 
 impl FileSink {
+    /// The file being written (a temporary name inside an [`OutputSet`] until it commits).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Wraps an open, writable file.
     pub fn new(file: File, path: PathBuf) -> Self {
         FileSink {

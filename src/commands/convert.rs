@@ -24,6 +24,36 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<u8> {
     }
     let mut writer = create_writer(out_format, &mut opts)?;
     let src = open_source(args)?;
+    // --generalize: the guest is generalised into a temporary overlay (a few MiB) over the untouched source, and
+    // the overlay with its backing chain is what gets converted; the folder goes when `_scratch` drops.
+    let (src, _scratch) = match &args.generalize {
+        None => (src, None),
+        Some(spec) => {
+            if open_ova(&args.src, args.format.as_deref())?.is_some() {
+                bail!(
+                    "--generalize cannot take a disk inside an OVA: convert the disk out of the OVA first"
+                );
+            }
+            let scratch = tempfile::Builder::new()
+                .prefix("imgshift-generalize.")
+                .tempdir()
+                .context("cannot create a folder for the generalisation overlay")?;
+            let g = crate::generalize::prepare(
+                &args.src,
+                src,
+                Some(spec),
+                None,
+                &scratch.path().join("overlay.qcow2"),
+                false,
+            )?;
+            if let Some(o) = &g.outcome
+                && !quiet
+            {
+                eprintln!("imgshift: {}", crate::generalize::summary(o));
+            }
+            (g.source, Some(scratch))
+        }
+    };
 
     let mut copts = ConvertOptions::default();
     if let Some(t) = args.threads {

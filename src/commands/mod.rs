@@ -4,6 +4,7 @@ mod check;
 mod compare;
 mod convert;
 mod download;
+mod generalize;
 mod info;
 mod inspect;
 mod map;
@@ -86,6 +87,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             &trust,
         ),
         Command::Convert(args) => convert::run(&args, quiet),
+        Command::Generalize(args) => generalize::run(&args),
         Command::Upload {
             target: UploadTarget::Aws(args),
         } => upload::aws(&args, quiet),
@@ -172,4 +174,48 @@ pub fn human_size(n: u64) -> String {
     } else {
         format!("{v:.3} {}", UNITS[u]).replace(".000", "")
     }
+}
+
+/// `--generalize` on an upload: the job's overlay (made now, or reused from the interrupted run of the same job)
+/// opened over the source. Returns the source to upload and the overlay to remove once the job completes.
+pub fn generalize_for_upload(
+    path: &Path,
+    src: Box<dyn imgshift_converters::DiskSource>,
+    spec: Option<&str>,
+    target: crate::generalize::operations::Target,
+    state_dir: &Path,
+    job: &str,
+    quiet: bool,
+) -> Result<(
+    Box<dyn imgshift_converters::DiskSource>,
+    Option<std::path::PathBuf>,
+)> {
+    use anyhow::Context as _;
+    let Some(spec) = spec else {
+        return Ok((src, None));
+    };
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("cannot create {}", state_dir.display()))?;
+    let overlay = state_dir.join(format!("{job}.overlay.qcow2"));
+    let g = crate::generalize::prepare(path, src, Some(spec), Some(target), &overlay, true)?;
+    if !quiet {
+        match &g.outcome {
+            Some(o) => eprintln!("imgshift: {}", crate::generalize::summary(o)),
+            None => eprintln!(
+                "imgshift: reusing the generalisation overlay {} of the interrupted run",
+                overlay.display()
+            ),
+        }
+    }
+    Ok((g.source, Some(g.overlay)))
+}
+
+/// Removes a finished job's generalisation overlay.
+pub fn remove_overlay(overlay: Option<&Path>) -> Result<()> {
+    use anyhow::Context as _;
+    if let Some(o) = overlay {
+        std::fs::remove_file(o)
+            .with_context(|| format!("cannot remove the overlay {}", o.display()))?;
+    }
+    Ok(())
 }

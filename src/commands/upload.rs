@@ -80,7 +80,7 @@ fn job_id(args: &AwsUploadArgs) -> Result<String> {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
     let key = format!(
-        "aws-upload\0{}\0{}\0{mtime}\0{:?}\0{:?}\0{:?}\0{:?}\0{}\0{:?}",
+        "aws-upload\0{}\0{}\0{mtime}\0{:?}\0{:?}\0{:?}\0{:?}\0{}\0{:?}\0{:?}",
         canon.display(),
         meta.len(),
         args.name,
@@ -92,6 +92,7 @@ fn job_id(args: &AwsUploadArgs) -> Result<String> {
             .or(std::env::var("AWS_ENDPOINT_URL").ok().as_deref()),
         args.encrypted || args.kms_key_id.is_some(),
         args.kms_key_id,
+        args.generalize,
     );
     let h = sha2::Sha256::digest(key.as_bytes());
     Ok(format!(
@@ -109,13 +110,22 @@ pub fn aws(args: &AwsUploadArgs, quiet: bool) -> Result<u8> {
         bail!("--concurrency must be between 1 and 1024");
     }
     let tags = parse_tags(&args.tags)?;
+    let id = job_id(args)?;
     let src = open_image(&args.src, args.format.as_deref(), &args.trust)?;
+    let (src, overlay) = super::generalize_for_upload(
+        &args.src,
+        src,
+        args.generalize.as_deref(),
+        crate::generalize::operations::Target::Aws,
+        &state_dir(args.state_dir.as_deref())?,
+        &id,
+        quiet,
+    )?;
     let size = src.virtual_size();
     let gib = volume_gib(size);
     let block_count = gib * ((1 << 30) / EBS_BLOCK_SIZE);
     let map = engine::source_map(src.as_ref())
         .with_context(|| format!("cannot map {}", args.src.display()))?;
-    let id = job_id(args)?;
     let say = |m: String| {
         if args.verbose {
             eprintln!("imgshift: {m}");
@@ -360,5 +370,6 @@ pub fn aws(args: &AwsUploadArgs, quiet: bool) -> Result<u8> {
         .into_inner()
         .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
     j.remove()?;
+    super::remove_overlay(overlay.as_deref())?;
     Ok(0)
 }

@@ -48,13 +48,14 @@ fn job_id(args: &AzureUploadArgs) -> Result<String> {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
     let key = format!(
-        "azure-upload\0{}\0{}\0{mtime}\0{}\0{}\0{}\0{}",
+        "azure-upload\0{}\0{}\0{mtime}\0{}\0{}\0{}\0{}\0{:?}",
         canon.display(),
         meta.len(),
         args.arm_endpoint,
         args.subscription,
         args.resource_group,
         args.disk_name,
+        args.generalize,
     );
     let h = sha2::Sha256::digest(key.as_bytes());
     Ok(format!(
@@ -112,6 +113,15 @@ pub fn run(args: &AzureUploadArgs, quiet: bool) -> Result<u8> {
     };
 
     let src = open_image(&args.src, args.format.as_deref(), &args.trust)?;
+    let (src, overlay) = super::generalize_for_upload(
+        &args.src,
+        src,
+        args.generalize.as_deref(),
+        crate::generalize::operations::Target::Azure,
+        &state_dir(args.state_dir.as_deref())?,
+        &job_id(args)?,
+        quiet,
+    )?;
     let size = src.virtual_size();
     let data_size = disk_data_size(size).ok_or_else(|| {
         anyhow::anyhow!(
@@ -421,6 +431,7 @@ pub fn run(args: &AzureUploadArgs, quiet: bool) -> Result<u8> {
         .into_inner()
         .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
     j.remove()?;
+    super::remove_overlay(overlay.as_deref())?;
     Ok(0)
 }
 
