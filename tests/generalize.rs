@@ -497,3 +497,71 @@ fn upload_generalize_sends_the_generalised_guest_and_drops_its_overlay() {
         "not named, so kept"
     );
 }
+
+/// A real NTFS volume (made by libguestfs) holding `\Windows\System32\ntoskrnl.exe` with an x86_64 PE header.
+fn windows_disk(dir: &Path, env: &[(String, String)]) -> PathBuf {
+    let pe = dir.join("ntoskrnl.exe");
+    let mut head = vec![0u8; 4096];
+    head[..2].copy_from_slice(b"MZ");
+    head[0x3c] = 0x80;
+    head[0x80..0x84].copy_from_slice(b"PE\0\0");
+    head[0x84..0x86].copy_from_slice(&0x8664u16.to_le_bytes());
+    std::fs::write(&pe, head).unwrap();
+    let img = dir.join("win.img");
+    let script = format!(
+        "part-disk /dev/sda mbr\npart-set-mbr-id /dev/sda 1 0x07\nmkfs ntfs /dev/sda1\nmount /dev/sda1 /\n\
+         mkdir-p /Windows/System32/config\nupload {} /Windows/System32/ntoskrnl.exe\n",
+        pe.display()
+    );
+    let mut c = Command::new("guestfish")
+        .args(["-N", &format!("{}=disk:32M", img.display())])
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .current_dir(dir)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("guestfish is missing: run .ci/install-deps (libguestfs-tools)");
+    {
+        use std::io::Write as _;
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+    }
+    let out = c.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "guestfish: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(&pe).unwrap();
+    img
+}
+
+#[test]
+fn windows_guest_is_detected_and_never_generalised() {
+    let env = guestfs_env();
+    let d = tmpdir();
+    let img = windows_disk(d.path(), &env);
+    let r = imgshift(&["inspect", s(&img), "--output", "json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    let w = &v["windows"][0];
+    assert_eq!(w["root"], "/dev/sda1", "{v}");
+    assert_eq!(w["distro"], "windows");
+    assert_eq!(w["windows_systemroot"], "\\Windows");
+    assert_eq!(w["arch"], "x86_64");
+    let human = imgshift(&["inspect", s(&img)]);
+    assert!(human.stdout.contains("os: Windows"), "{}", human.stdout);
+    let ov = d.path().join("ov.qcow2");
+    let r = run_with_env(&["generalize", s(&img), "--overlay", s(&ov)], &env);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("/dev/sda1 holds Windows") && r.stderr.contains("sysprep.exe"),
+        "{}",
+        r.stderr
+    );
+    assert!(!ov.exists());
+}

@@ -126,6 +126,15 @@ fn human(o: &Output<'_>) -> String {
         let _ = write!(t, " (UEFI: {f})");
     }
     t.push('\n');
+    for w in &r.windows {
+        let _ = writeln!(
+            t,
+            "os: Windows [windows], root {}, system root {}, arch {} (drivers and registry not read)",
+            w.root,
+            w.windows_systemroot,
+            opt(&w.arch)
+        );
+    }
     for os in &r.operatingsystems {
         let f = &os.facts;
         let _ = writeln!(

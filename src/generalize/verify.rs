@@ -59,6 +59,13 @@ pub fn refuse_unsupported(report: &Report) -> Result<()> {
             "{dev} is an encrypted (LUKS) volume: imgshift does not generalise encrypted guests (nothing was changed)"
         );
     }
+    if let Some(w) = report.windows.first() {
+        bail!(
+            "{} holds Windows: a Windows guest cannot be generalised offline; run \
+             `C:\\Windows\\System32\\Sysprep\\sysprep.exe /generalize /oobe /shutdown` inside it before capturing",
+            w.root
+        );
+    }
     if report.operatingsystems.is_empty() {
         if let Some((dev, _)) = report.filesystems.iter().find(|(_, f)| f.fs_type == "ntfs") {
             bail!(

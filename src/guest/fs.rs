@@ -16,7 +16,7 @@ pub struct FsInfo {
     /// Volume UUID (or FAT/NTFS serial), as blkid spells it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,
-    /// Whether imgshift can read files on it (ext2/3/4 and FAT).
+    /// Whether imgshift can read files on it (ext2/3/4, FAT, and NTFS for Windows detection).
     pub inspectable: bool,
 }
 
@@ -102,7 +102,8 @@ pub fn probe(part: &Window) -> FsInfo {
             fs_type: "ntfs".into(),
             label: None,
             uuid: Some(format!("{serial:016X}")),
-            inspectable: false,
+            // Read for Windows detection (guest::windows).
+            inspectable: true,
         };
     }
     if le_u16(&h, 510) == Some(0xAA55) {

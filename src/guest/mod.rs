@@ -8,6 +8,7 @@ pub mod os;
 pub mod partitions;
 pub mod preflight;
 pub mod report;
+pub mod windows;
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::sync::Arc;

@@ -41,6 +41,9 @@ pub struct Report {
     pub boot: BootInfo,
     /// Operating systems (Linux roots with an os-release).
     pub operatingsystems: Vec<OperatingSystem>,
+    /// Windows installations (NTFS volumes with a system root); their drivers and registry are not read.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<super::windows::WindowsInstall>,
     /// Everything that could not be read, each naming the device or file.
     pub problems: Vec<String>,
 }
@@ -98,6 +101,14 @@ pub fn inspect(disk: &Window) -> Report {
         .collect();
     let boot = boot::detect(disk, &table, &volumes, &mut problems);
     let operatingsystems = linux_roots(&found, &mut problems);
+    let mut windows = Vec::new();
+    for f in found.iter().filter(|f| f.info.fs_type == "ntfs") {
+        match super::windows::detect(&f.window, &f.device) {
+            Ok(Some(w)) => windows.push(w),
+            Ok(None) => {}
+            Err(e) => problems.push(e),
+        }
+    }
     Report {
         virtual_size: disk.len(),
         filesystems: found
@@ -107,6 +118,7 @@ pub fn inspect(disk: &Window) -> Report {
         partition_table: table,
         boot,
         operatingsystems,
+        windows,
         problems,
     }
 }
