@@ -207,6 +207,30 @@ impl Journal {
     }
 }
 
+/// What identifies a job's source: its resolved path, size and modification time (`path\0size\0mtime`), so
+/// rerunning an interrupted command on the same, unchanged file finds the same job.
+pub fn source_identity(src: &Path) -> Result<String> {
+    let canon = src
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", src.display()))?;
+    let meta =
+        std::fs::metadata(&canon).with_context(|| format!("cannot stat {}", canon.display()))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    Ok(format!("{}\0{}\0{mtime}", canon.display(), meta.len()))
+}
+
+/// A job id: `prefix-` and the first 12 bytes of SHA-256 of `key`, in hex.
+pub fn job_id_from(prefix: &str, key: &str) -> String {
+    use sha2::Digest as _;
+    let h = sha2::Sha256::digest(key.as_bytes());
+    let hex: String = h.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}-{hex}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use imgshift_converters::{ConvertOptions, NoProgress, Progress as _, engine};
 use serde_json::json;
-use sha2::Digest as _;
 
 use super::open_image;
 use crate::cli::{AwsConnArgs, AwsUploadArgs, OutputFormat};
@@ -56,7 +55,8 @@ pub(crate) fn policy(c: &AwsConnArgs) -> Policy {
     }
 }
 
-fn parse_tags(tags: &[String]) -> Result<Vec<(String, String)>> {
+/// `--tag KEY=VALUE` arguments.
+pub(crate) fn parse_tags(tags: &[String]) -> Result<Vec<(String, String)>> {
     tags.iter()
         .map(|t| match t.split_once('=') {
             Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -68,21 +68,9 @@ fn parse_tags(tags: &[String]) -> Result<Vec<(String, String)>> {
 /// Job id: the same source (path, size, modification time) going to the same place under the same name is the
 /// same job, so rerunning an interrupted command resumes it.
 fn job_id(args: &AwsUploadArgs) -> Result<String> {
-    let canon = args
-        .src
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", args.src.display()))?;
-    let meta =
-        std::fs::metadata(&canon).with_context(|| format!("cannot stat {}", canon.display()))?;
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
     let key = format!(
-        "aws-upload\0{}\0{}\0{mtime}\0{:?}\0{:?}\0{:?}\0{:?}\0{}\0{:?}\0{:?}",
-        canon.display(),
-        meta.len(),
+        "aws-upload\0{}\0{:?}\0{:?}\0{:?}\0{:?}\0{}\0{:?}\0{:?}",
+        crate::journal::source_identity(&args.src)?,
         args.name,
         args.conn.region,
         args.conn.profile,
@@ -94,14 +82,7 @@ fn job_id(args: &AwsUploadArgs) -> Result<String> {
         args.kms_key_id,
         args.generalize,
     );
-    let h = sha2::Sha256::digest(key.as_bytes());
-    Ok(format!(
-        "aws-{}",
-        h.iter()
-            .take(12)
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    ))
+    Ok(crate::journal::job_id_from("aws", &key))
 }
 
 /// Runs `upload aws`.

@@ -10,10 +10,9 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result, bail};
 use imgshift_converters::{ConvertOptions, ExtentKind, NoProgress, engine};
 use serde_json::json;
-use sha2::Digest as _;
 
 use super::open_image;
-use super::upload::runtime;
+use super::upload::{parse_tags, runtime};
 use crate::cli::{AzureUploadArgs, OutputFormat};
 use crate::journal::{JobState, Journal, state_dir};
 use crate::progress::Bar;
@@ -25,46 +24,18 @@ use crate::targets::azure::{
     upload_size_bytes,
 };
 
-fn parse_tags(tags: &[String]) -> Result<Vec<(String, String)>> {
-    tags.iter()
-        .map(|t| match t.split_once('=') {
-            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-            _ => bail!("--tag wants KEY=VALUE, got '{t}'"),
-        })
-        .collect()
-}
-
 /// Same source (path, size, mtime) to the same disk of the same subscription/resource group/endpoint = same job.
 fn job_id(args: &AzureUploadArgs) -> Result<String> {
-    let canon = args
-        .src
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", args.src.display()))?;
-    let meta =
-        std::fs::metadata(&canon).with_context(|| format!("cannot stat {}", canon.display()))?;
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
     let key = format!(
-        "azure-upload\0{}\0{}\0{mtime}\0{}\0{}\0{}\0{}\0{:?}",
-        canon.display(),
-        meta.len(),
+        "azure-upload\0{}\0{}\0{}\0{}\0{}\0{:?}",
+        crate::journal::source_identity(&args.src)?,
         args.arm_endpoint,
         args.subscription,
         args.resource_group,
         args.disk_name,
         args.generalize,
     );
-    let h = sha2::Sha256::digest(key.as_bytes());
-    Ok(format!(
-        "azure-{}",
-        h.iter()
-            .take(12)
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    ))
+    Ok(crate::journal::job_id_from("azure", &key))
 }
 
 fn lock(j: &Mutex<Journal>) -> Result<std::sync::MutexGuard<'_, Journal>> {
