@@ -140,6 +140,28 @@ pub enum Command {
         #[command(subcommand)]
         target: DownloadTarget,
     },
+    /// Move a VM image to AWS, Azure or libvirt in one resumable job: inspect and preflight, generalise
+    /// (optional), stream and upload (no temporary disk), register, verify, report
+    Migrate(Box<MigrateArgs>),
+    /// Continue an interrupted job (`migrate` or `upload`) where it stopped
+    Resume {
+        /// The job id (`imgshift jobs` lists them)
+        job: String,
+        /// Folder of job journals (default `$XDG_STATE_HOME/imgshift/jobs`)
+        #[arg(long = "state-dir", value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// List unfinished jobs with their stage and progress; `jobs cancel JOB` removes what a job created
+    Jobs {
+        #[command(subcommand)]
+        action: Option<JobsAction>,
+        /// Folder of job journals (default `$XDG_STATE_HOME/imgshift/jobs`)
+        #[arg(long = "state-dir", value_name = "DIR", global = true)]
+        state_dir: Option<PathBuf>,
+        /// Output format
+        #[arg(long, value_enum, default_value_t, global = true)]
+        output: OutputFormat,
+    },
 }
 
 /// `imgshift convert`.
@@ -582,4 +604,214 @@ pub enum GeneralizeTarget {
     Azure,
     /// A libvirt domain.
     Libvirt,
+}
+
+/// `imgshift jobs` actions.
+#[derive(Debug, Subcommand)]
+pub enum JobsAction {
+    /// Delete the target resources an unfinished job created (and only those), then forget the job
+    Cancel {
+        /// The job id
+        job: String,
+    },
+}
+
+/// Where `migrate` goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MigrateTo {
+    /// An AMI (EBS direct APIs, no S3)
+    Aws,
+    /// An Azure managed image (and data disks), or a gallery image version
+    Azure,
+    /// libvirt storage volumes and a domain
+    Libvirt,
+}
+
+/// Arguments of `imgshift migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Source image (any supported format, or an OVA with one or more disks)
+    pub src: PathBuf,
+    /// Target
+    #[arg(long, value_enum)]
+    pub to: MigrateTo,
+    /// Name of what is made: the AMI, the Azure image (disks NAME-os, NAME-data1, ...), the libvirt domain
+    /// (volumes NAME, NAME-data1, ...). Default: the source file's name without its extension
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Generalise the guest first (virt-sysprep operations; the default set when no list is given)
+    #[arg(long, value_name = "OPS", num_args = 0..=1, require_equals = true, default_missing_value = "defaults")]
+    pub generalize: Option<String>,
+    /// Go on even when the preflight verdict is "fail"
+    #[arg(long)]
+    pub force: bool,
+    /// Inspect, run the preflight and print the plan; touch no target
+    #[arg(long = "dry-run")]
+    pub dry_run: bool,
+    /// Do not ask for confirmation (needed when standard input is not a terminal)
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Output format of the final report
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    /// Source format (probed when absent)
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
+    /// Folder of job journals (default `$XDG_STATE_HOME/imgshift/jobs`)
+    #[arg(long = "state-dir", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Say what each step does
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+    /// Tag for what is created (repeatable; AWS and Azure)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Requests in flight (default: AWS 64, Azure 16)
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
+    /// Attempts per request before giving up (AWS and Azure)
+    #[arg(long = "max-attempts", default_value_t = 10, value_name = "N")]
+    pub max_attempts: u32,
+    #[command(flatten, next_help_heading = "AWS (--to aws)")]
+    pub aws: MigrateAwsArgs,
+    #[command(flatten, next_help_heading = "Azure (--to azure)")]
+    pub azure: MigrateAzureArgs,
+    #[command(flatten, next_help_heading = "libvirt (--to libvirt)")]
+    pub libvirt: MigrateLibvirtArgs,
+    #[command(flatten)]
+    pub trust: TrustArgs,
+}
+
+/// `migrate --to aws` options (as in `upload aws`).
+#[derive(Debug, Clone, Args, Default)]
+pub struct MigrateAwsArgs {
+    /// AWS region (default from the environment or profile)
+    #[arg(long)]
+    pub region: Option<String>,
+    /// AWS profile
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Endpoint URL for EC2 and EBS (a stand-in such as moto)
+    #[arg(long = "endpoint-url", value_name = "URL")]
+    pub endpoint_url: Option<String>,
+    /// AMI description
+    #[arg(long)]
+    pub description: Option<String>,
+    /// Architecture
+    #[arg(long, default_value = "x86_64", value_parser = ["x86_64", "arm64"])]
+    pub architecture: String,
+    /// Boot mode (default: from inspection)
+    #[arg(long = "boot-mode", value_parser = ["legacy-bios", "uefi", "uefi-preferred"])]
+    pub boot_mode: Option<String>,
+    /// Do not mark the AMI ENA-capable
+    #[arg(long = "no-ena")]
+    pub no_ena: bool,
+    /// NitroTPM 2.0
+    #[arg(long = "tpm-v2")]
+    pub tpm_v2: bool,
+    /// Require IMDSv2
+    #[arg(long = "imds-v2-required")]
+    pub imds_v2_required: bool,
+    /// Volume type of every disk
+    #[arg(long = "volume-type", default_value = "gp3", value_parser = ["gp3", "gp2", "io1", "io2", "st1", "sc1", "standard"])]
+    pub volume_type: String,
+    /// Encrypt the snapshots (the account's default KMS key unless --kms-key-id)
+    #[arg(long)]
+    pub encrypted: bool,
+    /// KMS key for the snapshots
+    #[arg(long = "kms-key-id", value_name = "ARN")]
+    pub kms_key_id: Option<String>,
+}
+
+/// `migrate --to azure` options (as in `upload azure`).
+#[derive(Debug, Clone, Args, Default)]
+pub struct MigrateAzureArgs {
+    /// Subscription id
+    #[arg(long, env = "AZURE_SUBSCRIPTION_ID")]
+    pub subscription: Option<String>,
+    /// Resource group
+    #[arg(long = "resource-group", short = 'g')]
+    pub resource_group: Option<String>,
+    /// Region (location)
+    #[arg(long, short = 'l')]
+    pub location: Option<String>,
+    /// Also publish a gallery image version (with --gallery-image and --gallery-version)
+    #[arg(long, requires_all = ["gallery_image", "gallery_version"])]
+    pub gallery: Option<String>,
+    /// Gallery image definition
+    #[arg(long = "gallery-image", requires = "gallery")]
+    pub gallery_image: Option<String>,
+    /// Gallery image version (e.g. 1.0.0)
+    #[arg(long = "gallery-version", requires = "gallery")]
+    pub gallery_version: Option<String>,
+    /// Guest OS type
+    #[arg(long = "os-type", default_value = "linux", value_parser = ["linux", "windows"])]
+    pub os_type: String,
+    /// Hyper-V generation (auto: from inspection)
+    #[arg(long = "hyper-v-generation", default_value = "auto", value_parser = ["V1", "V2", "auto"])]
+    pub hyper_v_generation: String,
+    /// Disk SKU
+    #[arg(long, default_value = "Standard_LRS", value_parser = ["Standard_LRS", "Premium_LRS", "StandardSSD_LRS"])]
+    pub sku: String,
+    /// Azure Resource Manager endpoint
+    #[arg(
+        long = "arm-endpoint",
+        value_name = "URL",
+        default_value = "https://management.azure.com"
+    )]
+    pub arm_endpoint: String,
+    /// Extra CA certificates (PEM) to trust
+    #[arg(long = "ca-bundle", value_name = "FILE", env = "IMGSHIFT_CA_BUNDLE")]
+    pub ca_bundle: Option<PathBuf>,
+    /// Lifetime of each write SAS, in seconds
+    #[arg(
+        long = "access-duration",
+        default_value_t = 86400,
+        value_name = "SECONDS"
+    )]
+    pub access_duration: u64,
+}
+
+/// `migrate --to libvirt` options (as in `upload libvirt`).
+#[derive(Debug, Clone, Args)]
+pub struct MigrateLibvirtArgs {
+    /// libvirt connection URI
+    #[arg(
+        short = 'c',
+        long,
+        env = "LIBVIRT_DEFAULT_URI",
+        default_value = "qemu:///system",
+        value_name = "URI"
+    )]
+    pub connect: String,
+    /// Storage pool for the volumes
+    #[arg(long)]
+    pub pool: Option<String>,
+    /// Volume format
+    #[arg(long = "volume-format", value_enum, default_value_t = LibvirtVolFormat::Qcow2)]
+    pub volume_format: LibvirtVolFormat,
+    /// Memory in MiB
+    #[arg(long, default_value_t = 1024, value_name = "MiB")]
+    pub memory: u64,
+    /// Virtual CPUs
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub vcpus: u32,
+    /// Firmware (auto: from inspection)
+    #[arg(long, value_enum, default_value_t = FirmwareArg::Auto)]
+    pub firmware: FirmwareArg,
+    /// Disk bus (auto: virtio when the guest has the drivers)
+    #[arg(long = "disk-bus", value_enum, default_value_t = DiskBusArg::Auto)]
+    pub disk_bus: DiskBusArg,
+    /// Domain type (auto: kvm when the host offers it)
+    #[arg(long = "domain-type", value_enum, default_value_t = DomainTypeArg::Auto)]
+    pub domain_type: DomainTypeArg,
+    /// Network to attach
+    #[arg(long, value_name = "NAME")]
+    pub network: Option<String>,
+    /// Write the serial console to this file (absolute path on the daemon's host)
+    #[arg(long = "serial-log", value_name = "FILE")]
+    pub serial_log: Option<PathBuf>,
+    /// Start the domain once defined
+    #[arg(long)]
+    pub start: bool,
 }

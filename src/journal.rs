@@ -103,6 +103,111 @@ pub struct JobState {
     /// Done-bitmap, base64 (filled from `Journal::done` on save).
     #[serde(default)]
     pub done: String,
+    /// Per-disk parts of a multi-disk job (`migrate`); empty for single-disk uploads, which use the fields above.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskPart>,
+    /// Stages finished, in order, with their time and a one-line result.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageRecord>,
+    /// Target resources the job created (or was about to create), for `jobs cancel`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<Resource>,
+    /// The command line that started the job, for `resume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<SavedCommand>,
+    /// When the job was created (seconds since the epoch).
+    #[serde(default)]
+    pub created: u64,
+}
+
+/// One disk of a multi-disk job: its own done-bitmap and target ids.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct DiskPart {
+    /// The disk's name in the source (file name, or the OVA member).
+    pub name: String,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// Resumable units of this disk.
+    pub block_count: u64,
+    /// Unit size in bytes.
+    pub block_size: u64,
+    /// Where this disk is: "new", "uploading", "uploaded".
+    pub stage: String,
+    /// Target-side ids (snapshot, disk, volume...).
+    #[serde(default)]
+    pub ids: std::collections::BTreeMap<String, String>,
+    /// Done-bitmap, base64.
+    #[serde(default)]
+    pub done: String,
+}
+
+/// A finished stage.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct StageRecord {
+    /// Stage name ("inspect", "upload", ...).
+    pub name: String,
+    /// Wall time it took, in seconds (summed over runs when it was resumed).
+    pub seconds: f64,
+    /// One line saying what it found or made.
+    pub detail: String,
+}
+
+/// A target resource a job created: what `jobs cancel` removes.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq, Eq)]
+pub struct Resource {
+    /// "snapshot", "image", "disk", "gallery-version", "volume", "domain".
+    pub kind: String,
+    /// The target's id or name for it.
+    pub id: String,
+}
+
+/// A command line to run again on `resume`: arguments, working folder, and the non-secret environment
+/// variables that chose the endpoint, region or connection.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct SavedCommand {
+    /// `argv[1..]`.
+    pub args: Vec<String>,
+    /// The working folder (relative paths in `args` are relative to it).
+    pub cwd: String,
+    /// Environment variables from [`SAVED_ENV`] that were set.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+}
+
+/// Environment variables saved with a job: they select where it goes, and hold no secret.
+pub const SAVED_ENV: &[&str] = &[
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "AWS_ENDPOINT_URL",
+    "AZURE_SUBSCRIPTION_ID",
+    "IMGSHIFT_CA_BUNDLE",
+    "LIBVIRT_DEFAULT_URI",
+];
+
+impl SavedCommand {
+    /// This process's command line.
+    pub fn current() -> SavedCommand {
+        let args = std::env::args_os()
+            .skip(1)
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let cwd = std::env::current_dir()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let env = SAVED_ENV
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+            .collect();
+        SavedCommand { args, cwd, env }
+    }
+}
+
+/// Seconds since the epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// An open, locked job journal.
@@ -113,6 +218,8 @@ pub struct Journal {
     pub state: JobState,
     /// Blocks acknowledged by the target.
     pub done: Bitmap,
+    /// Per-disk done-bitmaps (`state.disks[i]`).
+    pub parts: Vec<Bitmap>,
 }
 
 impl Journal {
@@ -142,38 +249,85 @@ impl Journal {
                 .with_context(|| format!("cannot read {}", path.display()))?;
             let state: JobState = serde_json::from_str(&text)
                 .with_context(|| format!("corrupt job journal {}", path.display()))?;
-            if state.block_count != fresh.block_count || state.kind != fresh.kind {
+            if state.block_count != fresh.block_count
+                || state.kind != fresh.kind
+                || state.disks.len() != fresh.disks.len()
+                || state
+                    .disks
+                    .iter()
+                    .zip(&fresh.disks)
+                    .any(|(a, b)| a.block_count != b.block_count)
+            {
                 bail!(
                     "job journal {} does not match this job (source changed?); remove it to start over",
                     path.display()
                 );
             }
             let done = Bitmap::decode(&state.done, state.block_count)?;
+            let parts = state
+                .disks
+                .iter()
+                .map(|d| Bitmap::decode(&d.done, d.block_count))
+                .collect::<Result<Vec<_>>>()?;
             return Ok((
                 Journal {
                     path,
                     _lock: lock,
                     state,
                     done,
+                    parts,
                 },
                 true,
             ));
         }
         let done = Bitmap::new(fresh.block_count);
+        let parts = fresh
+            .disks
+            .iter()
+            .map(|d| Bitmap::new(d.block_count))
+            .collect();
+        let mut fresh = fresh;
+        if fresh.created == 0 {
+            fresh.created = now_secs();
+        }
+        if fresh.command.is_none() {
+            fresh.command = Some(SavedCommand::current());
+        }
         let j = Journal {
             path,
             _lock: lock,
             state: fresh,
             done,
+            parts,
         };
         j.save()?;
         Ok((j, false))
+    }
+
+    /// Opens the existing journal of job `id` in `dir` (for `jobs cancel`); fails when it does not exist or
+    /// another process holds it.
+    pub fn open_existing(dir: &Path, id: &str) -> Result<Journal> {
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            bail!("'{id}' is not a job id (`imgshift jobs` lists them)");
+        }
+        let path = dir.join(format!("{id}.json"));
+        let Some(state) = peek(&path) else {
+            bail!(
+                "no job {id} in {} (`imgshift jobs` lists them)",
+                dir.display()
+            );
+        };
+        let (j, _) = Journal::open_or_create(dir, state)?;
+        Ok(j)
     }
 
     /// Writes the journal atomically.
     pub fn save(&self) -> Result<()> {
         let mut state = self.state.clone();
         state.done = self.done.encode();
+        for (d, b) in state.disks.iter_mut().zip(&self.parts) {
+            d.done = b.encode();
+        }
         let text = serde_json::to_vec_pretty(&state)?;
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let mut tmp =
@@ -204,6 +358,100 @@ impl Journal {
     /// Where the journal lives.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Records a resource the job is about to create or has created (once).
+    pub fn record(&mut self, kind: &str, id: &str) {
+        let r = Resource {
+            kind: kind.to_string(),
+            id: id.to_string(),
+        };
+        if !self.state.resources.contains(&r) {
+            self.state.resources.push(r);
+        }
+    }
+
+    /// The done-bitmap of disk `part`, or of the whole job when `None`.
+    pub fn bitmap_mut(&mut self, part: Option<usize>) -> Option<&mut Bitmap> {
+        match part {
+            None => Some(&mut self.done),
+            Some(i) => self.parts.get_mut(i),
+        }
+    }
+}
+
+/// Test hook for crash tests: with `IMGSHIFT_TEST_PAUSE_AT=<point>` in the environment, the process stops at
+/// that point (every journal write before it done), says `imgshift-test: paused at <point>` on standard error
+/// and waits there, so a test can `kill -9` it at an exact place. Does nothing otherwise.
+pub fn pause_point(point: &str) {
+    if std::env::var("IMGSHIFT_TEST_PAUSE_AT").is_ok_and(|v| v == point) {
+        eprintln!("imgshift-test: paused at {point}");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
+/// Reads a job's journal without locking it (for `imgshift jobs`); `None` when it is not a job journal.
+pub fn peek(path: &Path) -> Option<JobState> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Whether another process holds job `id` in `dir` right now.
+pub fn is_running(dir: &Path, id: &str) -> bool {
+    let Ok(f) = OpenOptions::new()
+        .write(true)
+        .open(dir.join(format!("{id}.lock")))
+    else {
+        return false;
+    };
+    matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock))
+}
+
+/// Acknowledged units of one disk (or of the whole job), shared by the upload tasks of one job: marks units
+/// done and saves the journal now and then.
+#[derive(Clone)]
+pub struct Ledger {
+    journal: std::sync::Arc<std::sync::Mutex<Journal>>,
+    part: Option<usize>,
+}
+
+impl Ledger {
+    /// The ledger of disk `part` (`None`: the job's own bitmap).
+    pub fn new(journal: std::sync::Arc<std::sync::Mutex<Journal>>, part: Option<usize>) -> Ledger {
+        Ledger { journal, part }
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Journal>> {
+        self.journal
+            .lock()
+            .map_err(|_| anyhow::anyhow!("journal lock poisoned"))
+    }
+
+    /// Marks unit `i` acknowledged; saves the journal when `save`.
+    pub fn mark(&self, i: u64, save: bool) -> Result<()> {
+        let mut j = self.lock()?;
+        if let Some(b) = j.bitmap_mut(self.part) {
+            b.set(i);
+        }
+        if save {
+            j.save()?;
+        }
+        Ok(())
+    }
+
+    /// Saves the journal.
+    pub fn save(&self) -> Result<()> {
+        self.lock()?.save()
+    }
+
+    /// A copy of the done-bitmap.
+    pub fn bitmap(&self) -> Result<Bitmap> {
+        let mut j = self.lock()?;
+        Ok(j.bitmap_mut(self.part)
+            .map(|b| b.clone())
+            .unwrap_or_default())
     }
 }
 

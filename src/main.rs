@@ -5,6 +5,7 @@ mod commands;
 mod generalize;
 mod guest;
 mod journal;
+mod migrate;
 mod progress;
 mod targets;
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use imgshift_converters::Progress;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Shortest time between two plain progress lines.
 const LINE_EVERY: Duration = Duration::from_secs(5);
@@ -47,6 +47,15 @@ impl Bar {
     /// Progress labelled `what`: a bar on a terminal (unless `quiet`), plain lines when `forced` on a
     /// non-terminal, nothing otherwise.
     pub fn new(what: &str, forced: bool, quiet: bool) -> Bar {
+        Bar::build(what, forced, quiet, None)
+    }
+
+    /// Like [`Bar::new`], drawn as a line of `multi` on a terminal.
+    pub fn in_multi(what: &str, forced: bool, quiet: bool, multi: Option<&MultiProgress>) -> Bar {
+        Bar::build(what, forced, quiet, multi)
+    }
+
+    fn build(what: &str, forced: bool, quiet: bool, multi: Option<&MultiProgress>) -> Bar {
         if quiet {
             return Bar {
                 bar: None,
@@ -71,6 +80,10 @@ impl Bar {
         .progress_chars("=> ");
         bar.set_style(style);
         bar.set_message(what.to_string());
+        let bar = match multi {
+            Some(m) => m.add(bar),
+            None => bar,
+        };
         Bar {
             bar: Some(bar),
             lines: None,

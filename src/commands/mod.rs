@@ -7,10 +7,14 @@ mod download;
 mod generalize;
 mod info;
 mod inspect;
+mod jobs;
 mod map;
+mod migrate;
 mod upload;
 mod upload_azure;
 mod upload_libvirt;
+
+pub(crate) use upload::{parse_tags, runtime};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,7 +23,7 @@ use anyhow::Result;
 use imgshift_converters::formats::ova::OvaPackage;
 use imgshift_converters::{FileStorage, Format, OpenGate, Storage};
 
-use crate::cli::{Cli, Command, DownloadTarget, TrustArgs, UploadTarget};
+use crate::cli::{Cli, Command, DownloadTarget, JobsAction, TrustArgs, UploadTarget};
 
 /// Prints an error as imgshift's one line on standard error: `imgshift: what: why`.
 pub fn report(e: &anyhow::Error) {
@@ -100,6 +104,16 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Download {
             target: DownloadTarget::Aws(args),
         } => download::aws(&args, quiet),
+        Command::Migrate(args) => migrate::run(&args, quiet),
+        Command::Resume { job, state_dir } => jobs::resume(&job, state_dir.as_deref(), quiet),
+        Command::Jobs {
+            action,
+            state_dir,
+            output,
+        } => match action {
+            None => jobs::list(state_dir.as_deref(), output),
+            Some(JobsAction::Cancel { job }) => jobs::cancel(&job, state_dir.as_deref(), output),
+        },
     }
 }
 

@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use imgshift_converters::{ConvertOptions, NoProgress, Progress as _, engine};
+use imgshift_converters::{Progress as _, engine};
 use serde_json::json;
 
 use super::open_image;
@@ -13,7 +13,7 @@ use crate::journal::{JobState, Journal, state_dir};
 use crate::progress::Bar;
 use crate::targets::aws::register::{self, ImageSpec};
 use crate::targets::aws::retry::Policy;
-use crate::targets::aws::upload::{self as up, EbsBlockWriter, NullSink, UploaderOptions};
+use crate::targets::aws::upload::{self as up, UploaderOptions};
 use crate::targets::aws::{EBS_BLOCK_SIZE, config, volume_gib};
 
 /// How long to wait for the snapshot to complete and the AMI to become available.
@@ -26,9 +26,6 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()
         .context("cannot start the async runtime")
 }
-
-/// Blocks queued between the converter and the uploader.
-const BLOCK_QUEUE: usize = 8;
 
 /// "in region R (endpoint E)" for errors: an unknown region fails as a DNS error on its EBS endpoint.
 fn where_ebs(sdk: &aws_config::SdkConfig, c: &AwsConnArgs) -> String {
@@ -174,6 +171,7 @@ pub fn aws(args: &AwsUploadArgs, quiet: bool) -> Result<u8> {
             .lock()
             .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
         j.state.ids.insert("snapshot".into(), snapshot_id.clone());
+        j.record("snapshot", &snapshot_id);
         j.state.encrypted = encrypted;
         if j.state.stage == "new" {
             j.state.stage = "started".into();
@@ -197,10 +195,6 @@ pub fn aws(args: &AwsUploadArgs, quiet: bool) -> Result<u8> {
         .unwrap_or_default();
     let mut counts = up::UploadCounts::default();
     if stage == "started" {
-        let skip = journal
-            .lock()
-            .map(|j| j.done.clone())
-            .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
         let planned = if encrypted {
             block_count * EBS_BLOCK_SIZE
         } else {
@@ -211,51 +205,29 @@ pub fn aws(args: &AwsUploadArgs, quiet: bool) -> Result<u8> {
         };
         let bar = Arc::new(Bar::new("upload", args.progress, quiet));
         bar.set_total(planned);
-        // A short queue: the converter is faster than the network, so a deep one would only hold memory
-        // (each block is 512 KiB; the requests in flight hold `--concurrency` more).
-        let (tx, rx) = tokio::sync::mpsc::channel(BLOCK_QUEUE);
-        let mut writer = EbsBlockWriter::new(tx, skip, encrypted, block_count);
         let bar2 = bar.clone();
         let progress: Arc<dyn Fn(u64) + Send + Sync> = Arc::new(move |n| bar2.inc(n));
         let opts = UploaderOptions {
             concurrency: args.concurrency,
             policy: pol,
         };
-        let (feed, upload) = std::thread::scope(|s| {
-            let feeder = s.spawn(|| {
-                let r = engine::convert_with_map(
-                    src.as_ref(),
-                    &map,
-                    &mut writer,
-                    &mut NullSink,
-                    &ConvertOptions::default(),
-                    &NoProgress,
-                );
-                drop(writer);
-                r
-            });
-            let upload = rt.block_on(up::put_blocks(
-                ebs.clone(),
-                snapshot_id.clone(),
-                rx,
-                opts,
-                journal.clone(),
-                progress,
-                args.verbose,
-            ));
-            (feeder.join(), upload)
-        });
+        let r = up::stream_snapshot(
+            &rt,
+            &ebs,
+            &snapshot_id,
+            src.as_ref(),
+            &map,
+            encrypted,
+            block_count,
+            crate::journal::Ledger::new(journal.clone(), None),
+            opts,
+            progress,
+            args.verbose,
+        );
         bar.finish();
-        counts = upload.map_err(leftover)?;
-        match feed {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                return Err(leftover(
-                    anyhow::Error::new(e).context(format!("cannot read {}", args.src.display())),
-                ));
-            }
-            Err(_) => return Err(leftover(anyhow::anyhow!("the reader thread failed"))),
-        }
+        counts = r
+            .map_err(|e| e.context(format!("{}", args.src.display())))
+            .map_err(leftover)?;
         let mut j = journal
             .lock()
             .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
@@ -303,6 +275,7 @@ pub fn aws(args: &AwsUploadArgs, quiet: bool) -> Result<u8> {
                 .lock()
                 .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
             j.state.ids.insert("image".into(), ami.clone());
+            j.record("image", &ami);
             j.state.stage = "registered".into();
             j.save()?;
         }

@@ -191,6 +191,10 @@ pub fn run(args: &AzureUploadArgs, quiet: bool) -> Result<u8> {
             }
             return Err(e);
         }
+        {
+            let mut g = lock(&journal)?;
+            g.record("disk", disk);
+        }
         set_stage(&journal, "creating")?;
     }
     if stage == "new" || stage == "creating" {
@@ -281,7 +285,7 @@ pub fn run(args: &AzureUploadArgs, quiet: bool) -> Result<u8> {
                 rx,
                 args.concurrency,
                 policy,
-                journal.clone(),
+                crate::journal::Ledger::new(journal.clone(), None),
                 progress,
             ));
             (feeder.join(), up)
@@ -348,6 +352,7 @@ pub fn run(args: &AzureUploadArgs, quiet: bool) -> Result<u8> {
                 let i = arm.id(&format!("images/{name}"));
                 let mut g = lock(&journal)?;
                 g.state.ids.insert("image".into(), i.clone());
+                g.record("image", name);
                 g.save()?;
                 say(format!("created image {name}"));
                 Some(i)

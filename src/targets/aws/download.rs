@@ -56,6 +56,11 @@ impl EbsSnapshotSource {
         })
     }
 
+    /// Blocks the snapshot lists (ListSnapshotBlocks).
+    pub fn block_count(&self) -> u64 {
+        self.blocks.iter().map(|r| r.1 - r.0).sum()
+    }
+
     fn allocated(&self, index: u64) -> bool {
         let i = self.blocks.partition_point(|r| r.1 <= index);
         self.blocks.get(i).is_some_and(|r| r.0 <= index)

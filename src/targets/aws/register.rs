@@ -73,27 +73,55 @@ fn tags(list: &[(String, String)]) -> Vec<Tag> {
         .collect()
 }
 
-/// Registers the AMI for `snapshot_id` and tags the snapshot. Returns the AMI id.
+/// Registers the AMI for `snapshot_id` (the root device) and tags the snapshot. Returns the AMI id.
 pub async fn register_image(
     ec2: &aws_sdk_ec2::Client,
     policy: &Policy,
     spec: &ImageSpec,
     snapshot_id: &str,
 ) -> Result<String> {
+    register_image_disks(ec2, policy, spec, &[snapshot_id.to_string()]).await
+}
+
+/// Device name of data disk `n` (1-based) next to the root device: `/dev/sdb`, `/dev/sdc`, ... (EC2's
+/// recommended names for EBS data volumes).
+pub fn data_device(n: usize) -> Option<String> {
+    let letter = u8::try_from(n).ok().and_then(|n| b'a'.checked_add(n))?;
+    (letter <= b'z').then(|| format!("/dev/sd{}", letter as char))
+}
+
+/// Registers the AMI with one block device mapping per snapshot: the first is the root device, the others are
+/// data disks (`/dev/sdb`, ...). Tags the snapshots. Returns the AMI id.
+pub async fn register_image_disks(
+    ec2: &aws_sdk_ec2::Client,
+    policy: &Policy,
+    spec: &ImageSpec,
+    snapshots: &[String],
+) -> Result<String> {
     let arch = match spec.architecture.as_str() {
         "x86_64" => ArchitectureValues::X8664,
         "arm64" => ArchitectureValues::Arm64,
         other => bail!("unknown architecture {other} (x86_64 or arm64)"),
     };
-    let ebs = EbsBlockDevice::builder()
-        .snapshot_id(snapshot_id)
-        .volume_type(VolumeType::from(spec.volume_type.as_str()))
-        .delete_on_termination(true)
-        .build();
-    let mapping = BlockDeviceMapping::builder()
-        .device_name(&spec.root_device)
-        .ebs(ebs)
-        .build();
+    let mut mappings = Vec::new();
+    for (i, snapshot_id) in snapshots.iter().enumerate() {
+        let device = if i == 0 {
+            spec.root_device.clone()
+        } else {
+            data_device(i).context("too many disks for one AMI")?
+        };
+        let ebs = EbsBlockDevice::builder()
+            .snapshot_id(snapshot_id)
+            .volume_type(VolumeType::from(spec.volume_type.as_str()))
+            .delete_on_termination(true)
+            .build();
+        mappings.push(
+            BlockDeviceMapping::builder()
+                .device_name(device)
+                .ebs(ebs)
+                .build(),
+        );
+    }
     let out = retry::with_retry(
         policy,
         "RegisterImage",
@@ -105,7 +133,7 @@ pub async fn register_image(
                 .architecture(arch.clone())
                 .root_device_name(&spec.root_device)
                 .virtualization_type("hvm")
-                .block_device_mappings(mapping.clone())
+                .set_block_device_mappings(Some(mappings.clone()))
                 .ena_support(spec.ena);
             if let Some(d) = &spec.description {
                 req = req.description(d);
@@ -142,7 +170,7 @@ pub async fn register_image(
             |_| {},
             || {
                 ec2.create_tags()
-                    .resources(snapshot_id)
+                    .set_resources(Some(snapshots.to_vec()))
                     .set_tags(Some(tags(&spec.tags)))
                     .send()
             },

@@ -1,8 +1,8 @@
 //! `EbsSnapshotUploader`: the engine's stream of 512 KiB blocks into PutSnapshotBlock calls, many in flight,
 //! with per-block retries, throttling feedback, and a journal of acknowledged blocks for resume.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 use aws_sdk_ebs::primitives::ByteStream;
@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 
 use super::retry::{self, Class, Policy};
 use super::{EBS_BLOCK_SIZE, block_checksum};
-use crate::journal::Journal;
+use crate::journal::Ledger;
 
 /// One block on its way to EBS.
 pub struct Block {
@@ -172,7 +172,7 @@ pub async fn put_blocks(
     snapshot_id: String,
     mut rx: mpsc::Receiver<Block>,
     opts: UploaderOptions,
-    journal: Arc<Mutex<Journal>>,
+    ledger: Ledger,
     progress: Arc<dyn Fn(u64) + Send + Sync>,
     verbose: bool,
 ) -> Result<UploadCounts> {
@@ -194,16 +194,15 @@ pub async fn put_blocks(
         counts.blocks_put += 1;
         counts.bytes_sent += EBS_BLOCK_SIZE;
         progress(EBS_BLOCK_SIZE);
-        let mut j = journal
-            .lock()
-            .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
-        j.done.set(index);
         since_save += 1;
         // Journal often enough that a crash loses little, rarely enough to stay cheap (at most 4 saves/s).
-        if since_save >= JOURNAL_EVERY_BLOCKS && last_save.elapsed() >= JOURNAL_MIN_INTERVAL {
-            j.save()?;
+        let save =
+            since_save >= JOURNAL_EVERY_BLOCKS && last_save.elapsed() >= JOURNAL_MIN_INTERVAL;
+        ledger.mark(index, save)?;
+        if save {
             last_save = std::time::Instant::now();
             since_save = 0;
+            crate::journal::pause_point("upload-saved");
         }
         Ok(())
     };
@@ -294,12 +293,66 @@ pub async fn put_blocks(
             counts.retries, counts.throttled
         );
     }
-    journal
-        .lock()
-        .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?
-        .save()?;
+    ledger.save()?;
     Ok(counts)
 }
+
+/// Streams `src` (mapped as `map`) into the pending snapshot `snapshot_id`: the engine runs on a thread of its
+/// own and feeds 512 KiB blocks through a short queue to the uploader, which sends them concurrently; blocks
+/// already in `ledger` are skipped. Returns the uploader's counts.
+#[allow(clippy::too_many_arguments)]
+pub fn stream_snapshot(
+    rt: &tokio::runtime::Runtime,
+    client: &aws_sdk_ebs::Client,
+    snapshot_id: &str,
+    src: &dyn imgshift_converters::DiskSource,
+    map: &imgshift_converters::ExtentMap,
+    encrypted: bool,
+    block_count: u64,
+    ledger: Ledger,
+    opts: UploaderOptions,
+    progress: Arc<dyn Fn(u64) + Send + Sync>,
+    verbose: bool,
+) -> Result<UploadCounts> {
+    let skip = ledger.bitmap()?;
+    // A short queue: the converter is faster than the network, so a deep one would only hold memory (each
+    // block is 512 KiB; the requests in flight hold `concurrency` more).
+    let (tx, rx) = mpsc::channel(BLOCK_QUEUE);
+    let mut writer = EbsBlockWriter::new(tx, skip, encrypted, block_count);
+    let (feed, upload) = std::thread::scope(|s| {
+        let feeder = s.spawn(|| {
+            let r = imgshift_converters::engine::convert_with_map(
+                src,
+                map,
+                &mut writer,
+                &mut NullSink,
+                &imgshift_converters::ConvertOptions::default(),
+                &imgshift_converters::NoProgress,
+            );
+            drop(writer);
+            r
+        });
+        let upload = rt.block_on(put_blocks(
+            client.clone(),
+            snapshot_id.to_string(),
+            rx,
+            opts,
+            ledger,
+            progress,
+            verbose,
+        ));
+        (feeder.join(), upload)
+    });
+    let counts = upload?;
+    match feed {
+        Ok(Ok(_)) => Ok(counts),
+        Ok(Err(e)) => Err(anyhow::Error::new(e).context("cannot read the source")),
+        Err(_) => Err(anyhow::anyhow!("the reader thread failed")),
+    }
+}
+
+/// Blocks queued between the converter and the uploader.
+const BLOCK_QUEUE: usize = 8;
 
 /// What StartSnapshot is asked for.
 #[derive(Debug, Clone, Copy, Default)]

@@ -2,8 +2,8 @@
 //! retried with capped, jittered backoff (throttling halves the windows in flight), acknowledged windows recorded
 //! in the job journal. The footer goes last, after every window was acknowledged.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use azure_core::http::{Transport, Url};
@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use super::pages::{Page, Piece};
 use super::redact::{redact, url_without_query};
 use super::retry::{self, Class, Policy};
-use crate::journal::Journal;
+use crate::journal::Ledger;
 
 /// How often acknowledged windows are written to the journal (a kill loses at most this much work).
 const SAVE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
@@ -127,7 +127,7 @@ pub async fn put_pages(
     mut rx: mpsc::Receiver<Piece>,
     concurrency: usize,
     policy: Policy,
-    journal: Arc<Mutex<Journal>>,
+    ledger: Ledger,
     progress: Arc<dyn Fn(u64) + Send + Sync>,
 ) -> Result<Counts> {
     let max = concurrency.max(1);
@@ -152,13 +152,11 @@ pub async fn put_pages(
         counts.requests += reqs;
         counts.bytes_sent += bytes;
         progress(bytes);
-        let mut j = journal
-            .lock()
-            .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
-        j.done.set(slot);
-        if force_save || last_save.elapsed() >= SAVE_EVERY {
-            j.save()?;
+        let save = force_save || last_save.elapsed() >= SAVE_EVERY;
+        ledger.mark(slot, save)?;
+        if save {
             last_save = std::time::Instant::now();
+            crate::journal::pause_point("upload-saved");
         }
         Ok(())
     };
@@ -208,9 +206,7 @@ pub async fn put_pages(
         tasks.abort_all();
     }
     // Whatever happened, keep what was acknowledged.
-    if let Ok(j) = journal.lock() {
-        j.save()?;
-    }
+    ledger.save()?;
     result?;
     counts.retries = sh.retries.load(Ordering::Relaxed);
     counts.throttled = sh.throttled.load(Ordering::Relaxed);
