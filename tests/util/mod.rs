@@ -1,6 +1,9 @@
 //! Helpers for the CLI integration tests: run the built binary, run qemu-img (the format oracle), make images.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod libvirt;
+pub mod ova;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
