@@ -342,8 +342,9 @@ fn resume_after_kill_finishes_without_resending_disk_0() {
     assert!(r.stderr.contains(&format!("no job {job}")), "{}", r.stderr);
 }
 
-/// (d) kill -9 after the domain was defined, then `jobs cancel`: the job's domain and both volumes go, an
-/// unrelated volume in the same pool and an unrelated domain stay; cancelling again finds no job.
+/// (d) kill -9 after the domain was defined and started, then `jobs cancel`: the job's domain (stopped first)
+/// and both volumes go; an unrelated volume in the same pool and an unrelated domain stay; cancelling again
+/// finds no job.
 #[test]
 fn jobs_cancel_removes_exactly_what_the_job_made() {
     let o = make_ova();
@@ -374,8 +375,17 @@ fn jobs_cancel_removes_exactly_what_the_job_made() {
     .unwrap();
     virsh_ok(&["define", s(&dx)]);
 
-    let job = migrate_and_kill(&pool, &o.ova, &name, &state, &["--force"], "after-register");
+    // Started: the random "boot disk" keeps the firmware looking for a boot device, so it runs until stopped.
+    let job = migrate_and_kill(
+        &pool,
+        &o.ova,
+        &name,
+        &state,
+        &["--force", "--start", "--memory", "128"],
+        "after-register",
+    );
     assert_eq!(domains_named(&name), vec![name.clone()]);
+    assert_eq!(virsh_ok(&["domstate", &name]).trim(), "running");
     assert_eq!(pool.volumes().len(), 3, "{:?}", pool.volumes());
 
     let listed = imgshift(&["jobs", "--state-dir", s(&state), "--output", "json"]).ok();
@@ -385,7 +395,8 @@ fn jobs_cancel_removes_exactly_what_the_job_made() {
 
     let r = imgshift(&["jobs", "cancel", &job, "--state-dir", s(&state)]).ok();
     assert!(
-        r.stdout.contains(&format!("undefined domain '{name}'")),
+        r.stdout.contains(&format!("stopped domain '{name}'"))
+            && r.stdout.contains(&format!("undefined domain '{name}'")),
         "{}",
         r.stdout
     );
@@ -450,4 +461,37 @@ fn missing_pool_and_unreachable_daemon_are_one_line() {
         "{}",
         r.stderr
     );
+}
+
+/// The verify stage really reads the volumes back: a byte changed in a volume between register and verify (kill
+/// -9 after register, change, resume) stops the job in verify, naming the volume; `jobs cancel` then cleans up.
+#[test]
+fn verify_catches_a_changed_volume() {
+    let o = make_ova();
+    let mut pool = Pool::new();
+    let state = o.dir.join("state");
+    let name = pool.domain();
+    let extra = ["--force", "--volume-format", "raw"];
+    let job = migrate_and_kill(&pool, &o.ova, &name, &state, &extra, "after-register");
+    let v1 = format!("{name}-data1.raw");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::options()
+            .write(true)
+            .open(pool.path(&v1))
+            .unwrap();
+        // Inside the data disk's first data range (64 KiB + 128 KiB), which verify always samples.
+        f.write_all_at(b"not the source", 64 * 1024 + 100).unwrap();
+    }
+    let r = imgshift(&["resume", &job, "--state-dir", s(&state)]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("content differs") && r.stderr.contains(&v1),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("stopped in stage verify"), "{}", r.stderr);
+    imgshift(&["jobs", "cancel", &job, "--state-dir", s(&state)]).ok();
+    assert!(pool.volumes().is_empty(), "{:?}", pool.volumes());
+    assert!(domains_named(&name).is_empty());
 }

@@ -50,6 +50,12 @@ pub fn volume_name(name: &str, disk: usize, format: VolFormat) -> String {
     }
 }
 
+/// Whether the inspect stage (its one-line result, which names the findings) read a Linux root: the stable
+/// finding `libvirt-drivers-unknown` fires exactly when it did not. No record counts as not read.
+fn linux_root_read(inspect_detail: Option<&str>) -> bool {
+    inspect_detail.is_some_and(|d| !d.contains("libvirt-drivers-unknown"))
+}
+
 /// `POOL/VOLUME`, as volumes are recorded in the journal (libvirt refuses '/' in pool names).
 fn volume_resource(pool: &str, vol: &str) -> String {
     format!("{pool}/{vol}")
@@ -115,11 +121,13 @@ impl LibvirtTarget {
                 .journal
                 .lock()
                 .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
-            j.state
-                .stages
-                .iter()
-                .find(|s| s.name == "inspect")
-                .is_some_and(|s| !s.detail.contains("libvirt-drivers-unknown"))
+            linux_root_read(
+                j.state
+                    .stages
+                    .iter()
+                    .find(|s| s.name == "inspect")
+                    .map(|s| s.detail.as_str()),
+            )
         };
         let partition_firmware = match job.id_of("partition_firmware")?.as_deref() {
             Some("uefi") => Some(Firmware::Uefi),
@@ -500,5 +508,16 @@ mod tests {
         assert_eq!(volume_name("vm", 1, VolFormat::Qcow2), "vm-data1.qcow2");
         assert_eq!(volume_name("vm", 2, VolFormat::Raw), "vm-data2.raw");
         assert_eq!(volume_resource("p", "vm.raw"), "p/vm.raw");
+    }
+
+    #[test]
+    fn linux_root_from_the_inspect_record() {
+        assert!(linux_root_read(Some(
+            "Debian GNU/Linux 12 (x86_64), bios boot; preflight ok"
+        )));
+        assert!(!linux_root_read(Some(
+            "no operating system found; preflight warn (libvirt-drivers-unknown)"
+        )));
+        assert!(!linux_root_read(None));
     }
 }
