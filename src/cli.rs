@@ -636,7 +636,7 @@ pub struct MigrateArgs {
     #[arg(long, value_enum)]
     pub to: MigrateTo,
     /// Name of what is made: the AMI, the Azure image (disks NAME-os, NAME-data1, ...), the libvirt domain
-    /// (volumes NAME, NAME-data1, ...). Default: the source file's name without its extension
+    /// (volumes NAME.qcow2, NAME-data1.qcow2, ..., or .raw). Default: the source file's name without its extension
     #[arg(long)]
     pub name: Option<String>,
     /// Generalise the guest first (virt-sysprep operations; the default set when no list is given)

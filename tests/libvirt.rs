@@ -8,138 +8,12 @@ mod util;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use util::libvirt::*;
 use util::*;
 
-const DEFAULT_URI: &str =
-    "qemu:///system?socket=/var/tmp/imgshift-standins/libvirt/run/libvirt-sock";
 const MIB: u64 = 1 << 20;
-
-fn uri() -> String {
-    std::env::var("IMGSHIFT_LIBVIRT_URI").unwrap_or_else(|_| DEFAULT_URI.to_string())
-}
-
-fn virsh(args: &[&str]) -> Run {
-    let out = Command::new("virsh")
-        .arg("-q")
-        .arg("-c")
-        .arg(uri())
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run virsh ({e}): install libvirt-clients (`bash .ci/install-deps`)")
-        });
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn virsh_ok(args: &[&str]) -> String {
-    let r = virsh(args);
-    assert_eq!(r.code, 0, "virsh {args:?}: {}{}", r.stdout, r.stderr);
-    r.stdout
-}
-
-fn unique(prefix: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "imgshift-{prefix}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// A transient dir pool; destroyed (its domains destroyed and undefined first) when dropped.
-struct Pool {
-    name: String,
-    /// Under /var/tmp and world-traversable: QEMU runs as libvirt-qemu and must reach the volumes.
-    dir: tempfile::TempDir,
-    domains: Vec<String>,
-}
-
-impl Pool {
-    fn new() -> Pool {
-        let r = virsh(&["uri"]);
-        assert_eq!(
-            r.code,
-            0,
-            "libvirtd is not reachable at {}: start it with `bash .ci/standins start` ({})",
-            uri(),
-            r.stderr.trim()
-        );
-        let dir = tempfile::Builder::new()
-            .prefix("imgshift-lvpool")
-            .tempdir_in("/var/tmp")
-            .unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let name = unique("pool");
-        virsh_ok(&["pool-create-as", &name, "dir", "--target", s(dir.path())]);
-        Pool {
-            name,
-            dir,
-            domains: Vec::new(),
-        }
-    }
-
-    fn upload(&self, src: &Path, vol: &str, extra: &[&str]) -> Run {
-        let u = uri();
-        let mut args = vec![
-            "upload",
-            "libvirt",
-            s(src),
-            "--connect",
-            &u,
-            "--pool",
-            &self.name,
-            "--volume",
-            vol,
-        ];
-        args.extend_from_slice(extra);
-        imgshift(&args)
-    }
-
-    /// A domain name that is cleaned up with the pool.
-    fn domain(&mut self) -> String {
-        let d = unique("dom");
-        self.domains.push(d.clone());
-        d
-    }
-
-    fn download(&self, vol: &str, dst: &Path) {
-        virsh_ok(&["vol-download", "--pool", &self.name, vol, s(dst)]);
-    }
-
-    fn vol_xml(&self, vol: &str) -> String {
-        virsh_ok(&["vol-dumpxml", "--pool", &self.name, vol])
-    }
-
-    fn volumes(&self) -> Vec<String> {
-        let mut v: Vec<String> = virsh_ok(&["vol-list", "--pool", &self.name])
-            .lines()
-            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
-            .collect();
-        v.sort();
-        v
-    }
-
-    fn path(&self, vol: &str) -> PathBuf {
-        self.dir.path().join(vol)
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        for d in &self.domains {
-            let _ = virsh(&["destroy", d]);
-            let _ = virsh(&["undefine", d, "--nvram"]);
-        }
-        let _ = virsh(&["pool-destroy", &self.name]);
-    }
-}
 
 /// A 24 MiB raw disk: data at the start, a piece straddling 12 MiB, data at the end, an allocated zero range.
 fn test_raw(dir: &Path, name: &str, seed_len: u64) -> PathBuf {
@@ -193,13 +67,6 @@ fn capacity_and_format(xml: &str) -> (u64, String) {
         .unwrap_or_else(|| panic!("no format in {xml}"))
         .to_string();
     (cap, fmt)
-}
-
-/// The last 2000 characters of a (serial log) file.
-fn tail(path: &Path) -> String {
-    let text = String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned();
-    let skip = text.chars().count().saturating_sub(2000);
-    text.chars().skip(skip).collect()
 }
 
 fn json(r: &Run) -> serde_json::Value {
@@ -891,38 +758,6 @@ fn boot_sector_disk(path: &Path) {
         .unwrap();
 }
 
-/// Waits until `dom` is shut off (the guest powered itself off); panics with the serial log's tail after
-/// `secs`.
-fn wait_shut_off(dom: &str, log: &Path, secs: u64) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let state = virsh_ok(&["domstate", dom]);
-        if state.trim() == "shut off" {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{dom} still '{}' after {secs} s; serial log tail: {}",
-            state.trim(),
-            tail(log)
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// Waits until the serial log holds `text`; panics with its tail after `secs`.
-fn wait_for_text(log: &Path, text: &str, secs: u64) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !tail(log).contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "no '{text}' after {secs} s; serial log tail: {}",
-            tail(log)
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
 /// `--define --start` end to end with a guest that needs nothing but BIOS: uploaded from a VMDK as qcow2,
 /// automatic firmware (BIOS: no GPT) and disk bus (sata), TCG. The guest prints its marker and powers off.
 #[test]
@@ -1056,26 +891,10 @@ fn started_uefi_domain_runs_ovmf() {
 /// firmware, plus `extra`, and waits for the guest to print its marker and shut itself off. Returns the JSON
 /// output.
 fn boot_contract_guest(variant: &str, extra: &[&str]) -> serde_json::Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests/mkguest.sh");
-    assert!(
-        script.exists(),
-        "{} is missing: the bootable test guests come from the inspection work (branch work-inspect)",
-        script.display()
-    );
     let d = tmpdir();
     let mut pool = Pool::new();
     let raw = d.path().join("guest.raw");
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg(variant)
-        .arg(&raw)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mkguest.sh {variant}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mkguest(variant, &raw);
     let vmdk = d.path().join("guest.vmdk");
     qemu_img(&["convert", "-f", "raw", "-O", "vmdk", s(&raw), s(&vmdk)]);
 
@@ -1103,10 +922,7 @@ fn boot_contract_guest(variant: &str, extra: &[&str]) -> serde_json::Value {
     // 14 s alone under TCG; about 50 s with both guests and the other tests sharing 2 busy cores.
     wait_shut_off(&dom, &log, 180);
     let text = tail(&log);
-    let want = format!(
-        "IMGSHIFT-BOOT-OK machine-id={:x}",
-        md5_hex(format!("imgshift-{variant}").as_bytes())
-    );
+    let want = boot_marker(variant);
     assert!(
         text.contains("IMGSHIFT-BOOT-OK machine-id="),
         "no marker after {:?}; serial log tail: {text}",
@@ -1118,20 +934,6 @@ fn boot_contract_guest(variant: &str, extra: &[&str]) -> serde_json::Value {
         t0.elapsed()
     );
     j
-}
-
-/// md5 through coreutils' md5sum (the guests' machine-id is md5("imgshift-VARIANT")).
-fn md5_hex(data: &[u8]) -> u128 {
-    use std::io::Write;
-    let mut c = Command::new("md5sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin.take().unwrap().write_all(data).unwrap();
-    let out = c.wait_with_output().unwrap();
-    let hex = String::from_utf8_lossy(&out.stdout);
-    u128::from_str_radix(hex.split_whitespace().next().unwrap(), 16).unwrap()
 }
 
 /// The BIOS guest (MBR + GRUB, virtio drivers in its initramfs) with every automatic choice: inspection picks

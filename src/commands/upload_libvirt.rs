@@ -8,34 +8,20 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Context, Result, anyhow, bail};
-use imgshift_converters::{
-    ConvertOptions, ConvertStats, DiskSource, Format, FormatWriter, WriterOptions, convert,
-    create_writer,
-};
+use anyhow::Result;
+use imgshift_converters::{ConvertStats, DiskSource};
 use serde_json::json;
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
 
 use super::{gate, naming, open_image, open_ova};
-use crate::cli::{
-    DiskBusArg, DomainTypeArg, FirmwareArg, LibvirtUploadArgs, LibvirtVolFormat, OutputFormat,
-};
+use crate::cli::{LibvirtUploadArgs, LibvirtVolFormat, OutputFormat};
 use crate::progress::Bar;
-use crate::targets::azure::hyperv;
-use crate::targets::libvirt::sink::{SentCounts, VolumeSink};
-use crate::targets::libvirt::xml::{DomainSpec, domain_xml};
-use crate::targets::libvirt::{
-    DiskBus, DomainType, Error as LvError, Firmware, VolFormat, caps, conn as lv, inuse, volume,
-};
-
-/// What to define, decided before anything is created.
-struct DomainPlan {
-    spec: DomainSpec,
-    /// Why `auto` choices came out as they did (printed unless quiet).
-    notes: Vec<String>,
-}
+use crate::targets::libvirt::plan::{DomainChoices, DomainPlan, GuestHints};
+use crate::targets::libvirt::sink::SentCounts;
+use crate::targets::libvirt::xml::{DomainDisk, domain_xml};
+use crate::targets::libvirt::{Error as LvError, VolFormat, conn as lv, fill, inuse, volume};
 
 /// Runs `upload libvirt`.
 pub fn run(args: &LibvirtUploadArgs, quiet: bool) -> Result<u8> {
@@ -43,10 +29,8 @@ pub fn run(args: &LibvirtUploadArgs, quiet: bool) -> Result<u8> {
         LibvirtVolFormat::Qcow2 => VolFormat::Qcow2,
         LibvirtVolFormat::Raw => VolFormat::Raw,
     };
-    let out_format = Format::from_name(vol_format.name())?;
-    let mut writer = create_writer(out_format, &mut WriterOptions::default())?;
     let src: std::sync::Arc<dyn DiskSource> = std::sync::Arc::from(open_source(args)?);
-    let capacity = writer.output_virtual_size(src.virtual_size())?;
+    let capacity = fill::capacity(vol_format, src.virtual_size())?;
 
     let uri = args.connect.as_str();
     let (pool_name, vol_name) = (args.pool.as_str(), args.volume.as_str());
@@ -77,7 +61,7 @@ pub fn run(args: &LibvirtUploadArgs, quiet: bool) -> Result<u8> {
         }
     };
 
-    let (sent, stats) = match upload(args, &conn, &created, src.as_ref(), writer.as_mut(), quiet) {
+    let (sent, stats) = match upload(args, &conn, &created, vol_format, src.as_ref(), quiet) {
         Ok(v) => v,
         Err(e) => return Err(rollback(e, None)),
     };
@@ -204,7 +188,8 @@ fn open_source(args: &LibvirtUploadArgs) -> Result<Box<dyn DiskSource>> {
     }
 }
 
-/// Resolves `auto` choices and checks the domain options.
+/// Resolves `auto` choices (from imgshift's own inspection of the guest when firmware or bus is `auto`) and
+/// checks the domain options.
 fn plan_domain(
     args: &LibvirtUploadArgs,
     name: &str,
@@ -213,138 +198,24 @@ fn plan_domain(
     conn: &Connect,
 ) -> Result<DomainPlan> {
     if name.is_empty() {
-        bail!("--define needs a domain name");
+        anyhow::bail!("--define needs a domain name");
     }
-    if args.vcpus == 0 || args.memory == 0 {
-        bail!("--vcpus and --memory must be at least 1");
-    }
-    let serial_log = match &args.serial_log {
-        Some(p) if !p.is_absolute() => bail!(
-            "--serial-log {}: give an absolute path (it is opened on the daemon's host)",
-            p.display()
-        ),
-        Some(p) => Some(
-            p.to_str()
-                .ok_or_else(|| anyhow!("--serial-log {}: not UTF-8", p.display()))?
-                .to_string(),
-        ),
-        None => None,
+    let choices = DomainChoices {
+        firmware: args.firmware,
+        disk_bus: args.disk_bus,
+        domain_type: args.domain_type,
+        memory_mib: args.memory,
+        vcpus: args.vcpus,
+        network: args.network.clone(),
+        serial_log: args.serial_log.clone(),
     };
-    let mut notes = Vec::new();
-    // `auto` choices come from imgshift's own offline inspection of the guest (its libvirt preflight settings:
-    // firmware from the boot mode, virtio only when the guest's initramfs has the virtio drivers).
-    let guest =
-        (args.firmware == FirmwareArg::Auto || args.disk_bus == DiskBusArg::Auto).then(|| {
-            let disk = crate::guest::Window::whole(
-                std::sync::Arc::clone(src),
-                std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)),
-            );
-            let report = crate::guest::report::inspect(&disk);
-            let facts = report.facts(None);
-            let verdict = crate::guest::preflight::table("libvirt")
-                .map(|rules| crate::guest::preflight::evaluate("libvirt", rules, &facts));
-            (facts, verdict)
-        });
-    let setting = |key: &str| -> Option<String> {
-        guest
-            .as_ref()
-            .and_then(|(_, v)| v.as_ref())
-            .and_then(|v| v.settings.get(key).cloned())
-    };
-    let linux = guest.as_ref().is_some_and(|(f, _)| f.linux_root);
-    let firmware = match args.firmware {
-        FirmwareArg::Bios => Firmware::Bios,
-        FirmwareArg::Uefi => Firmware::Uefi,
-        FirmwareArg::Auto if linux => {
-            let fw = if setting("firmware").as_deref() == Some("efi") {
-                Firmware::Uefi
-            } else {
-                Firmware::Bios
-            };
-            notes.push(format!(
-                "firmware {}: from the guest's boot mode (inspection)",
-                fw_name(fw)
-            ));
-            fw
-        }
-        FirmwareArg::Auto => {
-            // No Linux root to inspect: an ESP on a GPT is what UEFI firmware boots from (Azure's rule).
-            let (generation, why) = hyperv::detect(src.as_ref());
-            let fw = if generation == "V2" {
-                Firmware::Uefi
-            } else {
-                Firmware::Bios
-            };
-            notes.push(format!("firmware {}: {why}", fw_name(fw)));
-            fw
-        }
-    };
-    let disk_bus = match args.disk_bus {
-        DiskBusArg::Virtio => DiskBus::Virtio,
-        DiskBusArg::Sata => DiskBus::Sata,
-        DiskBusArg::Scsi => DiskBus::Scsi,
-        DiskBusArg::Auto => {
-            match setting("bus").as_deref() {
-                Some("virtio") if linux => {
-                    notes.push("disk bus virtio: the guest's initramfs has the virtio drivers (inspection)".into());
-                    DiskBus::Virtio
-                }
-                Some("scsi") if linux => {
-                    notes.push("disk bus scsi: inspection suggests it for this guest".into());
-                    DiskBus::Scsi
-                }
-                _ => {
-                    notes.push(
-                    "disk bus sata: the guest's virtio drivers were not found by inspection (pass --disk-bus \
-                     virtio for a guest that has them)"
-                        .to_string(),
-                );
-                    DiskBus::Sata
-                }
-            }
-        }
-    };
-    let domain_type = match args.domain_type {
-        DomainTypeArg::Kvm => DomainType::Kvm,
-        DomainTypeArg::Qemu => DomainType::Qemu,
-        DomainTypeArg::Auto => {
-            let t = caps::auto_domain_type(conn)?;
-            notes.push(match t {
-                DomainType::Kvm => {
-                    "domain type kvm: the host offers KVM (pass --domain-type qemu for TCG \
-                                    emulation where KVM does not work)"
-                        .to_string()
-                }
-                DomainType::Qemu => {
-                    "domain type qemu (TCG emulation): the host does not offer KVM".to_string()
-                }
-            });
-            t
-        }
-    };
-    Ok(DomainPlan {
-        spec: DomainSpec {
-            name: name.to_string(),
-            domain_type,
-            memory_mib: args.memory,
-            vcpus: args.vcpus,
-            firmware,
-            disk_bus,
-            pool: args.pool.clone(),
-            volume: args.volume.clone(),
-            format,
-            network: args.network.clone(),
-            serial_log,
-        },
-        notes,
-    })
-}
-
-fn fw_name(f: Firmware) -> &'static str {
-    match f {
-        Firmware::Bios => "bios",
-        Firmware::Uefi => "uefi",
-    }
+    let guest = choices.needs_guest().then(|| GuestHints::inspect(src));
+    let disks = vec![DomainDisk {
+        pool: args.pool.clone(),
+        volume: args.volume.clone(),
+        format,
+    }];
+    crate::targets::libvirt::plan::plan_domain(name, &choices, disks, guest.as_ref(), conn)
 }
 
 /// Converts `src` straight into the new volume.
@@ -352,37 +223,29 @@ fn upload(
     args: &LibvirtUploadArgs,
     conn: &Connect,
     created: &volume::Created,
+    format: VolFormat,
     src: &dyn DiskSource,
-    writer: &mut dyn FormatWriter,
     quiet: bool,
 ) -> Result<(SentCounts, ConvertStats)> {
-    let (zero_from, min_end) = match (created.reads_zero, args.output_format) {
-        // A fresh sparse file: zeros everywhere.
-        (true, LibvirtVolFormat::Raw) => (0, 0),
-        // A fresh qcow2 file: libvirt's header, then nothing.
-        (true, LibvirtVolFormat::Qcow2) => (created.initial_len, created.initial_len),
-        // A block device: old data everywhere.
-        (false, _) => (u64::MAX, 0),
-    };
-    let mut sink =
-        VolumeSink::new(conn, &created.vol, zero_from, min_end).with_cancel(interrupt_flag());
     let bar = Bar::new("upload", args.progress, quiet);
-    let r = convert(src, writer, &mut sink, &ConvertOptions::default(), &bar);
+    let r = fill::fill(
+        conn,
+        created,
+        format,
+        src,
+        None,
+        &bar,
+        Some(interrupt_flag()),
+    );
     bar.finish();
-    match r {
-        Ok(stats) => Ok((sink.sent, stats)),
-        Err(e) => {
-            sink.abort();
-            let sent = sink.sent.bytes_sent;
-            Err(naming(e, &args.src)).with_context(|| {
-                format!(
-                    "cannot upload {} to volume '{}' ({sent} bytes had been sent)",
-                    args.src.display(),
-                    args.volume
-                )
-            })
-        }
-    }
+    r.map_err(|f| {
+        let sent = f.sent.bytes_sent;
+        naming(f.error, &args.src).context(format!(
+            "cannot upload {} to volume '{}' ({sent} bytes had been sent)",
+            args.src.display(),
+            args.volume
+        ))
+    })
 }
 
 /// A flag set by Ctrl-C (SIGINT) or SIGTERM from now on, instead of the process dying with the volume half
@@ -482,7 +345,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use clap::Parser;
 
-    use crate::cli::{Cli, Command, UploadTarget};
+    use crate::cli::{Cli, Command, DiskBusArg, DomainTypeArg, FirmwareArg, UploadTarget};
 
     use super::*;
 

@@ -2,6 +2,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod aws;
+pub mod libvirt;
 pub mod ova;
 
 use std::path::{Path, PathBuf};

@@ -4,7 +4,10 @@
 //! - [`conn`]: connecting (one-line errors), looking up pools, volumes and domains.
 //! - [`volume`]: creating and deleting the volume.
 //! - [`sink`]: the engine's [`Sink`](imgshift_converters::Sink) that sends the output over libvirt Streams.
+//! - [`fill`]: converting a source disk into a fresh volume through the sink (no temporary file).
+//! - [`download`]: reading a volume back (download streams under imgshift's own format readers).
 //! - [`xml`]: volume and domain XML, written with quick-xml's writer.
+//! - [`plan`]: the domain to define, with `auto` firmware, disk bus and domain type resolved.
 //! - [`caps`]: reading the host's capabilities (is KVM offered?).
 //! - [`inuse`]: which running domains use a volume (never replaced under them).
 //!
@@ -14,7 +17,10 @@
 
 pub mod caps;
 pub mod conn;
+pub mod download;
+pub mod fill;
 pub mod inuse;
+pub mod plan;
 pub mod sink;
 pub mod volume;
 pub mod xml;

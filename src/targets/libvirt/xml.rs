@@ -38,23 +38,49 @@ pub struct DomainSpec {
     pub vcpus: u32,
     /// Firmware.
     pub firmware: Firmware,
-    /// Bus of the disk.
+    /// Bus of the disks.
     pub disk_bus: DiskBus,
-    /// Pool holding the volume.
-    pub pool: String,
-    /// The volume (the domain's only disk).
-    pub volume: String,
-    /// The volume's format.
-    pub format: VolFormat,
+    /// The disks, the boot disk first (at least one).
+    pub disks: Vec<DomainDisk>,
     /// A libvirt network for a virtio NIC.
     pub network: Option<String>,
     /// A file (on the daemon's host) that receives everything the guest writes to its serial console.
     pub serial_log: Option<String>,
 }
 
+/// A volume attached to the domain as a disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainDisk {
+    /// Pool holding the volume.
+    pub pool: String,
+    /// The volume.
+    pub volume: String,
+    /// The volume's format.
+    pub format: VolFormat,
+}
+
+/// The guest device name of disk `index` on `bus`: `vda`, `vdb`, … for virtio, `sda`, `sdb`, … for SATA and
+/// SCSI; after `z` come `aa`, `ab`, … (libvirt's own naming).
+pub fn device_name(bus: DiskBus, index: usize) -> String {
+    let prefix = match bus {
+        DiskBus::Virtio => "vd",
+        DiskBus::Sata | DiskBus::Scsi => "sd",
+    };
+    let mut letters = Vec::new();
+    let mut n = index + 1;
+    while n > 0 {
+        n -= 1;
+        letters.push(b'a' + (n % 26) as u8);
+        n /= 26;
+    }
+    letters.reverse();
+    format!("{prefix}{}", String::from_utf8_lossy(&letters))
+}
+
 /// Domain XML for `spec`.
 ///
-/// - x86_64, machine `q35` (PCIe, AHCI built in), boots from the disk.
+/// - x86_64, machine `q35` (PCIe, AHCI built in), boots from the first disk (`<boot order='1'/>` on it, so
+///   the firmware's choice does not depend on how the disks were enumerated).
 /// - UEFI through libvirt's firmware auto-selection (`<os firmware='efi'>`), Secure Boot off: converted guests
 ///   are rarely signed for Microsoft's keys, and the enrolled-keys OVMF build would refuse them.
 /// - `<features><acpi/><apic/></features>`: without `<acpi/>`, libvirt 9 passes `-no-acpi`, which QEMU 10 no
@@ -78,7 +104,6 @@ pub fn domain_xml(spec: &DomainSpec) -> Result<String> {
         w.empty("feature", &[("enabled", "no"), ("name", "secure-boot")])?;
         w.close("firmware")?;
     }
-    w.empty("boot", &[("dev", "hd")])?;
     w.close("os")?;
 
     w.open("features", &[])?;
@@ -87,7 +112,7 @@ pub fn domain_xml(spec: &DomainSpec) -> Result<String> {
     w.close("features")?;
 
     w.open("devices", &[])?;
-    disk(&mut w, spec)?;
+    disks(&mut w, spec)?;
     if let Some(net) = &spec.network {
         w.open("interface", &[("type", "network")])?;
         w.empty("source", &[("network", net)])?;
@@ -108,17 +133,22 @@ pub fn domain_xml(spec: &DomainSpec) -> Result<String> {
     w.finish()
 }
 
-/// The volume as the domain's disk (plus the virtio-scsi controller a SCSI disk needs).
-fn disk(w: &mut Xml, spec: &DomainSpec) -> Result<()> {
-    let dev = match spec.disk_bus {
-        DiskBus::Virtio => "vda",
-        DiskBus::Sata | DiskBus::Scsi => "sda",
-    };
-    w.open("disk", &[("type", "volume"), ("device", "disk")])?;
-    w.empty("driver", &[("name", "qemu"), ("type", spec.format.name())])?;
-    w.empty("source", &[("pool", &spec.pool), ("volume", &spec.volume)])?;
-    w.empty("target", &[("dev", dev), ("bus", spec.disk_bus.name())])?;
-    w.close("disk")?;
+/// The volumes as the domain's disks, the boot disk first (plus the virtio-scsi controller SCSI disks need).
+fn disks(w: &mut Xml, spec: &DomainSpec) -> Result<()> {
+    if spec.disks.is_empty() {
+        return Err(Error::Xml(format!("domain '{}' has no disk", spec.name)));
+    }
+    for (i, d) in spec.disks.iter().enumerate() {
+        let dev = device_name(spec.disk_bus, i);
+        w.open("disk", &[("type", "volume"), ("device", "disk")])?;
+        w.empty("driver", &[("name", "qemu"), ("type", d.format.name())])?;
+        w.empty("source", &[("pool", &d.pool), ("volume", &d.volume)])?;
+        w.empty("target", &[("dev", &dev), ("bus", spec.disk_bus.name())])?;
+        if i == 0 {
+            w.empty("boot", &[("order", "1")])?;
+        }
+        w.close("disk")?;
+    }
     if spec.disk_bus == DiskBus::Scsi {
         w.empty("controller", &[("type", "scsi"), ("model", "virtio-scsi")])?;
     }
@@ -198,9 +228,11 @@ mod tests {
             vcpus: 2,
             firmware: Firmware::Bios,
             disk_bus: DiskBus::Virtio,
-            pool: "pool".into(),
-            volume: "vm.qcow2".into(),
-            format: VolFormat::Qcow2,
+            disks: vec![DomainDisk {
+                pool: "pool".into(),
+                volume: "vm.qcow2".into(),
+                format: VolFormat::Qcow2,
+            }],
             network: None,
             serial_log: None,
         }
@@ -212,8 +244,11 @@ mod tests {
             name: "a<b>&'\"".into(),
             firmware: Firmware::Uefi,
             disk_bus: DiskBus::Scsi,
-            pool: "p'".into(),
-            volume: "v\"".into(),
+            disks: vec![DomainDisk {
+                pool: "p'".into(),
+                volume: "v\"".into(),
+                format: VolFormat::Raw,
+            }],
             network: Some("n&".into()),
             serial_log: Some("/tmp/<x>".into()),
             ..spec()
@@ -273,5 +308,43 @@ mod tests {
         assert!(s.contains("<target dev=\"sda\" bus=\"scsi\"/>"), "{s}");
         assert!(s.contains("model=\"virtio-scsi\""), "{s}");
         assert!(s.starts_with("<domain type=\"kvm\">"), "{s}");
+    }
+
+    #[test]
+    fn several_disks_boot_disk_first() {
+        let data = DomainDisk {
+            pool: "pool".into(),
+            volume: "vm-data1.raw".into(),
+            format: VolFormat::Raw,
+        };
+        let x = domain_xml(&DomainSpec {
+            disks: vec![spec().disks[0].clone(), data.clone()],
+            ..spec()
+        })
+        .unwrap();
+        let a = x.find("volume=\"vm.qcow2\"").unwrap();
+        let b = x.find("volume=\"vm-data1.raw\"").unwrap();
+        assert!(a < b, "{x}");
+        assert!(x.contains("<target dev=\"vdb\" bus=\"virtio\"/>"), "{x}");
+        assert!(x.contains("<driver name=\"qemu\" type=\"raw\"/>"), "{x}");
+        assert_eq!(x.matches("<boot order=\"1\"/>").count(), 1, "{x}");
+        assert!(x.find("<boot order").unwrap() < b, "{x}");
+        assert!(!x.contains("<boot dev"), "{x}");
+        let none = domain_xml(&DomainSpec {
+            disks: Vec::new(),
+            ..spec()
+        });
+        assert!(none.is_err());
+    }
+
+    #[test]
+    fn device_names() {
+        assert_eq!(device_name(DiskBus::Virtio, 0), "vda");
+        assert_eq!(device_name(DiskBus::Sata, 1), "sdb");
+        assert_eq!(device_name(DiskBus::Scsi, 25), "sdz");
+        assert_eq!(device_name(DiskBus::Virtio, 26), "vdaa");
+        assert_eq!(device_name(DiskBus::Virtio, 27), "vdab");
+        assert_eq!(device_name(DiskBus::Virtio, 701), "vdzz");
+        assert_eq!(device_name(DiskBus::Virtio, 702), "vdaaa");
     }
 }

@@ -1,0 +1,523 @@
+//! `migrate --to libvirt`: one storage volume per disk, all attached to one domain.
+//!
+//! - Names: the domain is `NAME`; disk 0's volume is `NAME.qcow2` (or `NAME.raw` with `--volume-format raw`),
+//!   disk N's `NAME-dataN.qcow2`. The suffix is the format's name, as virt-install and imgshift's own tests name
+//!   volumes, so a dir pool's files say what they hold. A name that exists and is not this job's is refused in
+//!   `connect`, before anything is created.
+//! - Resumable unit: a whole disk. A libvirt upload stream cannot be resumed in the middle, so a disk whose upload
+//!   did not finish is sent again from scratch after deleting the partial volume; a finished disk is never resent.
+//! - Everything is recorded in the journal before it is created (`volume` as `POOL/VOLUME`, `domain` as its
+//!   name), which is what `jobs cancel` removes.
+//! - Register: defines the domain with the `auto` firmware and disk bus of `upload libvirt`
+//!   ([`crate::targets::libvirt::plan`]), from the inspect stage's preflight settings; `--start` starts it.
+//! - Verify: each volume's capacity, a sampled content check of each volume read back through libvirt (download
+//!   streams under imgshift's own qcow2/raw reader), and the domain's XML naming every volume.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use imgshift_converters::{DiskSource, ExtentMap};
+use serde_json::json;
+use virt::connect::Connect;
+use virt::storage_pool::StoragePool;
+
+use super::{DiskInfo, Job, Target};
+use crate::cli::{LibvirtVolFormat, MigrateArgs};
+use crate::journal::Resource;
+use crate::progress::Bar;
+use crate::targets::libvirt::plan::{self, DomainChoices, GuestHints};
+use crate::targets::libvirt::xml::{DomainDisk, domain_xml};
+use crate::targets::libvirt::{
+    Error as LvError, Firmware, VolFormat, conn as lv, download, fill, inuse, volume,
+};
+
+/// The libvirt target of one job.
+pub struct LibvirtTarget {
+    uri: String,
+    pool: String,
+    format: VolFormat,
+    choices: DomainChoices,
+    start: bool,
+    conn: Option<Connect>,
+}
+
+/// The volume of disk `disk` of a job named `name`.
+pub fn volume_name(name: &str, disk: usize, format: VolFormat) -> String {
+    if disk == 0 {
+        format!("{name}.{}", format.name())
+    } else {
+        format!("{name}-data{disk}.{}", format.name())
+    }
+}
+
+/// Whether the inspect stage (its one-line result, which names the findings) read a Linux root: the stable
+/// finding `libvirt-drivers-unknown` fires exactly when it did not. No record counts as not read.
+fn linux_root_read(inspect_detail: Option<&str>) -> bool {
+    inspect_detail.is_some_and(|d| !d.contains("libvirt-drivers-unknown"))
+}
+
+/// `POOL/VOLUME`, as volumes are recorded in the journal (libvirt refuses '/' in pool names).
+fn volume_resource(pool: &str, vol: &str) -> String {
+    format!("{pool}/{vol}")
+}
+
+impl LibvirtTarget {
+    /// The target `args` describe (no connection yet).
+    pub fn new(args: &MigrateArgs) -> Result<LibvirtTarget> {
+        let a = &args.libvirt;
+        let Some(pool) = a.pool.clone().filter(|p| !p.is_empty()) else {
+            bail!(
+                "--to libvirt needs --pool: the running storage pool that receives the volumes (`virsh pool-list` \
+                 lists them)"
+            );
+        };
+        let choices = DomainChoices {
+            firmware: a.firmware,
+            disk_bus: a.disk_bus,
+            domain_type: a.domain_type,
+            memory_mib: a.memory,
+            vcpus: a.vcpus,
+            network: a.network.clone(),
+            serial_log: a.serial_log.clone(),
+        };
+        choices.check()?;
+        Ok(LibvirtTarget {
+            uri: a.connect.clone(),
+            pool,
+            format: match a.volume_format {
+                LibvirtVolFormat::Qcow2 => VolFormat::Qcow2,
+                LibvirtVolFormat::Raw => VolFormat::Raw,
+            },
+            choices,
+            start: a.start,
+            conn: None,
+        })
+    }
+
+    fn conn(&mut self) -> Result<Connect> {
+        if let Some(c) = &self.conn {
+            return Ok(c.clone());
+        }
+        let c = lv::connect(&self.uri)?;
+        self.conn = Some(c.clone());
+        Ok(c)
+    }
+
+    fn pool(&mut self) -> Result<StoragePool> {
+        let conn = self.conn()?;
+        Ok(lv::running_pool(&conn, &self.pool, &self.uri)?)
+    }
+
+    fn volume(&self, job: &Job, disk: usize) -> String {
+        volume_name(&job.name, disk, self.format)
+    }
+
+    /// What inspection found, as the inspect stage kept it: the preflight settings, whether a Linux root was
+    /// read (the stable finding `libvirt-drivers-unknown` fires exactly when none was), and the firmware disk 0's
+    /// partition table suggests (kept by its upload).
+    fn hints(job: &Job) -> Result<GuestHints> {
+        let linux = {
+            let j = job
+                .journal
+                .lock()
+                .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
+            linux_root_read(
+                j.state
+                    .stages
+                    .iter()
+                    .find(|s| s.name == "inspect")
+                    .map(|s| s.detail.as_str()),
+            )
+        };
+        let partition_firmware = match job.id_of("partition_firmware")?.as_deref() {
+            Some("uefi") => Some(Firmware::Uefi),
+            Some("bios") => Some(Firmware::Bios),
+            _ => None,
+        }
+        .map(|fw| {
+            let why = job
+                .id_of("partition_firmware_why")
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| "from the disk's partition table".into());
+            (fw, why)
+        });
+        Ok(GuestHints {
+            linux,
+            settings: job.settings.clone(),
+            partition_firmware,
+        })
+    }
+
+    fn is_ours(job: &Job, kind: &str, id: &str) -> bool {
+        job.journal
+            .lock()
+            .map(|j| {
+                j.state
+                    .resources
+                    .iter()
+                    .any(|r| r.kind == kind && r.id == id)
+            })
+            .unwrap_or(false)
+    }
+}
+
+impl Target for LibvirtTarget {
+    fn units(&self, virtual_size: u64) -> Result<(u64, u64)> {
+        Ok((fill::capacity(self.format, virtual_size)?, 1))
+    }
+
+    fn plan(&self, job_name: &str, disks: &[DiskInfo]) -> Vec<String> {
+        let mut out: Vec<String> = disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                format!(
+                    "volume '{}' in pool '{}' ({}, {} virtual) from disk {i}",
+                    volume_name(job_name, i, self.format),
+                    self.pool,
+                    self.format.name(),
+                    crate::commands::human_size(d.virtual_size)
+                )
+            })
+            .collect();
+        out.push(format!(
+            "domain '{job_name}' with {} disk{}{}",
+            disks.len(),
+            if disks.len() == 1 { "" } else { "s" },
+            if self.start { ", started" } else { "" }
+        ));
+        out
+    }
+
+    fn connect(&mut self, job: &Job) -> Result<()> {
+        let pool = self.pool()?;
+        let conn = self.conn()?;
+        job.say(&format!("libvirt at {}, pool '{}'", self.uri, self.pool));
+        match job.id_of("volume_format")? {
+            Some(f) if f != self.format.name() => bail!(
+                "job {} makes {f} volumes: rerun it with --volume-format {f}, or cancel it (`imgshift jobs cancel {}`)",
+                job.id,
+                job.id
+            ),
+            Some(_) => {}
+            None => job.set_id("volume_format", self.format.name())?,
+        }
+        // A taken name is refused before anything is created, unless this job made (or was making) it.
+        for i in 0..job.disks.len() {
+            let vol = self.volume(job, i);
+            if lv::find_volume(&pool, &self.pool, &vol)?.is_some()
+                && !Self::is_ours(job, "volume", &volume_resource(&self.pool, &vol))
+            {
+                bail!(
+                    "volume '{vol}' already exists in pool '{}' and is not this job's: choose another --name, or \
+                     remove it (`virsh vol-delete --pool {} {vol}`)",
+                    self.pool,
+                    self.pool
+                );
+            }
+        }
+        if lv::find_domain(&conn, &job.name)?.is_some() && !Self::is_ours(job, "domain", &job.name)
+        {
+            bail!(
+                "domain '{}' already exists and is not this job's: choose another --name, or remove it \
+                 (`virsh undefine {}`)",
+                job.name,
+                job.name
+            );
+        }
+        Ok(())
+    }
+
+    fn upload(
+        &mut self,
+        job: &Job,
+        disk: usize,
+        src: &dyn DiskSource,
+        map: &ExtentMap,
+        bar: Arc<Bar>,
+    ) -> Result<u64> {
+        let pool = self.pool()?;
+        let conn = self.conn()?;
+        if disk == 0 && job.id_of("partition_firmware")?.is_none() {
+            let (fw, why) = plan::partition_firmware(src);
+            job.set_id("partition_firmware_why", why)?;
+            job.set_id("partition_firmware", plan::fw_name(fw))?;
+        }
+        let vol = self.volume(job, disk);
+        let pool_name = self.pool.clone();
+        job.record("volume", &volume_resource(&pool_name, &vol))?;
+        job.set_disk_id(disk, "volume", &vol)?;
+        // A volume left by an interrupted run of this job is partial: a stream cannot be resumed, so start over.
+        if let Some(old) = lv::find_volume(&pool, &pool_name, &vol)? {
+            old.delete(0).map_err(|e| {
+                LvError::call(
+                    format!("cannot delete the partial volume '{vol}' in pool '{pool_name}'"),
+                    &e,
+                )
+            })?;
+            job.say(&format!(
+                "deleted the partial volume '{vol}' an interrupted run left"
+            ));
+        }
+        let capacity = fill::capacity(self.format, src.virtual_size())?;
+        let created = volume::create(&pool, &pool_name, &vol, capacity, self.format)?;
+        job.say(&format!(
+            "created volume '{vol}' ({capacity} bytes) at {}",
+            created.path
+        ));
+        match fill::fill(
+            &conn,
+            &created,
+            self.format,
+            src,
+            Some(map),
+            bar.as_ref(),
+            None,
+        ) {
+            Ok((sent, _)) => Ok(sent.bytes_sent),
+            Err(f) => {
+                let e = anyhow::Error::new(f.error).context(format!(
+                    "cannot upload disk {disk} to volume '{vol}' ({} bytes had been sent)",
+                    f.sent.bytes_sent
+                ));
+                Err(match volume::delete(&created.vol, &pool_name, &vol) {
+                    Ok(()) => e.context(format!(
+                        "the partial volume '{vol}' was removed from pool '{pool_name}'"
+                    )),
+                    Err(d) => e.context(d.to_string()),
+                })
+            }
+        }
+    }
+
+    fn register(&mut self, job: &Job) -> Result<String> {
+        let conn = self.conn()?;
+        let disks: Vec<DomainDisk> = (0..job.disks.len())
+            .map(|i| DomainDisk {
+                pool: self.pool.clone(),
+                volume: self.volume(job, i),
+                format: self.format,
+            })
+            .collect();
+        let hints = Self::hints(job)?;
+        let plan = plan::plan_domain(&job.name, &self.choices, disks, Some(&hints), &conn)?;
+        for n in &plan.notes {
+            job.ui.note(n);
+        }
+        let name = plan.spec.name.clone();
+        let dom = match lv::find_domain(&conn, &name)? {
+            // Defined by an earlier run of this job (connect refused a domain that is not this job's).
+            Some(d) => {
+                job.say(&format!("domain '{name}' was defined by an earlier run"));
+                d
+            }
+            None => {
+                job.record("domain", &name)?;
+                let xml = domain_xml(&plan.spec)?;
+                lv::define(&conn, &xml, &name)?
+            }
+        };
+        job.set_id("domain", &name)?;
+        job.set_id("firmware", plan::fw_name(plan.spec.firmware))?;
+        job.set_id("disk_bus", plan.spec.disk_bus.name())?;
+        job.set_id("domain_type", plan.spec.domain_type.name())?;
+        let mut started = false;
+        if self.start {
+            let active = dom
+                .is_active()
+                .map_err(|e| LvError::call(format!("cannot query domain '{name}'"), &e))?;
+            if !active {
+                lv::start(&dom, &name)?;
+            }
+            started = true;
+            job.set_id("started", "true")?;
+        }
+        Ok(format!(
+            "domain '{name}' with {} disk{} ({} firmware, {} bus, type {}){}",
+            plan.spec.disks.len(),
+            if plan.spec.disks.len() == 1 { "" } else { "s" },
+            plan::fw_name(plan.spec.firmware),
+            plan.spec.disk_bus.name(),
+            plan.spec.domain_type.name(),
+            if started { ", started" } else { "" }
+        ))
+    }
+
+    fn verify(&mut self, job: &Job, sources: &[Arc<dyn DiskSource>]) -> Result<String> {
+        let pool = self.pool()?;
+        let conn = self.conn()?;
+        let mut compared = 0u64;
+        let mut vols = Vec::new();
+        for (i, src) in sources.iter().enumerate() {
+            let name = self.volume(job, i);
+            let vol = lv::find_volume(&pool, &self.pool, &name)?.with_context(|| {
+                format!("volume '{name}' (disk {i}) is not in pool '{}'", self.pool)
+            })?;
+            let info = vol
+                .info()
+                .map_err(|e| LvError::call(format!("cannot read volume '{name}'"), &e))?;
+            let want = fill::capacity(self.format, src.virtual_size())?;
+            if info.capacity != want {
+                bail!(
+                    "volume '{name}' (disk {i}) has a capacity of {} bytes; the disk's virtual size needs {want}",
+                    info.capacity
+                );
+            }
+            let copy = download::open(&conn, &vol, &name, self.format)
+                .with_context(|| format!("cannot read volume '{name}' back"))?;
+            let map = super::map_disk(src.as_ref(), &format!("disk {i}"))?;
+            compared += super::verify::sample_compare(src.as_ref(), &map, copy.as_ref())
+                .with_context(|| format!("volume '{name}' (disk {i})"))?;
+            let path = vol.path().map_err(|e| {
+                LvError::call(format!("cannot read the path of volume '{name}'"), &e)
+            })?;
+            vols.push((name, path));
+        }
+        let dom = lv::find_domain(&conn, &job.name)?
+            .with_context(|| format!("domain '{}' is not defined", job.name))?;
+        let xml = dom
+            .xml_desc(0)
+            .map_err(|e| LvError::call(format!("cannot read domain '{}'", job.name), &e))?;
+        for (name, path) in &vols {
+            let r = inuse::VolumeRef {
+                pool: &self.pool,
+                volume: name,
+                path,
+            };
+            if !inuse::uses(&xml, &r)? {
+                bail!(
+                    "domain '{}' does not list volume '{name}' among its disks",
+                    job.name
+                );
+            }
+        }
+        Ok(format!(
+            "{} volume{}: capacities as expected, {} sampled and identical; domain '{}' lists every volume",
+            vols.len(),
+            if vols.len() == 1 { "" } else { "s" },
+            crate::commands::human_size(compared),
+            job.name
+        ))
+    }
+
+    fn outputs(&self, job: &Job) -> Result<serde_json::Value> {
+        let mut vols = Vec::new();
+        for i in 0..job.disks.len() {
+            vols.push(job.disk_id(i, "volume")?);
+        }
+        Ok(json!({
+            "domain": job.id_of("domain")?,
+            "pool": self.pool,
+            "volumes": vols,
+            "uri": self.uri,
+            "firmware": job.id_of("firmware")?,
+            "disk_bus": job.id_of("disk_bus")?,
+            "domain_type": job.id_of("domain_type")?,
+            "started": job.id_of("started")?.is_some(),
+        }))
+    }
+
+    fn cancel(&mut self, resources: &[Resource]) -> Result<Vec<String>> {
+        let conn = self.conn()?;
+        let mut done = Vec::new();
+        let volumes: Vec<(&str, &str)> = resources
+            .iter()
+            .filter(|r| r.kind == "volume")
+            .filter_map(|r| r.id.split_once('/'))
+            .collect();
+        // The domain first: its disks are the volumes.
+        for r in resources.iter().filter(|r| r.kind == "domain") {
+            let Some(dom) = lv::find_domain(&conn, &r.id)? else {
+                done.push(format!("domain '{}' was already gone", r.id));
+                continue;
+            };
+            // Recorded before it was defined: a domain of that name that uses none of the job's volumes was made
+            // by someone else after a crash in between, and is left alone.
+            let xml = dom
+                .xml_desc(0)
+                .map_err(|e| LvError::call(format!("cannot read domain '{}'", r.id), &e))?;
+            let mut ours = volumes.is_empty();
+            for (pool, vol) in &volumes {
+                let r = inuse::VolumeRef {
+                    pool,
+                    volume: vol,
+                    path: "",
+                };
+                ours |= inuse::uses(&xml, &r)?;
+            }
+            if !ours {
+                done.push(format!(
+                    "domain '{}' uses none of this job's volumes: left alone",
+                    r.id
+                ));
+                continue;
+            }
+            let active = dom
+                .is_active()
+                .map_err(|e| LvError::call(format!("cannot query domain '{}'", r.id), &e))?;
+            if active {
+                dom.destroy()
+                    .map_err(|e| LvError::call(format!("cannot stop domain '{}'", r.id), &e))?;
+                done.push(format!("stopped domain '{}'", r.id));
+            }
+            lv::undefine(&dom, &r.id)?;
+            done.push(format!("undefined domain '{}'", r.id));
+        }
+        for (pool_name, vol) in volumes {
+            let pool = match conn.lookup_storage_pool_by_name(pool_name) {
+                Ok(p) => p,
+                Err(e) if crate::targets::libvirt::is_not_found(&e) => {
+                    done.push(format!(
+                        "pool '{pool_name}' is gone, and volume '{vol}' with it"
+                    ));
+                    continue;
+                }
+                Err(e) => {
+                    return Err(LvError::call(
+                        format!("cannot look up storage pool '{pool_name}'"),
+                        &e,
+                    )
+                    .into());
+                }
+            };
+            match lv::find_volume(&pool, pool_name, vol)? {
+                Some(v) => {
+                    v.delete(0).map_err(|e| {
+                        LvError::call(
+                            format!("cannot delete volume '{vol}' in pool '{pool_name}'"),
+                            &e,
+                        )
+                    })?;
+                    done.push(format!("deleted volume '{vol}' from pool '{pool_name}'"));
+                }
+                None => done.push(format!("volume '{vol}' was already gone")),
+            }
+        }
+        Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_names() {
+        assert_eq!(volume_name("vm", 0, VolFormat::Qcow2), "vm.qcow2");
+        assert_eq!(volume_name("vm", 1, VolFormat::Qcow2), "vm-data1.qcow2");
+        assert_eq!(volume_name("vm", 2, VolFormat::Raw), "vm-data2.raw");
+        assert_eq!(volume_resource("p", "vm.raw"), "p/vm.raw");
+    }
+
+    #[test]
+    fn linux_root_from_the_inspect_record() {
+        assert!(linux_root_read(Some(
+            "Debian GNU/Linux 12 (x86_64), bios boot; preflight ok"
+        )));
+        assert!(!linux_root_read(Some(
+            "no operating system found; preflight warn (libvirt-drivers-unknown)"
+        )));
+        assert!(!linux_root_read(None));
+    }
+}
