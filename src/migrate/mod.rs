@@ -9,6 +9,7 @@
 //! `jobs cancel` removes.
 
 pub mod aws;
+pub mod azure;
 pub mod plan;
 pub mod source;
 pub mod stages;
@@ -146,7 +147,7 @@ pub trait Target {
 pub fn target_for(args: &MigrateArgs) -> Result<Box<dyn Target>> {
     match args.to {
         MigrateTo::Aws => Ok(Box::new(aws::AwsTarget::new(args)?)),
-        MigrateTo::Azure => bail!("--to azure is not available in this build"),
+        MigrateTo::Azure => Ok(Box::new(azure::AzureTarget::new(args)?)),
         MigrateTo::Libvirt => bail!("--to libvirt is not available in this build"),
     }
 }
