@@ -5,6 +5,7 @@
 //! `jobs cancel` and `resume` after a kill -9 leave exactly one job's resources.
 
 mod azure_util;
+mod ova_util;
 mod util;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use azure_util::*;
+use ova_util::make_ova;
 use util::*;
 
 /// Virtual size of the test disk.
@@ -207,6 +209,82 @@ fn vhdx_becomes_an_image_whose_disk_blob_is_the_source_plus_a_footer() {
         "journal left: {:?}",
         files_in(&state_dir(&env))
     );
+}
+
+#[test]
+fn two_disk_ova_gives_an_os_disk_a_data_disk_and_an_image() {
+    let env = Env::start("ova", &[], None);
+    let o = make_ova();
+    let r = run(migrate_cmd(
+        &env,
+        &o.ova,
+        "mig-o",
+        &["--force", "--output", "json"],
+    ));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v = json(&r);
+    assert_eq!(v["disks"].as_array().unwrap().len(), 2, "{v}");
+    let (disks, resources) = env.held();
+    assert_eq!(disks, ["mig-o-data1", "mig-o-os"]);
+    assert_eq!(resources, ["images/mig-o"]);
+    let os = &env.bodies("PUT", "/disks/mig-o-os")[0];
+    assert_eq!(os["properties"]["osType"], "Linux");
+    // A data disk has no OS type or generation, and stays out of the image.
+    let data = &env.bodies("PUT", "/disks/mig-o-data1")[0];
+    assert!(data["properties"].get("osType").is_none(), "{data}");
+    assert!(
+        data["properties"].get("hyperVGeneration").is_none(),
+        "{data}"
+    );
+    let img = &env.bodies("PUT", "/images/mig-o")[0];
+    assert!(
+        img["properties"]["storageProfile"]
+            .get("dataDisks")
+            .is_none()
+    );
+    assert!(
+        v["stages"][2]["result"]
+            .as_str()
+            .unwrap()
+            .contains("data disk mig-o-data1"),
+        "{v}"
+    );
+    assert!(
+        v["stages"][3]["result"]
+            .as_str()
+            .unwrap()
+            .starts_with("2 disks read back"),
+        "{v}"
+    );
+    // Both disks are padded to Azure's 20 MiB minimum.
+    check_blob(&env, "mig-o-os", &o.boot_raw, 20 * MIB);
+    check_blob(&env, "mig-o-data1", &o.data_raw, 20 * MIB);
+}
+
+#[test]
+fn a_taken_disk_name_is_refused_before_anything_is_created() {
+    let env = Env::start("taken", &[], None);
+    let other = env.path().join("other.raw");
+    make_raw(&other, 21 * MIB, &[(0, MIB)], &[]);
+    assert_eq!(env.upload(&other, "mig-t-os", &[]).code, 0);
+    let before = env.writes();
+    let (vhdx, _) = vhdx_source(env.path(), "guest");
+    let r = run(migrate_cmd(&env, &vhdx, "mig-t", &["--force"]));
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains(
+            "disk 'mig-t-os' already exists in resource group imgshift-rg and is not this job's"
+        ),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(env.writes(), before, "something was created or changed");
+    // The job made nothing: cancelling it deletes nothing.
+    let job = jobs(&env)[0]["id"].as_str().unwrap().to_string();
+    let mut c = env.cmd();
+    c.args(["jobs", "cancel", &job, "--state-dir", s(&state_dir(&env))]);
+    assert_eq!(run(c).code, 0);
+    assert_eq!(env.held().0, ["mig-t-os"]);
 }
 
 #[test]
