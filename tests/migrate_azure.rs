@@ -439,3 +439,95 @@ fn jobs_cancel_removes_an_upload_azure_jobs_disk() {
     assert!(env.blobs().is_empty(), "{:?}", env.blobs());
     assert!(jobs(&env).is_empty());
 }
+
+#[test]
+fn verify_finds_a_damaged_blob() {
+    let env = Env::start("damage", &[], None);
+    // Changed data inside a window the source writes; a page written where the source has no data.
+    for (name, offset, want) in [
+        ("mig-x", 512, "content differs at byte 512"),
+        ("mig-y", 30 * MIB, "window 7"),
+    ] {
+        let (vhdx, _) = vhdx_source(env.path(), name);
+        kill_at(
+            migrate_cmd(&env, &vhdx, name, &["--force"]),
+            "after-register",
+        );
+        env.damage(&format!("{name}-os"), offset, 0xee);
+        let job = jobs(&env)[0]["id"].as_str().unwrap().to_string();
+        let mut c = env.cmd();
+        c.args(["resume", &job, "--state-dir", s(&state_dir(&env))]);
+        let r = run(c);
+        assert_ne!(r.code, 0, "{name}: {}", r.stdout);
+        assert!(
+            r.stderr.contains("stopped in stage verify") && r.stderr.contains(want),
+            "{name}: {}",
+            r.stderr
+        );
+        // The read SAS was revoked even so.
+        let w = env.writes();
+        let os = format!("{name}-os");
+        assert_eq!(
+            count(&w, &format!("POST {os}/beginGetAccess")),
+            count(&w, &format!("POST {os}/endGetAccess")),
+            "{w:?}"
+        );
+        let mut c = env.cmd();
+        c.args(["jobs", "cancel", &job, "--state-dir", s(&state_dir(&env))]);
+        assert_eq!(run(c).code, 0);
+    }
+}
+
+#[test]
+fn jobs_cancel_removes_gallery_version_image_and_disk_in_that_order() {
+    let env = Env::start("gcancel", &[], None);
+    let (vhdx, _) = vhdx_source(env.path(), "guest");
+    kill_at(
+        migrate_cmd(
+            &env,
+            &vhdx,
+            "mig-g",
+            &[
+                "--force",
+                "--gallery",
+                "gal",
+                "--gallery-image",
+                "def",
+                "--gallery-version",
+                "1.0.0",
+            ],
+        ),
+        "after-register",
+    );
+    let (disks, resources) = env.held();
+    assert_eq!(disks, ["mig-g-os"]);
+    assert_eq!(
+        resources,
+        ["galleries/gal/images/def/versions/1.0.0", "images/mig-g"]
+    );
+    let job = jobs(&env)[0]["id"].as_str().unwrap().to_string();
+    let mut c = env.cmd();
+    c.args(["jobs", "cancel", &job, "--state-dir", s(&state_dir(&env))]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(env.held(), (vec![], vec![]));
+    assert!(env.blobs().is_empty());
+    let deletes: Vec<String> = env
+        .records()
+        .iter()
+        .filter(|r| r["method"] == "DELETE")
+        .map(|r| {
+            r["path"]
+                .as_str()
+                .unwrap()
+                .rsplit('/')
+                .take(2)
+                .collect::<Vec<_>>()
+                .join("<")
+        })
+        .collect();
+    assert_eq!(
+        deletes,
+        ["1.0.0<versions", "mig-g<images", "mig-g-os<disks"]
+    );
+}

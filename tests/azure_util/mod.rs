@@ -348,6 +348,21 @@ impl Env {
         serde_json::from_slice(&o.stdout).unwrap()
     }
 
+    /// Overwrites one 512-byte page of `disk`'s blob at `offset` with `byte` (behind the tool's back).
+    pub fn damage(&self, disk: &str, offset: u64, byte: u8) {
+        let o = Command::new("python3")
+            .arg(script("fake_arm.py"))
+            .args([
+                "put-page",
+                &self.blob(disk),
+                &offset.to_string(),
+                &byte.to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+
     pub fn page_ranges(&self, disk: &str) -> Vec<(u64, u64)> {
         let o = Command::new("python3")
             .arg(script("fake_arm.py"))

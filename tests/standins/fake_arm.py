@@ -11,7 +11,7 @@ gets 429 + Retry-After: 1), --sas-ttl SECONDS[,SECONDS...]. beginGetAccess with 
 resource paths held) after every change, so tests count what exists. Prints its port as its first line. Loopback
 only.
 
-`get BLOB OUT` / `ranges BLOB` / `create-blob BLOB SIZE` / `list CONTAINER`: Azurite helpers for the tests
+`get BLOB OUT` / `ranges BLOB` / `create-blob BLOB SIZE` / `list CONTAINER` / `put-page BLOB OFFSET BYTE`: Azurite helpers for the tests
 (SharedKey).
 """
 import argparse
@@ -356,7 +356,18 @@ def main():
     ls = sub.add_parser("list")
     ls.add_argument("container")
     ls.add_argument("--azurite", default="http://127.0.0.1:10000")
+    pp = sub.add_parser("put-page", help="writes one 512-byte page of BYTE at OFFSET (to damage a blob)")
+    pp.add_argument("blob")
+    pp.add_argument("offset", type=int)
+    pp.add_argument("byte", type=int)
+    pp.add_argument("--azurite", default="http://127.0.0.1:10000")
     a = ap.parse_args()
+    if a.cmd == "put-page":
+        st, data = shared_key_request(a.azurite, "PUT", "/" + a.blob, {"comp": "page"}, {
+            "x-ms-page-write": "update", "x-ms-range": f"bytes={a.offset}-{a.offset + 511}"}, bytes([a.byte]) * 512)
+        if st != 201:
+            sys.exit(f"put page: {st} {data[:200]}")
+        return
     if a.cmd == "list":
         st, data = shared_key_request(a.azurite, "GET", f"/{a.container}", {"restype": "container", "comp": "list"})
         if st == 404:
