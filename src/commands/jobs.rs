@@ -226,6 +226,15 @@ pub fn cancel(job: &str, dir: Option<&Path>, output: OutputFormat) -> Result<u8>
             a.conn.endpoint_url.clone(),
             a.conn.max_attempts,
         )),
+        Command::Upload {
+            target: UploadTarget::Azure(a),
+        } => Box::new(crate::migrate::azure::AzureTarget::connection(
+            a.arm_endpoint.clone(),
+            a.ca_bundle.clone(),
+            Some(a.subscription.clone()),
+            Some(a.resource_group.clone()),
+            a.max_attempts,
+        )),
         _ => bail!(
             "job {job}: cancelling this kind of job ({}) is not supported",
             state.kind

@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
-use imgshift_converters::{ConvertOptions, ExtentKind, NoProgress, engine};
+use imgshift_converters::{ExtentKind, engine};
 use serde_json::json;
 
 use super::open_image;
@@ -17,7 +17,7 @@ use crate::cli::{AzureUploadArgs, OutputFormat};
 use crate::journal::{JobState, Journal, state_dir};
 use crate::progress::Bar;
 use crate::targets::azure::arm::{Arm, DISK_API, DiskSpec, check_name};
-use crate::targets::azure::pages::{PageSink, slot_count};
+use crate::targets::azure::pages::slot_count;
 use crate::targets::azure::retry::Policy;
 use crate::targets::azure::{
     GEN1_MAX_OS_DISK, MAX_DISK, MAX_PUT_PAGE, credential, disk_data_size, http, hyperv, upload,
@@ -47,14 +47,6 @@ fn set_stage(j: &Mutex<Journal>, stage: &str) -> Result<()> {
     let mut g = lock(j)?;
     g.state.stage = stage.into();
     g.save()
-}
-
-/// The `se=` (expiry) field of a SAS URL: not a secret, kept in the journal for the resume message.
-fn sas_expiry(sas: &str) -> Option<String> {
-    let q = sas.split_once('?')?.1;
-    q.split('&')
-        .find_map(|kv| kv.strip_prefix("se="))
-        .map(|v| v.replace("%3A", ":").replace("%3a", ":"))
 }
 
 /// Runs `upload azure`.
@@ -202,19 +194,19 @@ pub fn run(args: &AzureUploadArgs, quiet: bool) -> Result<u8> {
             name: disk,
             location: &args.location,
             sku: &args.sku,
-            os_type: if args.os_type == "windows" {
+            os_type: Some(if args.os_type == "windows" {
                 "Windows"
             } else {
                 "Linux"
-            },
-            hyper_v_generation: generation,
+            }),
+            hyper_v_generation: Some(generation),
             upload_size_bytes: upload_size,
             tags: &tags,
         };
         rt.block_on(arm.create_disk(&spec)).map_err(leftover)?;
         say(format!(
             "created disk {disk}: uploadSizeBytes {upload_size}, {generation}, {}",
-            spec.os_type
+            spec.os_type.unwrap_or_default()
         ));
         {
             let mut g = lock(&journal)?;
@@ -231,13 +223,13 @@ pub fn run(args: &AzureUploadArgs, quiet: bool) -> Result<u8> {
     if stage == "uploading" {
         let (skip, old_expiry) = {
             let g = lock(&journal)?;
-            (g.done.clone(), g.state.ids.get("sas_expiry").cloned())
+            (g.done.count(), g.state.ids.get("sas_expiry").cloned())
         };
         if resumed && !quiet {
             eprintln!(
                 "imgshift: resuming job {id}: disk {disk}, {} of {slots} pieces already uploaded; requesting a new \
                  SAS{}",
-                skip.count(),
+                skip,
                 old_expiry
                     .map(|e| format!(" (the last one expires {e})"))
                     .unwrap_or_default()
@@ -246,7 +238,7 @@ pub fn run(args: &AzureUploadArgs, quiet: bool) -> Result<u8> {
         let sas = rt
             .block_on(arm.grant_write(disk, args.access_duration))
             .map_err(leftover)?;
-        if let Some(e) = sas_expiry(&sas) {
+        if let Some(e) = upload::sas_expiry(&sas) {
             let mut g = lock(&journal)?;
             g.state.ids.insert("sas_expiry".into(), e);
             g.save()?;
@@ -257,66 +249,38 @@ pub fn run(args: &AzureUploadArgs, quiet: bool) -> Result<u8> {
         let planned: u64 = map.bytes(ExtentKind::Data);
         let bar = Arc::new(Bar::new("upload", args.progress, quiet));
         imgshift_converters::Progress::set_total(bar.as_ref(), planned);
-        let (tx, rx) = tokio::sync::mpsc::channel(args.concurrency.max(2));
-        let mut sink = PageSink::new(tx, data_size, skip);
-        let mut writer = crate::targets::azure::vhd::AzureVhdWriter::new()?;
         let bar2 = bar.clone();
         let progress: Arc<dyn Fn(u64) + Send + Sync> =
             Arc::new(move |n| imgshift_converters::Progress::inc(bar2.as_ref(), n));
-        let policy = Policy {
-            max_attempts: args.max_attempts.max(1),
-            ..Policy::default()
-        };
-        let (feed, up) = std::thread::scope(|s| {
-            let feeder = s.spawn(|| {
-                let r = engine::convert_with_map(
-                    src.as_ref(),
-                    &map,
-                    &mut writer,
-                    &mut sink,
-                    &ConvertOptions::default(),
-                    &NoProgress,
-                );
-                drop(sink);
-                r
-            });
-            let up = rt.block_on(upload::put_pages(
-                client,
-                rx,
-                args.concurrency,
-                policy,
-                crate::journal::Ledger::new(journal.clone(), None),
+        let src_name = args.src.display().to_string();
+        let r = upload::stream_disk(
+            &rt,
+            client,
+            upload::DiskStream {
+                src: src.as_ref(),
+                map: &map,
+                src_name: &src_name,
+                data_size,
+                concurrency: args.concurrency,
+                policy: Policy {
+                    max_attempts: args.max_attempts.max(1),
+                    ..Policy::default()
+                },
+                ledger: crate::journal::Ledger::new(journal.clone(), None),
                 progress,
-            ));
-            (feeder.join(), up)
-        });
+            },
+        );
         bar.finish();
-        let failed = match (up, feed) {
-            (Err(e), _) => Some(e),
-            (Ok(_), Ok(Err(e))) => {
-                Some(anyhow::Error::new(e).context(format!("cannot read {}", args.src.display())))
-            }
-            (Ok(_), Err(_)) => Some(anyhow::anyhow!("the reader thread failed")),
-            (Ok(c), Ok(Ok(_))) => {
-                counts = c;
-                None
+        counts = match r {
+            Ok(c) => c,
+            Err(e) => {
+                // Revoke access so the SAS stops working; a rerun asks for a new one.
+                if let Err(r) = rt.block_on(arm.revoke(disk)) {
+                    say(format!("could not revoke access: {r:#}"));
+                }
+                return Err(leftover(e));
             }
         };
-        if let Some(e) = failed {
-            // Revoke access so the SAS stops working; a rerun asks for a new one.
-            if let Err(r) = rt.block_on(arm.revoke(disk)) {
-                say(format!("could not revoke access: {r:#}"));
-            }
-            return Err(leftover(e));
-        }
-        let all = lock(&journal)?.done.count();
-        if all != slots {
-            // Windows with no data are never sent; mark them done now that the footer is acknowledged.
-            let mut g = lock(&journal)?;
-            for i in 0..slots {
-                g.done.set(i);
-            }
-        }
         say(format!(
             "uploaded {} bytes in {} Put Page requests ({} retried)",
             counts.bytes_sent, counts.requests, counts.retries
@@ -409,18 +373,4 @@ pub fn run(args: &AzureUploadArgs, quiet: bool) -> Result<u8> {
     j.remove()?;
     super::remove_overlay(overlay.as_deref())?;
     Ok(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sas_expiry_is_read_without_the_signature() {
-        assert_eq!(
-            sas_expiry("https://a/b/c?sv=1&se=2026-11-23T05%3A00%3A00Z&sig=secret").as_deref(),
-            Some("2026-11-23T05:00:00Z")
-        );
-        assert_eq!(sas_expiry("https://a/b"), None);
-    }
 }

@@ -9,6 +9,7 @@
 //! `jobs cancel` removes.
 
 pub mod aws;
+pub mod azure;
 pub mod libvirt;
 pub mod plan;
 pub mod source;
@@ -147,7 +148,7 @@ pub trait Target {
 pub fn target_for(args: &MigrateArgs) -> Result<Box<dyn Target>> {
     match args.to {
         MigrateTo::Aws => Ok(Box::new(aws::AwsTarget::new(args)?)),
-        MigrateTo::Azure => bail!("--to azure is not available in this build"),
+        MigrateTo::Azure => Ok(Box::new(azure::AzureTarget::new(args)?)),
         MigrateTo::Libvirt => Ok(Box::new(libvirt::LibvirtTarget::new(args)?)),
     }
 }

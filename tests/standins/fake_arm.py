@@ -6,9 +6,13 @@
 a blob SAS for a page blob it creates in Azurite (SharedKey with the Azurite dev key) of exactly uploadSizeBytes.
 It checks the bearer token and records every request (one JSON line each) so tests assert what was sent. Faults:
 --fail-lro OP (disk|grant|image|gallery: the operation ends Failed), --throttle-once REGEX (first matching request
-gets 429 + Retry-After: 1), --sas-ttl SECONDS[,SECONDS...]. Prints its port as its first line. Loopback only.
+gets 429 + Retry-After: 1), --sas-ttl SECONDS[,SECONDS...]. beginGetAccess with access Read hands out a read-only SAS; DELETE removes disks
+(and their blobs), images and gallery versions. With --state-file it rewrites that file (JSON: disk names and
+resource paths held) after every change, so tests count what exists. Prints its port as its first line. Loopback
+only.
 
-`get BLOB OUT` / `ranges BLOB` / `create-blob BLOB SIZE`: Azurite helpers for the tests (SharedKey).
+`get BLOB OUT` / `ranges BLOB` / `create-blob BLOB SIZE` / `list CONTAINER` / `put-page BLOB OFFSET BYTE`: Azurite helpers for the tests
+(SharedKey).
 """
 import argparse
 import base64
@@ -17,6 +21,7 @@ import hashlib
 import hmac
 import http.client
 import json
+import os
 import re
 import ssl
 import sys
@@ -73,15 +78,15 @@ def create_page_blob(azurite, container, blob, size):
         raise RuntimeError(f"create page blob: {st} {data[:200]}")
 
 
-def blob_sas(container, blob, ttl):
-    """A service SAS (sr=b, read+write) for one blob, signed with the dev key (string-to-sign of 2020-12-06+)."""
+def blob_sas(container, blob, ttl, perms="rw"):
+    """A service SAS (sr=b, `perms`) for one blob, signed with the dev key (string-to-sign of 2020-12-06+)."""
     now = datetime.datetime.now(datetime.timezone.utc)
     st = (now - datetime.timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
     se = (now + datetime.timedelta(seconds=ttl)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    fields = ["rw", st, se, f"/blob/{ACCOUNT}/{container}/{blob}", "", "", "", VERSION, "b", "", "", "", "", "", "",
+    fields = [perms, st, se, f"/blob/{ACCOUNT}/{container}/{blob}", "", "", "", VERSION, "b", "", "", "", "", "", "",
               ""]
     sig = base64.b64encode(hmac.new(base64.b64decode(KEY), "\n".join(fields).encode(), hashlib.sha256).digest())
-    return urllib.parse.urlencode({"sv": VERSION, "st": st, "se": se, "sr": "b", "sp": "rw", "sig": sig.decode()})
+    return urllib.parse.urlencode({"sv": VERSION, "st": st, "se": se, "sr": "b", "sp": perms, "sig": sig.decode()})
 
 
 def split_blob(name):
@@ -100,6 +105,15 @@ class State:
         self.throttled = set()
         self.seq = 0
         self.grants = 0
+
+    def save(self):
+        """Writes what exists to --state-file (atomically); call with the lock held."""
+        if not self.args.state_file:
+            return
+        tmp = self.args.state_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"disks": sorted(self.disks), "resources": sorted(self.resources)}, f)
+        os.replace(tmp, self.args.state_file)
 
 
 def make_handler(state):
@@ -182,7 +196,7 @@ def make_handler(state):
                 return self.disk(parts[1], body)
             if parts[0] == "disks" and len(parts) == 3 and self.command == "POST":
                 return self.disk_action(parts[1], parts[2], body)
-            if parts[0] in ("images", "galleries") and self.command in ("PUT", "GET"):
+            if parts[0] in ("images", "galleries") and self.command in ("PUT", "GET", "DELETE"):
                 return self.resource(rest, body, "image" if parts[0] == "images" else "gallery")
             return self.err(404, "NotFound", f"no route {u.path}")
 
@@ -217,6 +231,21 @@ def make_handler(state):
                 if d is None:
                     return self.err(404, "ResourceNotFound", f"The Resource 'Microsoft.Compute/disks/{name}' was not found.")
                 return self.reply(200, d)
+            if self.command == "DELETE":
+                with state.lock:
+                    d = state.disks.get(name)
+                    if d is None:
+                        return self.reply(204)
+                    if d["properties"].get("diskState", "").startswith("Active"):
+                        return self.err(409, "OperationNotAllowed",
+                                        f"Disk {name} has an active SAS: revoke it before deleting the disk.")
+                    del state.disks[name]
+                    state.save()
+                st, data = shared_key_request(a.azurite, "DELETE", f"/{a.container}/{name}.vhd")
+                if st not in (202, 404):
+                    return self.err(500, "InternalError", f"Azurite delete blob: {st}")
+                op, host = self.new_op()
+                return self.reply(202, None, {"Location": f"{host}/operations/{op}/result", "Retry-After": "0"})
             if self.command != "PUT":
                 return self.err(405, "MethodNotAllowed", "")
             props = (body or {}).get("properties", {})
@@ -233,7 +262,9 @@ def make_handler(state):
             d = {"name": name, "location": body.get("location"), "properties": dict(props)}
             d["properties"]["provisioningState"] = "Succeeded"
             d["properties"]["diskState"] = "ReadyToUpload"
-            state.disks[name] = d
+            with state.lock:
+                state.disks[name] = d
+                state.save()
             op, host = self.new_op(fail="disk" in a.fail_lro)
             self.reply(201, {**d, "properties": {**d["properties"], "provisioningState": "Updating"}},
                        {"Azure-AsyncOperation": f"{host}/operations/{op}", "Retry-After": "0"})
@@ -243,14 +274,19 @@ def make_handler(state):
             if d is None:
                 return self.err(404, "ResourceNotFound", f"disk {name} not found")
             if action == "beginGetAccess":
-                if (body or {}).get("access") != "Write":
-                    return self.err(400, "InvalidParameter", "access must be Write")
-                d["properties"]["diskState"] = "ActiveUpload"
+                access = (body or {}).get("access")
+                if access not in ("Write", "Read"):
+                    return self.err(400, "InvalidParameter", "access must be Write or Read")
+                if access == "Read" and d["properties"].get("diskState") in ("ReadyToUpload", "ActiveUpload"):
+                    return self.err(409, "OperationNotAllowed", f"disk {name} is not uploaded yet")
+                d["properties"]["diskState"] = "ActiveUpload" if access == "Write" else "ActiveSAS"
                 with state.lock:
                     ttls = [int(x) for x in a.sas_ttl.split(",")]
                     ttl = ttls[min(state.grants, len(ttls) - 1)]
                     state.grants += 1
-                sas = f"{a.blob_base}/{ACCOUNT}/{a.container}/{name}.vhd?" + blob_sas(a.container, f"{name}.vhd", ttl)
+                perms = "rw" if access == "Write" else "r"
+                sas = f"{a.blob_base}/{ACCOUNT}/{a.container}/{name}.vhd?" + blob_sas(a.container, f"{name}.vhd", ttl,
+                                                                                    perms)
                 op, host = self.new_op(fail="grant" in a.fail_lro, result={"accessSAS": sas})
                 return self.reply(202, None, {"Azure-AsyncOperation": f"{host}/operations/{op}",
                                               "Location": f"{host}/operations/{op}/result", "Retry-After": "0"})
@@ -266,9 +302,18 @@ def make_handler(state):
                 if r is None:
                     return self.err(404, "ResourceNotFound", rest)
                 return self.reply(200, r)
+            if self.command == "DELETE":
+                with state.lock:
+                    if state.resources.pop(rest, None) is None:
+                        return self.reply(204)
+                    state.save()
+                op, host = self.new_op()
+                return self.reply(202, None, {"Azure-AsyncOperation": f"{host}/operations/{op}", "Retry-After": "0"})
             r = dict(body or {})
             r.setdefault("properties", {})["provisioningState"] = "Succeeded"
-            state.resources[rest] = r
+            with state.lock:
+                state.resources[rest] = r
+                state.save()
             op, host = self.new_op(fail=kind in a.fail_lro)
             self.reply(201, {**r, "properties": {**r["properties"], "provisioningState": "Creating"}},
                        {"Azure-AsyncOperation": f"{host}/operations/{op}", "Retry-After": "0"})
@@ -296,6 +341,7 @@ def main():
     s.add_argument("--lro-polls", type=int, default=1)
     s.add_argument("--fail-lro", default="")
     s.add_argument("--throttle-once", default="")
+    s.add_argument("--state-file", default="")
     g = sub.add_parser("get")
     g.add_argument("blob")
     g.add_argument("out")
@@ -307,7 +353,30 @@ def main():
     c.add_argument("blob")
     c.add_argument("size", type=int)
     c.add_argument("--azurite", default="http://127.0.0.1:10000")
+    ls = sub.add_parser("list")
+    ls.add_argument("container")
+    ls.add_argument("--azurite", default="http://127.0.0.1:10000")
+    pp = sub.add_parser("put-page", help="writes one 512-byte page of BYTE at OFFSET (to damage a blob)")
+    pp.add_argument("blob")
+    pp.add_argument("offset", type=int)
+    pp.add_argument("byte", type=int)
+    pp.add_argument("--azurite", default="http://127.0.0.1:10000")
     a = ap.parse_args()
+    if a.cmd == "put-page":
+        st, data = shared_key_request(a.azurite, "PUT", "/" + a.blob, {"comp": "page"}, {
+            "x-ms-page-write": "update", "x-ms-range": f"bytes={a.offset}-{a.offset + 511}"}, bytes([a.byte]) * 512)
+        if st != 201:
+            sys.exit(f"put page: {st} {data[:200]}")
+        return
+    if a.cmd == "list":
+        st, data = shared_key_request(a.azurite, "GET", f"/{a.container}", {"restype": "container", "comp": "list"})
+        if st == 404:
+            print("[]")
+            return
+        if st != 200:
+            sys.exit(f"list blobs: {st}")
+        print(json.dumps(sorted(n.text for n in ET.fromstring(data).iter("Name"))))
+        return
     if a.cmd == "get":
         st, data = shared_key_request(a.azurite, "GET", "/" + a.blob)
         if st != 200:

@@ -72,12 +72,16 @@ class Handler(BaseHTTPRequestHandler):
             resp = conn.getresponse()
             data = resp.read()
             self.send_response(resp.status)
+            head = self.command == "HEAD"
             for k, v in resp.getheaders():
-                if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                # A HEAD reply's Content-Length is the resource's size (e.g. Get Blob Properties): keep it.
+                if k.lower() not in ("transfer-encoding", "connection") and (head or k.lower() != "content-length"):
                     self.send_header(k, v)
-            self.send_header("Content-Length", str(len(data)))
+            if not head:
+                self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if not head:
+                self.wfile.write(data)
             conn.close()
             rec["status"] = resp.status
         with lock, open(args.log, "a") as f:

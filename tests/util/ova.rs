@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::*;
 
-const MIB: u64 = 1 << 20;
+pub const MIB: u64 = 1 << 20;
 /// Boot disk: 16 MiB (declared as 16 × 2^20 bytes in the descriptor).
 pub const BOOT_SIZE: u64 = 16 * MIB;
 /// Data disk: not a multiple of 64 KiB (declared in bytes).

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
-use imgshift_converters::{DiskSource, ExtentKind, ExtentMap, Format, ImageInfo};
+use imgshift_converters::{DiskSource, ExtentMap, Format, ImageInfo};
 use tokio::runtime::Handle;
 
 use super::retry::{self, Policy};
@@ -226,10 +226,6 @@ async fn list_page(
     Ok(m)
 }
 
-fn lib_err(e: anyhow::Error) -> imgshift_converters::Error {
-    imgshift_converters::Error::new(imgshift_converters::ErrorKind::Io, format!("{e:#}"))
-}
-
 impl DiskSource for EbsSnapshotSource {
     fn format(&self) -> Format {
         Format::Raw
@@ -241,25 +237,16 @@ impl DiskSource for EbsSnapshotSource {
 
     fn extents(&self, offset: u64, len: u64) -> imgshift_converters::Result<ExtentMap> {
         imgshift_converters::source::check_range(self.size, offset, len)?;
-        let end = offset + len;
-        let mut map = ExtentMap::new();
-        let mut at = offset;
         let first = self
             .blocks
             .partition_point(|r| r.1 * EBS_BLOCK_SIZE <= offset);
-        for &(s, t) in &self.blocks[first..] {
-            let (s, t) = ((s * EBS_BLOCK_SIZE).max(at), (t * EBS_BLOCK_SIZE).min(end));
-            if s >= end {
-                break;
-            }
-            if t > s {
-                map.push(at, s - at, ExtentKind::Zero)?;
-                map.push(s, t - s, ExtentKind::Data)?;
-                at = t;
-            }
-        }
-        map.push(at, end - at, ExtentKind::Zero)?;
-        Ok(map)
+        crate::targets::extents_from_ranges(
+            self.blocks[first..]
+                .iter()
+                .map(|&(s, t)| (s * EBS_BLOCK_SIZE, t * EBS_BLOCK_SIZE)),
+            offset,
+            len,
+        )
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> imgshift_converters::Result<()> {
@@ -271,7 +258,7 @@ impl DiskSource for EbsSnapshotSource {
             let within = (pos % EBS_BLOCK_SIZE) as usize;
             let n = (EBS_BLOCK_SIZE as usize - within).min(buf.len() - done);
             if self.allocated(index) {
-                let block = self.fetch(index).map_err(lib_err)?;
+                let block = self.fetch(index).map_err(crate::targets::read_back_error)?;
                 buf[done..done + n].copy_from_slice(&block[within..within + n]);
             } else {
                 buf[done..done + n].fill(0);

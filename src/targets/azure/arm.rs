@@ -70,10 +70,10 @@ pub struct DiskSpec<'a> {
     pub location: &'a str,
     /// Storage SKU.
     pub sku: &'a str,
-    /// "Linux" or "Windows".
-    pub os_type: &'a str,
-    /// "V1" or "V2".
-    pub hyper_v_generation: &'a str,
+    /// "Linux" or "Windows" for an OS disk; `None` for a data disk.
+    pub os_type: Option<&'a str>,
+    /// "V1" or "V2" for an OS disk; `None` for a data disk.
+    pub hyper_v_generation: Option<&'a str>,
     /// Fixed VHD size (data part + footer).
     pub upload_size_bytes: u64,
     /// Tags.
@@ -89,6 +89,19 @@ pub struct Arm {
     /// Resource group.
     pub resource_group: String,
     verbose: bool,
+}
+
+/// The one-line error of a non-2xx reply: `what`, the status and ARM's error code and message.
+fn failed(r: &Reply, what: &str) -> anyhow::Error {
+    let v = r.json();
+    let code = v["error"]["code"].as_str().unwrap_or("");
+    let msg = v["error"]["message"].as_str().unwrap_or("");
+    let detail = if code.is_empty() && msg.is_empty() {
+        String::new()
+    } else {
+        format!(": {code}: {}", redact(&msg.replace('\n', " ")))
+    };
+    anyhow::anyhow!("{what} failed: HTTP {}{detail}", r.status)
 }
 
 fn tags_json(tags: &[(String, String)]) -> Value {
@@ -195,15 +208,7 @@ impl Arm {
     ) -> Result<Reply> {
         let r = self.send(method, url, body, what).await?;
         if !(200..300).contains(&r.status) {
-            let v = r.json();
-            let code = v["error"]["code"].as_str().unwrap_or("");
-            let msg = v["error"]["message"].as_str().unwrap_or("");
-            let detail = if code.is_empty() && msg.is_empty() {
-                String::new()
-            } else {
-                format!(": {code}: {}", redact(&msg.replace('\n', " ")))
-            };
-            bail!("{what} failed: HTTP {}{detail}", r.status);
+            return Err(failed(&r, what));
         }
         Ok(r)
     }
@@ -270,15 +275,20 @@ impl Arm {
     pub async fn create_disk(&self, d: &DiskSpec<'_>) -> Result<Value> {
         let path = format!("disks/{}", d.name);
         let url = self.url(&path, DISK_API, None)?;
+        let mut props = json!({
+            "creationData": {"createOption": "Upload", "uploadSizeBytes": d.upload_size_bytes},
+        });
+        if let Some(os) = d.os_type {
+            props["osType"] = json!(os);
+        }
+        if let Some(g) = d.hyper_v_generation {
+            props["hyperVGeneration"] = json!(g);
+        }
         let body = json!({
             "location": d.location,
             "sku": {"name": d.sku},
             "tags": tags_json(d.tags),
-            "properties": {
-                "osType": d.os_type,
-                "hyperVGeneration": d.hyper_v_generation,
-                "creationData": {"createOption": "Upload", "uploadSizeBytes": d.upload_size_bytes},
-            },
+            "properties": props,
         });
         let what = format!("creating disk {}", d.name);
         let r = self.call(Method::Put, &url, Some(&body), &what).await?;
@@ -287,9 +297,21 @@ impl Arm {
 
     /// `beginGetAccess` with access Write: returns the SAS URL of the disk's page blob.
     pub async fn grant_write(&self, disk: &str, seconds: u64) -> Result<String> {
+        self.grant(disk, "Write", seconds).await
+    }
+
+    /// `beginGetAccess` with access Read: returns a read-only SAS URL of the disk's page blob.
+    pub async fn grant_read(&self, disk: &str, seconds: u64) -> Result<String> {
+        self.grant(disk, "Read", seconds).await
+    }
+
+    async fn grant(&self, disk: &str, access: &str, seconds: u64) -> Result<String> {
         let url = self.url(&format!("disks/{disk}"), DISK_API, Some("beginGetAccess"))?;
-        let body = json!({"access": "Write", "durationInSeconds": seconds});
-        let what = format!("granting write access to disk {disk}");
+        let body = json!({"access": access, "durationInSeconds": seconds});
+        let what = format!(
+            "granting {} access to disk {disk}",
+            access.to_ascii_lowercase()
+        );
         let r = self.call(Method::Post, &url, Some(&body), &what).await?;
         let v = lro::wait(self, &what, r, None, LRO_LIMIT).await?;
         let sas = v["accessSAS"]
@@ -306,6 +328,20 @@ impl Arm {
         let r = self.call(Method::Post, &url, None, &what).await?;
         lro::wait(self, &what, r, None, LRO_LIMIT).await?;
         Ok(())
+    }
+
+    /// DELETEs a resource and waits for the deletion. Returns false when it did not exist (404 or 204).
+    pub async fn delete(&self, provider_path: &str, api: &str, what: &str) -> Result<bool> {
+        let url = self.url(provider_path, api, None)?;
+        let r = self.send(Method::Delete, &url, None, what).await?;
+        if r.status == 404 || r.status == 204 {
+            return Ok(false);
+        }
+        if !(200..300).contains(&r.status) {
+            return Err(failed(&r, what));
+        }
+        lro::wait(self, what, r, None, LRO_LIMIT).await?;
+        Ok(true)
     }
 
     /// Creates an image whose OS disk is the managed disk `disk`.

@@ -17,6 +17,7 @@ pub mod http;
 pub mod hyperv;
 pub mod lro;
 pub mod pages;
+pub mod readback;
 pub mod redact;
 pub mod retry;
 pub mod upload;

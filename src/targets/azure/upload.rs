@@ -1,20 +1,24 @@
 //! The page uploader: Put Page requests for the pieces `PageSink` produces, many windows in flight, each request
 //! retried with capped, jittered backoff (throttling halves the windows in flight), acknowledged windows recorded
-//! in the job journal. The footer goes last, after every window was acknowledged.
+//! in the job journal. The footer goes last, after every window was acknowledged. [`stream_disk`] is one disk's
+//! whole transfer (engine → fixed VHD → pieces → Put Page), shared by `upload azure` and `migrate --to azure`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use azure_core::http::{Transport, Url};
 use azure_storage_blob::models::HttpRange;
 use azure_storage_blob::{PageBlobClient, PageBlobClientOptions};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
-use super::pages::{Page, Piece};
+use imgshift_converters::{ConvertOptions, DiskSource, ExtentMap, NoProgress, engine};
+
+use super::pages::{Page, PageSink, Piece, slot_count};
 use super::redact::{redact, url_without_query};
 use super::retry::{self, Class, Policy};
+use super::vhd::AzureVhdWriter;
 use crate::journal::Ledger;
 
 /// How often acknowledged windows are written to the journal (a kill loses at most this much work).
@@ -211,4 +215,100 @@ pub async fn put_pages(
     counts.retries = sh.retries.load(Ordering::Relaxed);
     counts.throttled = sh.throttled.load(Ordering::Relaxed);
     Ok(counts)
+}
+
+/// The `se=` (expiry) field of a SAS URL: not a secret, fit for a journal or a resume message.
+pub fn sas_expiry(sas: &str) -> Option<String> {
+    let q = sas.split_once('?')?.1;
+    q.split('&')
+        .find_map(|kv| kv.strip_prefix("se="))
+        .map(|v| v.replace("%3A", ":").replace("%3a", ":"))
+}
+
+/// One disk's data transfer: the source, its map and where the pieces go.
+pub struct DiskStream<'a> {
+    /// The source disk.
+    pub src: &'a dyn DiskSource,
+    /// Its extent map.
+    pub map: &'a ExtentMap,
+    /// What the source is called in errors.
+    pub src_name: &'a str,
+    /// The fixed VHD's data part ([`super::disk_data_size`]).
+    pub data_size: u64,
+    /// Windows in flight.
+    pub concurrency: usize,
+    /// Retry policy per Put Page.
+    pub policy: Policy,
+    /// Acknowledged windows: those set are not sent again; new ones are recorded.
+    pub ledger: Ledger,
+    /// Called with the bytes of every acknowledged request.
+    pub progress: Arc<dyn Fn(u64) + Send + Sync>,
+}
+
+/// Streams `d.src` as a fixed VHD into the page blob behind `client` (a write SAS): the engine feeds a
+/// [`PageSink`] on a reader thread while [`put_pages`] sends its pieces on `rt`. On success every slot of the
+/// ledger is set (windows without data are never sent, yet are done) and saved. The caller revokes the SAS.
+pub fn stream_disk(
+    rt: &tokio::runtime::Runtime,
+    client: PageBlobClient,
+    d: DiskStream<'_>,
+) -> Result<Counts> {
+    let slots = slot_count(d.data_size);
+    let skip = d.ledger.bitmap()?;
+    let (tx, rx) = mpsc::channel(d.concurrency.max(2));
+    let mut sink = PageSink::new(tx, d.data_size, skip);
+    let mut writer = AzureVhdWriter::new().context("cannot set up the fixed-VHD writer")?;
+    let (feed, up) = std::thread::scope(|s| {
+        let feeder = s.spawn(|| {
+            let r = engine::convert_with_map(
+                d.src,
+                d.map,
+                &mut writer,
+                &mut sink,
+                &ConvertOptions::default(),
+                &NoProgress,
+            );
+            drop(sink);
+            r
+        });
+        let up = rt.block_on(put_pages(
+            client,
+            rx,
+            d.concurrency,
+            d.policy,
+            d.ledger.clone(),
+            d.progress.clone(),
+        ));
+        (feeder.join(), up)
+    });
+    let counts = match (up, feed) {
+        (Err(e), _) => return Err(e),
+        (Ok(_), Ok(Err(e))) => {
+            return Err(anyhow::Error::new(e).context(format!("cannot read {}", d.src_name)));
+        }
+        (Ok(_), Err(_)) => bail!("the reader thread of {} failed", d.src_name),
+        (Ok(c), Ok(Ok(_))) => c,
+    };
+    // Windows with no data are never sent; mark them done now that the footer is acknowledged.
+    if d.ledger.bitmap()?.count() != slots {
+        for i in 0..slots {
+            d.ledger.mark(i, false)?;
+        }
+        d.ledger.save()?;
+    }
+    Ok(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sas_expiry_is_read_without_the_signature() {
+        assert_eq!(
+            sas_expiry("https://a/b/c?sv=1&se=2026-11-23T05%3A00%3A00Z&sig=secret").as_deref(),
+            Some("2026-11-23T05:00:00Z")
+        );
+        assert_eq!(sas_expiry("https://a/b"), None);
+    }
 }
