@@ -278,11 +278,8 @@ fn a_taken_disk_name_is_refused_before_anything_is_created() {
         r.stderr
     );
     assert_eq!(env.writes(), before, "something was created or changed");
-    // The job made nothing: cancelling it deletes nothing.
-    let job = jobs(&env)[0]["id"].as_str().unwrap().to_string();
-    let mut c = env.cmd();
-    c.args(["jobs", "cancel", &job, "--state-dir", s(&state_dir(&env))]);
-    assert_eq!(run(c).code, 0);
+    // The job made nothing, so it leaves no journal behind.
+    assert!(jobs(&env).is_empty());
     assert_eq!(env.held().0, ["mig-t-os"]);
 }
 

@@ -207,7 +207,23 @@ pub fn run(args: &MigrateArgs, quiet: bool) -> Result<u8> {
         ))
     };
 
-    target.connect(&job).map_err(|e| stopped(e, "upload"))?;
+    if let Err(e) = target.connect(&job) {
+        // Refused before anything was created (a taken name, missing access): a new job leaves nothing behind.
+        let nothing_made = job
+            .journal
+            .lock()
+            .map(|j| j.state.resources.is_empty())
+            .unwrap_or(false);
+        if !resumed && nothing_made {
+            if let Ok(m) = Arc::try_unwrap(job.journal)
+                && let Ok(j) = m.into_inner()
+            {
+                let _ = j.remove();
+            }
+            return Err(e);
+        }
+        return Err(stopped(e, "upload"));
+    }
     let mut index = 1;
 
     // Generalisation: an overlay over the boot disk, kept in the job folder until the job is done.
@@ -406,6 +422,10 @@ fn remember_settings(state: &mut JobState, pf: &Preflight) {
         state.ids.insert(format!("setting:{k}"), v.clone());
     }
     state.ids.insert("guest".into(), pf.guest.clone());
+    state.ids.insert(
+        "setting:linux_root".into(),
+        if pf.linux_root { "yes" } else { "no" }.into(),
+    );
 }
 
 /// The record of `name` when an earlier run finished it.

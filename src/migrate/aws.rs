@@ -408,13 +408,9 @@ impl Target for AwsTarget {
     }
 
     fn outputs(&self, job: &Job) -> Result<serde_json::Value> {
-        let mut snaps = Vec::new();
-        for i in 0..job.disks.len() {
-            snaps.push(job.disk_id(i, "snapshot")?);
-        }
         Ok(json!({
             "image_id": job.id_of("image")?,
-            "snapshot_ids": snaps,
+            "snapshot_ids": job.disk_ids("snapshot")?,
             "region": self.clients.as_ref().map(|c| c.region.clone()),
         }))
     }

@@ -650,13 +650,9 @@ impl Target for AzureTarget {
     }
 
     fn outputs(&self, job: &Job) -> Result<serde_json::Value> {
-        let mut disks = Vec::new();
-        for i in 0..job.disks.len() {
-            disks.push(job.disk_id(i, "disk_id")?);
-        }
         Ok(json!({
             "image_id": job.id_of("image")?,
-            "disk_ids": disks,
+            "disk_ids": job.disk_ids("disk_id")?,
             "gallery_image_version_id": job.id_of("gallery_version")?,
             "hyper_v_generation": job.id_of("hyper_v_generation")?,
             "resource_group": self.resource_group,

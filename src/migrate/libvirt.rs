@@ -50,12 +50,6 @@ pub fn volume_name(name: &str, disk: usize, format: VolFormat) -> String {
     }
 }
 
-/// Whether the inspect stage (its one-line result, which names the findings) read a Linux root: the stable
-/// finding `libvirt-drivers-unknown` fires exactly when it did not. No record counts as not read.
-fn linux_root_read(inspect_detail: Option<&str>) -> bool {
-    inspect_detail.is_some_and(|d| !d.contains("libvirt-drivers-unknown"))
-}
-
 /// `POOL/VOLUME`, as volumes are recorded in the journal (libvirt refuses '/' in pool names).
 fn volume_resource(pool: &str, vol: &str) -> String {
     format!("{pool}/{vol}")
@@ -113,22 +107,9 @@ impl LibvirtTarget {
     }
 
     /// What inspection found, as the inspect stage kept it: the preflight settings, whether a Linux root was
-    /// read (the stable finding `libvirt-drivers-unknown` fires exactly when none was), and the firmware disk 0's
-    /// partition table suggests (kept by its upload).
+    /// read, and the firmware disk 0's partition table suggests (kept by its upload).
     fn hints(job: &Job) -> Result<GuestHints> {
-        let linux = {
-            let j = job
-                .journal
-                .lock()
-                .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
-            linux_root_read(
-                j.state
-                    .stages
-                    .iter()
-                    .find(|s| s.name == "inspect")
-                    .map(|s| s.detail.as_str()),
-            )
-        };
+        let linux = job.settings.get("linux_root").map(String::as_str) == Some("yes");
         let partition_firmware = match job.id_of("partition_firmware")?.as_deref() {
             Some("uefi") => Some(Firmware::Uefi),
             Some("bios") => Some(Firmware::Bios),
@@ -402,14 +383,10 @@ impl Target for LibvirtTarget {
     }
 
     fn outputs(&self, job: &Job) -> Result<serde_json::Value> {
-        let mut vols = Vec::new();
-        for i in 0..job.disks.len() {
-            vols.push(job.disk_id(i, "volume")?);
-        }
         Ok(json!({
             "domain": job.id_of("domain")?,
             "pool": self.pool,
-            "volumes": vols,
+            "volumes": job.disk_ids("volume")?,
             "uri": self.uri,
             "firmware": job.id_of("firmware")?,
             "disk_bus": job.id_of("disk_bus")?,
@@ -508,16 +485,5 @@ mod tests {
         assert_eq!(volume_name("vm", 1, VolFormat::Qcow2), "vm-data1.qcow2");
         assert_eq!(volume_name("vm", 2, VolFormat::Raw), "vm-data2.raw");
         assert_eq!(volume_resource("p", "vm.raw"), "p/vm.raw");
-    }
-
-    #[test]
-    fn linux_root_from_the_inspect_record() {
-        assert!(linux_root_read(Some(
-            "Debian GNU/Linux 12 (x86_64), bios boot; preflight ok"
-        )));
-        assert!(!linux_root_read(Some(
-            "no operating system found; preflight warn (libvirt-drivers-unknown)"
-        )));
-        assert!(!linux_root_read(None));
     }
 }

@@ -74,6 +74,13 @@ impl Job {
             .and_then(|d| d.ids.get(key).cloned()))
     }
 
+    /// The target id `key` of every disk, in disk order.
+    pub fn disk_ids(&self, key: &str) -> Result<Vec<Option<String>>> {
+        (0..self.disks.len())
+            .map(|i| self.disk_id(i, key))
+            .collect()
+    }
+
     /// Stores a target id of disk `disk` and saves the journal.
     pub fn set_disk_id(&self, disk: usize, key: &str, value: &str) -> Result<()> {
         let mut j = self.lock()?;

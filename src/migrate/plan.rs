@@ -22,6 +22,8 @@ pub struct Preflight {
     pub guest: String,
     /// The target's verdict.
     pub verdict: Verdict,
+    /// Whether a Linux root filesystem was read (its drivers, fstab and boot files are known).
+    pub linux_root: bool,
 }
 
 impl Preflight {
@@ -90,7 +92,11 @@ pub fn preflight(boot: &Arc<dyn DiskSource>, target: &str, boot_mode: Option<&st
     } else {
         "no operating system found".to_string()
     };
-    Preflight { guest, verdict }
+    Preflight {
+        guest,
+        verdict,
+        linux_root: facts.linux_root,
+    }
 }
 
 /// The plan, one line each: the disks, the data to send and what will be created.
