@@ -477,3 +477,34 @@ fn jobs_cancel_removes_exactly_what_the_job_made() {
     assert_eq!(again.code, 1);
     assert!(again.stderr.contains("no job"), "{}", again.stderr);
 }
+
+#[test]
+fn guest_without_nvme_and_ena_drivers_is_stopped_before_any_request() {
+    // A real bootable guest whose initramfs has only SATA drivers: Nitro instances give it NVMe disks it
+    // cannot see, so the AWS preflight fails, and migrate must stop before its first request.
+    let d = tmpdir();
+    let raw = d.path().join("novirtio.raw");
+    util::libvirt::mkguest("novirtio", &raw);
+    let proxy = Proxy::start(d.path(), &[]);
+    let name = unique("nonvme");
+    let r = run(migrate(d.path(), &proxy.url, &raw, &name, &["--yes"]));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("aws-nvme"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .lines()
+            .last()
+            .unwrap()
+            .contains("nothing was sent"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        proxy.records().is_empty(),
+        "requests reached the endpoint: {:?}",
+        proxy.records()
+    );
+    let state = d.path().join("state");
+    assert!(!state.exists() || files_in(&state).is_empty());
+    assert!(images_named(&name).is_empty());
+}
