@@ -261,3 +261,40 @@ pub fn cancel(job: &str, dir: Option<&Path>, output: OutputFormat) -> Result<u8>
     }
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn saved(args: &[&str], env: &[(&str, &str)]) -> SavedCommand {
+        SavedCommand {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            cwd: String::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn saved_environment_becomes_flags_of_the_jobs_target_only() {
+        let env = [
+            ("AWS_REGION", "eu-west-1"),
+            ("AWS_ENDPOINT_URL", "http://x"),
+            ("LIBVIRT_DEFAULT_URI", "qemu:///session"),
+        ];
+        let c = saved(&["migrate", "a.qcow2", "--to", "aws"], &env);
+        assert_eq!(
+            env_flags("migrate-aws", &c),
+            ["--region=eu-west-1", "--endpoint-url=http://x"]
+        );
+        assert_eq!(
+            env_flags("migrate-libvirt", &c),
+            ["--connect=qemu:///session"]
+        );
+        // A flag given on the saved line wins over the saved environment.
+        let c = saved(&["upload", "aws", "a", "--region", "us-east-2"], &env);
+        assert_eq!(env_flags("aws-upload", &c), ["--endpoint-url=http://x"]);
+    }
+}
