@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Builds the seed corpora (fuzz/corpus/<target>/) from small images made by qemu-img / qemu-io, so the fuzzers
 # start from valid structures instead of random bytes. The seeds are not committed (fuzz/corpus is ignored);
-# this script regenerates them in a few seconds. Needs qemu-utils and tar.
+# this script regenerates them in a few seconds. Needs qemu-utils, tar and python3.
 # Usage: fuzz/make-seeds.sh [OUT_DIR]   (default: fuzz/corpus)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:-$here/corpus}"
 command -v qemu-img >/dev/null || { echo "make-seeds: qemu-img not found (apt-get install qemu-utils)" >&2; exit 1; }
+command -v python3 >/dev/null || { echo "make-seeds: python3 not found (it packs the VHDX seeds)" >&2; exit 1; }
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
@@ -43,10 +44,15 @@ mk vpc v-dyn-empty.vhd 64M -o subformat=dynamic
 mk vpc v-dyn.vhd 1M -o subformat=dynamic; fill vpc "$work/v-dyn.vhd"
 for f in v-fixed v-dyn-empty v-dyn; do seed vpc "$work/$f.vhd"; done
 
-# vhdx: 1 MiB blocks and the smallest log; an empty one and one with data.
+# vhdx: 1 MiB blocks and the smallest log; an empty one and one with data. qemu spaces the regions and blocks
+# out to 8-9 MiB files; compact-vhdx.py packs them back to back (3 and 4 MiB, the smallest the format allows),
+# so the fuzzer's -max_len can stay at 4 MiB and each execution copies less.
 mk vhdx x-empty.vhdx 64M -o block_size=1M,log_size=1M
 mk vhdx x-data.vhdx 2M -o block_size=1M,log_size=1M; fill vhdx "$work/x-data.vhdx"
-for f in x-empty x-data; do seed vhdx "$work/$f.vhdx"; done
+for f in x-empty x-data; do
+    python3 "$here/compact-vhdx.py" "$work/$f.vhdx" "$work/$f-compact.vhdx"
+    seed vhdx "$work/$f-compact.vhdx"
+done
 
 # vmdk: monolithicSparse (with data, and empty), streamOptimized, a monolithicFlat descriptor.
 mk vmdk k-sparse.vmdk 1M -o subformat=monolithicSparse; fill vmdk "$work/k-sparse.vmdk"

@@ -171,6 +171,11 @@ impl MemStorage {
             name: name.into(),
         }
     }
+
+    /// The bytes back, unless a clone of this storage still shares them (the fuzz targets reuse the buffer).
+    pub fn into_inner(self) -> Option<Vec<u8>> {
+        Arc::into_inner(self.data)
+    }
 }
 
 impl Storage for MemStorage {
