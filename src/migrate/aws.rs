@@ -206,18 +206,12 @@ impl Target for AwsTarget {
         // A taken AMI name fails RegisterImage only at the end: refuse now, unless this job made it.
         if job.id_of("image")?.is_none()
             && let Some(found) = self.find_image(&job.name)?
+            && !job.owns("image", &found)
         {
-            let ours = job
-                .journal
-                .lock()
-                .map(|j| j.state.resources.iter().any(|r| r.id == found))
-                .unwrap_or(false);
-            if !ours {
-                bail!(
-                    "an AMI named '{}' already exists ({found}) in {region}: choose another --name or deregister it",
-                    job.name
-                );
-            }
+            bail!(
+                "an AMI named '{}' already exists ({found}) in {region}: choose another --name or deregister it",
+                job.name
+            );
         }
         Ok(())
     }

@@ -214,19 +214,6 @@ impl AzureTarget {
         Ok(self.required()?.2)
     }
 
-    /// Whether `kind`/`id` is on the job's record (made, or about to be made, by this job).
-    fn ours(job: &Job, kind: &str, id: &str) -> bool {
-        job.journal
-            .lock()
-            .map(|j| {
-                j.state
-                    .resources
-                    .iter()
-                    .any(|r| r.kind == kind && r.id == id)
-            })
-            .unwrap_or(false)
-    }
-
     /// Refuses when `provider_path` exists and this job did not record it as `kind`/`id`.
     fn refuse_taken(
         &self,
@@ -236,7 +223,7 @@ impl AzureTarget {
         provider_path: &str,
         api: &str,
     ) -> Result<()> {
-        if Self::ours(job, kind, id) {
+        if job.owns(kind, id) {
             return Ok(());
         }
         let c = self.conn()?;

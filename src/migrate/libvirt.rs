@@ -129,18 +129,6 @@ impl LibvirtTarget {
             partition_firmware,
         })
     }
-
-    fn is_ours(job: &Job, kind: &str, id: &str) -> bool {
-        job.journal
-            .lock()
-            .map(|j| {
-                j.state
-                    .resources
-                    .iter()
-                    .any(|r| r.kind == kind && r.id == id)
-            })
-            .unwrap_or(false)
-    }
 }
 
 impl Target for LibvirtTarget {
@@ -188,7 +176,7 @@ impl Target for LibvirtTarget {
         for i in 0..job.disks.len() {
             let vol = self.volume(job, i);
             if lv::find_volume(&pool, &self.pool, &vol)?.is_some()
-                && !Self::is_ours(job, "volume", &volume_resource(&self.pool, &vol))
+                && !job.owns("volume", &volume_resource(&self.pool, &vol))
             {
                 bail!(
                     "volume '{vol}' already exists in pool '{}' and is not this job's: choose another --name, or \
@@ -198,8 +186,7 @@ impl Target for LibvirtTarget {
                 );
             }
         }
-        if lv::find_domain(&conn, &job.name)?.is_some() && !Self::is_ours(job, "domain", &job.name)
-        {
+        if lv::find_domain(&conn, &job.name)?.is_some() && !job.owns("domain", &job.name) {
             bail!(
                 "domain '{}' already exists and is not this job's: choose another --name, or remove it \
                  (`virsh undefine {}`)",

@@ -110,6 +110,19 @@ impl Job {
         j.save()
     }
 
+    /// Whether `kind`/`id` is on the job's record (made, or about to be made, by this job).
+    pub fn owns(&self, kind: &str, id: &str) -> bool {
+        self.journal
+            .lock()
+            .map(|j| {
+                j.state
+                    .resources
+                    .iter()
+                    .any(|r| r.kind == kind && r.id == id)
+            })
+            .unwrap_or(false)
+    }
+
     /// The done-ledger of disk `disk`.
     pub fn ledger(&self, disk: usize) -> Ledger {
         Ledger::new(self.journal.clone(), Some(disk))
