@@ -91,10 +91,55 @@ pub fn source_map(src: &dyn DiskSource) -> Result<ExtentMap> {
     resolved_extents(src, 0, src.virtual_size())
 }
 
+/// Page alignment of the I/O buffers. The kernel copies between the page cache and a user buffer with
+/// `rep movsb`, which on AMD Zen runs several times slower when the user address is not congruent with the
+/// page's (a plain `Vec` from malloc starts 16 bytes past a page): measured as 3.7x the `pread` copy time of
+/// qemu-img, whose buffers are `qemu_blockalign`ed.
+const IO_ALIGN: usize = 4096;
+
+/// A buffer whose contents start on an [`IO_ALIGN`] boundary, in safe code: the `Vec` is over-allocated by
+/// one alignment and the slice starts at the first aligned byte.
+struct AlignedBuf {
+    raw: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// A buffer that can hold up to `capacity` bytes. Every buffer of a conversion is made at the largest
+    /// unit size and reused as is: growing buffers one by one left freed holes in the heap that stayed
+    /// resident (peak RSS 62 MiB with 4 workers, against 16 MiB of buffers).
+    fn with_capacity(capacity: usize) -> Result<Self> {
+        let raw_len = capacity
+            .checked_add(IO_ALIGN)
+            .ok_or_else(|| Error::input("unit too large"))?;
+        let raw = vec![0u8; raw_len];
+        let off = raw.as_ptr().align_offset(IO_ALIGN).min(IO_ALIGN);
+        Ok(AlignedBuf { raw, off, len: 0 })
+    }
+
+    /// Makes the buffer `len` bytes long (contents unspecified).
+    fn set_len(&mut self, len: usize) -> Result<()> {
+        if len > self.raw.len().saturating_sub(IO_ALIGN) {
+            return Err(Error::input("internal error: unit larger than its buffer"));
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.raw[self.off..self.off + self.len]
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.raw[self.off..self.off + self.len]
+    }
+}
+
 struct Job {
     seq: u64,
     start: u64,
-    buf: Vec<u8>,
+    buf: AlignedBuf,
 }
 
 enum Piece {
@@ -106,7 +151,7 @@ enum Piece {
 struct Done {
     seq: u64,
     start: u64,
-    buf: Vec<u8>,
+    buf: AlignedBuf,
     pieces: Vec<Piece>,
 }
 
@@ -177,6 +222,7 @@ pub fn convert_with_map(
         out
     });
 
+    let unit_len = usize::try_from(unit).map_err(|_| Error::input("unit too large"))?;
     let threads = opts.threads.max(1);
     let in_flight = opts.in_flight.max(threads);
     let detect = opts.detect_zeros;
@@ -205,7 +251,7 @@ pub fn convert_with_map(
         }
         drop(done_tx);
 
-        let mut pool: Vec<Vec<u8>> = Vec::new();
+        let mut pool: Vec<AlignedBuf> = Vec::new();
         let mut pending: BTreeMap<u64, Done> = BTreeMap::new();
         let mut next_seq = 0u64;
         let mut sent = 0u64;
@@ -218,8 +264,11 @@ pub fn convert_with_map(
                         Some((a, b)) => {
                             let len = usize::try_from(b - a)
                                 .map_err(|_| Error::input("unit too large"))?;
-                            let mut buf = pool.pop().unwrap_or_default();
-                            buf.resize(len, 0);
+                            let mut buf = match pool.pop() {
+                                Some(b) => b,
+                                None => AlignedBuf::with_capacity(unit_len)?,
+                            };
+                            buf.set_len(len)?;
                             job_tx
                                 .send(Job {
                                     seq: sent,
@@ -239,11 +288,11 @@ pub fn convert_with_map(
                 let done = done_rx
                     .recv()
                     .map_err(|_| Error::input("internal error: worker pool stopped"))??;
-                outstanding -= 1;
                 pending.insert(done.seq, done);
                 while let Some(d) = pending.remove(&next_seq) {
                     let mut at = d.start;
-                    stats.bytes_read += d.buf.len() as u64;
+                    let data = d.buf.as_slice();
+                    stats.bytes_read += data.len() as u64;
                     for p in &d.pieces {
                         let run = match p {
                             Piece::Zero(n) => {
@@ -252,7 +301,7 @@ pub fn convert_with_map(
                             }
                             Piece::Data { from, to } => {
                                 stats.bytes_written += (to - from) as u64;
-                                Run::Data(&d.buf[*from..*to])
+                                Run::Data(&data[*from..*to])
                             }
                             Piece::Compressed { data, len } => {
                                 stats.bytes_written += len;
@@ -263,9 +312,12 @@ pub fn convert_with_map(
                         writer.write_run(sink, at, run)?;
                         at += n;
                     }
-                    progress.inc(d.buf.len() as u64);
+                    progress.inc(data.len() as u64);
                     pool.push(d.buf);
                     next_seq += 1;
+                    // A unit stops counting only once written: units done out of order wait in
+                    // `pending` with their buffers, so they count against `in_flight` too.
+                    outstanding -= 1;
                 }
             }
         })();
@@ -288,9 +340,10 @@ fn process(
     let Job {
         seq,
         start,
-        mut buf,
+        buf: mut aligned,
     } = job;
-    src.read_at(&mut buf, start)?;
+    src.read_at(aligned.as_mut_slice(), start)?;
+    let buf = aligned.as_slice();
     let mut pieces: Vec<Piece> = Vec::new();
     if let Some(c) = compressor {
         // One piece per granule: zero, compressed, or stored.
@@ -333,7 +386,7 @@ fn process(
     Ok(Done {
         seq,
         start,
-        buf,
+        buf: aligned,
         pieces,
     })
 }
@@ -434,4 +487,87 @@ pub fn compare(
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::Format;
+    use crate::formats::raw::RawWriter;
+    use crate::sink::MemSink;
+    use crate::source::ImageInfo;
+    use crate::writer::WriterOptions;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    const UNIT: u64 = 64 << 10;
+
+    /// A disk whose first unit reads slowly, counting the reads that start while it is still being read.
+    struct SlowFirstUnit {
+        size: u64,
+        first_done: AtomicBool,
+        reads_while_first_pending: AtomicUsize,
+    }
+
+    impl DiskSource for SlowFirstUnit {
+        fn format(&self) -> Format {
+            Format::Raw
+        }
+        fn virtual_size(&self) -> u64 {
+            self.size
+        }
+        fn extents(&self, offset: u64, len: u64) -> Result<ExtentMap> {
+            Ok(ExtentMap::single(offset, len, ExtentKind::Data))
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            if offset == 0 {
+                std::thread::sleep(Duration::from_millis(300));
+                self.first_done.store(true, Ordering::SeqCst);
+            } else if !self.first_done.load(Ordering::SeqCst) {
+                self.reads_while_first_pending
+                    .fetch_add(1, Ordering::SeqCst);
+            }
+            buf.fill((offset / UNIT) as u8 | 1);
+            Ok(())
+        }
+        fn info(&self) -> ImageInfo {
+            ImageInfo::default()
+        }
+    }
+
+    #[test]
+    fn units_done_out_of_order_count_against_the_in_flight_bound() {
+        let src = SlowFirstUnit {
+            size: 64 * UNIT,
+            first_done: AtomicBool::new(false),
+            reads_while_first_pending: AtomicUsize::new(0),
+        };
+        let mut writer = RawWriter::new(&mut WriterOptions::default()).unwrap();
+        let mut sink = MemSink::default();
+        let opts = ConvertOptions {
+            threads: 2,
+            in_flight: 4,
+            unit_size: UNIT,
+            ..ConvertOptions::default()
+        };
+        convert(&src, &mut writer, &mut sink, &opts, &NoProgress).unwrap();
+        // While unit 0 is read, only the other 3 buffers of the window may be filled (the whole disk was
+        // read ahead before units waiting for an earlier one were counted).
+        assert!(src.reads_while_first_pending.load(Ordering::SeqCst) <= 3);
+        assert_eq!(sink.data.len() as u64, 64 * UNIT);
+        for (i, chunk) in sink.data.chunks(UNIT as usize).enumerate() {
+            assert!(chunk.iter().all(|&b| b == (i as u8 | 1)), "unit {i}");
+        }
+    }
+
+    #[test]
+    fn io_buffers_start_on_a_page() {
+        for cap in [1usize, 4096, 65536, 2 << 20] {
+            let mut b = AlignedBuf::with_capacity(cap).unwrap();
+            b.set_len(cap).unwrap();
+            assert_eq!(b.as_slice().as_ptr() as usize % IO_ALIGN, 0);
+            assert_eq!(b.as_slice().len(), cap);
+            assert!(b.set_len(cap + 1).is_err());
+        }
+    }
 }
