@@ -49,9 +49,14 @@ for f in v-fixed v-dyn-empty v-dyn; do seed vpc "$work/$f.vhd"; done
 # so the fuzzer's -max_len can stay at 4 MiB and each execution copies less.
 mk vhdx x-empty.vhdx 64M -o block_size=1M,log_size=1M
 mk vhdx x-data.vhdx 2M -o block_size=1M,log_size=1M; fill vhdx "$work/x-data.vhdx"
+# The vhdx target reads the sparse encoding (fuzz/src/lib.rs, run_sparse): sparse-seed.py keeps the non-zero
+# runs, so a seed is a few KiB; both the compacted and qemu's own layout are seeds.
 for f in x-empty x-data; do
     python3 "$here/compact-vhdx.py" "$work/$f.vhdx" "$work/$f-compact.vhdx"
-    seed vhdx "$work/$f-compact.vhdx"
+    python3 "$here/sparse-seed.py" "$work/$f-compact.vhdx" "$work/$f-compact.sparse"
+    python3 "$here/sparse-seed.py" "$work/$f.vhdx" "$work/$f.sparse"
+    seed vhdx "$work/$f-compact.sparse"
+    seed vhdx "$work/$f.sparse"
 done
 
 # vmdk: monolithicSparse (with data, and empty), streamOptimized, a monolithicFlat descriptor.

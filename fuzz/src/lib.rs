@@ -17,6 +17,9 @@ pub const MAX_CHUNK: u64 = 64 << 10;
 /// Ranges sampled per input: the start, the end and evenly spread points in between.
 pub const SAMPLES: u64 = 16;
 
+/// Largest file a sparse input ([`run_sparse`]) describes.
+pub const SPARSE_MAX_FILE: usize = 16 << 20;
+
 /// Runs one input as `format`. Errors are the expected outcome for most inputs; only panics, hangs and
 /// out-of-memory count as findings.
 pub fn run(format: Format, data: &[u8]) {
@@ -28,6 +31,40 @@ pub fn run(format: Format, data: &[u8]) {
         v.extend_from_slice(data);
         v
     });
+    run_bytes(format, bytes);
+}
+
+/// Runs one input in the sparse encoding, for formats whose smallest valid file is megabytes of mostly zeros
+/// (a VHDX is at least 3 MiB): `[u32 LE file length]` then records `[u32 LE offset][u16 LE length][bytes]`; the
+/// file is zeros except where records put bytes (later records win; the length is capped at
+/// [`SPARSE_MAX_FILE`], bytes past it are dropped). libFuzzer then copies and mutates kilobytes per execution
+/// instead of megabytes (the plain 3-4 MiB VHDX inputs ran at ~240 executions/s), and a mutated offset moves a
+/// structure. `fuzz/sparse-seed.py` encodes a real image this way.
+pub fn run_sparse(format: Format, data: &[u8]) {
+    let Some((len, mut rest)) = data.split_first_chunk::<4>() else {
+        return;
+    };
+    let file_len = usize::try_from(u32::from_le_bytes(*len))
+        .unwrap_or(usize::MAX)
+        .min(SPARSE_MAX_FILE);
+    let mut bytes = BUFFER.with_borrow_mut(std::mem::take);
+    bytes.clear();
+    bytes.resize(file_len, 0);
+    while let Some((head, tail)) = rest.split_first_chunk::<6>() {
+        let [o0, o1, o2, o3, n0, n1] = *head;
+        let off = usize::try_from(u32::from_le_bytes([o0, o1, o2, o3])).unwrap_or(usize::MAX);
+        let n = usize::from(u16::from_le_bytes([n0, n1])).min(tail.len());
+        let (chunk, after) = tail.split_at(n);
+        if off < file_len {
+            let m = n.min(file_len - off);
+            bytes[off..off + m].copy_from_slice(&chunk[..m]);
+        }
+        rest = after;
+    }
+    run_bytes(format, bytes);
+}
+
+fn run_bytes(format: Format, bytes: Vec<u8>) {
     let mem = Arc::new(MemStorage::new(bytes, "fuzz-input"));
     let storage: Arc<dyn Storage> = mem.clone();
     // Probing must never panic either, whatever it answers.
