@@ -42,19 +42,20 @@ impl CheckReport {
     /// Most problems kept as messages; the counts stay exact.
     pub const MAX_MESSAGES: usize = 100;
 
-    /// Records a corruption.
-    pub fn corruption(&mut self, msg: impl Into<String>) {
+    /// Records a corruption. The message is formatted only while under the cap (callers pass
+    /// `format_args!`): a crafted image can hold millions of bad entries.
+    pub fn corruption(&mut self, msg: impl std::fmt::Display) {
         self.corruptions += 1;
         if self.messages.len() < Self::MAX_MESSAGES {
-            self.messages.push(format!("ERROR {}", msg.into()));
+            self.messages.push(format!("ERROR {msg}"));
         }
     }
 
-    /// Records a leak.
-    pub fn leak(&mut self, msg: impl Into<String>) {
+    /// Records a leak (formatted only while under the cap, as [`Self::corruption`]).
+    pub fn leak(&mut self, msg: impl std::fmt::Display) {
         self.leaks += 1;
         if self.messages.len() < Self::MAX_MESSAGES {
-            self.messages.push(format!("Leaked {}", msg.into()));
+            self.messages.push(format!("Leaked {msg}"));
         }
     }
 }

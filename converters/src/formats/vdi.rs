@@ -420,16 +420,18 @@ impl DiskSource for VdiReader {
                 Some(o) if *o == BLOCK_FREE => *o = i as u32,
                 Some(o) => {
                     let first = *o;
-                    r.corruption(format!("data block {e} is used by blocks {first} and {i}"));
+                    r.corruption(format_args!(
+                        "data block {e} is used by blocks {first} and {i}"
+                    ));
                 }
-                None => r.corruption(format!(
+                None => r.corruption(format_args!(
                     "block {i} maps to data block {e}, beyond the allocated blocks"
                 )),
             }
         }
         r.allocated_clusters = count;
         if count != self.header.blocks_allocated {
-            r.corruption(format!(
+            r.corruption(format_args!(
                 "allocated blocks mismatch: the map uses {count}, the header says {}",
                 self.header.blocks_allocated
             ));

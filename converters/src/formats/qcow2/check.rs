@@ -45,7 +45,7 @@ impl Counter<'_> {
             match self.computed.get_mut(c as usize) {
                 Some(v) => *v = v.saturating_add(u16::try_from(n).unwrap_or(u16::MAX)),
                 None => {
-                    self.report.corruption(format!(
+                    self.report.corruption(format_args!(
                         "{what} at {:#x} is past the end of the file",
                         c << self.cb
                     ));
@@ -119,7 +119,7 @@ pub fn check(storage: &dyn Storage, h: &Header) -> Result<CheckReport> {
         if off != 0 && ctr.aligned(off) && off < file_len {
             ctr.add(off, cs, 1, "refcount block");
         } else if off != 0 {
-            ctr.report.corruption(format!(
+            ctr.report.corruption(format_args!(
                 "refcount block {i} at {off:#x} is unaligned or past the end of the file"
             ));
         }
@@ -145,7 +145,7 @@ pub fn check(storage: &dyn Storage, h: &Header) -> Result<CheckReport> {
             && off < file_len
             && (e & COPIED != 0) != (stored_of(off) == 1)
         {
-            ctr.report.corruption(format!(
+            ctr.report.corruption(format_args!(
                 "OFLAG_COPIED L2 cluster: L1 index {i} entry {e:#x} refcount {}",
                 stored_of(off)
             ));
@@ -172,7 +172,7 @@ pub fn check(storage: &dyn Storage, h: &Header) -> Result<CheckReport> {
                 if active > 0 {
                     allocated += 1;
                     if e & COPIED != 0 {
-                        ctr.report.corruption(format!(
+                        ctr.report.corruption(format_args!(
                             "compressed cluster with OFLAG_COPIED (L2 table at {l2_off:#x}, index {idx})"
                         ));
                     }
@@ -184,13 +184,13 @@ pub fn check(storage: &dyn Storage, h: &Header) -> Result<CheckReport> {
                 continue;
             }
             if !ctr.aligned(host) {
-                ctr.report.corruption(format!(
+                ctr.report.corruption(format_args!(
                     "data cluster offset {host:#x} is not cluster aligned (L2 table at {l2_off:#x}, index {idx})"
                 ));
                 continue;
             }
             if host >= file_len {
-                ctr.report.corruption(format!(
+                ctr.report.corruption(format_args!(
                     "data cluster at {host:#x} is past the end of the file (L2 table at {l2_off:#x}, index {idx})"
                 ));
                 continue;
@@ -199,7 +199,7 @@ pub fn check(storage: &dyn Storage, h: &Header) -> Result<CheckReport> {
             if active > 0 {
                 allocated += 1;
                 if (e & COPIED != 0) != (stored_of(host) == 1) {
-                    ctr.report.corruption(format!(
+                    ctr.report.corruption(format_args!(
                         "OFLAG_COPIED data cluster: entry {e:#x} refcount {} (L2 table at {l2_off:#x}, index {idx})",
                         stored_of(host)
                     ));
@@ -212,11 +212,11 @@ pub fn check(storage: &dyn Storage, h: &Header) -> Result<CheckReport> {
     for (i, (&s, &c)) in stored.iter().zip(computed.iter()).enumerate() {
         let off = (i as u64) << h.cluster_bits;
         if s < c {
-            report.corruption(format!(
+            report.corruption(format_args!(
                 "cluster {i} (offset {off:#x}) refcount={s} reference={c}"
             ));
         } else if s > c {
-            report.leak(format!(
+            report.leak(format_args!(
                 "cluster {i} (offset {off:#x}) refcount={s} reference={c}"
             ));
         }
@@ -282,7 +282,7 @@ fn stored_refcounts(
             let idx = base + k;
             match stored.get_mut(idx as usize) {
                 Some(s) => *s = u16::try_from(v).unwrap_or(u16::MAX),
-                None => report.leak(format!(
+                None => report.leak(format_args!(
                     "cluster {idx} past the end of the file has refcount {v}"
                 )),
             }
@@ -347,7 +347,7 @@ fn walk_l1(
         || !ctr.aligned(off)
         || off.checked_add(bytes).is_none_or(|e| e > storage.len())
     {
-        ctr.report.corruption(format!(
+        ctr.report.corruption(format_args!(
             "{what} at {off:#x} ({entries} entries) is unaligned, too large or past the end of the file"
         ));
         return Ok(Vec::new());
@@ -366,7 +366,7 @@ fn walk_l1(
             continue;
         }
         if !ctr.aligned(l2) || l2 >= storage.len() {
-            ctr.report.corruption(format!(
+            ctr.report.corruption(format_args!(
                 "{what} entry {i}: L2 table offset {l2:#x} is unaligned or past the end of the file"
             ));
             continue;
@@ -457,7 +457,7 @@ fn bitmaps(storage: &dyn Storage, h: &Header, ctr: &mut Counter<'_>) -> Result<(
     for n in 0..b.nb_bitmaps {
         let Some(e) = dir.get(pos..pos + 24) else {
             ctr.report
-                .corruption(format!("bitmap directory entry {n} is truncated"));
+                .corruption(format_args!("bitmap directory entry {n} is truncated"));
             break;
         };
         let w = words(e);

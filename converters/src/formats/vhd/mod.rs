@@ -517,19 +517,19 @@ impl DiskSource for VhdReader {
         blocks.sort_unstable();
         for (start, i) in &blocks {
             if (*i as u64) >= r.total_clusters {
-                r.corruption(format!(
+                r.corruption(format_args!(
                     "BAT entry {i} is allocated beyond the virtual size"
                 ));
             }
             for (a, b, what) in &regions {
                 if *start < *b && *a < start + span {
-                    r.corruption(format!("block {i} at offset {start} overlaps {what}"));
+                    r.corruption(format_args!("block {i} at offset {start} overlaps {what}"));
                 }
             }
         }
         for w in blocks.windows(2) {
             if w[1].0 < w[0].0 + span {
-                r.corruption(format!(
+                r.corruption(format_args!(
                     "blocks {} and {} overlap at offset {}",
                     w[0].1, w[1].1, w[1].0
                 ));

@@ -465,7 +465,7 @@ impl DiskSource for VhdxReader {
                 Ok(Payload::Full(off) | Payload::Partial(off)) => {
                     report.allocated_clusters += 1;
                     if offsets.len() as u64 >= max_blocks {
-                        report.corruption(format!(
+                        report.corruption(format_args!(
                             "more allocated blocks than fit in the file (at block {block})"
                         ));
                         break;
@@ -473,7 +473,7 @@ impl DiskSource for VhdxReader {
                     offsets.push((off, block));
                 }
                 Ok(_) => {}
-                Err(e) => report.corruption(e.to_string()),
+                Err(e) => report.corruption(e),
             }
         }
         offsets.sort_unstable();
@@ -481,7 +481,7 @@ impl DiskSource for VhdxReader {
             if let [(a, ba), (b, bb)] = w
                 && a + self.geo.block_size > *b
             {
-                report.corruption(format!(
+                report.corruption(format_args!(
                     "blocks {ba} and {bb} overlap in the file (offsets {a} and {b})"
                 ));
             }

@@ -677,7 +677,7 @@ impl SparseExtent {
                 Ok(Some(t)) => t,
                 Ok(None) => continue,
                 Err(e) => {
-                    report.corruption(e.to_string());
+                    report.corruption(e);
                     continue;
                 }
             };
@@ -689,7 +689,7 @@ impl SparseExtent {
                 match self.classify(gi, gte) {
                     Ok(Grain::At(_)) => report.allocated_clusters += 1,
                     Ok(_) => {}
-                    Err(e) => report.corruption(e.to_string()),
+                    Err(e) => report.corruption(e),
                 }
             }
         }
