@@ -368,6 +368,22 @@ fn refusals_are_one_line_and_leave_nothing_behind() {
         &run_with_env(&["generalize", s(&luks), "--overlay", s(&ov)], &env),
         "LUKS",
     );
+    // An OVA: qemu would open the archive itself as the overlay's backing file (as a VMDK, the boot disk's
+    // format), outside imgshift's gate; refused before anything is written, for generalize and the uploads.
+    let ova = util::ova::make_ova();
+    let ova_ov = ova.dir.join("ov.qcow2");
+    one_line(
+        &run_with_env(&["generalize", s(&ova.ova), "--overlay", s(&ova_ov)], &env),
+        "an OVA cannot back an overlay",
+    );
+    one_line(
+        &run_with_env(
+            &["generalize", "-f", "ova", s(&ova.ova), "--overlay", s(&ova_ov)],
+            &env,
+        ),
+        "an OVA cannot back an overlay",
+    );
+    assert!(!ova_ov.exists());
     // Without libguestfs: a one-line error naming the package; everything else keeps working.
     let no_gfs = [("PATH".to_string(), "/nonexistent".to_string())];
     one_line(

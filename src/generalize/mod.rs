@@ -102,6 +102,10 @@ pub struct Request<'a> {
 /// Generalises (or, with `dry_run`, lists what would be removed).
 pub fn run(req: &Request<'_>) -> Result<Outcome> {
     let started = Instant::now();
+    if !req.dry_run {
+        // Before the (slower) inspection: the overlay could not be made anyway.
+        overlay::refuse_ova(req.source, req.format)?;
+    }
     let before = verify::open(req.src.clone())
         .with_context(|| format!("cannot generalise {}", req.source.display()))?;
     let globs: Vec<&str> = req

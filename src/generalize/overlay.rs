@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use imgshift_converters::formats::{self, Format};
-use imgshift_converters::{Durability, OutputSet, Plan, WriterOptions};
+use imgshift_converters::{Durability, FileStorage, OutputSet, Plan, WriterOptions};
 
 /// An overlay being prepared: its temporary file exists until `commit` renames it or the value is dropped.
 pub struct PendingOverlay {
@@ -25,6 +25,21 @@ impl PendingOverlay {
             .commit()
             .with_context(|| format!("cannot create {}", self.final_path.display()))
     }
+}
+
+/// Refuses an OVA as the overlay's backing file. qemu opens the backing file itself, as the format the overlay
+/// records; for a disk inside an OVA that is the member's format (VMDK), not the file's, so qemu would read the
+/// tar archive as a VMDK descriptor and follow whatever extent names its bytes spell, past imgshift's open gate.
+/// The file itself is probed, whatever format the caller opened it as.
+pub fn refuse_ova(source: &Path, source_format: Format) -> Result<()> {
+    let storage =
+        FileStorage::open(source).with_context(|| format!("cannot open {}", source.display()))?;
+    let probed = formats::probe::probe(&storage)
+        .with_context(|| format!("cannot read {}", source.display()))?;
+    if source_format == Format::Ova || probed == Format::Ova {
+        bail!("an OVA cannot back an overlay: convert its disk out of the OVA first");
+    }
+    Ok(())
 }
 
 /// How the overlay names its backing file: the bare file name when both sit in the same folder (the overlay
@@ -61,9 +76,7 @@ pub fn create(
     virtual_size: u64,
     out: &Path,
 ) -> Result<PendingOverlay> {
-    if source_format == Format::Ova {
-        bail!("an OVA cannot back an overlay: convert its disk out of the OVA first");
-    }
+    refuse_ova(source, source_format)?;
     let backing = backing_name(source, out)?;
     let mut opts = WriterOptions::default();
     opts.set("backing_file", backing.clone());
