@@ -169,6 +169,12 @@ impl OpenGate {
         let canon = self.resolve(referrer, name, what)?;
         Ok(Arc::new(FileStorage::open(&canon)?))
     }
+
+    /// Whether the canonical path `canon` lies inside a folder the user trusted with `--allow-dir`. Formats
+    /// with rules stricter than "the image's own folder" (VMDK extent names) let such files pass them.
+    pub fn is_in_allowed_dir(&self, canon: &Path) -> bool {
+        self.allowed_dirs.iter().any(|d| canon.starts_with(d))
+    }
 }
 
 /// `json:{...}`, `nbd://`, `file:foo`, `http:`...: anything with a protocol prefix before the first `/`.

@@ -684,3 +684,110 @@ fn refuses_dangerous_backing_files() {
         .to_string();
     assert!(e.contains("loop"), "{e}");
 }
+
+/// Byte offset of the bitmaps header extension's data (qcow2.txt "Header extensions", type 0x23852875):
+/// nb_bitmaps u32 at +0, bitmap_directory_size u64 at +8, bitmap_directory_offset u64 at +16.
+fn bitmaps_extension(b: &[u8]) -> usize {
+    let be32 = |o: usize| u32::from_be_bytes(b[o..o + 4].try_into().unwrap());
+    let mut at = be32(100) as usize;
+    loop {
+        let (kind, len) = (be32(at), be32(at + 4) as usize);
+        assert_ne!(kind, 0, "no bitmaps extension");
+        if kind == 0x2385_2875 {
+            return at + 8;
+        }
+        at += 8 + len.div_ceil(8) * 8;
+    }
+}
+
+#[test]
+fn check_bounds_the_bitmap_walk() {
+    let d = tmpdir();
+    let img = p(d.path(), "bm.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&img), "16M"]);
+    qemu_img(&["bitmap", "--add", s(&img), "b1"]);
+    qemu_io(
+        &img,
+        "qcow2",
+        &["write -P 0x42 0 128k", "write -P 0x43 8M 64k"],
+    );
+    let bytes = std::fs::read(&img).unwrap();
+    let ext = bitmaps_extension(&bytes);
+    let be64 = |o: usize| u64::from_be_bytes(bytes[o..o + 8].try_into().unwrap());
+    let (dir_size, dir_off) = (be64(ext + 8), be64(ext + 16) as usize);
+    // One entry: 24 bytes, the 2-byte name "b1", padded to 32.
+    assert_eq!(dir_size, 32);
+    let entry = bytes[dir_off..dir_off + 32].to_vec();
+    let table_off = u64::from_be_bytes(entry[..8].try_into().unwrap());
+    let check = |b: &[u8], name: &str| {
+        let f = p(d.path(), name);
+        std::fs::write(&f, b).unwrap();
+        let t = std::time::Instant::now();
+        let rep = open_path(&f, None, &OpenGate::new())
+            .unwrap()
+            .check()
+            .unwrap();
+        assert!(t.elapsed().as_secs() < 2, "{name}: {:?}", t.elapsed());
+        rep
+    };
+    let rep = check(&bytes, "clean.qcow2");
+    assert_eq!((rep.corruptions, rep.leaks), (0, 0), "{:?}", rep.messages);
+
+    // nb_bitmaps above qemu's QCOW2_MAX_BITMAPS: reported, the one real entry still counted.
+    let mut b = bytes.clone();
+    b[ext..ext + 4].copy_from_slice(&70_000u32.to_be_bytes());
+    let rep = check(&b, "many.qcow2");
+    assert!(
+        rep.messages.iter().any(|m| m
+            .contains("the bitmaps extension claims 70000 bitmaps, above qemu's limit of 65535")),
+        "{:?}",
+        rep.messages
+    );
+    assert!(
+        rep.messages
+            .iter()
+            .any(|m| m.contains("bitmap directory entry 1 is truncated")),
+        "{:?}",
+        rep.messages
+    );
+    assert_eq!(rep.leaks, 0, "{:?}", rep.messages);
+
+    // The directory cluster filled with 2000 copies of the entry: the table is read once and its cluster
+    // counted 2000 times, as qemu-img check would count it.
+    let mut b = bytes.clone();
+    // qemu allocated the directory a cluster of its own; the file may end inside it.
+    b.resize(b.len().max(dir_off + 64_000), 0);
+    for i in 0..2000 {
+        b[dir_off + 32 * i..dir_off + 32 * (i + 1)].copy_from_slice(&entry);
+    }
+    b[ext..ext + 4].copy_from_slice(&2000u32.to_be_bytes());
+    b[ext + 8..ext + 16].copy_from_slice(&64_000u64.to_be_bytes());
+    let rep = check(&b, "repeated.qcow2");
+    let table_msg = format!("(offset {table_off:#x}) refcount=1 reference=2000");
+    assert!(
+        rep.messages.iter().any(|m| m.contains(&table_msg)),
+        "{table_msg}: {:?}",
+        rep.messages
+    );
+
+    // ... and each copy claiming a table that runs to the end of the file: still one read of the file.
+    let to_eof = ((b.len() as u64 - table_off) / 8) as u32;
+    for i in 0..2000 {
+        b[dir_off + 32 * i + 8..dir_off + 32 * i + 12].copy_from_slice(&to_eof.to_be_bytes());
+    }
+    let rep = check(&b, "repeated-to-eof.qcow2");
+    assert!(rep.corruptions > 0, "{:?}", rep.messages);
+
+    // A table larger than qemu's BME_MAX_TABLE_SIZE.
+    let mut b = bytes.clone();
+    b[dir_off + 8..dir_off + 12].copy_from_slice(&0x800_0001u32.to_be_bytes());
+    let rep = check(&b, "huge-table.qcow2");
+    assert!(
+        rep.messages
+            .iter()
+            .any(|m| m
+                .contains("bitmap 0: a table of 134217729 entries (qemu allows 1 to 134217728)")),
+        "{:?}",
+        rep.messages
+    );
+}

@@ -663,8 +663,12 @@ fn rejects_hostile_descriptors() {
         ),
     ];
     for (name, text) in cases {
-        let f = write(&format!("{name}.vmdk"), &text);
-        must_fail(&f);
+        // Each case names its own extent file, so it fails for its own reason, not for the extent-name rule.
+        let own = format!("{name}-flat.vmdk");
+        std::fs::write(dir.join("a/b").join(&own), vec![0u8; 4096]).unwrap();
+        let f = write(&format!("{name}.vmdk"), &text.replace("ok-flat.vmdk", &own));
+        let e = must_fail(&f);
+        assert!(!e.to_string().contains("own extent files"), "{name}: {e}");
     }
     // 10^6 extent lines: over the 1 MiB descriptor bound; 5000 short ones: over the extent bound.
     let many = "RW 1 FLAT \"ok-flat.vmdk\" 0\n".repeat(1_000_000);
@@ -673,4 +677,202 @@ fn rejects_hostile_descriptors() {
     let many = "RW 1 ZERO\n".repeat(5000);
     let f = write("many.vmdk", &descriptor("custom", &many));
     assert_eq!(must_fail(&f).kind(), ErrorKind::Limit);
+}
+
+/// A descriptor edited to name `target` instead of its own extent, written as `dir/name`.
+fn retargeted(dir: &Path, desc: &Path, own: &str, name: &str, target: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(desc).unwrap();
+    assert!(text.contains(&format!("\"{own}\"")), "{text}");
+    let out = p(dir, name);
+    std::fs::write(
+        &out,
+        text.replace(&format!("\"{own}\""), &format!("\"{target}\"")),
+    )
+    .unwrap();
+    out
+}
+
+#[test]
+fn extents_are_only_the_images_own_files() {
+    let d = tmpdir();
+    let dir = d.path();
+    // qemu-img's own layouts open: x-flat.vmdk beside x.vmdk, y-s001.vmdk.. beside y.vmdk, and the descriptor's
+    // own extension (qemu names the flat file of a.img a-flat.img).
+    run_in(
+        dir,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            "x.vmdk",
+            "1M",
+        ],
+    );
+    run_in(
+        dir,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=twoGbMaxExtentSparse",
+            "y.vmdk",
+            "3G",
+        ],
+    );
+    run_in(
+        dir,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            "a.img",
+            "1M",
+        ],
+    );
+    run_in(
+        dir,
+        "qemu-io",
+        &["-f", "vmdk", "-c", "write -P 0x5a 0 64k", "x.vmdk"],
+    );
+    for (img, size) in [("x.vmdk", MIB), ("y.vmdk", 3 * GIB), ("a.img", MIB)] {
+        let src = open_path(&p(dir, img), Some(Format::Vmdk), &OpenGate::new()).unwrap();
+        assert_eq!(src.virtual_size(), size, "{img}");
+    }
+
+    // A descriptor saved among other files names one of them: a file of the same folder, one in a subfolder
+    // (`.ssh/id_rsa`), an own-looking name that is a symlink to another file, another image's extent.
+    let secret = vec![0x5eu8; MIB as usize];
+    std::fs::write(p(dir, "secret.txt"), &secret).unwrap();
+    std::fs::create_dir(p(dir, "sub")).unwrap();
+    std::fs::copy(p(dir, "x-flat.vmdk"), p(dir, "sub/x-flat.vmdk")).unwrap();
+    std::fs::create_dir(p(dir, ".ssh")).unwrap();
+    std::fs::write(p(dir, ".ssh/id_rsa"), &secret).unwrap();
+    std::os::unix::fs::symlink("secret.txt", p(dir, "z-flat.vmdk")).unwrap();
+    let x = p(dir, "x.vmdk");
+    let cases = [
+        retargeted(dir, &x, "x-flat.vmdk", "same-folder.vmdk", "secret.txt"),
+        retargeted(dir, &x, "x-flat.vmdk", "subfolder.vmdk", "sub/x-flat.vmdk"),
+        retargeted(dir, &x, "x-flat.vmdk", "dotssh.vmdk", ".ssh/id_rsa"),
+        retargeted(dir, &x, "x-flat.vmdk", "z.vmdk", "z-flat.vmdk"),
+        retargeted(dir, &x, "x-flat.vmdk", "other.vmdk", "x-flat.vmdk"),
+    ];
+    for f in &cases {
+        let e = must_fail(f);
+        assert_eq!(e.kind(), ErrorKind::Denied, "{f:?}: {e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("refused") && msg.contains("own extent files"),
+            "{f:?}: {msg}"
+        );
+        assert!(msg.contains("pass --allow-dir DIR"), "{f:?}: {msg}");
+    }
+    // The descriptor's own name as its extent.
+    let own = retargeted(dir, &x, "x-flat.vmdk", "self.vmdk", "self.vmdk");
+    must_fail(&own);
+
+    // Trusting the folder (--allow-dir) opens them, and the bytes are the named files'.
+    let trusted = OpenGate::new().allow_dir(dir).unwrap();
+    for f in &cases {
+        let src = open_path(f, Some(Format::Vmdk), &trusted)
+            .unwrap_or_else(|e| panic!("{f:?} with --allow-dir: {e}"));
+        let mut buf = vec![0u8; 4096];
+        src.read_at(&mut buf, 0).unwrap();
+        let name = f.file_name().unwrap().to_str().unwrap();
+        let want = if matches!(name, "subfolder.vmdk" | "other.vmdk") {
+            0x5a
+        } else {
+            0x5e
+        };
+        assert!(buf.iter().all(|&b| b == want), "{name}");
+    }
+    // A trusted folder elsewhere does not widen the rule for the image's own folder.
+    let elsewhere = tmpdir();
+    let g = OpenGate::new().allow_dir(elsewhere.path()).unwrap();
+    let e = open_path(&cases[0], Some(Format::Vmdk), &g).err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::Denied, "{e}");
+}
+
+#[test]
+fn extent_files_named_twice_are_refused() {
+    let d = tmpdir();
+    let dir = d.path();
+    run_in(
+        dir,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=twoGbMaxExtentSparse",
+            "y.vmdk",
+            "3G",
+        ],
+    );
+    run_in(
+        dir,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=twoGbMaxExtentFlat",
+            "f.vmdk",
+            "3G",
+        ],
+    );
+    // The second sparse extent line names the first one's file again: each line would load its grain
+    // directory once more (4096 lines of a big extent: hundreds of GiB).
+    let y = p(dir, "y.vmdk");
+    let twice = retargeted(dir, &y, "y-s002.vmdk", "y-twice.vmdk", "y-s001.vmdk");
+    let text = std::fs::read_to_string(&twice).unwrap();
+    std::fs::write(&twice, text.replace("y-", "y-twice-")).unwrap();
+    std::fs::hard_link(p(dir, "y-s001.vmdk"), p(dir, "y-twice-s001.vmdk")).unwrap();
+    // The same file under two own names: the second is a symlink to the first.
+    let linked = retargeted(dir, &y, "y-s002.vmdk", "y.link.vmdk", "y.link-s002.vmdk");
+    let text = std::fs::read_to_string(&linked).unwrap();
+    std::fs::write(
+        &linked,
+        text.replace("\"y-s001.vmdk\"", "\"y.link-s001.vmdk\""),
+    )
+    .unwrap();
+    std::fs::hard_link(p(dir, "y-s001.vmdk"), p(dir, "y.link-s001.vmdk")).unwrap();
+    std::os::unix::fs::symlink("y.link-s001.vmdk", p(dir, "y.link-s002.vmdk")).unwrap();
+    // Flat extents too.
+    let flat = retargeted(
+        dir,
+        &p(dir, "f.vmdk"),
+        "f-f002.vmdk",
+        "f-twice.vmdk",
+        "f-f001.vmdk",
+    );
+    let text = std::fs::read_to_string(&flat).unwrap();
+    std::fs::write(
+        &flat,
+        text.replace("\"f-f001.vmdk\"", "\"f-twice-f001.vmdk\""),
+    )
+    .unwrap();
+    std::fs::hard_link(p(dir, "f-f001.vmdk"), p(dir, "f-twice-f001.vmdk")).unwrap();
+    for f in [&twice, &linked, &flat] {
+        let e = must_fail(f);
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{f:?}: {e}");
+        assert!(
+            e.to_string().contains("named by two extent lines"),
+            "{f:?}: {e}"
+        );
+    }
 }

@@ -314,6 +314,15 @@ case("vmdk-desc-extent-type", "vmdk", kf.replace(" FLAT ", " BOGUS ").encode(), 
 case("vmdk-desc-create-type", "vmdk", kf.replace('createType="monolithicFlat"', 'createType="fancyNew"').encode(), "fancyNew")
 case("vmdk-desc-extent-access", "vmdk", kf.replace("RW 2048", "NOACCESS 2048").encode(), "NOACCESS")
 case("vmdk-desc-extent-missing", "vmdk", kf.replace('"kf-flat.vmdk"', '"nothere-flat.vmdk"').encode(), "nothere-flat.vmdk")
+# Extents must be the image's own files (<stem>-flat.vmdk, <stem>-s001.vmdk.. beside it, CVE-2022-47951): each
+# case file is named after its case, so kf's own extent is another image's file to it.
+case("vmdk-desc-extent-not-own", "vmdk", kf.encode(), "own extent files")
+# One extent file named by two extent lines.
+with open(os.path.join(WORK, "kf-flat.vmdk"), "rb") as src, open(os.path.join(OUT, "vmdk-desc-extent-twice-flat.vmdk"), "wb") as dst:
+    dst.write(src.read())
+kf_line = next(l for l in kf.splitlines() if l.startswith("RW "))
+kf_twice = kf.replace(kf_line, kf_line + "\n" + kf_line).replace('"kf-flat.vmdk"', '"vmdk-desc-extent-twice-flat.vmdk"')
+case("vmdk-desc-extent-twice", "vmdk", kf_twice.encode(), "named by two extent lines")
 case("vmdk-desc-binary", "vmdk", b"\x00\x01\x02garbage" * 10, "descriptor")
 # streamOptimized: a grain marker that names the wrong LBA.
 run("qemu-img", "convert", "-q", "-O", "vmdk", "-o", "subformat=streamOptimized", os.path.join(WORK, "k.vmdk"), os.path.join(WORK, "ks.vmdk"))

@@ -4,7 +4,7 @@
 //! (`qcow2_check_refcounts`: stored < computed is an error, stored > computed a leak; OFLAG_COPIED must match
 //! refcount == 1 in the active tables).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::header::{AUTOCLEAR_BITMAPS, Header};
 use super::mapping::{compressed_extent, words};
@@ -21,8 +21,14 @@ const MAX_CHECK_L1_ENTRIES: u64 = 1 << 28;
 const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
 /// qemu's `QCOW_MAX_SNAPSHOT_EXTRA_DATA`.
 const MAX_SNAPSHOT_EXTRA: u64 = 1024;
-/// qemu's bitmap directory bound (`QCOW2_MAX_BITMAP_DIRECTORY_SIZE`, 64 MiB).
-const MAX_BITMAP_DIRECTORY: u64 = 64 << 20;
+/// Most bitmaps in an image: qemu's `QCOW2_MAX_BITMAPS` (block/qcow2.h).
+const MAX_BITMAPS: u32 = 65535;
+/// Largest bitmap directory, 1 KiB per bitmap (just under 64 MiB): qemu's `QCOW2_MAX_BITMAP_DIRECTORY_SIZE`.
+const MAX_BITMAP_DIRECTORY: u64 = 1024 * MAX_BITMAPS as u64;
+/// Most entries of one bitmap table: qemu's `BME_MAX_TABLE_SIZE` (block/qcow2-bitmap.c).
+const MAX_BITMAP_TABLE_ENTRIES: u64 = 0x800_0000;
+/// Longest bitmap name: qemu's `BME_MAX_NAME_SIZE` (block/qcow2-bitmap.c).
+const MAX_BITMAP_NAME: u64 = 1023;
 /// Refcount table entries: "Bits 9-63 of the offset".
 const REFT_OFFSET_MASK: u64 = !511;
 
@@ -437,13 +443,23 @@ fn snapshots(
     Ok(())
 }
 
-/// The bitmap directory, bitmap tables and bitmap data clusters ("Bitmaps").
+/// The bitmap directory, bitmap tables and bitmap data clusters ("Bitmaps"), within qemu's bounds
+/// (block/qcow2-bitmap.c `bitmap_list_load`, `check_dir_entry`). As for L2 tables, each bitmap table is read
+/// once and its clusters get as many references as directory entries name it; the tables read add up to at
+/// most the file size (real tables never overlap), so the walk stays linear in the file whatever the directory
+/// claims.
 fn bitmaps(storage: &dyn Storage, h: &Header, ctr: &mut Counter<'_>) -> Result<()> {
     let Some(b) = h.bitmaps else { return Ok(()) };
     if b.directory_size > MAX_BITMAP_DIRECTORY {
         return Err(Error::limit(
             FMT,
             "bitmap directory above qemu's 64 MiB limit",
+        ));
+    }
+    if b.nb_bitmaps > MAX_BITMAPS {
+        ctr.report.corruption(format_args!(
+            "the bitmaps extension claims {} bitmaps, above qemu's limit of {MAX_BITMAPS}",
+            b.nb_bitmaps
         ));
     }
     let dir = read(
@@ -453,9 +469,14 @@ fn bitmaps(storage: &dyn Storage, h: &Header, ctr: &mut Counter<'_>) -> Result<(
         "bitmap directory",
     )?;
     ctr.add(b.directory_offset, b.directory_size, 1, "bitmap directory");
-    let mut pos = 0usize;
-    for n in 0..b.nb_bitmaps {
-        let Some(e) = dir.get(pos..pos + 24) else {
+    // (table offset, entries) -> directory entries naming that table.
+    let mut tables: BTreeMap<(u64, u64), u32> = BTreeMap::new();
+    let mut pos = 0u64;
+    for n in 0..b.nb_bitmaps.min(MAX_BITMAPS) {
+        let e = usize::try_from(pos)
+            .ok()
+            .and_then(|at| dir.get(at..at.checked_add(24)?));
+        let Some(e) = e else {
             ctr.report
                 .corruption(format_args!("bitmap directory entry {n} is truncated"));
             break;
@@ -465,17 +486,54 @@ fn bitmaps(storage: &dyn Storage, h: &Header, ctr: &mut Counter<'_>) -> Result<(
         let table_size = w.get(1).copied().unwrap_or(0) >> 32;
         let name_size = (w.get(2).copied().unwrap_or(0) >> 32) & 0xffff;
         let extra = w.get(2).copied().unwrap_or(0) & 0xffff_ffff;
+        pos = pos.saturating_add((24 + extra + name_size).div_ceil(8) * 8);
+        if name_size > MAX_BITMAP_NAME {
+            ctr.report.corruption(format_args!(
+                "bitmap {n}: a name of {name_size} bytes, above qemu's limit of {MAX_BITMAP_NAME}"
+            ));
+        }
+        if table_size == 0 || table_size > MAX_BITMAP_TABLE_ENTRIES {
+            ctr.report.corruption(format_args!(
+                "bitmap {n}: a table of {table_size} entries (qemu allows 1 to {MAX_BITMAP_TABLE_ENTRIES})"
+            ));
+            continue;
+        }
+        if table_off == 0 || !ctr.aligned(table_off) {
+            ctr.report.corruption(format_args!(
+                "bitmap {n}: table offset {table_off:#x} is zero or not cluster aligned"
+            ));
+            continue;
+        }
+        let refs = tables.entry((table_off, table_size)).or_insert(0);
+        *refs = refs.saturating_add(1);
+    }
+    let mut unread = storage.len();
+    for ((table_off, table_size), refs) in tables {
         let bytes = table_size * 8;
-        ctr.add(table_off, bytes, 1, "bitmap table");
-        if let Ok(t) = read(storage, table_off, bytes, "bitmap table") {
-            for e in words(&t) {
-                let off = e & OFFSET_MASK;
-                if off != 0 {
-                    ctr.add(off, h.cluster_size(), 1, "bitmap data cluster");
-                }
+        if table_off
+            .checked_add(bytes)
+            .is_none_or(|e| e > storage.len())
+        {
+            ctr.report.corruption(format_args!(
+                "bitmap table at {table_off:#x} ({table_size} entries) is past the end of the file"
+            ));
+            continue;
+        }
+        let Some(left) = unread.checked_sub(bytes) else {
+            ctr.report.corruption(format_args!(
+                "the bitmap tables overlap: together they are larger than the file (at {table_off:#x})"
+            ));
+            break;
+        };
+        unread = left;
+        ctr.add(table_off, bytes, refs, "bitmap table");
+        let t = read(storage, table_off, bytes, "bitmap table")?;
+        for e in words(&t) {
+            let off = e & OFFSET_MASK;
+            if off != 0 {
+                ctr.add(off, h.cluster_size(), refs, "bitmap data cluster");
             }
         }
-        pos += (24 + extra + name_size).div_ceil(8) as usize * 8;
     }
     Ok(())
 }

@@ -10,8 +10,9 @@
 //! without markers.
 //!
 //! Extent files and parents are named inside the image: they open only through the [`OpenGate`] (the
-//! image's own folder, relative names, no `..`). A monolithic or stream-optimized file never opens another
-//! file for its data: its embedded descriptor's extent line is informational, as in qemu.
+//! image's own folder, relative names, no `..`), and extents only when named as the image's own files (see
+//! [`extent_files`]; `--allow-dir` trusts other folders). A monolithic or stream-optimized file never opens
+//! another file for its data: its embedded descriptor's extent line is informational, as in qemu.
 //!
 //! Write: see [`writer`].
 
@@ -25,13 +26,15 @@ use crate::source::{CheckReport, DiskSource, ImageInfo, check_range};
 use crate::storage::Storage;
 
 pub mod descriptor;
+mod extent_files;
 pub mod sparse;
 pub mod writer;
 
 pub use writer::VmdkWriter;
 
 use descriptor::{Access, Descriptor, ExtentType, MAX_DESCRIPTOR_BYTES};
-use sparse::{COWD_MAGIC, SECTOR, SESPARSE_MAGIC, SparseExtent};
+use extent_files::ExtentFiles;
+use sparse::{COWD_MAGIC, MetadataBudget, SECTOR, SESPARSE_MAGIC, SparseExtent};
 
 const FMT: &str = "vmdk";
 
@@ -193,6 +196,13 @@ impl VmdkReader {
         let mut parts = Vec::with_capacity(desc.extents.len());
         let mut start = 0u64;
         let mut dirty = false;
+        let mut files: Option<ExtentFiles> = None;
+        let sparse_extents = desc
+            .extents
+            .iter()
+            .filter(|l| l.kind == ExtentType::Sparse)
+            .count();
+        let mut budget = MetadataBudget::for_extents(sparse_extents);
         for (i, line) in desc.extents.iter().enumerate() {
             let what = || format!("extent {} ({})", i + 1, line.kind.keyword());
             if line.access == Access::NoAccess {
@@ -213,7 +223,8 @@ impl VmdkReader {
             let (data, file, kind) = match line.kind {
                 ExtentType::Zero => (PartData::Zero, String::new(), "ZERO"),
                 ExtentType::Flat | ExtentType::Vmfs => {
-                    let (ext, name) = open_extent(storage.as_ref(), line.file.as_deref(), gate)?;
+                    let (ext, name) =
+                        open_extent(storage.as_ref(), &mut files, line.file.as_deref(), gate)?;
                     let offset = line.offset.checked_mul(SECTOR).ok_or_else(|| {
                         Error::invalid(FMT, format!("{}: offset overflows", what()))
                     })?;
@@ -242,9 +253,10 @@ impl VmdkReader {
                     )
                 }
                 ExtentType::Sparse => {
-                    let (ext, name) = open_extent(storage.as_ref(), line.file.as_deref(), gate)?;
-                    let sp =
-                        SparseExtent::open(ext).map_err(|e| e.context(format!("extent {name}")))?;
+                    let (ext, name) =
+                        open_extent(storage.as_ref(), &mut files, line.file.as_deref(), gate)?;
+                    let sp = SparseExtent::open_in(ext, &mut budget)
+                        .map_err(|e| e.context(format!("extent {name}")))?;
                     if sp.capacity_bytes() < len {
                         return Err(Error::corrupt(
                             FMT,
@@ -306,22 +318,30 @@ impl VmdkReader {
     }
 }
 
-/// Opens an extent file named in a descriptor: relative names in the descriptor's folder, through the gate.
+/// Opens an extent file named in a descriptor: relative names in the descriptor's folder, through the gate and
+/// the own-extent rule of [`extent_files`]. `files` holds the descriptor's extents opened so far.
 fn open_extent(
     desc_storage: &dyn Storage,
+    files: &mut Option<ExtentFiles>,
     name: Option<&str>,
     gate: &OpenGate,
 ) -> Result<(Arc<dyn Storage>, String)> {
     let name = name.ok_or_else(|| Error::invalid(FMT, "extent line without a file name"))?;
-    let path = desc_storage.path().ok_or_else(|| {
-        Error::unsupported(
-            FMT,
-            format!(
-                "extent '{name}': extent files are opened only next to a descriptor file on disk"
-            ),
-        )
-    })?;
-    let st = gate.open_sibling(path, name, "VMDK extent")?;
+    let files = match files {
+        Some(f) => f,
+        None => {
+            let path = desc_storage.path().ok_or_else(|| {
+                Error::unsupported(
+                    FMT,
+                    format!(
+                        "extent '{name}': extent files are opened only next to a descriptor file on disk"
+                    ),
+                )
+            })?;
+            files.insert(ExtentFiles::new(path)?)
+        }
+    };
+    let st = files.open(gate, name)?;
     Ok((st, name.to_string()))
 }
 

@@ -3,7 +3,8 @@
 //! (GT), zeroed-grain GTEs (version 2), and deflate-compressed grains behind grain markers (version 3).
 //!
 //! Everything read from the file is bounded before use: the GD by the file size and [`MAX_GD_ENTRIES`], a
-//! compressed grain by the file size and twice the grain size, its inflated size by one grain.
+//! compressed grain by the file size and twice the grain size, its inflated size by one grain. The extents of
+//! one descriptor share a [`MetadataBudget`], so thousands of extent lines cannot multiply those bounds.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Read;
@@ -71,6 +72,39 @@ pub const MAX_CAPACITY_BYTES: u64 = 64 << 40;
 
 /// Grain tables kept in memory per extent (512 × 2 KiB = 1 MiB for standard tables).
 const MAX_CACHED_TABLES: usize = 512;
+/// Fewest grain tables an extent caches, however many extents share the image's budget.
+const MIN_CACHED_TABLES: usize = 4;
+/// Grain-directory bytes one image loads over all its sparse extents: 128 MiB, the largest single grain
+/// directory ([`MAX_GD_ENTRIES`] × 4). Real split images need far less: an 8 TiB `twoGbMaxExtentSparse` disk
+/// with the smallest (4 KiB) grains has 4096 directories of 4 KiB, 16 MiB in all.
+pub const MAX_IMAGE_GD_BYTES: u64 = MAX_GD_ENTRIES * 4;
+/// Grain tables one image caches over all its sparse extents: 16384 (32 MiB of standard 2 KiB tables), shared
+/// out evenly, each extent keeping [`MIN_CACHED_TABLES`] to [`MAX_CACHED_TABLES`].
+pub const MAX_IMAGE_CACHED_TABLES: usize = 16384;
+// Even a descriptor with the most extents stays inside the table budget.
+const _: () =
+    assert!(super::descriptor::MAX_EXTENTS * MIN_CACHED_TABLES <= MAX_IMAGE_CACHED_TABLES);
+
+/// Metadata memory the sparse extents of one image share: without it, a descriptor naming 4096 sparse
+/// extents could load 4096 full grain directories (512 GiB) and cache 4096 × 1 MiB of grain tables.
+#[derive(Debug, Clone)]
+pub struct MetadataBudget {
+    /// Grain-directory bytes still allowed.
+    gd_bytes_left: u64,
+    /// Grain tables each extent may cache.
+    tables_per_extent: usize,
+}
+
+impl MetadataBudget {
+    /// The budget of an image with `sparse_extents` sparse extents.
+    pub fn for_extents(sparse_extents: usize) -> Self {
+        MetadataBudget {
+            gd_bytes_left: MAX_IMAGE_GD_BYTES,
+            tables_per_extent: (MAX_IMAGE_CACHED_TABLES / sparse_extents.max(1))
+                .clamp(MIN_CACHED_TABLES, MAX_CACHED_TABLES),
+        }
+    }
+}
 /// Inflated grains kept per extent (at most 4 MiB with the largest grain).
 const MAX_CACHED_GRAINS: usize = 4;
 
@@ -299,12 +333,21 @@ pub struct SparseExtent {
     pub header: SparseHeader,
     gd: Vec<u32>,
     tables: Mutex<TableCache>,
+    /// Most grain tables kept in `tables` (this extent's share of the image's budget).
+    max_cached_tables: usize,
     grains: Mutex<VecDeque<(u64, Arc<Vec<u8>>)>>,
 }
 
 impl SparseExtent {
-    /// Opens the sparse extent in `storage` (header, footer for streams, grain directory).
+    /// Opens the sparse extent in `storage` (header, footer for streams, grain directory), the only sparse
+    /// extent of its image.
     pub fn open(storage: Arc<dyn Storage>) -> Result<SparseExtent> {
+        Self::open_in(storage, &mut MetadataBudget::for_extents(1))
+    }
+
+    /// Opens the sparse extent in `storage`, one of several of an image: its grain directory is taken from
+    /// `budget`, and it caches at most its share of grain tables.
+    pub fn open_in(storage: Arc<dyn Storage>, budget: &mut MetadataBudget) -> Result<SparseExtent> {
         let len = storage.len();
         let mut head = [0u8; 512];
         if len < SECTOR {
@@ -335,7 +378,7 @@ impl SparseExtent {
         let gd = if header.capacity == 0 {
             Vec::new()
         } else {
-            load_gd(storage.as_ref(), &header)?
+            load_gd(storage.as_ref(), &header, budget)?
         };
         Ok(SparseExtent {
             storage,
@@ -346,6 +389,7 @@ impl SparseExtent {
                 order: VecDeque::new(),
             }),
             grains: Mutex::new(VecDeque::new()),
+            max_cached_tables: budget.tables_per_extent,
         })
     }
 
@@ -407,7 +451,7 @@ impl SparseExtent {
             .tables
             .lock()
             .map_err(|_| Error::input("VMDK table cache lock poisoned"))?;
-        if cache.order.len() >= MAX_CACHED_TABLES
+        if cache.order.len() >= self.max_cached_tables
             && let Some(old) = cache.order.pop_front()
         {
             cache.tables.remove(&old);
@@ -740,8 +784,13 @@ fn read_footer(storage: &dyn Storage) -> Result<SparseHeader> {
     Ok(h)
 }
 
-/// Loads the primary grain directory and checks every entry's table lies inside the file.
-fn load_gd(storage: &dyn Storage, h: &SparseHeader) -> Result<Vec<u32>> {
+/// Loads the primary grain directory, taking its size from `budget`, and checks every entry's table lies
+/// inside the file.
+fn load_gd(
+    storage: &dyn Storage,
+    h: &SparseHeader,
+    budget: &mut MetadataBudget,
+) -> Result<Vec<u32>> {
     let name = storage.name();
     let entries = h.gd_entries();
     if entries > MAX_GD_ENTRIES {
@@ -751,6 +800,14 @@ fn load_gd(storage: &dyn Storage, h: &SparseHeader) -> Result<Vec<u32>> {
         ));
     }
     let bytes = entries * 4;
+    budget.gd_bytes_left = budget.gd_bytes_left.checked_sub(bytes).ok_or_else(|| {
+        Error::limit(
+            FMT,
+            format!(
+                "{name}: the grain directories of this image's extents add up to more than {MAX_IMAGE_GD_BYTES} bytes"
+            ),
+        )
+    })?;
     let start = h.gd_offset.mul_or(SECTOR, FMT, "gdOffset")?;
     if start.checked_add(bytes).is_none_or(|e| e > storage.len()) {
         return Err(Error::corrupt(
@@ -810,6 +867,38 @@ mod tests {
         h.gd_offset = U64::new(1);
         h.newline_chars = NEWLINE_CHARS;
         h
+    }
+
+    #[test]
+    fn extents_share_the_metadata_budget() {
+        assert_eq!(
+            MetadataBudget::for_extents(1).tables_per_extent,
+            MAX_CACHED_TABLES
+        );
+        assert_eq!(
+            MetadataBudget::for_extents(super::super::descriptor::MAX_EXTENTS).tables_per_extent,
+            MIN_CACHED_TABLES
+        );
+        // 1024 grain tables' worth of capacity: a 4 KiB grain directory (all zero: no table allocated).
+        let mut h = header();
+        h.capacity = U64::new(128 * 512 * 1024);
+        let mut file = h.as_bytes().to_vec();
+        file.resize(512 + 4096, 0);
+        let st: Arc<dyn Storage> = Arc::new(crate::storage::MemStorage::new(file, "big-s001.vmdk"));
+        let mut budget = MetadataBudget {
+            gd_bytes_left: 6000,
+            tables_per_extent: MIN_CACHED_TABLES,
+        };
+        let first = SparseExtent::open_in(st.clone(), &mut budget).unwrap();
+        assert_eq!(first.gd.len(), 1024);
+        assert_eq!(first.max_cached_tables, MIN_CACHED_TABLES);
+        let e = SparseExtent::open_in(st, &mut budget).err().unwrap();
+        assert_eq!(e.kind(), crate::ErrorKind::Limit, "{e}");
+        assert!(
+            e.to_string()
+                .contains("grain directories of this image's extents add up"),
+            "{e}"
+        );
     }
 
     #[test]

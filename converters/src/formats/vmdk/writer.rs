@@ -215,8 +215,8 @@ impl VmdkWriter {
     }
 }
 
-/// qemu's `filename_decompose`: "disk.vmdk" -> ("disk", ".vmdk").
-fn split_name(name: &str) -> (&str, &str) {
+/// qemu's `filename_decompose`: "disk.vmdk" -> ("disk", ".vmdk"). The reader's extent-name rule uses it too.
+pub(super) fn split_name(name: &str) -> (&str, &str) {
     match name.rfind('.') {
         Some(i) => name.split_at(i),
         None => (name, ""),
