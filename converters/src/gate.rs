@@ -1,7 +1,8 @@
 //! `OpenGate`: the only way to open a file named *inside* an image (qcow2 backing file, VMDK extent or parent,
 //! VHD/VHDX parent locator). Names in images are attacker-controlled, so by default only files inside the
 //! referring image's own folder are followed: no absolute paths outside it, no `..` escape, no symlink out, no
-//! `json:`/protocol pseudo-filenames (CVE-2024-4467), chains at most `MAX_CHAIN_DEPTH` deep and loop-free.
+//! `json:`/protocol pseudo-filenames (CVE-2024-4467), chains at most `MAX_CHAIN_DEPTH` deep and loop-free. Only
+//! regular files are opened, never blocking on a FIFO, and only at the path checked (`FileStorage::open_named`).
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -152,7 +153,7 @@ impl OpenGate {
         what: &str,
     ) -> Result<(Arc<dyn Storage>, OpenGate)> {
         let canon = self.resolve(referrer, name, what)?;
-        let storage = FileStorage::open(&canon)?;
+        let storage = open_checked(&canon, name, what)?;
         let mut child = self.clone();
         child.chain.push(canon);
         Ok((Arc::new(storage), child))
@@ -167,7 +168,7 @@ impl OpenGate {
         what: &str,
     ) -> Result<Arc<dyn Storage>> {
         let canon = self.resolve(referrer, name, what)?;
-        Ok(Arc::new(FileStorage::open(&canon)?))
+        Ok(Arc::new(open_checked(&canon, name, what)?))
     }
 
     /// Whether the canonical path `canon` lies inside a folder the user trusted with `--allow-dir`. Formats
@@ -175,6 +176,12 @@ impl OpenGate {
     pub fn is_in_allowed_dir(&self, canon: &Path) -> bool {
         self.allowed_dirs.iter().any(|d| canon.starts_with(d))
     }
+}
+
+/// Opens the file `resolve` checked at `canon` without following a symlink swapped in since, without blocking
+/// on a FIFO, and only if it is a regular file.
+fn open_checked(canon: &Path, name: &str, what: &str) -> Result<FileStorage> {
+    FileStorage::open_named(canon).map_err(|e| e.context(format!("{what} '{name}'")))
 }
 
 /// `json:{...}`, `nbd://`, `file:foo`, `http:`...: anything with a protocol prefix before the first `/`.

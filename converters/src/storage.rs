@@ -79,6 +79,73 @@ impl FileStorage {
             len,
         })
     }
+
+    /// Opens a file named *inside* an image, at `canonical`: the absolute, symlink-free path `OpenGate`
+    /// resolved and checked. Unlike `open` (the file the user names, which may be a block device), this
+    /// opens with O_NOFOLLOW | O_NONBLOCK, so a FIFO cannot hang open(2) and a symlink in the last place is not
+    /// followed; it requires a regular file, and requires the kernel's name for the opened file to still be
+    /// `canonical`, so a file or folder on the path swapped for a symlink between the check and the open is
+    /// refused rather than followed out of the checked folder.
+    pub fn open_named(canonical: &Path) -> Result<Self> {
+        use rustix::fs::{Mode, OFlags};
+        let changed = |how: &str| {
+            Error::denied(format!(
+                "{} changed while being opened ({how})",
+                canonical.display()
+            ))
+        };
+        let flags =
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
+        let fd = match rustix::fs::open(canonical, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            // The checked path had no symlink in it: one there now was put in after the check.
+            Err(rustix::io::Errno::LOOP) => return Err(changed("it is now a symbolic link")),
+            Err(e) => return Err(Error::io("cannot open", canonical, e.into())),
+        };
+        let file = File::from(fd);
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io("cannot stat", canonical, e))?;
+        if !meta.file_type().is_file() {
+            return Err(Error::denied(format!(
+                "{} is not a regular file",
+                canonical.display()
+            )));
+        }
+        match opened_path(&file) {
+            Some(actual) if actual == canonical => {}
+            Some(actual) => {
+                return Err(changed(&format!("the file opened is {}", actual.display())));
+            }
+            // No /proc: the file at `canonical` now must be the one opened, and `canonical` must still have no
+            // symlink in it (a narrower race than the check above, which /proc closes entirely).
+            None => {
+                use std::os::unix::fs::MetadataExt;
+                let now = std::fs::symlink_metadata(canonical)
+                    .map_err(|e| Error::io("cannot stat", canonical, e))?;
+                let still_canonical = canonical.canonicalize().is_ok_and(|c| c == canonical);
+                if (now.dev(), now.ino()) != (meta.dev(), meta.ino()) || !still_canonical {
+                    return Err(changed("it was replaced"));
+                }
+            }
+        }
+        // Reads of a regular file never block; clear the flag anyway so the descriptor is an ordinary one.
+        let fl = rustix::fs::fcntl_getfl(&file)
+            .map_err(|e| Error::io("cannot read the flags of", canonical, e.into()))?;
+        rustix::fs::fcntl_setfl(&file, fl - OFlags::NONBLOCK)
+            .map_err(|e| Error::io("cannot set the flags of", canonical, e.into()))?;
+        Ok(FileStorage {
+            file,
+            path: canonical.to_path_buf(),
+            len: meta.len(),
+        })
+    }
+}
+
+/// The path the kernel records for an open file (`/proc/self/fd/N`), or `None` without /proc.
+fn opened_path(file: &File) -> Option<PathBuf> {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()
 }
 
 impl Storage for FileStorage {
@@ -262,5 +329,52 @@ impl Storage for SliceStorage {
     }
     fn path(&self) -> Option<&Path> {
         self.inner.path()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The state an attacker leaves after the gate's check: a folder on the checked path is now a symlink.
+    #[test]
+    fn open_named_refuses_a_path_the_kernel_names_differently() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        std::fs::create_dir(root.join("real")).unwrap();
+        std::fs::write(root.join("real/base"), b"x").unwrap();
+        std::os::unix::fs::symlink(root.join("real"), root.join("swapped")).unwrap();
+        std::os::unix::fs::symlink(root.join("real/base"), root.join("link")).unwrap();
+        assert_eq!(
+            FileStorage::open_named(&root.join("real/base"))
+                .unwrap()
+                .len(),
+            1
+        );
+
+        let e = FileStorage::open_named(&root.join("swapped/base")).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Denied, "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{} changed while being opened (the file opened is {})",
+                root.join("swapped/base").display(),
+                root.join("real/base").display()
+            )
+        );
+        let e = FileStorage::open_named(&root.join("link")).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Denied, "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{} changed while being opened (it is now a symbolic link)",
+                root.join("link").display()
+            )
+        );
+        let e = FileStorage::open_named(&root.join("real")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{} is not a regular file", root.join("real").display())
+        );
     }
 }

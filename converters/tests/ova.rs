@@ -373,3 +373,138 @@ fn refuses_an_ova_nested_in_an_ova() {
         "itself an OVA",
     );
 }
+
+/// Sets the size field of the tar header at `offset` of `path` (recomputing its checksum).
+fn set_tar_size(path: &Path, offset: u64, size: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut h = tar::Header::new_old();
+    f.read_exact_at(h.as_mut_bytes(), offset).unwrap();
+    h.set_size(size);
+    h.set_cksum();
+    f.write_all_at(h.as_bytes(), offset).unwrap();
+}
+
+/// A PAX extended header ('x') member holding `records`, as a 512-byte-padded block run.
+fn pax_member(records: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (k, v) in records {
+        // "%d %s=%s\n", the length counting its own digits.
+        let rest = format!(" {k}={v}\n");
+        let mut n = rest.len() + 1;
+        while (n.to_string().len() + rest.len()) != n {
+            n += 1;
+        }
+        body.extend_from_slice(format!("{n}{rest}").as_bytes());
+    }
+    let mut h = tar::Header::new_ustar();
+    h.set_path("PaxHeaders/x").unwrap();
+    h.set_entry_type(tar::EntryType::XHeader);
+    h.set_size(body.len() as u64);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out.resize(out.len().next_multiple_of(512), 0);
+    out
+}
+
+const LONG_OVF: &str = "a-descriptor-name-longer-than-the-100-bytes-of-a-ustar-name-field-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx.ovf";
+
+#[test]
+fn a_huge_extension_header_is_refused_before_it_is_read() {
+    let d = tmpdir();
+    let disk = vec![7u8; MIB as usize];
+    // A GNU long name ('L') before the descriptor: tar::Builder writes one for a name over 100 bytes.
+    let gnu = p(d.path(), "gnu.ova");
+    make_tar(
+        &gnu,
+        &[
+            (LONG_OVF, one_disk("disk.img", "1048576")),
+            ("disk.img", disk.clone()),
+        ],
+    );
+    // A PAX extended header ('x') naming the descriptor.
+    let pax = p(d.path(), "pax.ova");
+    let mut bytes = pax_member(&[("path", "vm.ovf")]);
+    make_tar(
+        &p(d.path(), "rest.tar"),
+        &[
+            ("short.ovf", one_disk("disk.img", "1048576")),
+            ("disk.img", disk),
+        ],
+    );
+    bytes.extend_from_slice(&std::fs::read(p(d.path(), "rest.tar")).unwrap());
+    std::fs::write(&pax, bytes).unwrap();
+
+    const CLAIM: u64 = 6 << 30;
+    for (ova, what) in [
+        (&gnu, "GNU long name ('L')"),
+        (&pax, "PAX extended header ('x')"),
+    ] {
+        // Both open as made.
+        let src = open_path(ova, Some(Format::Ova), &OpenGate::new()).unwrap();
+        assert_eq!(src.virtual_size(), MIB);
+        // The extension member claims 6 GiB, and the file really holds that many (sparse) bytes after it, so a
+        // reader that believed the claim would allocate 6 GiB.
+        set_tar_size(ova, 0, CLAIM);
+        let f = std::fs::OpenOptions::new().write(true).open(ova).unwrap();
+        f.set_len(512 + CLAIM + 1024).unwrap();
+        let t = std::time::Instant::now();
+        let e = open_path(ova, Some(Format::Ova), &OpenGate::new())
+            .err()
+            .expect("a 6 GiB extension header must be refused");
+        let took = t.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(1),
+            "refusal took {took:?}"
+        );
+        assert_eq!(e.kind(), imgshift_converters::ErrorKind::Limit, "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "ova image exceeds a limit: the {what} member at offset 0 is {CLAIM} bytes (at most 65536)"
+            )
+        );
+    }
+}
+
+#[test]
+fn long_names_and_pax_sizes_name_and_size_members() {
+    let d = tmpdir();
+    let disk = vec![9u8; 2 * MIB as usize];
+    let href = format!("{}/disk.img", "d".repeat(150));
+    let ova = p(d.path(), "vm.ova");
+    // The descriptor's long name comes in a GNU 'L' member (tar::Builder writes one).
+    make_tar(&ova, &[(LONG_OVF, one_disk(&href, "2097152"))]);
+    let mut bytes = std::fs::read(&ova).unwrap();
+    // Cut the end-of-archive blocks, then the disk: a PAX header gives its name and size; the ustar header's
+    // own name and size field (0) are overridden.
+    let end = bytes.len() - 1024;
+    bytes.truncate(end);
+    let size = disk.len().to_string();
+    bytes.extend_from_slice(&pax_member(&[("path", &href), ("size", &size)]));
+    let mut h = tar::Header::new_ustar();
+    h.set_path("short.img").unwrap();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(0);
+    h.set_cksum();
+    bytes.extend_from_slice(h.as_bytes());
+    bytes.extend_from_slice(&disk);
+    bytes.extend_from_slice(&[0u8; 1024]);
+    std::fs::write(&ova, bytes).unwrap();
+
+    let pkg = OvaPackage::open(Arc::new(FileStorage::open(&ova).unwrap())).unwrap();
+    assert_eq!(pkg.descriptor_name(), LONG_OVF);
+    let disks = pkg.disks();
+    assert_eq!(disks.len(), 1);
+    assert_eq!(disks[0].file_name, href);
+    assert_eq!(disks[0].size, 2 * MIB);
+    let src = pkg.open_boot_disk(&OpenGate::new()).unwrap();
+    let mut got = vec![0u8; disk.len()];
+    src.read_at(&mut got, 0).unwrap();
+    assert_eq!(got, disk);
+}

@@ -392,9 +392,9 @@ def ovf(href="disk1.vmdk", size=None, capacity=CAPACITY, file_extra="", prolog="
 """.encode()
 
 
-def tar(members):
+def tar(members, format=tarfile.USTAR_FORMAT):
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
+    with tarfile.open(fileobj=buf, mode="w", format=format) as t:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -417,7 +417,25 @@ case("ova-dtd", "ova", tar([("vm.ovf", ovf(prolog='\n<!DOCTYPE Envelope [<!ENTIT
 bad_tar = bytearray(good_ova)
 bad_tar[148:156] = b"0000000\x00"  # the first member's header checksum
 case("ova-tar-checksum", "ova", bad_tar, "tar")
-case("ova-descriptor-size-huge", "ova", put(good_ova, 124, "12s", b"77777777777\x00"), "descriptor")
+
+
+def tar_size(data, off, size):
+    """Sets the size field of the tar header at `off` (11 octal digits and a NUL) and recomputes its checksum."""
+    assert size < 8 << 30
+    d = put(data, off + 124, "12s", b"%011o\x00" % size)
+    d[off + 148:off + 156] = b"        "
+    return put(d, off + 148, "8s", b"%06o\x00 " % sum(d[off:off + 512]))
+
+
+case("ova-descriptor-size-huge", "ova", tar_size(good_ova, 0, (8 << 30) - 1), "descriptor is 8589934591 bytes")
+# An extension header (a GNU long name, a PAX record set) claiming 8 GiB - 1: refused before any of it is read.
+LONG = "a-descriptor-name-longer-than-the-100-bytes-of-a-ustar-name-field-" + "x" * 40 + ".ovf"
+gnu_ova = tar([(LONG, ovf()), ("disk1.vmdk", DISK)], tarfile.GNU_FORMAT)
+assert gnu_ova[156:157] == b"L"
+case("ova-gnu-long-name-huge", "ova", tar_size(gnu_ova, 0, (8 << 30) - 1), "GNU long name ('L') member at offset 0 is 8589934591 bytes")
+pax_ova = tar([(LONG, ovf()), ("disk1.vmdk", DISK)], tarfile.PAX_FORMAT)
+assert pax_ova[156:157] == b"x"
+case("ova-pax-header-huge", "ova", tar_size(pax_ova, 0, (8 << 30) - 1), "PAX extended header ('x') member at offset 0 is 8589934591 bytes")
 
 with open(os.path.join(OUT, "manifest.tsv"), "w") as f:
     for row in MANIFEST:

@@ -11,9 +11,9 @@
 //! Refused: a first member that is not `.ovf`, hrefs naming anything but a member (URLs, absolute paths, `..`),
 //! missing or duplicate members, compressed (`ovf:compression`) or chunked (`ovf:chunkSize`) files, a member
 //! whose size differs from `ovf:size`, a disk whose virtual size differs from its `ovf:capacity`, DTDs in the
-//! descriptor (roxmltree refuses them), and archives past the bounds below.
+//! descriptor (roxmltree refuses them), tar extension members (GNU long names, PAX records) larger than
+//! `MAX_EXTENSION_BYTES`, and archives past the other bounds below.
 
-use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -28,6 +28,12 @@ const FMT: &str = "ova";
 pub const MAX_DESCRIPTOR_BYTES: u64 = 16 << 20;
 /// Most tar members walked.
 pub const MAX_MEMBERS: usize = 4096;
+/// Most tar headers walked: members, folders, and the extension headers before them (at most three each).
+pub const MAX_TAR_HEADERS: usize = 4 * MAX_MEMBERS;
+/// Largest GNU long-name/long-link ('L'/'K') or PAX extended header ('x'/'g') member: a path is at most
+/// PATH_MAX (4096) bytes and PAX records are a few hundred (POSIX.1-2008 pax, "pax Extended Header"; GNU tar
+/// manual, "GNU tar and POSIX tar"). Checked before any of it is read.
+pub const MAX_EXTENSION_BYTES: u64 = 64 << 10;
 /// Most disks in one descriptor (AWS VM Import refuses more than 22 volumes anyway).
 pub const MAX_DISKS: usize = 256;
 /// Most XML nodes parsed in the descriptor.
@@ -72,72 +78,201 @@ pub struct OvaPackage {
     disks: Vec<(OvaDisk, Member)>,
 }
 
-/// `Read + Seek` over a `Storage`, for the tar crate.
-struct StorageReader<'a> {
-    storage: &'a dyn Storage,
-    pos: u64,
-}
-
-impl Read for StorageReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let avail = self.storage.len().saturating_sub(self.pos);
-        let n = usize::try_from(avail).unwrap_or(usize::MAX).min(buf.len());
-        if n == 0 {
-            return Ok(0);
-        }
-        self.storage
-            .read_exact_at(&mut buf[..n], self.pos)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-
-impl Seek for StorageReader<'_> {
-    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
-        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek out of range");
-        self.pos = match to {
-            SeekFrom::Start(n) => n,
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d).ok_or_else(bad)?,
-            SeekFrom::End(d) => self.storage.len().checked_add_signed(d).ok_or_else(bad)?,
-        };
-        Ok(self.pos)
-    }
-}
+/// The tar block: every header is one, every member's data is padded to a multiple (POSIX.1-2008 pax, "ustar
+/// Interchange Format").
+const TAR_BLOCK: u64 = 512;
 
 /// Walks the tar headers: regular members in archive order.
+///
+/// Headers are read one 512-byte block at a time; the `tar` crate only decodes each block's fields. Its own
+/// walker reads the whole of every extension member (GNU 'L'/'K', PAX 'x'/'g') into memory, whatever size the
+/// header claims, so it is not used. Like it, a PAX `path` or GNU long name renames the next member, a PAX `size`
+/// overrides the next header's size field, and an all-zero block ends the archive.
 fn list_members(storage: &dyn Storage) -> Result<Vec<Member>> {
-    let tar_err = |e: std::io::Error| Error::invalid(FMT, format!("tar: {e}"));
-    let mut archive = tar::Archive::new(StorageReader { storage, pos: 0 });
+    let tar_err = |pos: u64, e: std::io::Error| {
+        Error::invalid(FMT, format!("tar header at offset {pos}: {e}"))
+    };
     let mut out = Vec::new();
-    for entry in archive.entries_with_seek().map_err(tar_err)? {
-        let entry = entry.map_err(tar_err)?;
-        let kind = entry.header().entry_type();
-        if kind.is_dir() || kind.is_pax_global_extensions() {
-            continue;
+    let mut pos = 0u64;
+    let mut headers = 0usize;
+    // Extension members describing the next member.
+    let mut long_name: Option<Vec<u8>> = None;
+    let mut long_link = false;
+    let mut pax: Option<Vec<u8>> = None;
+    loop {
+        // The end of the file at a block boundary ends the archive (no end-of-archive blocks), as in the tar crate.
+        if pos >= storage.len() {
+            break;
         }
-        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        if !(kind.is_file() || kind.is_contiguous()) {
-            return Err(Error::unsupported(
+        if pos.saturating_add(TAR_BLOCK) > storage.len() {
+            return Err(Error::invalid(
                 FMT,
-                format!(
-                    "member '{name}' is not a regular file (tar type {:?})",
-                    kind.as_byte() as char
-                ),
+                format!("tar header at offset {pos}: cut short by the end of the file"),
             ));
         }
-        if out.len() >= MAX_MEMBERS {
+        let mut header = tar::Header::new_old();
+        storage.read_exact_at(header.as_mut_bytes(), pos)?;
+        let block = header.as_bytes();
+        if block.iter().all(|b| *b == 0) {
+            break;
+        }
+        headers += 1;
+        if headers > MAX_TAR_HEADERS {
             return Err(Error::limit(
                 FMT,
-                format!("more than {MAX_MEMBERS} members"),
+                format!("more than {MAX_TAR_HEADERS} tar headers"),
             ));
         }
-        let name = name.strip_prefix("./").unwrap_or(&name).to_string();
-        out.push(Member {
-            name,
-            offset: entry.raw_file_position(),
-            size: entry.size(),
-        });
+        // Checksum (ustar "chksum"): the unsigned byte sum with the checksum field itself read as 8 spaces.
+        let sum: u32 = block
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                if (148..156).contains(&i) {
+                    32
+                } else {
+                    u32::from(*b)
+                }
+            })
+            .sum();
+        if header.cksum().map_err(|e| tar_err(pos, e))? != sum {
+            return Err(Error::invalid(
+                FMT,
+                format!("tar header at offset {pos}: checksum mismatch"),
+            ));
+        }
+        let kind = header.entry_type();
+        let extension = if kind.is_gnu_longname() {
+            Some("GNU long name ('L')")
+        } else if kind.is_gnu_longlink() {
+            Some("GNU long link ('K')")
+        } else if kind.is_pax_local_extensions() {
+            Some("PAX extended header ('x')")
+        } else if kind.is_pax_global_extensions() {
+            Some("PAX global header ('g')")
+        } else {
+            None
+        };
+        let data = pos + TAR_BLOCK;
+        let mut size = header.entry_size().map_err(|e| tar_err(pos, e))?;
+        match extension {
+            Some(what) => {
+                if size > MAX_EXTENSION_BYTES {
+                    return Err(Error::limit(
+                        FMT,
+                        format!(
+                            "the {what} member at offset {pos} is {size} bytes (at most {MAX_EXTENSION_BYTES})"
+                        ),
+                    ));
+                }
+                let twice = || {
+                    Error::invalid(
+                        FMT,
+                        format!("tar header at offset {pos}: a second {what} for the same member"),
+                    )
+                };
+                if kind.is_gnu_longname() || kind.is_pax_local_extensions() {
+                    let slot = if kind.is_gnu_longname() {
+                        &mut long_name
+                    } else {
+                        &mut pax
+                    };
+                    if slot.is_some() {
+                        return Err(twice());
+                    }
+                    if data.saturating_add(size) > storage.len() {
+                        return Err(Error::invalid(
+                            FMT,
+                            format!(
+                                "tar header at offset {pos}: the {what} runs past the end of the file"
+                            ),
+                        ));
+                    }
+                    // At most MAX_EXTENSION_BYTES, checked above.
+                    let mut bytes = vec![0u8; size as usize];
+                    storage.read_exact_at(&mut bytes, data)?;
+                    *slot = Some(bytes);
+                } else if kind.is_gnu_longlink() {
+                    if long_link {
+                        return Err(twice());
+                    }
+                    long_link = true;
+                }
+                // A global header applies to the rest of the archive; none of its keys matters here.
+            }
+            None => {
+                let mut pax_path = None;
+                if let Some(records) = pax.as_deref() {
+                    for record in tar::PaxExtensions::new(records) {
+                        let record = record.map_err(|e| tar_err(pos, e))?;
+                        match record.key_bytes() {
+                            b"path" => pax_path = Some(record.value_bytes()),
+                            b"size" => {
+                                size = record
+                                    .value()
+                                    .ok()
+                                    .and_then(|v| v.parse::<u64>().ok())
+                                    .ok_or_else(|| {
+                                        Error::invalid(
+                                            FMT,
+                                            format!("tar header at offset {pos}: bad PAX size"),
+                                        )
+                                    })?;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                let name_bytes = match (&long_name, pax_path) {
+                    (Some(long), _) => long.strip_suffix(&[0]).unwrap_or(long),
+                    (None, Some(path)) => path,
+                    (None, None) => &header.path_bytes(),
+                };
+                let name = String::from_utf8_lossy(name_bytes).into_owned();
+                long_name = None;
+                long_link = false;
+                pax = None;
+                if kind.is_dir() {
+                    // folders hold no data
+                } else if !(kind.is_file() || kind.is_contiguous()) {
+                    return Err(Error::unsupported(
+                        FMT,
+                        format!(
+                            "member '{name}' is not a regular file (tar type {:?})",
+                            kind.as_byte() as char
+                        ),
+                    ));
+                } else {
+                    if out.len() >= MAX_MEMBERS {
+                        return Err(Error::limit(
+                            FMT,
+                            format!("more than {MAX_MEMBERS} members"),
+                        ));
+                    }
+                    let name = name.strip_prefix("./").unwrap_or(&name).to_string();
+                    out.push(Member {
+                        name,
+                        offset: data,
+                        size,
+                    });
+                }
+            }
+        }
+        let padded = size
+            .checked_next_multiple_of(TAR_BLOCK)
+            .and_then(|s| data.checked_add(s));
+        pos = padded.ok_or_else(|| {
+            Error::invalid(
+                FMT,
+                format!("tar header at offset {pos}: size {size} overflows"),
+            )
+        })?;
+    }
+    if long_name.is_some() || long_link || pax.is_some() {
+        return Err(Error::invalid(
+            FMT,
+            "tar: the archive ends with an extension header that describes no member",
+        ));
     }
     Ok(out)
 }
