@@ -159,18 +159,6 @@ impl OpenGate {
         Ok((Arc::new(storage), child))
     }
 
-    /// Opens a file named inside an image for a *sibling* role (a VMDK extent of the same image): same rules,
-    /// but it does not deepen the chain.
-    pub fn open_sibling(
-        &self,
-        referrer: &Path,
-        name: &str,
-        what: &str,
-    ) -> Result<Arc<dyn Storage>> {
-        let canon = self.resolve(referrer, name, what)?;
-        Ok(Arc::new(open_checked(&canon, name, what)?))
-    }
-
     /// Whether the canonical path `canon` lies inside a folder the user trusted with `--allow-dir`. Formats
     /// with rules stricter than "the image's own folder" (VMDK extent names) let such files pass them.
     pub fn is_in_allowed_dir(&self, canon: &Path) -> bool {

@@ -107,7 +107,10 @@ impl ExtentFiles {
                 ),
             ));
         }
-        Ok(Arc::new(FileStorage::open(&canon)?))
+        // Opened without following a symlink swapped in since the check, and only if it is a regular file.
+        let st = FileStorage::open_named(&canon)
+            .map_err(|e| e.context(format!("VMDK extent '{name}'")))?;
+        Ok(Arc::new(st))
     }
 
     /// The default rule: `name` (as written) and `canon` (the file it resolved to) are both an own extent of
