@@ -243,24 +243,42 @@ impl Dyn {
 
 /// Makes `child` (a dynamic VHD) a differencing disk of `parent_uuid` whose W2ru locator says `locator`.
 fn make_differencing(child: &mut Dyn, parent_uuid: [u8; 16], locator: &str) {
+    make_differencing_named(child, parent_uuid, &[locator], "");
+}
+
+/// Makes `child` (a dynamic VHD) a differencing disk of `parent_uuid` with one W2ru locator per name in
+/// `locators` (at most 8, each given 512 bytes before the trailing footer) and the parent name `parent_name`.
+fn make_differencing_named(
+    child: &mut Dyn,
+    parent_uuid: [u8; 16],
+    locators: &[&str],
+    parent_name: &str,
+) {
+    assert!(locators.len() <= 8);
     let n = child.bytes.len();
     let footer = child.bytes[n - 512..].to_vec();
-    let loc_off = n - 512;
-    let mut loc = vec![0u8; 512];
-    for (i, u) in locator.encode_utf16().enumerate() {
-        loc[2 * i..2 * i + 2].copy_from_slice(&u.to_le_bytes());
+    child.bytes.truncate(n - 512);
+    let h = child.header_off();
+    for (i, locator) in locators.iter().enumerate() {
+        let loc_off = child.bytes.len();
+        let mut loc = vec![0u8; 512];
+        for (j, u) in locator.encode_utf16().enumerate() {
+            loc[2 * j..2 * j + 2].copy_from_slice(&u.to_le_bytes());
+        }
+        child.bytes.extend_from_slice(&loc);
+        let e = h + 576 + 24 * i;
+        child.bytes[e..e + 4].copy_from_slice(b"W2ru");
+        child.put32(e + 4, 1);
+        child.put32(e + 8, (locator.encode_utf16().count() * 2) as u32);
+        child.bytes[e + 16..e + 24].copy_from_slice(&(loc_off as u64).to_be_bytes());
     }
-    child.bytes.truncate(loc_off);
-    child.bytes.extend_from_slice(&loc);
     child.bytes.extend_from_slice(&footer);
     child.put32(60, 4); // disk type: differencing
-    let h = child.header_off();
     child.bytes[h + 40..h + 56].copy_from_slice(&parent_uuid);
-    let e = h + 576;
-    child.bytes[e..e + 4].copy_from_slice(b"W2ru");
-    child.put32(e + 4, 1);
-    child.put32(e + 8, (locator.encode_utf16().count() * 2) as u32);
-    child.bytes[e + 16..e + 24].copy_from_slice(&(loc_off as u64).to_be_bytes());
+    // parent name: UTF-16BE
+    for (j, u) in parent_name.encode_utf16().enumerate() {
+        child.bytes[h + 64 + 2 * j..h + 66 + 2 * j].copy_from_slice(&u.to_be_bytes());
+    }
     child.reseal();
 }
 
@@ -480,4 +498,176 @@ fn refuses_mutated_images_quickly() {
         eprintln!("{what}: {}", r.err().unwrap());
         assert!(t.elapsed().as_secs() < 2, "{what} took {:?}", t.elapsed());
     }
+}
+
+/// A dynamic VHD of 4 MiB made by qemu-img.
+fn small_dynamic(dir: &Path, name: &str) -> Dyn {
+    let path = p(dir, name);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=dynamic",
+        path.to_str().unwrap(),
+        "4M",
+    ]);
+    Dyn::load(&path)
+}
+
+/// Gives `d` the unique id `id` (footer copies re-summed).
+fn set_unique_id(d: &mut Dyn, id: [u8; 16]) {
+    d.bytes[68..84].copy_from_slice(&id);
+    d.reseal();
+}
+
+#[test]
+fn parent_candidates_are_chosen_by_footer_without_backtracking() {
+    let d = tmpdir();
+    let id = [0x5a; 16];
+    // 20 differencing disks, all with the unique id each names as its parent, each naming the next 8 by locator
+    // and the 9th after by parent name. The reader that opened every candidate's whole chain before comparing
+    // ids, and tried the next candidate after any deeper failure, walked every loop-free path through this set
+    // (far more than 10^9 opens). Choosing by footer and committing gives one path r00 -> r01 -> ... -> r19,
+    // whose 9 candidates all make loops: one error, after 20 opens and 9 refusals by the gate.
+    let n = 20;
+    let name = |i: usize| format!("r{:02}.vhd", i % n);
+    for i in 0..n {
+        let mut r = small_dynamic(d.path(), &name(i));
+        set_unique_id(&mut r, id);
+        let locators: Vec<String> = (1..=8).map(|k| name(i + k)).collect();
+        let locators: Vec<&str> = locators.iter().map(String::as_str).collect();
+        make_differencing_named(&mut r, id, &locators, &name(i + 9));
+        r.save(&p(d.path(), &name(i)));
+    }
+    let e = open_path(&p(d.path(), &name(0)), Some(Format::Vpc), &OpenGate::new())
+        .err()
+        .expect("a ring of differencing disks has no base");
+    let msg = e.to_string();
+    eprintln!("{msg}");
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{msg}");
+    assert!(
+        msg.contains("cannot open the parent of differencing VHD")
+            && msg.contains("r19.vhd")
+            && msg.contains("'r08.vhd' makes a loop in the backing chain"),
+        "{msg}"
+    );
+    // the path is named once per level, never nested per candidate
+    assert!(msg.len() < 4000, "{} bytes: {msg}", msg.len());
+
+    // Candidates that are missing or carry another unique id are passed over by their footer alone...
+    let parent = small_dynamic(d.path(), "parent.vhd");
+    let mut other = small_dynamic(d.path(), "other.vhd");
+    set_unique_id(&mut other, [0x11; 16]);
+    other.save(&p(d.path(), "other.vhd"));
+    let child = p(d.path(), "child.vhd");
+    let mut c = small_dynamic(d.path(), "child.vhd");
+    make_differencing_named(
+        &mut c,
+        parent.uuid(),
+        &["missing.vhd", "other.vhd", "parent.vhd"],
+        "",
+    );
+    c.save(&child);
+    let img = open_path(&child, Some(Format::Vpc), &OpenGate::new()).unwrap();
+    assert_eq!(img.info().backing_filename.as_deref(), Some("parent.vhd"));
+    // ...but the first one that matches is the parent: its own failure is the error, no other is tried.
+    let mut broken = small_dynamic(d.path(), "broken.vhd");
+    set_unique_id(&mut broken, parent.uuid());
+    make_differencing_named(&mut broken, [0x22; 16], &["gone.vhd"], "");
+    broken.save(&p(d.path(), "broken.vhd"));
+    let mut c = small_dynamic(d.path(), "child.vhd");
+    make_differencing_named(&mut c, parent.uuid(), &["broken.vhd", "parent.vhd"], "");
+    c.save(&child);
+    let e = open_path(&child, Some(Format::Vpc), &OpenGate::new())
+        .err()
+        .expect("the matching candidate's parent is missing");
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with("VHD parent 'broken.vhd': cannot open the parent of differencing VHD")
+            && msg.contains("gone.vhd"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn refuses_blocks_that_share_bytes() {
+    let d = tmpdir();
+    let raw = p(d.path(), "x.raw");
+    make_raw(&raw, 6 * MIB, &[(0, MIB), (2 * MIB, MIB)], &[]);
+    let img = p(d.path(), "d.vhd");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vpc",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    let base = Dyn::load(&img);
+    let bat = base.bat_off();
+    let (b0, b1) = (base.be32(bat), base.be32(bat + 4));
+    assert!(b0 != u32::MAX && b1 != u32::MAX && base.be32(bat + 8) == u32::MAX);
+
+    // BAT entry 0 copied onto entry 2: two guest blocks read one stored block.
+    let mut shared = base.clone();
+    shared.put32(bat + 8, b0);
+    let e = open_bytes(shared.bytes).err().expect("shared block");
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(
+        e.to_string().contains(&format!(
+            "BAT entries 0 and 2 share the block at sector {b0}"
+        )),
+        "{e}"
+    );
+
+    // entry 1 moved one sector into block 0: its bitmap would be block 0's bytes
+    let mut overlapping = base.clone();
+    overlapping.put32(bat + 4, b0 + 1);
+    let e = open_bytes(overlapping.bytes)
+        .err()
+        .expect("overlapping blocks");
+    assert!(
+        e.to_string().contains(&format!(
+            "BAT entries 0 and 1 overlap: their blocks at sectors {b0} and {}",
+            b0 + 1
+        )),
+        "{e}"
+    );
+
+    // every entry of a 2040 GiB disk on one block whose bitmap alternates bit by bit: as a differencing disk,
+    // 2^32 extents from a file of 6 MiB; refused when opened, before anything is mapped
+    let mut flood = base.clone();
+    flood.bytes[28..32].copy_from_slice(b"qem2");
+    flood.bytes[48..56].copy_from_slice(&(2040u64 << 30).to_be_bytes());
+    let h = flood.header_off();
+    let entries = (2040u64 << 30) / (2 * MIB);
+    flood.put32(h + 28, entries as u32);
+    let table = h + 1024;
+    flood.bytes[h + 16..h + 24].copy_from_slice(&(table as u64).to_be_bytes());
+    let mut bytes = flood.bytes[..table].to_vec();
+    for _ in 0..entries {
+        bytes.extend_from_slice(&0u32.to_be_bytes());
+    }
+    let block = bytes.len().div_ceil(512);
+    bytes.resize(block * 512, 0);
+    for i in 0..entries as usize {
+        bytes[table + 4 * i..table + 4 * i + 4].copy_from_slice(&(block as u32).to_be_bytes());
+    }
+    bytes.extend_from_slice(&vec![0x55; 512]);
+    bytes.extend_from_slice(&vec![0u8; 2 * MIB as usize]);
+    bytes.extend_from_slice(&[0u8; 512]);
+    let mut flood = Dyn { bytes };
+    flood.reseal();
+    let e = open_bytes(flood.bytes)
+        .err()
+        .expect("one block for every entry");
+    assert!(
+        e.to_string().contains(&format!(
+            "BAT entries 0 and 1 share the block at sector {block}"
+        )),
+        "{e}"
+    );
 }

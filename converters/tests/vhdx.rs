@@ -377,11 +377,12 @@ fn replays_a_dirty_log_in_memory() {
     let bat = region_offset(&img, &BAT_GUID);
     let file_len = std::fs::metadata(&img).unwrap().len();
     let mut sector = read(&img, bat, 4096);
+    let block0 = u64_at(&sector, 0);
     let block2 = u64_at(&sector, 16);
     assert_eq!(block2 & 7, 6);
-    // block 0 becomes ZERO, block 5 points at block 2's data; the first 4 KiB of block 2's data are zeroed.
+    // block 0 becomes ZERO, block 5 takes over block 0's data; the first 4 KiB of block 2's data are zeroed.
     sector[0..8].copy_from_slice(&2u64.to_le_bytes());
-    sector[40..48].copy_from_slice(&block2.to_le_bytes());
+    sector[40..48].copy_from_slice(&block0.to_le_bytes());
     let guid = Guid::random().0;
     let entry = log_entry(
         &guid,
@@ -731,4 +732,128 @@ fn rejects_bad_images() {
         make_differencing(&f, &pairs);
         assert_refused(&f, name);
     }
+}
+
+/// `entry` (from `log_entry`) with LastFileOffset set to `last` and its checksum redone.
+fn with_last_file_offset(mut entry: Vec<u8>, last: u64) -> Vec<u8> {
+    entry[56..64].copy_from_slice(&last.to_le_bytes());
+    entry[4..8].fill(0);
+    let crc = checksum(&entry, 4);
+    entry[4..8].copy_from_slice(&crc.to_le_bytes());
+    entry
+}
+
+#[test]
+fn log_last_file_offset_does_not_lengthen_the_file() {
+    let d = tmpdir();
+    let guid = Guid::random().0;
+    let far = 1u64 << 30;
+    // A log whose LastFileOffset says 2 GiB and whose BAT update points block 5 at 1 GiB: nothing is stored
+    // there, so the block lies outside the file whatever LastFileOffset claims (it used to read as zeros, and
+    // a BAT or metadata region could sit out there as well).
+    let img = small_qemu_image(d.path(), "far.vhdx", "");
+    let bat = region_offset(&img, &BAT_GUID);
+    let file_len = std::fs::metadata(&img).unwrap().len();
+    let log_off = u64_at(&read(&img, 64 * 1024, 80), 72);
+    let mut sector = read(&img, bat, 4096);
+    sector[40..48].copy_from_slice(&((far / MIB) << 20 | 6).to_le_bytes());
+    let entry = log_entry(&guid, 3, file_len, &[(bat, sector.clone())], &[]);
+    put(&img, log_off, &with_last_file_offset(entry, 2 * far));
+    patch_headers(&img, 48, &guid);
+    let e = open_and_read_all(&img).expect_err("block 5 is past the end");
+    assert!(
+        e.to_string().contains(&format!(
+            "block 5 at file offset {far} is outside the file ({file_len} bytes)"
+        )),
+        "{e}"
+    );
+
+    // The same with a zero descriptor over block 5's megabyte: the log writes there, so the replayed file
+    // reaches it (as qemu's replay would extend the file) and block 5 reads as zeros.
+    let img = small_qemu_image(d.path(), "zeroed.vhdx", "");
+    let entry = log_entry(&guid, 3, file_len, &[(bat, sector)], &[(far, MIB)]);
+    put(&img, log_off, &with_last_file_offset(entry, 2 * far));
+    patch_headers(&img, 48, &guid);
+    open_and_read_all(&img).unwrap();
+    let copy = p(d.path(), "zeroed-qemu.vhdx");
+    std::fs::copy(&img, &copy).unwrap();
+    let _ = qemu_img_status(&["check", "-r", "all", "-f", "vhdx", copy.to_str().unwrap()]);
+    let out = p(d.path(), "zeroed.raw");
+    to_raw_with_imgshift(&img, &out);
+    assert_same(&out, "raw", &copy, "vhdx");
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), file_len);
+
+    // A descriptor past LastFileOffset (and the file) is refused, as before.
+    let img = small_qemu_image(d.path(), "beyond.vhdx", "");
+    let entry = log_entry(&guid, 3, file_len, &[], &[(far, MIB)]);
+    put(&img, log_off, &with_last_file_offset(entry, far));
+    patch_headers(&img, 48, &guid);
+    let e = open_and_read_all(&img).expect_err("write past LastFileOffset");
+    assert!(
+        e.to_string().contains(&format!(
+            "log entry 3 writes {MIB} bytes at {far}, outside the file's metadata and data"
+        )),
+        "{e}"
+    );
+}
+
+#[test]
+fn refuses_bat_entries_that_share_a_block() {
+    let d = tmpdir();
+    // payload: qemu's image has data in blocks 0, 2 and 3; block 0's entry copied onto block 2's
+    let img = small_qemu_image(d.path(), "shared.vhdx", "");
+    let bat = region_offset(&img, &BAT_GUID);
+    let e0 = read(&img, bat, 8);
+    let block0 = u64_at(&e0, 0);
+    assert_eq!(block0 & 7, 6);
+    put(&img, bat + 16, &e0);
+    let e = open_vhdx(&img).err().expect("shared payload block");
+    assert!(
+        e.to_string().contains(&format!(
+            "BAT entries 0 (payload block 0) and 2 (payload block 2) both point at file offset {}",
+            (block0 >> 20) * MIB
+        )),
+        "{e}"
+    );
+
+    // sector bitmaps: a differencing disk of 8 GiB has two chunks (4 GiB of 512-byte sectors each); both bitmap
+    // entries name one 1 MiB bitmap block, which would map 2^23 sectors of each chunk from the same bits.
+    let child = p(d.path(), "child.vhdx");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        "-o",
+        "block_size=1M",
+        child.to_str().unwrap(),
+        "8G",
+    ]);
+    make_differencing(
+        &child,
+        &[
+            (
+                "parent_linkage",
+                "{00000000-0000-0000-0000-000000000000}".to_string(),
+            ),
+            ("relative_path", "parent.vhdx".to_string()),
+        ],
+    );
+    let bat = region_offset(&child, &BAT_GUID);
+    let len = std::fs::metadata(&child).unwrap().len();
+    let sb_off = len.div_ceil(MIB) * MIB;
+    put(&child, sb_off, &vec![0x55u8; MIB as usize]);
+    let sb_entry = ((sb_off / MIB) << 20 | 6).to_le_bytes();
+    // chunk ratio 4096: the bitmap entries are BAT entries 4096 and 8193
+    put(&child, bat + 4096 * 8, &sb_entry);
+    let e = open_vhdx(&child).err().expect("no parent.vhdx");
+    assert!(e.to_string().contains("parent.vhdx"), "{e}");
+    put(&child, bat + 8193 * 8, &sb_entry);
+    let e = open_vhdx(&child).err().expect("shared bitmap block");
+    assert!(
+        e.to_string().contains(&format!(
+            "BAT entries 4096 (sector bitmap of chunk 0) and 8193 (sector bitmap of chunk 1) both point at file offset {sb_off}"
+        )),
+        "{e}"
+    );
 }

@@ -170,6 +170,7 @@ case("vpc-dyn-max-entries-huge", "vpc", vhd_dyn(vd, 28, ">I", 0xFFFFFFFF), "entr
 case("vpc-dyn-bat-past-eof", "vpc", vhd_dyn(vd, 16, ">Q", 1 << 40), "past the end")
 bat = get(vd, 512 + 16, ">Q")
 case("vpc-dyn-block-past-eof", "vpc", put(vd, bat, ">I", 0x10000000), "past the end")
+case("vpc-dyn-bat-shared-block", "vpc", put(vd, bat + 4, ">I", get(vd, bat, ">I")), "share the block at sector")
 vdiff = vhd_footer(vd, 60, ">I", 4)
 case("vpc-dyn-differencing-without-parent", "vpc", vdiff, "parent")
 case("vpc-truncated", "vpc", vf[:300], "shorter")
@@ -272,6 +273,7 @@ case("vhdx-logical-sector-1024", "vhdx", put(x, ls_val, "<I", 1024), "sector siz
 case("vhdx-metadata-unknown-required", "vhdx", put(x, ds_entry, "16s", b"\x42" * 16), "metadata")
 case("vhdx-bat-reserved-state", "vhdx", put(x, bat_off, "<Q", 4), "reserved BAT state 4")
 case("vhdx-bat-block-past-eof", "vhdx", put(x, bat_off, "<Q", (1 << 30 << 20) | 6), "is outside the file")
+case("vhdx-bat-shared-payload-block", "vhdx", put(x, bat_off + 8, "<Q", get(x, bat_off, "<Q")), "both point at file offset")
 
 # ---------------------------------------------------------------------------------------------------- vmdk
 # Hosted sparse extent header (VMDK 5.0 "Header"), little-endian: magic 0, version 4, flags 8, capacity 12,

@@ -10,7 +10,8 @@
 //! allocated blocks are data whatever their sector bitmaps say; for differencing disks the bitmap decides,
 //! sector by sector, between this disk and its parent. Refused: bad footer or dynamic header checksums, block
 //! sizes outside 4 KiB..256 MiB, sparse disks above qemu's 2040 GiB, BAT entries whose block (bitmap + data)
-//! ends past the end of the file, and "Mac " alias / deprecated "Wi2r"/"Wi2k" parent locators (ignored).
+//! ends past the end of the file or overlaps another entry's block, and "Mac " alias / deprecated "Wi2r"/"Wi2k"
+//! parent locators (ignored).
 
 pub mod meta;
 mod writer;
@@ -55,24 +56,11 @@ impl VhdReader {
     /// Opens `storage` as a VHD. A differencing disk's parent is opened through `gate`.
     pub fn open(storage: Arc<dyn Storage>, gate: &OpenGate) -> Result<Self> {
         let len = storage.len();
-        if len < FOOTER_SIZE {
-            return Err(Error::invalid(
-                FMT,
-                "file is shorter than a 512-byte footer",
-            ));
-        }
-        // Spec "Hard Disk Footer Format": dynamic disks keep a copy of the footer at offset 0; fixed disks only
-        // have the one in the last sector. qemu reads the copy at 0 first, then the end.
-        let mut buf = [0u8; FOOTER_SIZE as usize];
-        storage.read_exact_at(&mut buf, 0)?;
-        if &buf[..8] != meta::COOKIE {
-            storage.read_exact_at(&mut buf, len - FOOTER_SIZE)?;
-        }
-        let footer = RawFooter::parse(&buf)?.validate()?;
+        let footer = read_footer(storage.as_ref())?;
         let virtual_size = footer.virtual_size();
         let sparse = match footer.disk_type {
             DiskType::Fixed => {
-                let data = len - FOOTER_SIZE;
+                let data = len.saturating_sub(FOOTER_SIZE);
                 if virtual_size > data {
                     return Err(Error::corrupt(
                         FMT,
@@ -107,8 +95,8 @@ impl VhdReader {
         self.footer.unique_id
     }
 
-    /// Tries each parent locator (relative ones first), then the parent's Unicode name; the first file that
-    /// opens as a VHD with the expected unique id wins.
+    /// Tries each parent locator (relative ones first), then the parent's Unicode name: the first file the gate
+    /// lets through whose footer carries the expected unique id is opened as the parent, with its own parents.
     fn open_parent(&self, gate: &OpenGate) -> Result<(Box<dyn DiskSource>, String)> {
         let Some(sparse) = &self.sparse else {
             return Err(Error::invalid(
@@ -162,38 +150,53 @@ impl VhdReader {
             ));
         }
         let want = sparse.header.parent_unique_id;
-        let mut failures: Vec<String> = Vec::new();
+        let mut failures = Failures::default();
         let mut kind = ErrorKind::Io;
+        // Rule: a candidate is chosen by its footer alone (it exists, the gate lets it through, its unique id is
+        // the one the child names); only the chosen one is opened with its own parents, and a failure there is
+        // the error. Trying the next candidate after a deeper failure would walk every path through a set of
+        // differencing disks whose locators name each other: exponential in their number.
         for name in &candidates {
-            let attempt = gate
-                .open(&referrer, name, "VHD parent")
-                .and_then(|(st, child_gate)| VhdReader::open(st, &child_gate));
-            match attempt {
-                Ok(parent) if parent.unique_id() == want => {
-                    return Ok((Box::new(parent), name.clone()));
-                }
-                Ok(parent) => {
-                    kind = ErrorKind::Corrupt;
-                    failures.push(format!(
-                        "'{name}' has unique id {}, the child expects {}",
-                        uuid::Uuid::from_bytes(parent.unique_id()),
-                        uuid::Uuid::from_bytes(want)
-                    ));
-                }
+            let shown = clip(name, MAX_QUOTED_NAME);
+            let (st, child_gate) = match gate.open(&referrer, name, "VHD parent") {
+                Ok(opened) => opened,
                 Err(e) => {
                     if e.kind() == ErrorKind::Denied || kind == ErrorKind::Io {
                         kind = e.kind();
                     }
-                    failures.push(e.to_string());
+                    failures.push(&e.to_string());
+                    continue;
                 }
+            };
+            let footer = match read_footer(st.as_ref()) {
+                Ok(f) => f,
+                Err(e) => {
+                    if kind == ErrorKind::Io {
+                        kind = e.kind();
+                    }
+                    failures.push(&format!("'{shown}': {e}"));
+                    continue;
+                }
+            };
+            if footer.unique_id != want {
+                kind = ErrorKind::Corrupt;
+                failures.push(&format!(
+                    "'{shown}' has unique id {}, the child expects {}",
+                    uuid::Uuid::from_bytes(footer.unique_id),
+                    uuid::Uuid::from_bytes(want)
+                ));
+                continue;
             }
+            let parent = VhdReader::open(st, &child_gate)
+                .map_err(|e| e.context(format!("VHD parent '{shown}'")))?;
+            return Ok((Box::new(parent), name.clone()));
         }
         Err(Error::new(
             kind,
             format!(
                 "cannot open the parent of differencing VHD {}: {}",
                 self.storage.name(),
-                failures.join("; ")
+                failures
             ),
         ))
     }
@@ -273,6 +276,71 @@ impl VhdReader {
     }
 }
 
+/// Reads and validates the footer: the copy at offset 0 when it has the cookie, else the last sector.
+fn read_footer(storage: &dyn Storage) -> Result<Footer> {
+    let len = storage.len();
+    if len < FOOTER_SIZE {
+        return Err(Error::invalid(
+            FMT,
+            "file is shorter than a 512-byte footer",
+        ));
+    }
+    // Spec "Hard Disk Footer Format": dynamic disks keep a copy of the footer at offset 0; fixed disks only
+    // have the one in the last sector. qemu reads the copy at 0 first, then the end.
+    let mut buf = [0u8; FOOTER_SIZE as usize];
+    storage.read_exact_at(&mut buf, 0)?;
+    if &buf[..8] != meta::COOKIE {
+        storage.read_exact_at(&mut buf, len - FOOTER_SIZE)?;
+    }
+    RawFooter::parse(&buf)?.validate()
+}
+
+/// Longest parent-candidate name quoted in a message, in characters (a locator may hold 32767).
+const MAX_QUOTED_NAME: usize = 200;
+/// Longest reason quoted for one failed parent candidate, in characters.
+const MAX_FAILURE_TEXT: usize = 600;
+/// Longest list of failed parent candidates in a message, in bytes.
+const MAX_FAILURES_TEXT: usize = 2000;
+
+/// `text`, cut to `max` characters.
+fn clip(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
+/// Why each parent candidate was passed over, as one `; `-separated text of bounded length.
+#[derive(Default)]
+struct Failures {
+    text: String,
+    left_out: usize,
+}
+
+impl Failures {
+    fn push(&mut self, why: &str) {
+        let why = clip(why, MAX_FAILURE_TEXT);
+        if self.text.len() + why.len() > MAX_FAILURES_TEXT {
+            self.left_out += 1;
+            return;
+        }
+        if !self.text.is_empty() {
+            self.text.push_str("; ");
+        }
+        self.text.push_str(&why);
+    }
+}
+
+impl std::fmt::Display for Failures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)?;
+        if self.left_out > 0 {
+            write!(f, "; and {} more", self.left_out)?;
+        }
+        Ok(())
+    }
+}
+
 /// Reads and validates the dynamic header and BAT.
 fn open_sparse(storage: &dyn Storage, footer: &Footer, virtual_size: u64) -> Result<Sparse> {
     let len = storage.len();
@@ -346,6 +414,7 @@ fn open_sparse(storage: &dyn Storage, footer: &Footer, virtual_size: u64) -> Res
         }
         bat.push(e);
     }
+    refuse_overlapping_blocks(&bat, bitmap_size + block_size)?;
     Ok(Sparse {
         header,
         header_offset,
@@ -354,6 +423,43 @@ fn open_sparse(storage: &dyn Storage, footer: &Footer, virtual_size: u64) -> Res
         bat,
         parent: None,
     })
+}
+
+/// Rule: each allocated BAT entry has its own block (bitmap + data, `span` bytes) that no other block overlaps. qemu
+/// and Windows append blocks one after another; blocks that share bytes would let one sector bitmap (of 0x55...)
+/// describe the extents of every block pointing at it, so a few MiB of file could map to billions of extents.
+/// With disjoint blocks, the extents follow the file size.
+fn refuse_overlapping_blocks(bat: &[u32], span: u64) -> Result<()> {
+    let mut blocks: Vec<(u64, usize)> = bat
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| **e != BAT_UNALLOCATED)
+        .map(|(i, e)| (u64::from(*e) * SECTOR, i))
+        .collect();
+    blocks.sort_unstable();
+    for w in blocks.windows(2) {
+        let [(a, ia), (b, ib)] = w else { continue };
+        if a == b {
+            return Err(Error::corrupt(
+                FMT,
+                format!(
+                    "BAT entries {ia} and {ib} share the block at sector {}",
+                    a / SECTOR
+                ),
+            ));
+        }
+        if a.saturating_add(span) > *b {
+            return Err(Error::corrupt(
+                FMT,
+                format!(
+                    "BAT entries {ia} and {ib} overlap: their blocks at sectors {} and {} are less than a block ({span} bytes) apart",
+                    a / SECTOR,
+                    b / SECTOR
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl DiskSource for VhdReader {
@@ -527,14 +633,7 @@ impl DiskSource for VhdReader {
                 }
             }
         }
-        for w in blocks.windows(2) {
-            if w[1].0 < w[0].0 + span {
-                r.corruption(format_args!(
-                    "blocks {} and {} overlap at offset {}",
-                    w[0].1, w[1].1, w[1].0
-                ));
-            }
-        }
+        // Blocks overlapping each other are refused when the disk is opened (`refuse_overlapping_blocks`).
         Ok(r)
     }
 }

@@ -194,6 +194,27 @@ impl Bat {
             .ok_or_else(|| Error::corrupt(FMT, format!("BAT index {index} is past its page")))
     }
 
+    /// Calls `f(index, entry)` for every entry in order, reading the table page by page past the cache, until
+    /// `f` returns false.
+    pub fn scan(&self, mut f: impl FnMut(u64, u64) -> bool) -> Result<()> {
+        let mut buf = Vec::new();
+        let mut first = 0;
+        while first < self.entries {
+            let count = PAGE_ENTRIES.min(self.entries - first);
+            // count <= PAGE_ENTRIES, so this is at most 64 KiB
+            buf.resize((count * 8) as usize, 0);
+            self.storage
+                .read_exact_at(&mut buf, self.region.offset + first * 8)?;
+            for (i, c) in (first..).zip(buf.chunks_exact(8)) {
+                if !f(i, u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))) {
+                    return Ok(());
+                }
+            }
+            first += count;
+        }
+        Ok(())
+    }
+
     fn page(&self, page_no: u64) -> Result<Arc<Vec<u64>>> {
         let mut pages = self
             .pages

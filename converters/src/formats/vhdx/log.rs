@@ -103,7 +103,14 @@ pub fn replay(storage: Arc<dyn Storage>, header: &Header) -> Result<Replay> {
             ),
         ));
     }
-    let len = file_len.max(head.last_file_offset);
+    // LastFileOffset is "a file size that all allocated file structures fit into" (MS-VHDX 2.3.1.1): no
+    // descriptor may write past it (or past the file, if that is longer). It is not the size the replayed file
+    // takes: qemu (block/vhdx-log.c vhdx_log_flush) grows the file only by the descriptors it writes, and
+    // truncates up only to round a LastFileOffset that is not a 1 MiB multiple. So the replayed file ends at the
+    // real end or at the end of the last descriptor's write, whichever is later; a LastFileOffset far past both
+    // cannot make regions or blocks that lie beyond the file look present.
+    let limit = file_len.max(head.last_file_offset);
+    let mut written_end = 0u64;
     let mut overlay = Overlay::default();
     for e in &entries {
         for c in &e.changes {
@@ -115,10 +122,10 @@ pub fn replay(storage: Arc<dyn Storage>, header: &Header) -> Result<Replay> {
                 offset: off,
                 length: n,
             };
-            if off < HEADER_SECTION_SIZE
-                || target.overlaps(&log)
-                || off.checked_add(n).is_none_or(|end| end > len)
-            {
+            let end = off.checked_add(n).filter(|&end| {
+                end <= limit && off >= HEADER_SECTION_SIZE && !target.overlaps(&log)
+            });
+            let Some(end) = end else {
                 return Err(Error::corrupt(
                     FMT,
                     format!(
@@ -126,10 +133,12 @@ pub fn replay(storage: Arc<dyn Storage>, header: &Header) -> Result<Replay> {
                         e.sequence
                     ),
                 ));
-            }
+            };
+            written_end = written_end.max(end);
             overlay.apply(c.clone());
         }
     }
+    let len = file_len.max(written_end);
     Ok(Replay {
         storage: Arc::new(Replayed {
             inner: storage,
@@ -358,7 +367,7 @@ impl Storage for Replayed {
                     ),
                 )
             })?;
-        // The log may have grown the file (LastFileOffset): bytes past the real end read as zeros.
+        // The log may have written past the real end: bytes there that it did not write read as zeros.
         self.inner.read_at_zero_fill(buf, offset)?;
         let first = self
             .overlay

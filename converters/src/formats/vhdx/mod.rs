@@ -5,7 +5,8 @@
 //! Read: fixed, dynamic and differencing files; logical sectors of 512 and 4096 bytes; every payload block state
 //! (UNDEFINED and UNMAPPED read as zeros, as qemu does); a non-empty log is replayed in memory, never written
 //! back. Parents are followed only by their `relative_path` locator, through the open gate, and must carry the
-//! DataWriteGuid the child names. Refused: unknown required regions or metadata items, non-VHDX parent types.
+//! DataWriteGuid the child names. Refused: unknown required regions or metadata items, non-VHDX parent types,
+//! BAT entries that share a payload or sector bitmap block.
 //!
 //! Write: dynamic (default) and fixed, block size 1..256 MiB, logical sector 512 or 4096, an empty log.
 //!
@@ -187,6 +188,7 @@ impl VhdxReader {
         let meta = metadata::read_metadata(storage.as_ref(), regions.metadata)?;
         let geo = Geometry::new(&meta, regions.bat)?;
         let bat = Bat::new(storage.clone(), regions.bat, geo.bat_entries);
+        refuse_shared_blocks(&bat, &geo, storage.len())?;
         let mut reader = VhdxReader {
             storage,
             header,
@@ -393,6 +395,57 @@ impl VhdxReader {
             flush(block_start + start * ss, block_start + last_sector * ss, p)?;
         }
         Ok(())
+    }
+}
+
+/// Rule: every present payload block and sector bitmap block has its own place in the file. Hyper-V and qemu
+/// never give two BAT entries one offset, and a shared sector bitmap block would let 1 MiB of bitmap (of 0x55...)
+/// describe the extents of every chunk pointing at it, so a small file could map to billions of extents; with
+/// distinct places, the work follows the file size. (Payload entries past the virtual size, and sector bitmap
+/// entries of a disk without a parent, are never read and not checked.)
+fn refuse_shared_blocks(bat: &Bat, geo: &Geometry, file_len: u64) -> Result<()> {
+    // Places are 1 MiB multiples (MS-VHDX 2.5.1), so at most this many distinct ones lie below the end of the
+    // file; one entry more proves a shared place, which bounds the list whatever the BAT holds. Entries past
+    // the end are refused when read.
+    let places = file_len / MIB + 1;
+    let group = geo.chunk_ratio + 1;
+    let mut used: Vec<(u64, u64)> = Vec::new();
+    bat.scan(|index, entry| {
+        let state = entry & bat::STATE_MASK;
+        let present = if index % group == geo.chunk_ratio {
+            geo.has_parent && state == SB_BLOCK_PRESENT
+        } else {
+            index - index / group < geo.payload_blocks
+                && matches!(
+                    state,
+                    bat::PAYLOAD_BLOCK_FULLY_PRESENT | bat::PAYLOAD_BLOCK_PARTIALLY_PRESENT
+                )
+        };
+        let offset = (entry >> bat::OFFSET_SHIFT) * MIB;
+        if present && offset < file_len {
+            used.push((offset, index));
+        }
+        used.len() as u64 <= places
+    })?;
+    used.sort_unstable();
+    let what = |index: u64| {
+        if index % group == geo.chunk_ratio {
+            format!("sector bitmap of chunk {}", index / group)
+        } else {
+            format!("payload block {}", index - index / group)
+        }
+    };
+    // sorted by (offset, index): the first of two equal offsets has the lower index
+    match used.windows(2).find(|w| w[0].0 == w[1].0) {
+        Some([(offset, a), (_, b)]) => Err(Error::corrupt(
+            FMT,
+            format!(
+                "BAT entries {a} ({}) and {b} ({}) both point at file offset {offset}",
+                what(*a),
+                what(*b)
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
