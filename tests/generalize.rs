@@ -378,7 +378,14 @@ fn refusals_are_one_line_and_leave_nothing_behind() {
     );
     one_line(
         &run_with_env(
-            &["generalize", "-f", "ova", s(&ova.ova), "--overlay", s(&ova_ov)],
+            &[
+                "generalize",
+                "-f",
+                "ova",
+                s(&ova.ova),
+                "--overlay",
+                s(&ova_ov),
+            ],
             &env,
         ),
         "an OVA cannot back an overlay",
