@@ -105,6 +105,7 @@ pub fn run(req: &Request<'_>) -> Result<Outcome> {
     if !req.dry_run {
         // Before the (slower) inspection: the overlay could not be made anyway.
         overlay::refuse_ova(req.source, req.format)?;
+        overlay::refuse_chain_qemu_reads_differently(req.src.as_ref())?;
     }
     let before = verify::open(req.src.clone())
         .with_context(|| format!("cannot generalise {}", req.source.display()))?;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use imgshift_converters::formats::{self, Format};
-use imgshift_converters::{Durability, FileStorage, OutputSet, Plan, WriterOptions};
+use imgshift_converters::{DiskSource, Durability, FileStorage, OutputSet, Plan, WriterOptions};
 
 /// An overlay being prepared: its temporary file exists until `commit` renames it or the value is dropped.
 pub struct PendingOverlay {
@@ -38,6 +38,29 @@ pub fn refuse_ova(source: &Path, source_format: Format) -> Result<()> {
         .with_context(|| format!("cannot read {}", source.display()))?;
     if source_format == Format::Ova || probed == Format::Ova {
         bail!("an OVA cannot back an overlay: convert its disk out of the OVA first");
+    }
+    Ok(())
+}
+
+/// Refuses a source whose backing chain qemu would read differently from imgshift. qemu's vpc driver does not
+/// follow a differencing VHD's parent (it reads the child alone: unallocated blocks as zeros, allocated blocks
+/// whole, sector bitmaps ignored), and its vhdx driver refuses differencing VHDX; virt-sysprep would then edit a
+/// disk other than the one imgshift inspected, and its copy-on-write clusters would carry that view's bytes
+/// into the overlay. qcow2 backing files and VMDK parents qemu follows as imgshift does.
+pub fn refuse_chain_qemu_reads_differently(src: &dyn DiskSource) -> Result<()> {
+    let mut layer = Some(src);
+    while let Some(l) = layer {
+        if matches!(l.format(), Format::Vpc | Format::Vhdx) && l.backing().is_some() {
+            bail!(
+                "a differencing {} cannot back an overlay (qemu, which virt-sysprep runs, does not read it through its parent): convert the disk to a standalone image first",
+                if l.format() == Format::Vpc {
+                    "VHD"
+                } else {
+                    "VHDX"
+                }
+            );
+        }
+        layer = l.backing();
     }
     Ok(())
 }
@@ -109,4 +132,72 @@ pub fn create(
         backing_name: backing,
         final_path: out.to_path_buf(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use imgshift_converters::{ExtentMap, ImageInfo};
+
+    /// One layer of a chain: only its format and backing matter to the rule.
+    struct Layer {
+        format: Format,
+        backing: Option<Box<Layer>>,
+    }
+
+    impl DiskSource for Layer {
+        fn format(&self) -> Format {
+            self.format
+        }
+        fn virtual_size(&self) -> u64 {
+            1 << 20
+        }
+        fn extents(&self, _offset: u64, _len: u64) -> imgshift_converters::Result<ExtentMap> {
+            Ok(ExtentMap::new())
+        }
+        fn read_at(&self, buf: &mut [u8], _offset: u64) -> imgshift_converters::Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn backing(&self) -> Option<&dyn DiskSource> {
+            self.backing.as_deref().map(|b| b as &dyn DiskSource)
+        }
+        fn info(&self) -> ImageInfo {
+            ImageInfo::default()
+        }
+    }
+
+    fn chain(formats: &[Format]) -> Layer {
+        let mut layer: Option<Box<Layer>> = None;
+        for f in formats.iter().rev() {
+            layer = Some(Box::new(Layer {
+                format: *f,
+                backing: layer,
+            }));
+        }
+        *layer.unwrap()
+    }
+
+    #[test]
+    fn differencing_vhd_and_vhdx_anywhere_in_the_chain_are_refused() {
+        use Format::*;
+        for ok in [
+            &[Vpc][..],
+            &[Vhdx],
+            &[Qcow2, Vpc],
+            &[Qcow2, Qcow2, Raw],
+            &[Vmdk, Vmdk],
+        ] {
+            refuse_chain_qemu_reads_differently(&chain(ok)).unwrap();
+        }
+        for (bad, what) in [
+            (&[Vpc, Vpc][..], "differencing VHD "),
+            (&[Vhdx, Vhdx], "differencing VHDX "),
+            (&[Qcow2, Vpc, Raw], "differencing VHD "),
+        ] {
+            let e = refuse_chain_qemu_reads_differently(&chain(bad)).unwrap_err();
+            assert!(e.to_string().contains(what), "{bad:?}: {e}");
+        }
+    }
 }
