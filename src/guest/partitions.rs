@@ -120,10 +120,27 @@ fn push_checked(
     });
 }
 
+/// MBR partition types that link to the next extended boot record (DOS, Windows LBA, Linux extended).
+fn is_extended_type(sys: u8) -> bool {
+    matches!(sys, 0x05 | 0x0F | 0x85)
+}
+
+/// Walks the chain of extended boot records as Linux does (block/partitions/msdos.c `parse_extended`): in each
+/// EBR, every non-empty entry that is not a link is a logical partition, numbered from 5 in the order found
+/// (empty EBRs take no number); the first link entry, relative to the extended partition's start, leads to the
+/// next EBR. Links need not go forward (fdisk appends a partition made in an earlier gap at the chain's end): a
+/// revisited EBR ends the walk, and at most `MAX_LOGICAL` EBRs are read.
 fn walk_ebr(disk: &Window, ext_lba: u64, t: &mut PartitionTable) {
     let size = disk.len();
     let mut rel = 0u64;
+    let mut visited = std::collections::HashSet::new();
+    let mut number = 5u32;
     for n in 0..MAX_LOGICAL {
+        if !visited.insert(rel) {
+            t.problems
+                .push("extended partition chain loops back".into());
+            return;
+        }
         let Some(off) = ext_lba.checked_add(rel).and_then(|l| l.checked_mul(SECTOR)) else {
             t.problems.push("extended partition chain overflows".into());
             return;
@@ -150,25 +167,28 @@ fn walk_ebr(disk: &Window, ext_lba: u64, t: &mut PartitionTable) {
                 le_u32(&ebr, b + 12).unwrap_or(0),
             )
         };
-        let (sys, lba, secs) = entry(0);
-        if sys != 0 && secs != 0 {
+        let mut next = None;
+        for k in 0..4 {
+            let (sys, lba, secs) = entry(k);
+            if sys == 0 || secs == 0 {
+                continue;
+            }
+            if is_extended_type(sys) {
+                next = next.or(Some(u64::from(lba)));
+                continue;
+            }
+            // Data entries are relative to this EBR.
             let start = ext_lba
                 .saturating_add(rel)
                 .saturating_add(u64::from(lba))
                 .saturating_mul(SECTOR);
-            let number = 5 + u32::try_from(n).unwrap_or(0);
             push_checked(t, size, number, start, u64::from(secs) * SECTOR, sys, false);
+            number = number.saturating_add(1);
         }
-        let (_, next, _) = entry(1);
-        if next == 0 {
-            return;
+        match next {
+            Some(l) => rel = l,
+            None => return,
         }
-        if u64::from(next) <= rel {
-            t.problems
-                .push("extended partition chain loops back".into());
-            return;
-        }
-        rel = u64::from(next);
     }
     t.problems.push(format!(
         "more than {MAX_LOGICAL} logical partitions; the rest were not read"
@@ -395,6 +415,28 @@ mod tests {
                 .iter()
                 .any(|p| p.contains("more than 128 logical partitions"))
         );
+    }
+
+    #[test]
+    fn ebr_chain_out_of_disk_order_is_followed_and_numbered_like_linux() {
+        // Extended partition at LBA 100. Chain: rel 0 -> rel 400 -> rel 600 (an EBR with only a link, no data:
+        // it takes no number) -> rel 200, as fdisk leaves it after a partition is made in an earlier gap.
+        let mut d = vec![0u8; 1 << 20];
+        entry(&mut d, 0, 0, 0x05, 100, 1000);
+        entry(&mut d, 100, 0, 0x83, 2, 50);
+        entry(&mut d, 100, 1, 0x05, 400, 100);
+        entry(&mut d, 500, 0, 0x82, 2, 60);
+        entry(&mut d, 500, 1, 0x05, 600, 100);
+        entry(&mut d, 700, 1, 0x0F, 200, 100);
+        entry(&mut d, 300, 0, 0x83, 2, 70);
+        let t = read(&mem_window(d));
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        let got: Vec<(u32, u64, u64)> = t
+            .partitions
+            .iter()
+            .map(|p| (p.number, p.start / 512, p.size / 512))
+            .collect();
+        assert_eq!(got, [(5, 102, 50), (6, 502, 60), (7, 302, 70)]);
     }
 
     #[test]
