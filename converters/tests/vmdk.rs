@@ -750,36 +750,86 @@ fn extents_are_only_the_images_own_files() {
         assert_eq!(src.virtual_size(), size, "{img}");
     }
 
+    let x = p(dir, "x.vmdk");
+    // A renamed descriptor still opens its extents: VMware's `Windows 10 x64.vmdk` saved as `win10.vmdk` names
+    // `Windows 10 x64-s001.vmdk`..; and files copied through a case-insensitive file system, `C.img` naming
+    // `c-flat.img` (own-extent pattern, stem in another case) and `Disk.vmdk` naming `disk-flat.vmdk`.
+    for (made, opts, renamed, fill) in [
+        (
+            "Windows 10 x64.vmdk",
+            "subformat=twoGbMaxExtentSparse",
+            "win10.vmdk",
+            0x31u8,
+        ),
+        ("c.img", "subformat=monolithicFlat", "C.img", 0x32),
+        ("disk.vmdk", "subformat=monolithicFlat", "Disk.vmdk", 0x33),
+    ] {
+        run_in(
+            dir,
+            "qemu-img",
+            &["create", "-q", "-f", "vmdk", "-o", opts, made, "3G"],
+        );
+        let write = format!("write -P {fill} 2G 64k");
+        run_in(dir, "qemu-io", &["-f", "vmdk", "-c", &write, made]);
+        std::fs::rename(p(dir, made), p(dir, renamed)).unwrap();
+        let src = open_path(&p(dir, renamed), Some(Format::Vmdk), &OpenGate::new())
+            .unwrap_or_else(|e| panic!("{renamed}: {e}"));
+        let mut buf = vec![0u8; 65536];
+        src.read_at(&mut buf, 2 * GIB).unwrap();
+        assert!(buf.iter().all(|&b| b == fill), "{renamed}");
+    }
+    // Another image's extent beside the descriptor is a disk file too (the user's own, not a host secret).
+    let other = retargeted(dir, &x, "x-flat.vmdk", "other.vmdk", "x-flat.vmdk");
+    let src = open_path(&other, Some(Format::Vmdk), &OpenGate::new()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    src.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x5a));
+
     // A descriptor saved among other files names one of them: a file of the same folder, one in a subfolder
-    // (`.ssh/id_rsa`), an own-looking name that is a symlink to another file, another image's extent.
+    // (`.ssh/id_rsa`, `sub/x-flat.vmdk`), a dot file named like a disk, an own-looking name that is a symlink to
+    // another file.
     let secret = vec![0x5eu8; MIB as usize];
     std::fs::write(p(dir, "secret.txt"), &secret).unwrap();
     std::fs::create_dir(p(dir, "sub")).unwrap();
     std::fs::copy(p(dir, "x-flat.vmdk"), p(dir, "sub/x-flat.vmdk")).unwrap();
     std::fs::create_dir(p(dir, ".ssh")).unwrap();
     std::fs::write(p(dir, ".ssh/id_rsa"), &secret).unwrap();
+    std::fs::copy(p(dir, "x-flat.vmdk"), p(dir, ".hidden.vmdk")).unwrap();
     std::os::unix::fs::symlink("secret.txt", p(dir, "z-flat.vmdk")).unwrap();
-    let x = p(dir, "x.vmdk");
     let cases = [
         retargeted(dir, &x, "x-flat.vmdk", "same-folder.vmdk", "secret.txt"),
         retargeted(dir, &x, "x-flat.vmdk", "subfolder.vmdk", "sub/x-flat.vmdk"),
         retargeted(dir, &x, "x-flat.vmdk", "dotssh.vmdk", ".ssh/id_rsa"),
+        retargeted(dir, &x, "x-flat.vmdk", "hidden.vmdk", ".hidden.vmdk"),
         retargeted(dir, &x, "x-flat.vmdk", "z.vmdk", "z-flat.vmdk"),
-        retargeted(dir, &x, "x-flat.vmdk", "other.vmdk", "x-flat.vmdk"),
     ];
     for f in &cases {
         let e = must_fail(f);
         assert_eq!(e.kind(), ErrorKind::Denied, "{f:?}: {e}");
         let msg = e.to_string();
         assert!(
-            msg.contains("refused") && msg.contains("own extent files"),
+            msg.contains("refused")
+                && msg.contains(
+                    "opens only its image's own extent files, those named *.vmdk or like '"
+                ),
             "{f:?}: {msg}"
         );
         assert!(msg.contains("pass --allow-dir DIR"), "{f:?}: {msg}");
     }
-    // The descriptor's own name as its extent.
+    // The symlink is named like an extent, so the message says where it leads.
+    let e = must_fail(&cases[4]).to_string();
+    assert!(
+        e.contains("VMDK extent 'z-flat.vmdk' (it leads to ") && e.contains("secret.txt) refused"),
+        "{e}"
+    );
+    // The descriptor's own name as its extent (named *.vmdk, but the gate sees the loop first).
     let own = retargeted(dir, &x, "x-flat.vmdk", "self.vmdk", "self.vmdk");
-    must_fail(&own);
+    let e = must_fail(&own);
+    assert!(
+        e.to_string()
+            .contains("VMDK extent 'self.vmdk' makes a loop in the backing chain"),
+        "{e}"
+    );
 
     // Trusting the folder (--allow-dir) opens them, and the bytes are the named files'.
     let trusted = OpenGate::new().allow_dir(dir).unwrap();
@@ -789,7 +839,7 @@ fn extents_are_only_the_images_own_files() {
         let mut buf = vec![0u8; 4096];
         src.read_at(&mut buf, 0).unwrap();
         let name = f.file_name().unwrap().to_str().unwrap();
-        let want = if matches!(name, "subfolder.vmdk" | "other.vmdk") {
+        let want = if matches!(name, "subfolder.vmdk" | "hidden.vmdk") {
             0x5a
         } else {
             0x5e

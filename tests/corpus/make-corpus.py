@@ -316,9 +316,11 @@ case("vmdk-desc-extent-type", "vmdk", kf.replace(" FLAT ", " BOGUS ").encode(), 
 case("vmdk-desc-create-type", "vmdk", kf.replace('createType="monolithicFlat"', 'createType="fancyNew"').encode(), "fancyNew")
 case("vmdk-desc-extent-access", "vmdk", kf.replace("RW 2048", "NOACCESS 2048").encode(), "NOACCESS")
 case("vmdk-desc-extent-missing", "vmdk", kf.replace('"kf-flat.vmdk"', '"nothere-flat.vmdk"').encode(), "nothere-flat.vmdk")
-# Extents must be the image's own files (<stem>-flat.vmdk, <stem>-s001.vmdk.. beside it, CVE-2022-47951): each
-# case file is named after its case, so kf's own extent is another image's file to it.
-case("vmdk-desc-extent-not-own", "vmdk", kf.encode(), "own extent files")
+# Extents must be the image's own disk files (*.vmdk or <stem>-flat<ext>.. beside it, CVE-2022-47951): a
+# descriptor naming a file of its folder that is neither is refused.
+with open(os.path.join(OUT, "secret.txt"), "wb") as f:
+    f.write(b"\x5e" * (1 << 20))
+case("vmdk-desc-extent-not-own", "vmdk", kf.replace('"kf-flat.vmdk"', '"secret.txt"').encode(), "own extent files, those named *.vmdk or like")
 # One extent file named by two extent lines.
 with open(os.path.join(WORK, "kf-flat.vmdk"), "rb") as src, open(os.path.join(OUT, "vmdk-desc-extent-twice-flat.vmdk"), "wb") as dst:
     dst.write(src.read())

@@ -19,6 +19,7 @@ pub mod log;
 pub mod metadata;
 pub mod writer;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -182,13 +183,14 @@ impl VhdxReader {
     /// Opens `storage` as a VHDX image; a differencing disk's parent is opened through `gate`.
     pub fn open(storage: Arc<dyn Storage>, gate: &OpenGate) -> Result<Self> {
         let header = header::read_current_header(storage.as_ref())?;
+        let real_len = storage.len();
         let replay = log::replay(storage, &header)?;
         let storage = replay.storage;
         let regions = header::read_regions(storage.as_ref(), &header)?;
         let meta = metadata::read_metadata(storage.as_ref(), regions.metadata)?;
         let geo = Geometry::new(&meta, regions.bat)?;
         let bat = Bat::new(storage.clone(), regions.bat, geo.bat_entries);
-        refuse_shared_blocks(&bat, &geo, storage.len())?;
+        refuse_shared_blocks(&bat, &geo, real_len, storage.len())?;
         let mut reader = VhdxReader {
             storage,
             header,
@@ -398,19 +400,30 @@ impl VhdxReader {
     }
 }
 
+/// Present BAT entries tracked past the places the bitset covers (the real file's end, or
+/// [`MAX_TRACKED_FILE_LEN`]): a block there reads only what the log wrote, and a log of at most
+/// [`log::MAX_REPLAY_LOG`] writes at most this many 4 KiB data sectors (MS-VHDX 2.3.1.4). Hyper-V and qemu
+/// write a block's data into the file before the BAT entry that names it, so real images have none or a few.
+const MAX_PLACES_PAST_TRACKED: usize = (log::MAX_REPLAY_LOG / log::LOG_SECTOR) as usize;
+/// Offsets below this are tracked in the bitset (at most 9 MiB of bits): the blocks of a VHDX of at most
+/// 64 TiB (MS-VHDX 2.6.2.2), its sector bitmaps (16 GiB at most) and regions fit well below it, however long
+/// a sparse file claims to be.
+const MAX_TRACKED_FILE_LEN: u64 = metadata::MAX_VIRTUAL_SIZE + metadata::MAX_VIRTUAL_SIZE / 8;
+
 /// Rule: every present payload block and sector bitmap block has its own place in the file. Hyper-V and qemu
 /// never give two BAT entries one offset, and a shared sector bitmap block would let 1 MiB of bitmap (of 0x55...)
 /// describe the extents of every chunk pointing at it, so a small file could map to billions of extents; with
 /// distinct places, the work follows the file size. (Payload entries past the virtual size, and sector bitmap
-/// entries of a disk without a parent, are never read and not checked.)
-fn refuse_shared_blocks(bat: &Bat, geo: &Geometry, file_len: u64) -> Result<()> {
-    // Places are 1 MiB multiples (MS-VHDX 2.5.1), so at most this many distinct ones lie below the end of the
-    // file; one entry more proves a shared place, which bounds the list whatever the BAT holds. Entries past
-    // the end are refused when read.
-    let places = file_len / MIB + 1;
+/// entries of a disk without a parent, are never read and not checked; nor are entries at or past
+/// `replayed_len`, which are refused when read.)
+///
+/// Memory follows the real file, not the BAT: places are 1 MiB multiples (MS-VHDX 2.5.1), so one bit per MiB
+/// below `real_len` (1.25 MiB of bits for a 10 TiB file), and a set of at most [`MAX_PLACES_PAST_TRACKED`]
+/// places for entries past it, which only the log replay can make readable.
+fn refuse_shared_blocks(bat: &Bat, geo: &Geometry, real_len: u64, replayed_len: u64) -> Result<()> {
     let group = geo.chunk_ratio + 1;
-    let mut used: Vec<(u64, u64)> = Vec::new();
-    bat.scan(|index, entry| {
+    // The place (in MiB) of entry `index` if it is a checked present entry.
+    let place = |index: u64, entry: u64| {
         let state = entry & bat::STATE_MASK;
         let present = if index % group == geo.chunk_ratio {
             geo.has_parent && state == SB_BLOCK_PRESENT
@@ -421,13 +434,72 @@ fn refuse_shared_blocks(bat: &Bat, geo: &Geometry, file_len: u64) -> Result<()> 
                     bat::PAYLOAD_BLOCK_FULLY_PRESENT | bat::PAYLOAD_BLOCK_PARTIALLY_PRESENT
                 )
         };
-        let offset = (entry >> bat::OFFSET_SHIFT) * MIB;
-        if present && offset < file_len {
-            used.push((offset, index));
+        present.then_some(entry >> bat::OFFSET_SHIFT)
+    };
+    let tracked_places = real_len.min(MAX_TRACKED_FILE_LEN).div_ceil(MIB);
+    let replayed_places = replayed_len.div_ceil(MIB);
+    // tracked_places <= 72 Mi, so at most 9 MiB of words (zeroed pages stay unmapped until an entry lands there)
+    let mut bits = vec![0u64; tracked_places.div_ceil(64) as usize];
+    let mut past: HashSet<u64> = HashSet::new();
+    let mut shared: Option<(u64, u64)> = None;
+    let mut too_many = false;
+    bat.scan(|index, entry| {
+        let Some(p) = place(index, entry) else {
+            return true;
+        };
+        let fresh = if p < tracked_places {
+            let (word, bit) = ((p / 64) as usize, 1u64 << (p % 64));
+            match bits.get_mut(word) {
+                Some(w) if *w & bit == 0 => {
+                    *w |= bit;
+                    true
+                }
+                Some(_) => false,
+                None => true,
+            }
+        } else if p < replayed_places {
+            if past.len() >= MAX_PLACES_PAST_TRACKED && !past.contains(&p) {
+                too_many = true;
+                return false;
+            }
+            past.insert(p)
+        } else {
+            true
+        };
+        if !fresh {
+            shared = Some((index, p));
         }
-        used.len() as u64 <= places
+        fresh
     })?;
-    used.sort_unstable();
+    if too_many {
+        let end = tracked_places * MIB;
+        let what = if real_len > MAX_TRACKED_FILE_LEN {
+            "past the blocks of any VHDX of at most 64 TiB"
+        } else {
+            "the end of the file before the log replay"
+        };
+        return Err(Error::limit(
+            FMT,
+            format!(
+                "more than {MAX_PLACES_PAST_TRACKED} BAT entries point at blocks at or past file offset {end} ({what})"
+            ),
+        ));
+    }
+    let Some((b, p)) = shared else {
+        return Ok(());
+    };
+    // Only on error: find the earlier entry that took the place.
+    let mut first = None;
+    bat.scan(|index, entry| {
+        if index >= b {
+            return false;
+        }
+        if place(index, entry) == Some(p) {
+            first = Some(index);
+            return false;
+        }
+        true
+    })?;
     let what = |index: u64| {
         if index % group == geo.chunk_ratio {
             format!("sector bitmap of chunk {}", index / group)
@@ -435,18 +507,16 @@ fn refuse_shared_blocks(bat: &Bat, geo: &Geometry, file_len: u64) -> Result<()> 
             format!("payload block {}", index - index / group)
         }
     };
-    // sorted by (offset, index): the first of two equal offsets has the lower index
-    match used.windows(2).find(|w| w[0].0 == w[1].0) {
-        Some([(offset, a), (_, b)]) => Err(Error::corrupt(
-            FMT,
-            format!(
-                "BAT entries {a} ({}) and {b} ({}) both point at file offset {offset}",
-                what(*a),
-                what(*b)
-            ),
-        )),
-        _ => Ok(()),
-    }
+    let a = first.unwrap_or(b);
+    Err(Error::corrupt(
+        FMT,
+        format!(
+            "BAT entries {a} ({}) and {b} ({}) both point at file offset {}",
+            what(a),
+            what(b),
+            p * MIB
+        ),
+    ))
 }
 
 impl DiskSource for VhdxReader {
@@ -566,5 +636,92 @@ mod tests {
         b[9] ^= 1;
         assert!(!checksum_ok(&b, 4));
         assert!(!checksum_ok(&b[..2], 4));
+    }
+
+    /// A BAT of `geo` held alone in memory, with `entries` (payload block, entry) set.
+    fn bat_with(geo: &Geometry, entries: &[(u64, u64)]) -> Bat {
+        let mut table = vec![0u8; (geo.bat_entries * 8) as usize];
+        for &(block, entry) in entries {
+            let at = (geo.payload_index(block) * 8) as usize;
+            table[at..at + 8].copy_from_slice(&entry.to_le_bytes());
+        }
+        let region = Region {
+            offset: 0,
+            length: geo.bat_entries * 8,
+        };
+        let storage: Arc<dyn Storage> = Arc::new(crate::storage::MemStorage::new(table, "bat"));
+        Bat::new(storage, region, geo.bat_entries)
+    }
+
+    fn full(offset: u64) -> u64 {
+        (offset / MIB) << bat::OFFSET_SHIFT | bat::PAYLOAD_BLOCK_FULLY_PRESENT
+    }
+
+    #[test]
+    fn shared_block_check_follows_the_file_not_the_bat() {
+        // 1 TiB of 1 MiB blocks (a million entries, nearly all unallocated) in a 10 TiB file that the log
+        // replay extends by 8 MiB
+        let tib = 1u64 << 40;
+        let geo = Geometry::compute(MIB, 512, tib, false);
+        let (real, replayed) = (10 * tib, 10 * tib + 8 * MIB);
+        let sparse = [
+            (0, full(9 * tib)),
+            (5000, full(3 * MIB)),
+            (700_000, full(4 * MIB)),
+            (1_000_000, full(real + 2 * MIB)),
+            // past the replayed end: refused when read, not here
+            (999_998, full(real + 100 * MIB)),
+            (999_999, full(real + 100 * MIB)),
+        ];
+        let bat = bat_with(&geo, &sparse);
+        assert!(refuse_shared_blocks(&bat, &geo, real, replayed).is_ok());
+
+        let mut shared = sparse.to_vec();
+        shared[2].1 = full(3 * MIB);
+        let bat = bat_with(&geo, &shared);
+        let e = refuse_shared_blocks(&bat, &geo, real, replayed).expect_err("shared");
+        assert!(
+            e.to_string().contains(&format!(
+                "BAT entries 5001 (payload block 5000) and {} (payload block 700000) both point at file offset {}",
+                geo.payload_index(700_000),
+                3 * MIB
+            )),
+            "{e}"
+        );
+
+        // past the real end too
+        let mut shared = sparse.to_vec();
+        shared.push((1_000_001, full(real + 2 * MIB)));
+        let bat = bat_with(&geo, &shared);
+        let e = refuse_shared_blocks(&bat, &geo, real, replayed).expect_err("shared past the end");
+        assert!(
+            e.to_string().contains(&format!(
+                "BAT entries {} (payload block 1000000) and {} (payload block 1000001) both point at file offset {}",
+                geo.payload_index(1_000_000),
+                geo.payload_index(1_000_001),
+                real + 2 * MIB
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn few_blocks_may_lie_past_the_real_end() {
+        let n = MAX_PLACES_PAST_TRACKED as u64 + 1;
+        let geo = Geometry::compute(MIB, 512, n * MIB, false);
+        let real = 4 * MIB;
+        let entries: Vec<(u64, u64)> = (0..n).map(|b| (b, full(real + b * MIB))).collect();
+        let replayed = real + n * MIB;
+        let bat = bat_with(&geo, &entries[..MAX_PLACES_PAST_TRACKED]);
+        assert!(refuse_shared_blocks(&bat, &geo, real, replayed).is_ok());
+        let bat = bat_with(&geo, &entries);
+        let e =
+            refuse_shared_blocks(&bat, &geo, real, replayed).expect_err("too many past the end");
+        assert!(
+            e.to_string().contains(&format!(
+                "more than {MAX_PLACES_PAST_TRACKED} BAT entries point at blocks at or past file offset {real} (the end of the file before the log replay)"
+            )),
+            "{e}"
+        );
     }
 }

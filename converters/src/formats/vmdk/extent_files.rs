@@ -3,14 +3,21 @@
 //! descriptor saved in a home folder could name `.ssh/id_rsa` or `.bash_history` and copy that file into the
 //! converted or uploaded disk.
 //!
-//! Rule: by default an extent opens only when it is one of the image's own files:
-//! - a plain file name (no path separator), in the descriptor's own folder, after symlinks too;
-//! - named `<stem>-<part><ext>` for the descriptor `<stem><ext>`, where `<ext>` is the descriptor's
-//!   extension or `.vmdk` (either case) — the names qemu (block/vmdk.c `vmdk_co_do_create_for_extent`:
-//!   "%s-flat%s", "%s-%c%03d%s" with 's' sparse, 'f' flat) and VMware (`disk-flat.vmdk`, `disk-s001.vmdk`,
-//!   `disk-f001.vmdk`; `disk-000001-s001.vmdk` for snapshot link `disk-000001.vmdk`) give extents, and that
-//!   [`super::writer`] writes;
+//! Rule: by default an extent opens only when it is one of the image's disk files, as written and after
+//! symlinks too:
+//! - a plain file name: no path separator, not starting with '.', directly in the descriptor's own folder;
+//! - named `*.vmdk` (any case), or `<stem>-<part><ext>` for the descriptor `<stem><ext>` (stem compared
+//!   ignoring ASCII case; `<ext>` the descriptor's extension or `.vmdk`, either case) — the names qemu
+//!   (block/vmdk.c `vmdk_co_do_create_for_extent`: "%s-flat%s", "%s-%c%03d%s" with 's' sparse, 'f' flat) and
+//!   VMware (`disk-flat.vmdk`, `disk-s001.vmdk`, `disk-f001.vmdk`; `disk-000001-s001.vmdk` for snapshot link
+//!   `disk-000001.vmdk`) give extents, and that [`super::writer`] writes;
 //! - not the descriptor itself.
+//!
+//! Any `.vmdk` name passes because users rename descriptors (`Windows 10 x64.vmdk` to `win10.vmdk`, its
+//! extents still `Windows 10 x64-s001.vmdk`) and copy images through case-insensitive file systems
+//! (`Disk.vmdk` naming `disk-flat.vmdk`). A `.vmdk` file beside the descriptor is the user's own disk image,
+//! which the user could convert directly anyway, not a host secret: keys, shell histories and documents are
+//! not named `*.vmdk`, and dot files and subfolders stay out.
 //!
 //! A file inside a folder the user trusted with `--allow-dir` passes whatever its name. Either way each file
 //! serves one extent line only: a real descriptor never names a file twice, and a repeated sparse extent would
@@ -95,7 +102,7 @@ impl ExtentFiles {
             };
             return Err(Error::denied(format!(
                 "VMDK extent '{name}'{via} refused: by default a descriptor opens only its image's own extent \
-                 files ('{stem}-flat{ext}', '{stem}-s001{ext}'... beside it; CVE-2022-47951); \
+                 files, those named *.vmdk or like '{stem}-flat{ext}' beside it (CVE-2022-47951); \
                  pass --allow-dir DIR to trust the folder that holds it"
             )));
         }
@@ -113,8 +120,8 @@ impl ExtentFiles {
         Ok(Arc::new(st))
     }
 
-    /// The default rule: `name` (as written) and `canon` (the file it resolved to) are both an own extent of
-    /// this descriptor, directly in its folder.
+    /// The default rule: `name` (as written) and `canon` (the file it resolved to) are both named like a disk
+    /// file of this descriptor, directly in its folder.
     fn is_own_file(&self, name: &str, canon: &Path) -> bool {
         let canon_name = canon.file_name().and_then(|n| n.to_str());
         canon.parent() == Some(self.folder.as_path())
@@ -122,16 +129,30 @@ impl ExtentFiles {
             && canon_name.is_some_and(|c| self.is_own_name(c))
     }
 
-    /// `name` is named like an own extent of this descriptor.
+    /// `name` is named like a disk file of this descriptor.
     fn is_own_name(&self, name: &str) -> bool {
-        self.descriptor_names
-            .iter()
-            .any(|d| is_own_extent_name(d, name))
+        is_plain_name(name)
+            && (has_vmdk_extension(name)
+                || self
+                    .descriptor_names
+                    .iter()
+                    .any(|d| is_own_extent_name(d, name)))
     }
 }
 
+/// A file name alone: no path separator, not a dot file (`.ssh`, `.bash_history`, `.`, `..`).
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['/', '\\']) && !name.starts_with('.')
+}
+
+/// Named `*.vmdk`, in any case.
+fn has_vmdk_extension(name: &str) -> bool {
+    split_name(name).1.eq_ignore_ascii_case(".vmdk")
+}
+
 /// Whether `name` is named like an extent of the descriptor file named `descriptor`: `<stem>-<part><ext>`,
-/// `<ext>` the descriptor's extension or `.vmdk` (either case), no path separator.
+/// `<stem>` compared ignoring ASCII case, `<ext>` the descriptor's extension or `.vmdk` (either case), no path
+/// separator.
 pub(super) fn is_own_extent_name(descriptor: &str, name: &str) -> bool {
     if name.contains(['/', '\\']) {
         return false;
@@ -139,7 +160,9 @@ pub(super) fn is_own_extent_name(descriptor: &str, name: &str) -> bool {
     let (stem, ext) = split_name(descriptor);
     let (name_stem, name_ext) = split_name(name);
     let part = name_stem
-        .strip_prefix(stem)
+        .get(..stem.len())
+        .filter(|head| head.eq_ignore_ascii_case(stem))
+        .and_then(|_| name_stem.get(stem.len()..))
         .and_then(|rest| rest.strip_prefix('-'));
     part.is_some_and(|p| !p.is_empty())
         && (name_ext.eq_ignore_ascii_case(ext) || name_ext.eq_ignore_ascii_case(".vmdk"))
@@ -147,7 +170,7 @@ pub(super) fn is_own_extent_name(descriptor: &str, name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::is_own_extent_name;
+    use super::{has_vmdk_extension, is_own_extent_name, is_plain_name};
 
     #[test]
     fn own_extent_names() {
@@ -163,6 +186,10 @@ mod tests {
             ("d.e.vmdk", "d.e-flat.vmdk"),
             ("noext", "noext-flat"),
             ("my disk.vmdk", "my disk-s002.vmdk"),
+            // copied through a case-insensitive file system
+            ("disk.vmdk", "Disk-flat.vmdk"),
+            ("Disk.vmdk", "disk-flat.vmdk"),
+            ("A.img", "a-flat.IMG"),
         ] {
             assert!(is_own_extent_name(desc, ext), "{desc} {ext}");
         }
@@ -172,15 +199,29 @@ mod tests {
             ("disk.vmdk", "secret.txt"),
             ("disk.vmdk", "disk-flat.txt"),
             ("disk.vmdk", "disks-flat.vmdk"),
-            ("disk.vmdk", "Disk-flat.vmdk"),
             ("disk.vmdk", "sub/disk-flat.vmdk"),
             ("disk.vmdk", "./disk-flat.vmdk"),
             ("disk.vmdk", "..\\disk-flat.vmdk"),
             ("disk.vmdk", ".bash_history"),
             ("noext", "noext-flat.txt"),
             ("noext", "noext"),
+            ("dïsk.vmdk", "DÏSK-flat.vmdk"),
+            ("é.vmdk", "\u{e9}x-flat.vmdk"),
         ] {
             assert!(!is_own_extent_name(desc, ext), "{desc} {ext}");
+        }
+    }
+
+    #[test]
+    fn plain_vmdk_names() {
+        for name in ["Windows 10 x64-s001.vmdk", "disk-flat.VMDK", "x.Vmdk"] {
+            assert!(is_plain_name(name) && has_vmdk_extension(name), "{name}");
+        }
+        for name in [".hidden.vmdk", ".vmdk", "sub/x.vmdk", "a\\b.vmdk", "..", ""] {
+            assert!(!is_plain_name(name), "{name}");
+        }
+        for name in ["secret.txt", "id_rsa", "x.vmdk.txt", "vmdk", "x-vmdk"] {
+            assert!(!has_vmdk_extension(name), "{name}");
         }
     }
 }
