@@ -69,6 +69,16 @@ fn qemu_to_vmdk(raw: &Path, out: &Path, opts: &str) {
     ]);
 }
 
+/// `qemu-img create -f vmdk -o subformat=SUBFORMAT NAME SIZE` in `dir`.
+fn create_vmdk(dir: &Path, subformat: &str, name: &str, size: &str) {
+    let opts = format!("subformat={subformat}");
+    run_in(
+        dir,
+        "qemu-img",
+        &["create", "-q", "-f", "vmdk", "-o", &opts, name, size],
+    );
+}
+
 fn run_in(dir: &Path, prog: &str, args: &[&str]) {
     let out = Command::new(prog)
         .args(args)
@@ -698,48 +708,9 @@ fn extents_are_only_the_images_own_files() {
     let dir = d.path();
     // qemu-img's own layouts open: x-flat.vmdk beside x.vmdk, y-s001.vmdk.. beside y.vmdk, and the descriptor's
     // own extension (qemu names the flat file of a.img a-flat.img).
-    run_in(
-        dir,
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            "subformat=monolithicFlat",
-            "x.vmdk",
-            "1M",
-        ],
-    );
-    run_in(
-        dir,
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            "subformat=twoGbMaxExtentSparse",
-            "y.vmdk",
-            "3G",
-        ],
-    );
-    run_in(
-        dir,
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            "subformat=monolithicFlat",
-            "a.img",
-            "1M",
-        ],
-    );
+    create_vmdk(dir, "monolithicFlat", "x.vmdk", "1M");
+    create_vmdk(dir, "twoGbMaxExtentSparse", "y.vmdk", "3G");
+    create_vmdk(dir, "monolithicFlat", "a.img", "1M");
     run_in(
         dir,
         "qemu-io",
@@ -857,34 +828,8 @@ fn extents_are_only_the_images_own_files() {
 fn extent_files_named_twice_are_refused() {
     let d = tmpdir();
     let dir = d.path();
-    run_in(
-        dir,
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            "subformat=twoGbMaxExtentSparse",
-            "y.vmdk",
-            "3G",
-        ],
-    );
-    run_in(
-        dir,
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            "subformat=twoGbMaxExtentFlat",
-            "f.vmdk",
-            "3G",
-        ],
-    );
+    create_vmdk(dir, "twoGbMaxExtentSparse", "y.vmdk", "3G");
+    create_vmdk(dir, "twoGbMaxExtentFlat", "f.vmdk", "3G");
     // The second sparse extent line names the first one's file again: each line would load its grain
     // directory once more (4096 lines of a big extent: hundreds of GiB).
     let y = p(dir, "y.vmdk");
