@@ -857,3 +857,40 @@ fn refuses_bat_entries_that_share_a_block() {
         "{e}"
     );
 }
+
+#[test]
+fn check_reports_overlapping_blocks() {
+    let d = tmpdir();
+    // qemu's image of 2 MiB blocks with data in blocks 0 and 1; block 1's entry moved 1 MiB into block 0
+    let raw = p(d.path(), "overlap.raw");
+    make_raw(&raw, 8 * MIB, &[(0, 4 * MIB)], &[]);
+    let img = p(d.path(), "overlap.vhdx");
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "vhdx",
+        "-o",
+        "block_size=2M",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(open_vhdx(&img).unwrap().check().unwrap().corruptions, 0);
+    let bat = region_offset(&img, &BAT_GUID);
+    let e0 = u64_at(&read(&img, bat, 8), 0);
+    assert_eq!(e0 & 7, 6);
+    let block0 = (e0 >> 20) * MIB;
+    put(&img, bat + 8, &(e0 + (1 << 20)).to_le_bytes());
+    // distinct starts: open accepts it, check reports it
+    let rep = open_vhdx(&img).unwrap().check().unwrap();
+    assert_eq!((rep.allocated_clusters, rep.corruptions), (2, 1));
+    assert_eq!(
+        rep.messages,
+        [format!(
+            "ERROR blocks 0 and 1 overlap in the file (offsets {block0} and {})",
+            block0 + MIB
+        )]
+    );
+}

@@ -263,7 +263,11 @@ impl VhdxReader {
 
     /// The payload state of `block`, with its file offset checked against the file and the metadata regions.
     fn payload(&self, block: u64) -> Result<Payload> {
-        let entry = self.bat.entry(self.geo.payload_index(block))?;
+        self.stored_payload(block, self.bat.entry(self.geo.payload_index(block))?)
+    }
+
+    /// The payload state `entry` gives `block`, checked as [`Self::payload`] does.
+    fn stored_payload(&self, block: u64, entry: u64) -> Result<Payload> {
         let p = bat::decode_payload(entry, block, self.geo.has_parent)?;
         if let Payload::Full(off) | Payload::Partial(off) = p {
             let start = block * self.geo.block_size;
@@ -410,6 +414,41 @@ const MAX_PLACES_PAST_TRACKED: usize = (log::MAX_REPLAY_LOG / log::LOG_SECTOR) a
 /// a sparse file claims to be.
 const MAX_TRACKED_FILE_LEN: u64 = metadata::MAX_VIRTUAL_SIZE + metadata::MAX_VIRTUAL_SIZE / 8;
 
+/// One bit per MiB of a file, for the places BAT entries name (1 MiB multiples, MS-VHDX 2.5.1), below
+/// `file_len` capped at [`MAX_TRACKED_FILE_LEN`]: at most 72 Mi bits, 9 MiB of words, and zeroed pages stay
+/// unmapped until a block lands there. Memory follows the file, not the BAT.
+struct MibBitset {
+    words: Vec<u64>,
+    places: u64,
+}
+
+impl MibBitset {
+    fn new(file_len: u64) -> Self {
+        let places = file_len.min(MAX_TRACKED_FILE_LEN).div_ceil(MIB);
+        MibBitset {
+            words: vec![0; places.div_ceil(64) as usize],
+            places,
+        }
+    }
+
+    /// Places tracked: `0..places()`.
+    fn places(&self) -> u64 {
+        self.places
+    }
+
+    /// Marks `place` and says whether it was marked already; `None` for a place not tracked.
+    fn test_and_set(&mut self, place: u64) -> Option<bool> {
+        if place >= self.places {
+            return None;
+        }
+        let bit = 1u64 << (place % 64);
+        let word = self.words.get_mut((place / 64) as usize)?;
+        let taken = *word & bit != 0;
+        *word |= bit;
+        Some(taken)
+    }
+}
+
 /// Rule: every present payload block and sector bitmap block has its own place in the file. Hyper-V and qemu
 /// never give two BAT entries one offset, and a shared sector bitmap block would let 1 MiB of bitmap (of 0x55...)
 /// describe the extents of every chunk pointing at it, so a small file could map to billions of extents; with
@@ -436,10 +475,9 @@ fn refuse_shared_blocks(bat: &Bat, geo: &Geometry, real_len: u64, replayed_len: 
         };
         present.then_some(entry >> bat::OFFSET_SHIFT)
     };
-    let tracked_places = real_len.min(MAX_TRACKED_FILE_LEN).div_ceil(MIB);
+    let mut bits = MibBitset::new(real_len);
+    let tracked_places = bits.places();
     let replayed_places = replayed_len.div_ceil(MIB);
-    // tracked_places <= 72 Mi, so at most 9 MiB of words (zeroed pages stay unmapped until an entry lands there)
-    let mut bits = vec![0u64; tracked_places.div_ceil(64) as usize];
     let mut past: HashSet<u64> = HashSet::new();
     let mut shared: Option<(u64, u64)> = None;
     let mut too_many = false;
@@ -447,16 +485,8 @@ fn refuse_shared_blocks(bat: &Bat, geo: &Geometry, real_len: u64, replayed_len: 
         let Some(p) = place(index, entry) else {
             return true;
         };
-        let fresh = if p < tracked_places {
-            let (word, bit) = ((p / 64) as usize, 1u64 << (p % 64));
-            match bits.get_mut(word) {
-                Some(w) if *w & bit == 0 => {
-                    *w |= bit;
-                    true
-                }
-                Some(_) => false,
-                None => true,
-            }
+        let fresh = if let Some(taken) = bits.test_and_set(p) {
+            !taken
         } else if p < replayed_places {
             if past.len() >= MAX_PLACES_PAST_TRACKED && !past.contains(&p) {
                 too_many = true;
@@ -581,36 +611,164 @@ impl DiskSource for VhdxReader {
             total_clusters: self.geo.payload_blocks,
             ..CheckReport::default()
         };
-        let max_blocks = self.storage.len() / MIB + 1;
-        let mut offsets: Vec<(u64, u64)> = Vec::new();
-        for block in 0..self.geo.payload_blocks {
-            match self.payload(block) {
-                Ok(Payload::Full(off) | Payload::Partial(off)) => {
-                    report.allocated_clusters += 1;
-                    if offsets.len() as u64 >= max_blocks {
-                        report.corruption(format_args!(
-                            "more allocated blocks than fit in the file (at block {block})"
-                        ));
-                        break;
-                    }
-                    offsets.push((off, block));
-                }
-                Ok(_) => {}
-                Err(e) => report.corruption(e),
-            }
-        }
-        offsets.sort_unstable();
-        for w in offsets.windows(2) {
-            if let [(a, ba), (b, bb)] = w
-                && a + self.geo.block_size > *b
-            {
-                report.corruption(format_args!(
-                    "blocks {ba} and {bb} overlap in the file (offsets {a} and {b})"
-                ));
-            }
-        }
+        let stored = |block, entry| match self.stored_payload(block, entry)? {
+            Payload::Full(off) | Payload::Partial(off) => Ok(Some(off)),
+            _ => Ok(None),
+        };
+        check_blocks(
+            &self.bat,
+            &self.geo,
+            self.storage.len(),
+            stored,
+            &mut report,
+        )?;
         Ok(report)
     }
+}
+
+/// Where a payload block lies in the file, in MiB places.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    block: u64,
+    offset: u64,
+    /// The first place it takes that the bitset does not track (its end if none).
+    untracked: u64,
+    end: u64,
+}
+
+/// Counts the present payload blocks into `report` and reports those that overlap in the file, one corruption
+/// per block that overlaps an earlier one. `stored(block, entry)` gives a block's file offset if present and
+/// within `file_len`, or the error that makes it corrupt.
+///
+/// Each block marks the MiB places it spans (payload blocks are a multiple of 1 MiB at 1 MiB multiples,
+/// MS-VHDX 2.5) in a [`MibBitset`] of the file; the earlier block of a named overlap is found by a second scan,
+/// only when there is one. A block may run past the places tracked only if its file is longer than
+/// [`MAX_TRACKED_FILE_LEN`] or past the file's end (the last block's tail, which no other block can reach); the
+/// open refused more than [`MAX_PLACES_PAST_TRACKED`] blocks there, so those spans are kept in a small list.
+fn check_blocks(
+    bat: &Bat,
+    geo: &Geometry,
+    file_len: u64,
+    stored: impl Fn(u64, u64) -> Result<Option<u64>>,
+    report: &mut CheckReport,
+) -> Result<()> {
+    let group = geo.chunk_ratio + 1;
+    // The payload block of BAT entry `index`, if it is one inside the disk.
+    let payload_block = |index: u64| {
+        let block = index - index / group;
+        (index % group != geo.chunk_ratio && block < geo.payload_blocks).then_some(block)
+    };
+    let span = |block: u64, offset: u64, tracked: u64| {
+        let first = offset / MIB;
+        let end = first.saturating_add(geo.block_size.div_ceil(MIB));
+        Span {
+            block,
+            offset,
+            untracked: end.min(tracked.max(first)),
+            end,
+        }
+    };
+    let mut places = MibBitset::new(file_len);
+    let tracked = places.places();
+    // overlapping blocks and the first place each shares, as many as can be named
+    let mut named: Vec<(u64, Span)> = Vec::new();
+    let mut unnamed = 0u64;
+    let mut past: Vec<Span> = Vec::new();
+    let mut past_full = false;
+    bat.scan(|index, entry| {
+        let Some(block) = payload_block(index) else {
+            return true;
+        };
+        let offset = match stored(block, entry) {
+            Ok(Some(offset)) => offset,
+            Ok(None) => return true,
+            Err(e) => {
+                report.corruption(e);
+                return true;
+            }
+        };
+        report.allocated_clusters += 1;
+        let s = span(block, offset, tracked);
+        let mut shared = None;
+        for place in offset / MIB..s.untracked {
+            if places.test_and_set(place) == Some(true) && shared.is_none() {
+                shared = Some(place);
+            }
+        }
+        if let Some(place) = shared {
+            if named.len() < CheckReport::MAX_MESSAGES {
+                named.push((place, s));
+            } else {
+                unnamed += 1;
+            }
+        }
+        if s.untracked < s.end {
+            if past.len() > MAX_PLACES_PAST_TRACKED {
+                past_full = true;
+            } else {
+                past.push(s);
+            }
+        }
+        true
+    })?;
+    if !named.is_empty() {
+        // The earlier block at each shared place: the first to span it.
+        named.sort_unstable_by_key(|(place, s)| (*place, s.block));
+        let mut earlier: Vec<Option<Span>> = vec![None; named.len()];
+        bat.scan(|index, entry| {
+            let Some(block) = payload_block(index) else {
+                return true;
+            };
+            let Ok(Some(offset)) = stored(block, entry) else {
+                return true;
+            };
+            let s = span(block, offset, tracked);
+            let from = named.partition_point(|(place, _)| *place < offset / MIB);
+            let to = named.partition_point(|(place, _)| *place < s.untracked);
+            for (i, (_, b)) in named.iter().enumerate().take(to).skip(from) {
+                if let Some(slot) = earlier.get_mut(i)
+                    && slot.is_none()
+                    && block < b.block
+                {
+                    *slot = Some(s);
+                }
+            }
+            true
+        })?;
+        named.sort_unstable_by_key(|(_, s)| s.block);
+        for (i, (_, b)) in named.iter().enumerate() {
+            let a = earlier.get(i).copied().flatten().unwrap_or(*b);
+            report_overlap(report, a, *b);
+        }
+    }
+    report.corruptions += unnamed;
+    past.sort_unstable_by_key(|s| (s.untracked, s.block));
+    for w in past.windows(2) {
+        if let [a, b] = w
+            && a.end > b.untracked
+        {
+            report_overlap(report, *a, *b);
+        }
+    }
+    if past_full {
+        report.corruption(format_args!(
+            "more than {MAX_PLACES_PAST_TRACKED} blocks lie at or past file offset {}; their overlaps were not all checked",
+            tracked * MIB
+        ));
+    }
+    Ok(())
+}
+
+fn report_overlap(report: &mut CheckReport, a: Span, b: Span) {
+    let (a, b) = if (a.offset, a.block) <= (b.offset, b.block) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    report.corruption(format_args!(
+        "blocks {} and {} overlap in the file (offsets {} and {})",
+        a.block, b.block, a.offset, b.offset
+    ));
 }
 
 #[cfg(test)]
@@ -722,6 +880,84 @@ mod tests {
                 "more than {MAX_PLACES_PAST_TRACKED} BAT entries point at blocks at or past file offset {real} (the end of the file before the log replay)"
             )),
             "{e}"
+        );
+    }
+
+    /// `check_blocks` over `bat` in a file of `file_len` bytes, with every present entry taken as stored.
+    fn check_bat(bat: &Bat, geo: &Geometry, file_len: u64) -> CheckReport {
+        let stored = |block, entry| match bat::decode_payload(entry, block, geo.has_parent)? {
+            Payload::Full(off) | Payload::Partial(off) => Ok(Some(off)),
+            _ => Ok(None),
+        };
+        let mut report = CheckReport::default();
+        assert!(check_blocks(bat, geo, file_len, stored, &mut report).is_ok());
+        report
+    }
+
+    #[test]
+    fn block_overlap_check_follows_the_file_not_the_bat() {
+        // one bit per MiB of the file: 1.25 MiB of words for 10 TiB, however many entries the BAT has
+        let tib = 1u64 << 40;
+        assert_eq!(
+            MibBitset::new(10 * tib).words.len(),
+            (10 * tib / MIB / 64) as usize
+        );
+        assert_eq!(
+            MibBitset::new(u64::MAX).places(),
+            MAX_TRACKED_FILE_LEN / MIB
+        );
+        // 1 TiB of 2 MiB blocks (half a million entries, nearly all unallocated) in a 10 TiB file; block 400000
+        // starts 1 MiB into block 1000; block 500000's tail runs past the file's end
+        let geo = Geometry::compute(2 * MIB, 512, tib, false);
+        let file_len = 10 * tib;
+        let mut entries = vec![
+            (0, full(9 * tib)),
+            (1000, full(3 * MIB)),
+            (400_000, full(4 * MIB)),
+            (500_000, full(file_len - MIB)),
+        ];
+        let report = check_bat(&bat_with(&geo, &entries), &geo, file_len);
+        assert_eq!((report.allocated_clusters, report.corruptions), (4, 1));
+        assert_eq!(
+            report.messages,
+            [format!(
+                "ERROR blocks 1000 and 400000 overlap in the file (offsets {} and {})",
+                3 * MIB,
+                4 * MIB
+            )]
+        );
+        entries[2].1 = full(5 * MIB);
+        let report = check_bat(&bat_with(&geo, &entries), &geo, file_len);
+        assert_eq!((report.allocated_clusters, report.corruptions), (4, 0));
+    }
+
+    #[test]
+    fn block_overlap_check_past_the_tracked_places() {
+        // a file longer than any VHDX needs: blocks past MAX_TRACKED_FILE_LEN are kept in a list
+        let geo = Geometry::compute(2 * MIB, 512, 64 * MIB, false);
+        let end = MAX_TRACKED_FILE_LEN;
+        let entries = [
+            (0, full(end - MIB)),
+            (1, full(end)),
+            (2, full(end + 10 * MIB)),
+            (3, full(end + 11 * MIB)),
+            (4, full(end + 20 * MIB)),
+        ];
+        let report = check_bat(&bat_with(&geo, &entries), &geo, end + 100 * MIB);
+        assert_eq!((report.allocated_clusters, report.corruptions), (5, 2));
+        assert_eq!(
+            report.messages,
+            [
+                format!(
+                    "ERROR blocks 0 and 1 overlap in the file (offsets {} and {end})",
+                    end - MIB
+                ),
+                format!(
+                    "ERROR blocks 2 and 3 overlap in the file (offsets {} and {})",
+                    end + 10 * MIB,
+                    end + 11 * MIB
+                ),
+            ]
         );
     }
 }
