@@ -110,6 +110,22 @@ fn to_raw_with_imgshift(img: &Path, out: &Path) {
     imgshift_convert(img, Some(Format::Vhdx), out, Format::Raw, "");
 }
 
+/// qemu-img's VHDX of the raw image `raw`, with creation options `opts`.
+fn raw_to_vhdx(raw: &Path, out: &Path, opts: &str) {
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "vhdx",
+        "-o",
+        opts,
+        raw.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+}
+
 fn open_vhdx(path: &Path) -> imgshift_converters::Result<Box<dyn DiskSource>> {
     open_path(path, Some(Format::Vhdx), &OpenGate::new())
 }
@@ -355,18 +371,7 @@ fn small_qemu_image(dir: &Path, name: &str, extra: &str) -> std::path::PathBuf {
     make_raw(&raw, 8 * MIB, &[(0, MIB), (2 * MIB, 2 * MIB)], &[]);
     let img = p(dir, name);
     let opts = format!("block_size=1M{extra}");
-    qemu_img(&[
-        "convert",
-        "-q",
-        "-f",
-        "raw",
-        "-O",
-        "vhdx",
-        "-o",
-        &opts,
-        raw.to_str().unwrap(),
-        img.to_str().unwrap(),
-    ]);
+    raw_to_vhdx(&raw, &img, &opts);
     img
 }
 
@@ -479,33 +484,11 @@ fn reads_differencing_chain() {
     let parent_raw = p(d.path(), "parent.raw");
     make_raw(&parent_raw, 8 * MIB, &[(0, 8 * MIB)], &[]);
     let parent = p(d.path(), "parent.vhdx");
-    qemu_img(&[
-        "convert",
-        "-q",
-        "-f",
-        "raw",
-        "-O",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        parent_raw.to_str().unwrap(),
-        parent.to_str().unwrap(),
-    ]);
+    raw_to_vhdx(&parent_raw, &parent, "block_size=1M");
     let child_raw = p(d.path(), "child.raw");
     make_raw(&child_raw, 8 * MIB, &[(MIB, MIB), (3 * MIB, MIB)], &[]);
     let child = p(d.path(), "child.vhdx");
-    qemu_img(&[
-        "convert",
-        "-q",
-        "-f",
-        "raw",
-        "-O",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        child_raw.to_str().unwrap(),
-        child.to_str().unwrap(),
-    ]);
+    raw_to_vhdx(&child_raw, &child, "block_size=1M");
     make_differencing(
         &child,
         &[
@@ -865,18 +848,7 @@ fn check_reports_overlapping_blocks() {
     let raw = p(d.path(), "overlap.raw");
     make_raw(&raw, 8 * MIB, &[(0, 4 * MIB)], &[]);
     let img = p(d.path(), "overlap.vhdx");
-    qemu_img(&[
-        "convert",
-        "-q",
-        "-f",
-        "raw",
-        "-O",
-        "vhdx",
-        "-o",
-        "block_size=2M",
-        raw.to_str().unwrap(),
-        img.to_str().unwrap(),
-    ]);
+    raw_to_vhdx(&raw, &img, "block_size=2M");
     assert_eq!(open_vhdx(&img).unwrap().check().unwrap().corruptions, 0);
     let bat = region_offset(&img, &BAT_GUID);
     let e0 = u64_at(&read(&img, bat, 8), 0);
