@@ -77,35 +77,36 @@ impl Bitmap {
     }
 }
 
+/// The journal layout this imgshift writes and reads. 3: every job keeps its disks in `disks` (single-disk
+/// uploads too), bytes sent and preflight settings are typed fields. A journal of another version is refused by
+/// name, never misread.
+pub const JOURNAL_VERSION: u32 = 3;
+
 /// What a job journal stores. Never holds credentials.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct JobState {
-    /// Layout version of this file.
+    /// Layout version of this file ([`JOURNAL_VERSION`]).
     pub version: u32,
     /// Job id (also the cloud-side idempotency token).
     pub id: String,
-    /// What the job does ("aws-upload").
+    /// What the job does ("migrate-aws", "aws-upload").
     pub kind: String,
     /// The source image path.
     pub source: String,
-    /// Blocks in the job.
-    pub block_count: u64,
-    /// Block size in bytes.
-    pub block_size: u64,
-    /// Stage reached ("started", "uploaded", "completed", "registered").
+    /// The last stage finished ("new", "inspect", "upload", "register", "verify").
     pub stage: String,
-    /// Target-side ids (snapshot, image...).
+    /// Job-level target ids (the image, the gallery version, the Hyper-V generation chosen).
     #[serde(default)]
     pub ids: std::collections::BTreeMap<String, String>,
-    /// Whether the target is encrypted (every block is written).
+    /// The disks: each with its own done-bitmap and target ids.
     #[serde(default)]
-    pub encrypted: bool,
-    /// Done-bitmap, base64 (filled from `Journal::done` on save).
-    #[serde(default)]
-    pub done: String,
-    /// Per-disk parts of a multi-disk job (`migrate`); empty for single-disk uploads, which use the fields above.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskPart>,
+    /// The preflight's settings for the target (boot mode, generation, firmware, bus, linux_root).
+    #[serde(default)]
+    pub settings: std::collections::BTreeMap<String, String>,
+    /// What inspection found, in one line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<String>,
     /// Stages finished, in order, with their time and a one-line result.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<StageRecord>,
@@ -120,7 +121,7 @@ pub struct JobState {
     pub created: u64,
 }
 
-/// One disk of a multi-disk job: its own done-bitmap and target ids.
+/// One disk of a job: its own done-bitmap and target ids.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct DiskPart {
     /// The disk's name in the source (file name, or the OVA member).
@@ -133,7 +134,10 @@ pub struct DiskPart {
     pub block_size: u64,
     /// Where this disk is: "new", "uploading", "uploaded".
     pub stage: String,
-    /// Target-side ids (snapshot, disk, volume...).
+    /// Payload bytes the target acknowledged, over every run.
+    #[serde(default)]
+    pub bytes_sent: u64,
+    /// The target's ids and state for this disk (snapshot, disk, volume; the target's own keys).
     #[serde(default)]
     pub ids: std::collections::BTreeMap<String, String>,
     /// Done-bitmap, base64.
@@ -216,8 +220,6 @@ pub struct Journal {
     _lock: File,
     /// The job's state (header fields).
     pub state: JobState,
-    /// Blocks acknowledged by the target.
-    pub done: Bitmap,
     /// Per-disk done-bitmaps (`state.disks[i]`).
     pub parts: Vec<Bitmap>,
 }
@@ -247,10 +249,10 @@ impl Journal {
         if path.exists() {
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
+            check_version(&text, &path)?;
             let state: JobState = serde_json::from_str(&text)
                 .with_context(|| format!("corrupt job journal {}", path.display()))?;
-            if state.block_count != fresh.block_count
-                || state.kind != fresh.kind
+            if state.kind != fresh.kind
                 || state.disks.len() != fresh.disks.len()
                 || state
                     .disks
@@ -263,7 +265,6 @@ impl Journal {
                     path.display()
                 );
             }
-            let done = Bitmap::decode(&state.done, state.block_count)?;
             let parts = state
                 .disks
                 .iter()
@@ -274,19 +275,18 @@ impl Journal {
                     path,
                     _lock: lock,
                     state,
-                    done,
                     parts,
                 },
                 true,
             ));
         }
-        let done = Bitmap::new(fresh.block_count);
         let parts = fresh
             .disks
             .iter()
             .map(|d| Bitmap::new(d.block_count))
             .collect();
         let mut fresh = fresh;
+        fresh.version = JOURNAL_VERSION;
         if fresh.created == 0 {
             fresh.created = now_secs();
         }
@@ -297,7 +297,6 @@ impl Journal {
             path,
             _lock: lock,
             state: fresh,
-            done,
             parts,
         };
         j.save()?;
@@ -324,7 +323,7 @@ impl Journal {
     /// Writes the journal atomically.
     pub fn save(&self) -> Result<()> {
         let mut state = self.state.clone();
-        state.done = self.done.encode();
+        state.version = JOURNAL_VERSION;
         for (d, b) in state.disks.iter_mut().zip(&self.parts) {
             d.done = b.encode();
         }
@@ -371,18 +370,17 @@ impl Journal {
         }
     }
 
-    /// The done-bitmap of disk `part`, or of the whole job when `None`.
-    pub fn bitmap_mut(&mut self, part: Option<usize>) -> Option<&mut Bitmap> {
-        match part {
-            None => Some(&mut self.done),
-            Some(i) => self.parts.get_mut(i),
-        }
+    /// The done-bitmap of disk `part`.
+    pub fn bitmap_mut(&mut self, part: usize) -> Option<&mut Bitmap> {
+        self.parts.get_mut(part)
     }
 }
 
-/// Test hook for crash tests: with `IMGSHIFT_TEST_PAUSE_AT=<point>` in the environment, the process stops at
-/// that point (every journal write before it done), says `imgshift-test: paused at <point>` on standard error
-/// and waits there, so a test can `kill -9` it at an exact place. Does nothing otherwise.
+/// Test hook for crash tests, compiled only into debug builds (the test profile), never into a release binary:
+/// with `IMGSHIFT_TEST_PAUSE_AT=<point>` in the environment, the process stops at that point (every journal write
+/// before it done), says `imgshift-test: paused at <point>` on standard error and waits there, so a test can
+/// `kill -9` it at an exact place. Does nothing otherwise.
+#[cfg(debug_assertions)]
 pub fn pause_point(point: &str) {
     if std::env::var("IMGSHIFT_TEST_PAUSE_AT").is_ok_and(|v| v == point) {
         eprintln!("imgshift-test: paused at {point}");
@@ -392,10 +390,46 @@ pub fn pause_point(point: &str) {
     }
 }
 
-/// Reads a job's journal without locking it (for `imgshift jobs`); `None` when it is not a job journal.
+/// Release builds: no test hook.
+#[cfg(not(debug_assertions))]
+pub fn pause_point(_point: &str) {}
+
+/// Reads a job's journal without locking it (for `imgshift jobs`); `None` when it is not a job journal of this
+/// layout version.
 pub fn peek(path: &Path) -> Option<JobState> {
     let text = std::fs::read_to_string(path).ok()?;
+    check_version(&text, path).ok()?;
     serde_json::from_str(&text).ok()
+}
+
+/// The layout version of a journal's text, read before anything else of it.
+pub fn version_of(text: &str) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Version {
+        version: Option<u64>,
+    }
+    serde_json::from_str::<Version>(text).ok()?.version
+}
+
+/// Refuses a journal written in another layout than [`JOURNAL_VERSION`], naming both versions.
+pub fn check_version(text: &str, path: &Path) -> Result<()> {
+    match version_of(text) {
+        Some(v) if v == u64::from(JOURNAL_VERSION) => Ok(()),
+        Some(v) if v > u64::from(JOURNAL_VERSION) => bail!(
+            "job journal {} has layout version {v}, newer than this imgshift reads ({JOURNAL_VERSION}): use the \
+             imgshift that started the job",
+            path.display()
+        ),
+        Some(v) => bail!(
+            "job journal {} has layout version {v}, older than this imgshift reads ({JOURNAL_VERSION}): finish or \
+             cancel the job with the imgshift that started it, or remove the file to start over",
+            path.display()
+        ),
+        None => bail!(
+            "{} is not a job journal (no layout version)",
+            path.display()
+        ),
+    }
 }
 
 /// Whether another process holds job `id` in `dir` right now.
@@ -414,12 +448,12 @@ pub fn is_running(dir: &Path, id: &str) -> bool {
 #[derive(Clone)]
 pub struct Ledger {
     journal: std::sync::Arc<std::sync::Mutex<Journal>>,
-    part: Option<usize>,
+    part: usize,
 }
 
 impl Ledger {
-    /// The ledger of disk `part` (`None`: the job's own bitmap).
-    pub fn new(journal: std::sync::Arc<std::sync::Mutex<Journal>>, part: Option<usize>) -> Ledger {
+    /// The ledger of disk `part`.
+    pub fn new(journal: std::sync::Arc<std::sync::Mutex<Journal>>, part: usize) -> Ledger {
         Ledger { journal, part }
     }
 
@@ -502,8 +536,11 @@ mod tests {
         let fresh = JobState {
             id: "j1".into(),
             kind: "t".into(),
-            block_count: 10,
-            version: 1,
+            version: JOURNAL_VERSION,
+            disks: vec![DiskPart {
+                block_count: 10,
+                ..Default::default()
+            }],
             ..Default::default()
         };
         let (mut j, resumed) = Journal::open_or_create(d.path(), fresh.clone()).unwrap();
@@ -512,11 +549,33 @@ mod tests {
             Journal::open_or_create(d.path(), fresh.clone()).is_err(),
             "second writer must be refused"
         );
-        j.done.set(3);
+        j.parts[0].set(3);
         j.state.ids.insert("snapshot".into(), "snap-1".into());
         j.save().unwrap();
         drop(j);
-        let (j, resumed) = Journal::open_or_create(d.path(), fresh).unwrap();
-        assert!(resumed && j.done.get(3) && j.state.ids["snapshot"] == "snap-1");
+        let (j, resumed) = Journal::open_or_create(d.path(), fresh.clone()).unwrap();
+        assert!(resumed && j.parts[0].get(3) && j.state.ids["snapshot"] == "snap-1");
+        drop(j);
+        // A journal of another layout version is refused by name, never misread.
+        let path = d.path().join("j1.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (v, word) in [(JOURNAL_VERSION + 1, "newer"), (2, "older")] {
+            let other = text.replacen(
+                &format!("\"version\": {JOURNAL_VERSION}"),
+                &format!("\"version\": {v}"),
+                1,
+            );
+            assert_ne!(other, text);
+            std::fs::write(&path, &other).unwrap();
+            let e = Journal::open_or_create(d.path(), fresh.clone())
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                e.contains(&format!("layout version {v}")) && e.contains(word),
+                "{e}"
+            );
+            assert!(peek(&path).is_none());
+        }
     }
 }

@@ -4,9 +4,10 @@ mod cli;
 mod commands;
 mod generalize;
 mod guest;
+mod job;
 mod journal;
-mod migrate;
 mod progress;
+mod runner;
 mod targets;
 
 use std::process::ExitCode;

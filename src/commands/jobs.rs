@@ -9,13 +9,9 @@ use serde_json::json;
 
 use crate::cli::{Cli, Command, OutputFormat, UploadTarget};
 use crate::journal::{JobState, Journal, SavedCommand, is_running, peek, state_dir};
-use crate::migrate::Target;
 
 /// Units done and in total over the job's disks.
 fn progress(s: &JobState) -> (u64, u64) {
-    if s.disks.is_empty() {
-        return (count_bits(&s.done).min(s.block_count), s.block_count);
-    }
     s.disks.iter().fold((0, 0), |(d, t), p| {
         let done = if p.stage == "uploaded" {
             p.block_count
@@ -170,7 +166,7 @@ pub fn resume(job: &str, dir: Option<&Path>, quiet: bool) -> Result<u8> {
                 args.state_dir = Some(dir.clone());
             }
             args.yes = true;
-            let id = crate::migrate::job_id(&args)?;
+            let id = super::migrate::job_id(&args)?;
             if id != job {
                 bail!(
                     "job {job}: its source or target changed since it started (the same command now makes job {id}); \
@@ -193,7 +189,7 @@ pub fn resume(job: &str, dir: Option<&Path>, quiet: bool) -> Result<u8> {
             if args.state_dir.is_none() {
                 args.state_dir = Some(dir.clone());
             }
-            super::upload_azure::run(&args, quiet)
+            super::upload::azure(&args, quiet)
         }
         _ => bail!("job {job}: its saved command is not a migration or an upload"),
     }
@@ -216,30 +212,8 @@ pub fn cancel(job: &str, dir: Option<&Path>, output: OutputFormat) -> Result<u8>
     let dir = state_dir(dir)?;
     let journal = Journal::open_existing(&dir, job)?;
     let state = journal.state.clone();
-    let mut target: Box<dyn Target> = match saved_cli(&state)?.command {
-        Command::Migrate(args) => crate::migrate::target_for(&args)?,
-        Command::Upload {
-            target: UploadTarget::Aws(a),
-        } => Box::new(crate::migrate::aws::AwsTarget::connection(
-            a.conn.region.clone(),
-            a.conn.profile.clone(),
-            a.conn.endpoint_url.clone(),
-            a.conn.max_attempts,
-        )),
-        Command::Upload {
-            target: UploadTarget::Azure(a),
-        } => Box::new(crate::migrate::azure::AzureTarget::connection(
-            a.arm_endpoint.clone(),
-            a.ca_bundle.clone(),
-            Some(a.subscription.clone()),
-            Some(a.resource_group.clone()),
-            a.max_attempts,
-        )),
-        _ => bail!(
-            "job {job}: cancelling this kind of job ({}) is not supported",
-            state.kind
-        ),
-    };
+    let mut target = super::targets::for_saved_command(saved_cli(&state)?.command)
+        .with_context(|| format!("job {job} ({})", state.kind))?;
     let removed = target.cancel(&state.resources)?;
     let overlay = dir.join(format!("{job}.overlay.qcow2"));
     if overlay.exists() {

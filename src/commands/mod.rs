@@ -10,11 +10,11 @@ mod inspect;
 mod jobs;
 mod map;
 mod migrate;
+mod targets;
 mod upload;
-mod upload_azure;
 mod upload_libvirt;
 
-pub(crate) use upload::{parse_tags, runtime};
+pub(crate) use upload::parse_tags;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -97,7 +97,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         } => upload::aws(&args, quiet),
         Command::Upload {
             target: UploadTarget::Azure(args),
-        } => upload_azure::run(&args, quiet),
+        } => upload::azure(&args, quiet),
         Command::Upload {
             target: UploadTarget::Libvirt(args),
         } => upload_libvirt::run(&args, quiet),
@@ -173,63 +173,4 @@ pub fn open_ova(path: &Path, format: Option<&str>) -> Result<Option<OvaPackage>>
 }
 
 /// Formats a byte count like qemu-img ("16 GiB").
-pub fn human_size(n: u64) -> String {
-    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else if v.fract() == 0.0 {
-        format!("{v:.0} {}", UNITS[u])
-    } else {
-        format!("{v:.3} {}", UNITS[u]).replace(".000", "")
-    }
-}
-
-/// `--generalize` on an upload: the job's overlay (made now, or reused from the interrupted run of the same job)
-/// opened over the source. Returns the source to upload and the overlay to remove once the job completes.
-pub fn generalize_for_upload(
-    path: &Path,
-    src: Box<dyn imgshift_converters::DiskSource>,
-    spec: Option<&str>,
-    target: crate::generalize::operations::Target,
-    state_dir: &Path,
-    job: &str,
-    quiet: bool,
-) -> Result<(
-    Box<dyn imgshift_converters::DiskSource>,
-    Option<std::path::PathBuf>,
-)> {
-    use anyhow::Context as _;
-    let Some(spec) = spec else {
-        return Ok((src, None));
-    };
-    std::fs::create_dir_all(state_dir)
-        .with_context(|| format!("cannot create {}", state_dir.display()))?;
-    let overlay = state_dir.join(format!("{job}.overlay.qcow2"));
-    let g = crate::generalize::prepare(path, src, Some(spec), Some(target), &overlay, true)?;
-    if !quiet {
-        match &g.outcome {
-            Some(o) => eprintln!("imgshift: {}", crate::generalize::summary(o)),
-            None => eprintln!(
-                "imgshift: reusing the generalisation overlay {} of the interrupted run",
-                overlay.display()
-            ),
-        }
-    }
-    Ok((g.source, Some(g.overlay)))
-}
-
-/// Removes a finished job's generalisation overlay.
-pub fn remove_overlay(overlay: Option<&Path>) -> Result<()> {
-    use anyhow::Context as _;
-    if let Some(o) = overlay {
-        std::fs::remove_file(o)
-            .with_context(|| format!("cannot remove the overlay {}", o.display()))?;
-    }
-    Ok(())
-}
+pub use crate::progress::human_size;

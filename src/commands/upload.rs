@@ -1,48 +1,25 @@
-//! `imgshift upload aws`: source image → EBS snapshot (EBS direct APIs) → AMI, resumable.
+//! `imgshift upload aws|azure`: the job runner ([`crate::runner`]) with the upload and register stages only, on
+//! the same target lifecycle `migrate` uses; the output is the upload's ids and counts.
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
-use imgshift_converters::{Progress as _, engine};
+use anyhow::{Result, bail};
 use serde_json::json;
 
-use super::open_image;
-use crate::cli::{AwsConnArgs, AwsUploadArgs, OutputFormat};
-use crate::journal::{JobState, Journal, state_dir};
-use crate::progress::Bar;
-use crate::targets::aws::register::{self, ImageSpec};
+pub(crate) use crate::targets::runtime;
+
+use super::targets::{self, TargetKind};
+use crate::cli::{AwsConnArgs, AwsUploadArgs, AzureUploadArgs, OutputFormat, TrustArgs};
+use crate::job::Target;
+use crate::journal::state_dir;
+use crate::progress::StageUi;
+use crate::runner::{self, RunOutcome, RunSpec, Stages, source};
+use crate::targets::aws::config;
 use crate::targets::aws::retry::Policy;
-use crate::targets::aws::upload::{self as up, UploaderOptions};
-use crate::targets::aws::{EBS_BLOCK_SIZE, config, volume_gib};
-
-/// How long to wait for the snapshot to complete and the AMI to become available.
-const WAIT_LIMIT: Duration = Duration::from_secs(3600);
-
-pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
-}
-
-/// "in region R (endpoint E)" for errors: an unknown region fails as a DNS error on its EBS endpoint.
-fn where_ebs(sdk: &aws_config::SdkConfig, c: &AwsConnArgs) -> String {
-    let region = sdk.region().map(|r| r.to_string()).unwrap_or_default();
-    let endpoint = match &c.endpoint_url {
-        Some(e) => e.clone(),
-        None => format!("https://ebs.{region}.amazonaws.com; is the region name right?"),
-    };
-    format!("cannot start a snapshot in region {region} (endpoint {endpoint})")
-}
+use crate::targets::aws::volume_gib;
 
 pub(crate) fn aws_target(c: &AwsConnArgs) -> config::AwsTarget {
-    config::AwsTarget {
-        region: c.region.clone(),
-        profile: c.profile.clone(),
-        endpoint_url: c.endpoint_url.clone(),
-    }
+    targets::aws_conn_args(c)
 }
 
 pub(crate) fn policy(c: &AwsConnArgs) -> Policy {
@@ -82,248 +59,191 @@ fn job_id(args: &AwsUploadArgs) -> Result<String> {
     Ok(crate::journal::job_id_from("aws", &key))
 }
 
+/// What an upload job runs: the source, the target and how to show it.
+struct Upload<'a> {
+    id: String,
+    kind: &'static str,
+    target: TargetKind,
+    name: String,
+    src: &'a std::path::Path,
+    format: Option<String>,
+    trust: &'a TrustArgs,
+    generalize: Option<String>,
+    register: bool,
+    state_dir: Option<&'a std::path::Path>,
+    tags: Vec<(String, String)>,
+    verbose: bool,
+    progress: bool,
+}
+
+/// Runs an upload job through the runner.
+fn run_upload(u: Upload<'_>, target: &mut dyn Target, quiet: bool) -> Result<RunOutcome> {
+    let sources = source::open(u.src, u.format.as_deref(), u.trust)?;
+    let ui = Arc::new(StageUi::bars_only(
+        quiet,
+        2 + usize::from(u.generalize.is_some()),
+        u.progress,
+        u.verbose,
+    ));
+    let src = u.src.to_path_buf();
+    let format = u.format.clone();
+    let trust = u.trust.clone();
+    let spec = RunSpec {
+        id: u.id,
+        kind: u.kind.to_string(),
+        target_name: u.target.name(),
+        name: u.name,
+        source_label: u.src.display().to_string(),
+        sources,
+        boot_path: u.src.to_path_buf(),
+        reopen_boot: Box::new(move || super::open_image(&src, format.as_deref(), &trust)),
+        generalize: u.generalize.map(|g| (g, u.target.generalize())),
+        stages: Stages {
+            inspect: false,
+            register: u.register,
+            verify: false,
+        },
+        boot_mode: None,
+        force: false,
+        confirm: false,
+        yes: true,
+        state_dir: state_dir(u.state_dir)?,
+        tags: u.tags,
+        verbose: u.verbose,
+    };
+    runner::run(spec, target, ui)
+}
+
 /// Runs `upload aws`.
 pub fn aws(args: &AwsUploadArgs, quiet: bool) -> Result<u8> {
-    if args.concurrency == 0 || args.concurrency > 1024 {
-        bail!("--concurrency must be between 1 and 1024");
-    }
-    let tags = parse_tags(&args.tags)?;
-    let id = job_id(args)?;
-    let src = open_image(&args.src, args.format.as_deref(), &args.trust)?;
-    let (src, overlay) = super::generalize_for_upload(
-        &args.src,
-        src,
-        args.generalize.as_deref(),
-        crate::generalize::operations::Target::Aws,
-        &state_dir(args.state_dir.as_deref())?,
-        &id,
+    let mut target = targets::aws_for_upload(args)?;
+    let out = run_upload(
+        Upload {
+            id: job_id(args)?,
+            kind: "aws-upload",
+            target: TargetKind::Aws,
+            name: args.name.clone().unwrap_or_else(|| "snapshot".into()),
+            src: &args.src,
+            format: args.format.clone(),
+            trust: &args.trust,
+            generalize: args.generalize.clone(),
+            register: !args.snapshot_only,
+            state_dir: args.state_dir.as_deref(),
+            tags: parse_tags(&args.tags)?,
+            verbose: args.verbose,
+            progress: args.progress,
+        },
+        &mut target,
         quiet,
     )?;
-    let size = src.virtual_size();
-    let gib = volume_gib(size);
-    let block_count = gib * ((1 << 30) / EBS_BLOCK_SIZE);
-    let map = engine::source_map(src.as_ref())
-        .with_context(|| format!("cannot map {}", args.src.display()))?;
-    let say = |m: String| {
-        if args.verbose {
-            eprintln!("imgshift: {m}");
-        }
-    };
-
-    let rt = runtime()?;
-    let sdk = rt.block_on(config::load(&aws_target(&args.conn)));
-    if sdk.region().is_none() {
-        bail!("no AWS region: pass --region or set AWS_REGION");
-    }
-    let ebs = aws_sdk_ebs::Client::new(&sdk);
-    let ec2 = aws_sdk_ec2::Client::new(&sdk);
-    let pol = policy(&args.conn);
-
-    let encrypted_req = args.encrypted || args.kms_key_id.is_some();
-    let fresh = JobState {
-        version: 1,
-        id: id.clone(),
-        kind: "aws-upload".into(),
-        source: args.src.display().to_string(),
-        block_count,
-        block_size: EBS_BLOCK_SIZE,
-        stage: "new".into(),
-        encrypted: encrypted_req,
-        ..JobState::default()
-    };
-    let (journal, resumed) =
-        Journal::open_or_create(&state_dir(args.state_dir.as_deref())?, fresh)?;
-    say(format!("job {id} (journal {})", journal.path().display()));
-
-    // 1. The snapshot: started once per job (ClientToken = job id makes StartSnapshot idempotent).
-    let (snapshot_id, encrypted) = match journal.state.ids.get("snapshot") {
-        Some(s) => {
-            if !quiet {
-                eprintln!(
-                    "imgshift: resuming job {id}: snapshot {s}, {} of {block_count} blocks already uploaded",
-                    journal.done.count()
-                );
-            }
-            (s.clone(), journal.state.encrypted)
-        }
-        None => {
-            let req = up::SnapshotRequest {
-                volume_gib: gib,
-                client_token: &id,
-                description: args.description.as_deref(),
-                encrypted: encrypted_req,
-                kms_key_arn: args.kms_key_id.as_deref(),
-                tags: &tags,
-            };
-            let (s, enc) = rt
-                .block_on(up::start_snapshot(&ebs, &pol, &req))
-                .with_context(|| where_ebs(&sdk, &args.conn))?;
-            say(format!(
-                "started snapshot {s} ({gib} GiB{})",
-                if enc { ", encrypted" } else { "" }
-            ));
-            (s, enc)
-        }
-    };
-    let journal = Arc::new(Mutex::new(journal));
-    {
-        let mut j = journal
-            .lock()
-            .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
-        j.state.ids.insert("snapshot".into(), snapshot_id.clone());
-        j.record("snapshot", &snapshot_id);
-        j.state.encrypted = encrypted;
-        if j.state.stage == "new" {
-            j.state.stage = "started".into();
-        }
-        j.save()?;
-    }
-    let leftover = |e: anyhow::Error| {
-        e.context(format!(
-            "snapshot {snapshot_id} was left pending (job {id}): rerun the same command to resume, or delete it with \
-             `aws ec2 delete-snapshot --snapshot-id {snapshot_id}`"
-        ))
-    };
-    if encrypted && !quiet {
-        eprintln!("imgshift: the snapshot is encrypted: every block is written, zeros included");
-    }
-
-    // 2. The blocks: the engine feeds 512 KiB blocks, the uploader sends them.
-    let stage = journal
-        .lock()
-        .map(|j| j.state.stage.clone())
-        .unwrap_or_default();
-    let mut counts = up::UploadCounts::default();
-    if stage == "started" {
-        let planned = if encrypted {
-            block_count * EBS_BLOCK_SIZE
-        } else {
-            map.data_runs(EBS_BLOCK_SIZE)
-                .iter()
-                .map(|r| r.1 - r.0)
-                .sum()
-        };
-        let bar = Arc::new(Bar::new("upload", args.progress, quiet));
-        bar.set_total(planned);
-        let bar2 = bar.clone();
-        let progress: Arc<dyn Fn(u64) + Send + Sync> = Arc::new(move |n| bar2.inc(n));
-        let opts = UploaderOptions {
-            concurrency: args.concurrency,
-            policy: pol,
-        };
-        let r = up::stream_snapshot(
-            &rt,
-            &ebs,
-            &snapshot_id,
-            src.as_ref(),
-            &map,
-            encrypted,
-            block_count,
-            crate::journal::Ledger::new(journal.clone(), None),
-            opts,
-            progress,
-            args.verbose,
-        );
-        bar.finish();
-        counts = r
-            .map_err(|e| e.context(format!("{}", args.src.display())))
-            .map_err(leftover)?;
-        let mut j = journal
-            .lock()
-            .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
-        let changed = j.done.count();
-        drop(j);
-        rt.block_on(up::complete_snapshot(&ebs, &pol, &snapshot_id, changed))
-            .map_err(leftover)?;
-        j = journal
-            .lock()
-            .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
-        j.state.stage = "completed".into();
-        j.save()?;
-        say(format!(
-            "completed snapshot {snapshot_id}: {changed} blocks"
-        ));
-    }
-    rt.block_on(register::wait_snapshot(
-        &ec2,
-        &pol,
-        &snapshot_id,
-        WAIT_LIMIT,
-    ))?;
-
-    // 3. The AMI.
-    let mut image_id = journal
-        .lock()
-        .ok()
-        .and_then(|j| j.state.ids.get("image").cloned());
-    if !args.snapshot_only && image_id.is_none() {
-        let spec = ImageSpec {
-            name: args.name.clone().unwrap_or_default(),
-            description: args.description.clone(),
-            architecture: args.architecture.clone(),
-            boot_mode: args.boot_mode.clone(),
-            ena: !args.no_ena,
-            tpm_v2: args.tpm_v2,
-            imds_v2_required: args.imds_v2_required,
-            volume_type: args.volume_type.clone(),
-            root_device: args.root_device.clone(),
-            tags: tags.clone(),
-        };
-        let ami = rt.block_on(register::register_image(&ec2, &pol, &spec, &snapshot_id))?;
-        {
-            let mut j = journal
-                .lock()
-                .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
-            j.state.ids.insert("image".into(), ami.clone());
-            j.record("image", &ami);
-            j.state.stage = "registered".into();
-            j.save()?;
-        }
-        rt.block_on(register::wait_image(&ec2, &pol, &ami, WAIT_LIMIT))?;
-        say(format!("registered {ami}"));
-        image_id = Some(ami);
-    }
-
-    let (blocks_total, data_bytes) = {
-        let j = journal
-            .lock()
-            .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
-        (
-            j.done.count(),
-            map.bytes(imgshift_converters::ExtentKind::Data),
-        )
-    };
+    let o = &out.outputs;
+    let snapshot = o["snapshot_ids"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let image = o["image_id"].as_str().map(str::to_string);
+    let size = out.disks.first().map_or(0, |d| d.virtual_size);
+    let stats = out.stats.first().copied().unwrap_or_default();
     match args.output {
         OutputFormat::Json => println!(
             "{}",
             serde_json::to_string_pretty(&json!({
-                "job": id,
-                "snapshot_id": snapshot_id,
-                "image_id": image_id,
-                "encrypted": encrypted,
-                "resumed": resumed,
+                "job": out.id,
+                "snapshot_id": snapshot,
+                "image_id": image,
+                "encrypted": o["encrypted"][0].as_bool().unwrap_or(false),
+                "resumed": out.resumed,
                 "virtual_size": size,
-                "volume_size_gib": gib,
-                "data_bytes": data_bytes,
-                "blocks_in_snapshot": blocks_total,
-                "blocks_put": counts.blocks_put,
-                "bytes_sent": counts.bytes_sent,
-                "retries": counts.retries,
-                "throttled": counts.throttled,
+                "volume_size_gib": volume_gib(size),
+                "data_bytes": out.disks.first().map_or(0, |d| d.data_bytes),
+                "blocks_in_snapshot": out.units_done.first().copied().unwrap_or(0),
+                "blocks_put": stats.requests,
+                "bytes_sent": stats.bytes_sent,
+                "retries": stats.retries,
+                "throttled": stats.throttled,
             }))?
         ),
         OutputFormat::Human => {
-            if let Some(ami) = &image_id {
+            if let Some(ami) = &image {
                 println!("{ami}");
             }
-            println!("{snapshot_id}");
+            println!("{snapshot}");
         }
     }
-    let j = Arc::try_unwrap(journal)
-        .map_err(|_| anyhow::anyhow!("journal still shared"))?
-        .into_inner()
-        .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
-    j.remove()?;
-    super::remove_overlay(overlay.as_deref())?;
+    Ok(0)
+}
+
+/// Same source (path, size, mtime) to the same disk of the same subscription/resource group/endpoint = same job.
+fn azure_job_id(args: &AzureUploadArgs) -> Result<String> {
+    let key = format!(
+        "azure-upload\0{}\0{}\0{}\0{}\0{}\0{:?}",
+        crate::journal::source_identity(&args.src)?,
+        args.arm_endpoint,
+        args.subscription,
+        args.resource_group,
+        args.disk_name,
+        args.generalize,
+    );
+    Ok(crate::journal::job_id_from("azure", &key))
+}
+
+/// Runs `upload azure`.
+pub fn azure(args: &AzureUploadArgs, quiet: bool) -> Result<u8> {
+    let mut target = targets::azure_for_upload(args)?;
+    let register = args.image_name.is_some() || args.gallery.is_some();
+    let out = run_upload(
+        Upload {
+            id: azure_job_id(args)?,
+            kind: "azure-upload",
+            target: TargetKind::Azure,
+            name: args.disk_name.clone(),
+            src: &args.src,
+            format: args.format.clone(),
+            trust: &args.trust,
+            generalize: args.generalize.clone(),
+            register,
+            state_dir: args.state_dir.as_deref(),
+            tags: parse_tags(&args.tags)?,
+            verbose: args.verbose,
+            progress: args.progress,
+        },
+        &mut target,
+        quiet,
+    )?;
+    let o = &out.outputs;
+    let disk_id = o["disk_ids"][0].as_str().unwrap_or_default().to_string();
+    let image_id = o["image_id"].as_str().map(str::to_string);
+    let version_id = o["gallery_image_version_id"].as_str().map(str::to_string);
+    let size = out.disks.first().map_or(0, |d| d.virtual_size);
+    let stats = out.stats.first().copied().unwrap_or_default();
+    match args.output {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "job": out.id,
+                "resumed": out.resumed,
+                "disk_id": disk_id,
+                "image_id": image_id,
+                "gallery_image_version_id": version_id,
+                "hyper_v_generation": o["hyper_v_generation"],
+                "virtual_size": size,
+                "upload_size_bytes": crate::targets::azure::upload_size_bytes(size),
+                "data_bytes": out.disks.first().map_or(0, |d| d.data_bytes),
+                "requests": stats.requests,
+                "bytes_sent": stats.bytes_sent,
+                "retries": stats.retries,
+                "throttled": stats.throttled,
+            }))?
+        ),
+        OutputFormat::Human => {
+            if let Some(i) = &image_id {
+                println!("{i}");
+            }
+            if let Some(v) = &version_id {
+                println!("{v}");
+            }
+            println!("{disk_id}");
+        }
+    }
     Ok(0)
 }

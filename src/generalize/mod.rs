@@ -244,8 +244,6 @@ fn allocated(path: &Path) -> u64 {
 pub struct Generalized {
     /// The overlay with its backing chain: what gets converted or uploaded.
     pub source: Box<dyn DiskSource>,
-    /// The overlay file.
-    pub overlay: PathBuf,
     /// The report, when this run generalised (absent when an earlier run's overlay was reused).
     pub outcome: Option<Outcome>,
 }
@@ -286,7 +284,6 @@ pub fn prepare(
         .with_context(|| format!("cannot open the overlay {}", overlay.display()))?;
     Ok(Generalized {
         source: opened,
-        overlay: overlay.to_path_buf(),
         outcome,
     })
 }

@@ -4,6 +4,17 @@ pub mod aws;
 pub mod azure;
 pub mod libvirt;
 
+use anyhow::Context as _;
+
+/// The async runtime the cloud clients run on (two workers: the engine's threads do the reading and hashing).
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 use imgshift_converters::{ExtentKind, ExtentMap};
 
 /// The map of `[offset, offset+len)` of a target-side copy whose written data lies in `ranges` (sorted,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
+use aws_credential_types::provider::ProvideCredentials as _;
 
 /// Where and as whom to talk to AWS.
 #[derive(Debug, Clone, Default)]
@@ -47,4 +48,29 @@ pub async fn load(t: &AwsTarget) -> aws_config::SdkConfig {
         loader = loader.endpoint_url(e);
     }
     loader.load().await
+}
+
+/// Where the default credential chain looks, in order (aws-config's `DefaultCredentialsChain`).
+pub const CREDENTIAL_CHAIN: &str = "AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY, AWS_PROFILE or --profile \
+     (~/.aws/credentials, ~/.aws/config, SSO after `aws sso login`), web identity (AWS_WEB_IDENTITY_TOKEN_FILE), \
+     the ECS container role, the EC2 instance role";
+
+/// Resolves the credentials once, before any request: a missing, expired or refused credential fails at once
+/// with where they are looked for, instead of as a retried request.
+pub async fn check_credentials(sdk: &aws_config::SdkConfig) -> anyhow::Result<()> {
+    let Some(provider) = sdk.credentials_provider() else {
+        anyhow::bail!("no AWS credentials provider is configured; set one of: {CREDENTIAL_CHAIN}");
+    };
+    match provider.provide_credentials().await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let mut why = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                why.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            anyhow::bail!("no usable AWS credentials ({why}); set one of: {CREDENTIAL_CHAIN}")
+        }
+    }
 }

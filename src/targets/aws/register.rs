@@ -73,16 +73,6 @@ fn tags(list: &[(String, String)]) -> Vec<Tag> {
         .collect()
 }
 
-/// Registers the AMI for `snapshot_id` (the root device) and tags the snapshot. Returns the AMI id.
-pub async fn register_image(
-    ec2: &aws_sdk_ec2::Client,
-    policy: &Policy,
-    spec: &ImageSpec,
-    snapshot_id: &str,
-) -> Result<String> {
-    register_image_disks(ec2, policy, spec, &[snapshot_id.to_string()]).await
-}
-
 /// Device name of data disk `n` (1-based) next to the root device: `/dev/sdb`, `/dev/sdc`, ... (EC2's
 /// recommended names for EBS data volumes).
 pub fn data_device(n: usize) -> Option<String> {

@@ -97,6 +97,50 @@ pub fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(
     }
 }
 
+/// A failed AWS call after its retries, with the service's error code and HTTP status kept as data: callers
+/// decide on `code`/`status`, never on the message text.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} failed{tries}: {detail}", tries = if *.attempts > 1 { format!(" after {} attempts", .attempts) } else { String::new() })]
+pub struct CallError {
+    /// The operation ("DeregisterImage").
+    pub what: String,
+    /// The service's error code, when it answered with one.
+    pub code: Option<String>,
+    /// The HTTP status, when there was a response.
+    pub status: Option<u16>,
+    /// How the failure was classified.
+    pub class: Class,
+    /// Attempts made.
+    pub attempts: u32,
+    /// One line: code, status and message (never request contents).
+    pub detail: String,
+}
+
+impl CallError {
+    fn new<E: ProvideErrorMetadata + std::error::Error + 'static>(
+        what: &str,
+        err: &SdkError<E, HttpResponse>,
+        class: Class,
+        attempts: u32,
+    ) -> CallError {
+        let (code, status) = match err {
+            SdkError::ServiceError(se) => (
+                se.err().code().map(str::to_string),
+                Some(se.raw().status().as_u16()),
+            ),
+            _ => (None, None),
+        };
+        CallError {
+            what: what.to_string(),
+            code,
+            status,
+            class,
+            attempts,
+            detail: describe(err),
+        }
+    }
+}
+
 /// Retry policy.
 #[derive(Debug, Clone, Copy)]
 pub struct Policy {
@@ -162,12 +206,7 @@ where
                     Class::Retry | Class::Throttle => attempt >= policy.max_attempts,
                 };
                 if give_up {
-                    let tries = if attempt > 1 {
-                        format!(" after {attempt} attempts")
-                    } else {
-                        String::new()
-                    };
-                    anyhow::bail!("{what} failed{tries}: {}", describe(&e));
+                    return Err(CallError::new(what, &e, class, attempt).into());
                 }
                 tokio::time::sleep(policy.backoff(attempt)).await;
             }

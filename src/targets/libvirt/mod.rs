@@ -20,6 +20,7 @@ pub mod conn;
 pub mod download;
 pub mod fill;
 pub mod inuse;
+pub mod lifecycle;
 pub mod plan;
 pub mod sink;
 pub mod volume;

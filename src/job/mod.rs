@@ -1,30 +1,16 @@
-//! `imgshift migrate`: one resumable job from a source image (or an OVA with several disks) to an AWS AMI, an
-//! Azure image or a libvirt domain.
-//!
-//! Stages, in order, each recorded in the job's journal when it finishes (so `resume` skips it):
-//! `inspect` (inspection + the target's preflight; a failing verdict stops before any target call unless
-//! `--force`), `generalize` (optional, a qcow2 overlay in the job folder), `upload` (per disk, streamed from the
-//! engine, resumable per block/window), `register`, `verify` (read back what the target holds) and the report.
-//! Every target-side resource is recorded in the journal before or as it is created, which is what
-//! `jobs cancel` removes.
+//! A job as targets see it: its journal, its disks and how to report ([`Job`]), and the lifecycle every target
+//! implements ([`Target`]). This is the layer between the journal and the targets: it knows no command line, no
+//! runner and no particular target.
 
-pub mod aws;
-pub mod azure;
-pub mod libvirt;
-pub mod plan;
-pub mod source;
-pub mod stages;
 pub mod verify;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use imgshift_converters::{DiskSource, ExtentMap};
 
-use crate::cli::{MigrateArgs, MigrateTo};
 use crate::journal::{Journal, Ledger, Resource};
-use crate::progress::Bar;
-use stages::StageUi;
+use crate::progress::{Bar, StageUi};
 
 /// One disk of the job, as the stages see it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -35,6 +21,34 @@ pub struct DiskInfo {
     pub virtual_size: u64,
     /// Bytes of data (allocated, not known to be zero).
     pub data_bytes: u64,
+}
+
+/// What one upload run of one disk sent.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct UploadStats {
+    /// Payload bytes the target acknowledged in this run.
+    pub bytes_sent: u64,
+    /// Requests that carried data (EBS blocks, Put Page windows, stream pieces).
+    pub requests: u64,
+    /// Requests sent again after a retryable failure.
+    pub retries: u64,
+    /// Of those, throttled ones.
+    pub throttled: u64,
+}
+
+impl UploadStats {
+    /// Adds `o` to these counts.
+    pub fn add(&mut self, o: &UploadStats) {
+        self.bytes_sent = self.bytes_sent.saturating_add(o.bytes_sent);
+        self.requests = self.requests.saturating_add(o.requests);
+        self.retries = self.retries.saturating_add(o.retries);
+        self.throttled = self.throttled.saturating_add(o.throttled);
+    }
+}
+
+/// Maps a disk, naming it in errors.
+pub fn map_disk(src: &dyn DiskSource, name: &str) -> Result<ExtentMap> {
+    imgshift_converters::engine::source_map(src).with_context(|| format!("cannot map {name}"))
 }
 
 /// The job as the targets see it: its journal and how to report.
@@ -125,7 +139,7 @@ impl Job {
 
     /// The done-ledger of disk `disk`.
     pub fn ledger(&self, disk: usize) -> Ledger {
-        Ledger::new(self.journal.clone(), Some(disk))
+        Ledger::new(self.journal.clone(), disk)
     }
 
     /// A line for `--verbose`.
@@ -145,7 +159,7 @@ pub trait Target {
     fn plan(&self, job_name: &str, disks: &[DiskInfo]) -> Vec<String>;
     /// Connects and checks what can be checked before anything is created (credentials, names, pool).
     fn connect(&mut self, job: &Job) -> Result<()>;
-    /// Uploads disk `disk` from `src` (resuming from its ledger). Returns the bytes sent by this run.
+    /// Uploads disk `disk` from `src` (resuming from its ledger). Returns what this run sent.
     fn upload(
         &mut self,
         job: &Job,
@@ -153,7 +167,7 @@ pub trait Target {
         src: &dyn DiskSource,
         map: &ExtentMap,
         bar: Arc<Bar>,
-    ) -> Result<u64>;
+    ) -> Result<UploadStats>;
     /// Registers the image or domain from the uploaded disks; returns a one-line summary.
     fn register(&mut self, job: &Job) -> Result<String>;
     /// Reads back what the target holds and compares it with the sources; returns a one-line verdict.
@@ -162,84 +176,4 @@ pub trait Target {
     fn outputs(&self, job: &Job) -> Result<serde_json::Value>;
     /// Deletes the recorded resources (absent ones are fine); returns what was removed, one line each.
     fn cancel(&mut self, resources: &[Resource]) -> Result<Vec<String>>;
-}
-
-/// Builds the target `args` name (no network call yet).
-pub fn target_for(args: &MigrateArgs) -> Result<Box<dyn Target>> {
-    match args.to {
-        MigrateTo::Aws => Ok(Box::new(aws::AwsTarget::new(args)?)),
-        MigrateTo::Azure => Ok(Box::new(azure::AzureTarget::new(args)?)),
-        MigrateTo::Libvirt => Ok(Box::new(libvirt::LibvirtTarget::new(args)?)),
-    }
-}
-
-/// `--name`, or the source file's stem with characters clouds refuse replaced.
-pub fn job_name(args: &MigrateArgs) -> Result<String> {
-    let raw = match &args.name {
-        Some(n) => n.clone(),
-        None => args
-            .src
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-    };
-    let clean: String = raw
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let clean = clean.trim_matches(|c| c == '.' || c == '-').to_string();
-    if clean.is_empty() || clean.len() > 80 {
-        bail!("--name: give a name of 1 to 80 letters, digits, '.', '-' or '_' (got {raw:?})");
-    }
-    if args.name.is_some() && clean != raw {
-        bail!("--name {raw:?}: use only letters, digits, '.', '-' and '_'");
-    }
-    Ok(clean)
-}
-
-/// The job id: the same source (path, size, mtime) going to the same place under the same name is the same job,
-/// so rerunning the command (or `resume`) continues it.
-pub fn job_id(args: &MigrateArgs) -> Result<String> {
-    let place = match args.to {
-        MigrateTo::Aws => format!(
-            "{:?}\0{:?}\0{:?}\0{:?}\0{}",
-            args.aws.region.as_deref().or(env("AWS_REGION").as_deref()),
-            args.aws.profile,
-            args.aws
-                .endpoint_url
-                .as_deref()
-                .or(env("AWS_ENDPOINT_URL").as_deref()),
-            args.aws.kms_key_id,
-            args.aws.encrypted
-        ),
-        MigrateTo::Azure => format!(
-            "{}\0{:?}\0{:?}",
-            args.azure.arm_endpoint, args.azure.subscription, args.azure.resource_group
-        ),
-        MigrateTo::Libvirt => format!("{}\0{:?}", args.libvirt.connect, args.libvirt.pool),
-    };
-    let key = format!(
-        "migrate\0{}\0{:?}\0{}\0{place}\0{:?}\0{:?}",
-        crate::journal::source_identity(&args.src)?,
-        args.to,
-        job_name(args)?,
-        args.generalize,
-        args.format,
-    );
-    Ok(crate::journal::job_id_from("migrate", &key))
-}
-
-fn env(k: &str) -> Option<String> {
-    std::env::var(k).ok().filter(|v| !v.is_empty())
-}
-
-/// Maps a disk, naming it in errors.
-pub fn map_disk(src: &dyn DiskSource, name: &str) -> Result<ExtentMap> {
-    imgshift_converters::engine::source_map(src).with_context(|| format!("cannot map {name}"))
 }

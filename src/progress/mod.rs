@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use imgshift_converters::Progress;
+
+pub mod stages;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+pub use stages::StageUi;
 
 /// Shortest time between two plain progress lines.
 const LINE_EVERY: Duration = Duration::from_secs(5);
@@ -30,9 +33,9 @@ impl Lines {
         format!(
             "imgshift: {}: {} of {} ({pct}%), {}/s",
             self.what,
-            crate::commands::human_size(done),
-            crate::commands::human_size(total),
-            crate::commands::human_size((done as f64 / secs) as u64)
+            human_size(done),
+            human_size(total),
+            human_size((done as f64 / secs) as u64)
         )
     }
 }
@@ -123,5 +126,23 @@ impl Progress for Bar {
                 eprintln!("{}", l.line());
             }
         }
+    }
+}
+
+/// A byte count for people: `512 B`, `1 MiB`, `14.875 MiB`.
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else if v.fract() == 0.0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.3} {}", UNITS[u]).replace(".000", "")
     }
 }

@@ -1,4 +1,4 @@
-//! `migrate --to azure`: one managed disk per source disk (`NAME-os` for the boot disk, `NAME-data1`, ... for the
+//! The Azure lifecycle of a job (`migrate --to azure`, `upload azure`, `resume`, `jobs cancel`): one managed disk per source disk (`NAME-os` for the boot disk, `NAME-data1`, ... for the
 //! others: Azure keeps data disks apart from the image), each created for upload and filled through a fresh write
 //! SAS exactly as `upload azure` does (resumable per 4 MiB window); then the image `NAME` from the OS disk and,
 //! when asked, a gallery image version. Verified by reading every disk back through a read SAS: its page ranges
@@ -16,10 +16,9 @@ use azure_core::http::Transport;
 use imgshift_converters::{DiskSource, ExtentKind, ExtentMap};
 use serde_json::json;
 
-use super::{DiskInfo, Job, Target};
-use crate::cli::MigrateArgs;
+use crate::job::{DiskInfo, Job, Target, UploadStats, map_disk, verify};
 use crate::journal::Resource;
-use crate::progress::Bar;
+use crate::progress::{Bar, human_size};
 use crate::targets::azure::arm::{Arm, DISK_API, DiskSpec, GALLERY_API, IMAGE_API, check_name};
 use crate::targets::azure::pages::slot_count;
 use crate::targets::azure::readback::{self, PageBlob, PageBlobSource};
@@ -30,9 +29,9 @@ use crate::targets::azure::{
 };
 
 /// Default windows in flight per disk.
-const DEFAULT_CONCURRENCY: usize = 16;
+pub const DEFAULT_CONCURRENCY: usize = 16;
 /// Most windows in flight per disk.
-const MAX_CONCURRENCY: usize = 256;
+pub const MAX_CONCURRENCY: usize = 256;
 /// Most disks one job makes: the OS disk and the 64 data disks the largest VM sizes attach.
 const MAX_DISKS: usize = 65;
 /// Longest managed disk or image name (Azure naming rules for Microsoft.Compute: 1 to 80 characters).
@@ -63,6 +62,42 @@ struct Conn {
     arm: Arm,
 }
 
+/// What an Azure job makes, and how it reaches Azure: the target's own settings (the command line maps its
+/// flags to these).
+#[derive(Debug, Clone)]
+pub struct AzureSettings {
+    /// ARM endpoint (https).
+    pub arm_endpoint: String,
+    /// Extra trusted CA certificates (PEM).
+    pub ca_bundle: Option<PathBuf>,
+    /// Subscription id.
+    pub subscription: Option<String>,
+    /// Resource group.
+    pub resource_group: Option<String>,
+    /// Region of what is made.
+    pub location: Option<String>,
+    /// Attempts per request for retryable failures.
+    pub max_attempts: u32,
+    /// Say each step.
+    pub verbose: bool,
+    /// Windows in flight per disk (at most [`MAX_CONCURRENCY`]).
+    pub concurrency: usize,
+    /// Lifetime of each write SAS, in seconds.
+    pub access_duration: u64,
+    /// Disk SKU.
+    pub sku: String,
+    /// "windows" or "linux".
+    pub os_type: String,
+    /// "V1", "V2" or "auto".
+    pub generation: String,
+    /// Gallery, image definition, version.
+    pub gallery: Option<(String, String, String)>,
+    /// The managed disks' names, boot disk first; `None`: `NAME-os`, `NAME-data1`, ...
+    pub disk_names: Option<Vec<String>>,
+    /// The image to make from the OS disk; `None`: no image.
+    pub image_name: Option<String>,
+}
+
 /// The Azure target of one job.
 pub struct AzureTarget {
     arm_endpoint: String,
@@ -81,48 +116,54 @@ pub struct AzureTarget {
     generation: String,
     /// Gallery, image definition, version.
     gallery: Option<(String, String, String)>,
+    disk_names: Option<Vec<String>>,
+    image_name: Option<String>,
     conn: Option<Conn>,
 }
 
 impl AzureTarget {
-    /// The target `args` describe (no request is made).
-    pub fn new(args: &MigrateArgs) -> Result<AzureTarget> {
-        let a = &args.azure;
-        let concurrency = args.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
-        if concurrency == 0 || concurrency > MAX_CONCURRENCY {
-            bail!("--concurrency must be between 1 and {MAX_CONCURRENCY}");
+    /// The target `s` describe (no request is made). `need_all`: the subscription, resource group and
+    /// location must be given (every job but a dry run).
+    pub fn new(s: AzureSettings, need_all: bool) -> Result<AzureTarget> {
+        if s.concurrency == 0 || s.concurrency > MAX_CONCURRENCY {
+            bail!("the concurrency must be between 1 and {MAX_CONCURRENCY}");
         }
-        if !(300..=7 * 86400).contains(&a.access_duration) {
-            bail!("--access-duration must be between 300 and 604800 seconds");
+        if !(300..=7 * 86400).contains(&s.access_duration) {
+            bail!("the SAS access duration must be between 300 and 604800 seconds");
         }
         let mut t = AzureTarget::connection(
-            a.arm_endpoint.clone(),
-            a.ca_bundle.clone(),
-            a.subscription.clone(),
-            a.resource_group.clone(),
-            args.max_attempts,
+            s.arm_endpoint,
+            s.ca_bundle,
+            s.subscription,
+            s.resource_group,
+            s.max_attempts,
         );
-        t.location = a.location.clone();
-        t.verbose = args.verbose;
-        t.concurrency = concurrency;
-        t.access_duration = a.access_duration;
-        t.sku = a.sku.clone();
-        t.os_type = if a.os_type == "windows" {
+        t.location = s.location;
+        t.verbose = s.verbose;
+        t.concurrency = s.concurrency;
+        t.access_duration = s.access_duration;
+        t.sku = s.sku;
+        t.os_type = if s.os_type.eq_ignore_ascii_case("windows") {
             "Windows"
         } else {
             "Linux"
         };
-        t.generation = a.hyper_v_generation.clone();
-        t.gallery = match (&a.gallery, &a.gallery_image, &a.gallery_version) {
-            (Some(g), Some(d), Some(v)) => Some((g.clone(), d.clone(), v.clone())),
-            (None, None, None) => None,
-            _ => bail!("--gallery, --gallery-image and --gallery-version go together"),
-        };
-        // Checked before inspection, so a forgotten option costs no inspection and leaves no job behind.
-        if !args.dry_run {
+        t.generation = s.generation;
+        t.gallery = s.gallery;
+        t.disk_names = s.disk_names;
+        t.image_name = s.image_name;
+        if need_all {
             t.required()?;
         }
         Ok(t)
+    }
+
+    /// The managed disk made from source disk `i` of job `name`.
+    fn disk_name(&self, name: &str, i: usize) -> String {
+        self.disk_names
+            .as_ref()
+            .and_then(|n| n.get(i).cloned())
+            .unwrap_or_else(|| disk_name(name, i))
     }
 
     /// A connection only (for `jobs cancel` of an `upload azure` job).
@@ -147,6 +188,8 @@ impl AzureTarget {
             os_type: "Linux",
             generation: "auto".into(),
             gallery: None,
+            disk_names: None,
+            image_name: None,
             conn: None,
         }
     }
@@ -186,7 +229,7 @@ impl AzureTarget {
         let (Some(sub), Some(rg)) = (self.subscription.clone(), self.resource_group.clone()) else {
             bail!("--to azure needs --subscription and --resource-group");
         };
-        let rt = crate::commands::runtime()?;
+        let rt = crate::targets::runtime()?;
         let transport = http::transport(self.ca_bundle.as_deref())?;
         let cred = credential::choose(&transport)?;
         rt.block_on(credential::check(&cred))?;
@@ -290,26 +333,26 @@ impl Target for AzureTarget {
             .iter()
             .enumerate()
             .map(|(i, d)| {
-                let size = disk_data_size(d.virtual_size).map_or_else(
-                    || "too large".to_string(),
-                    |s| crate::commands::human_size(s + FOOTER),
-                );
+                let size = disk_data_size(d.virtual_size)
+                    .map_or_else(|| "too large".to_string(), |s| human_size(s + FOOTER));
                 format!(
                     "managed disk {} ({size} fixed VHD, {}) from disk {i}",
-                    disk_name(job_name, i),
+                    self.disk_name(job_name, i),
                     if i == 0 { "OS disk" } else { "data disk" }
                 )
             })
             .collect();
-        out.push(format!(
-            "image '{job_name}' from {}{}",
-            disk_name(job_name, 0),
-            if disks.len() > 1 {
-                " (the data disks stay separate managed disks)"
-            } else {
-                ""
-            }
-        ));
+        if let Some(image) = &self.image_name {
+            out.push(format!(
+                "image '{image}' from {}{}",
+                self.disk_name(job_name, 0),
+                if disks.len() > 1 {
+                    " (the data disks stay separate managed disks)"
+                } else {
+                    ""
+                }
+            ));
+        }
         if let Some(g) = &self.gallery {
             out.push(format!("gallery image version {}/{}/{}", g.0, g.1, g.2));
         }
@@ -326,9 +369,9 @@ impl Target for AzureTarget {
             );
         }
         let names: Vec<String> = (0..job.disks.len())
-            .map(|i| disk_name(&job.name, i))
+            .map(|i| self.disk_name(&job.name, i))
             .collect();
-        for n in names.iter().chain(std::iter::once(&job.name)) {
+        for n in names.iter().chain(self.image_name.iter()) {
             check_name("name", n)?;
             if n.len() > MAX_NAME {
                 bail!(
@@ -367,13 +410,9 @@ impl Target for AzureTarget {
         for n in &names {
             self.refuse_taken(job, "disk", n, &format!("disks/{n}"), DISK_API)?;
         }
-        self.refuse_taken(
-            job,
-            "image",
-            &job.name,
-            &format!("images/{}", job.name),
-            IMAGE_API,
-        )?;
+        if let Some(image) = &self.image_name {
+            self.refuse_taken(job, "image", image, &format!("images/{image}"), IMAGE_API)?;
+        }
         if let Some(g) = &self.gallery {
             let id = format!("{}/{}/{}", g.0, g.1, g.2);
             self.refuse_taken(
@@ -394,9 +433,9 @@ impl Target for AzureTarget {
         src: &dyn DiskSource,
         map: &ExtentMap,
         bar: Arc<Bar>,
-    ) -> Result<u64> {
+    ) -> Result<UploadStats> {
         self.open()?;
-        let name = disk_name(&job.name, disk);
+        let name = self.disk_name(&job.name, disk);
         let size = src.virtual_size();
         let data_size = disk_data_size(size)
             .with_context(|| format!("disk {disk} is too large for Azure ({size} bytes)"))?;
@@ -458,7 +497,7 @@ impl Target for AzureTarget {
             job.set_disk_id(disk, STAGE_KEY, CREATED)?;
             stage = CREATED.into();
         }
-        let mut sent = 0;
+        let mut sent = UploadStats::default();
         if stage == CREATED || stage == GRANTED {
             // A fresh SAS on every run; never stored (only its expiry, for the messages).
             let sas =
@@ -509,7 +548,12 @@ impl Target for AzureTarget {
             ));
             job.set_disk_id(disk, STAGE_KEY, UPLOADED)?;
             stage = UPLOADED.into();
-            sent = counts.bytes_sent;
+            sent = UploadStats {
+                bytes_sent: counts.bytes_sent,
+                requests: counts.requests,
+                retries: counts.retries,
+                throttled: counts.throttled,
+            };
         }
         if stage == UPLOADED {
             c.rt.block_on(c.arm.revoke(&name)).map_err(leftover)?;
@@ -523,17 +567,23 @@ impl Target for AzureTarget {
         self.open()?;
         for i in 0..job.disks.len() {
             if job.disk_id(i, STAGE_KEY)?.as_deref() != Some(REVOKED) {
-                bail!("disk {i} ({}) is not uploaded yet", disk_name(&job.name, i));
+                bail!(
+                    "disk {i} ({}) is not uploaded yet",
+                    self.disk_name(&job.name, i)
+                );
             }
         }
-        let os_disk = disk_name(&job.name, 0);
+        let os_disk = self.disk_name(&job.name, 0);
         let generation = self.generation(job, None)?;
         let location = self.location()?.to_string();
         let c = self.conn()?;
-        if job.id_of("image")?.is_none() {
-            job.record("image", &job.name)?;
+        let mut made = Vec::new();
+        if let Some(image) = &self.image_name
+            && job.id_of("image")?.is_none()
+        {
+            job.record("image", image)?;
             c.rt.block_on(c.arm.create_image(
-                &job.name,
+                image,
                 &location,
                 &os_disk,
                 self.os_type,
@@ -546,8 +596,11 @@ impl Target for AzureTarget {
                     job.id
                 )
             })?;
-            job.set_id("image", &c.arm.id(&format!("images/{}", job.name)))?;
-            job.say(&format!("created image {}", job.name));
+            job.set_id("image", &c.arm.id(&format!("images/{image}")))?;
+            job.say(&format!("created image {image}"));
+        }
+        if let Some(image) = &self.image_name {
+            made.push(format!("image {image}"));
         }
         let mut gallery = String::new();
         if let Some(g) = &self.gallery {
@@ -569,11 +622,14 @@ impl Target for AzureTarget {
             gallery = format!("; gallery image version {id}");
         }
         let data: Vec<String> = (1..job.disks.len())
-            .map(|i| disk_name(&job.name, i))
+            .map(|i| self.disk_name(&job.name, i))
             .collect();
+        if made.is_empty() {
+            made.push("no image".into());
+        }
         Ok(format!(
-            "image {} (Hyper-V {generation}, {}) from disk {os_disk}{}{gallery}",
-            job.name,
+            "{} (Hyper-V {generation}, {}) from disk {os_disk}{}{gallery}",
+            made.join(", "),
             self.os_type,
             if data.is_empty() {
                 String::new()
@@ -594,11 +650,11 @@ impl Target for AzureTarget {
         let mut listed = 0u64;
         let mut compared = 0u64;
         for (i, src) in sources.iter().enumerate() {
-            let name = disk_name(&job.name, i);
+            let name = self.disk_name(&job.name, i);
             let size = src.virtual_size();
             let data_size = disk_data_size(size)
                 .with_context(|| format!("disk {i} is too large for Azure ({size} bytes)"))?;
-            let map = super::map_disk(src.as_ref(), &format!("disk {i}"))?;
+            let map = map_disk(src.as_ref(), &format!("disk {i}"))?;
             let sas =
                 c.rt.block_on(c.arm.grant_read(&name, VERIFY_ACCESS_SECONDS))?;
             let checked = (|| -> Result<(u64, u64)> {
@@ -616,7 +672,7 @@ impl Target for AzureTarget {
                 blob.read(&mut footer, data_size)?;
                 vhd::check_fixed_footer(&footer, data_size)?;
                 let copy = PageBlobSource::new(blob, data_size, ranges)?;
-                let m = super::verify::sample_compare(src.as_ref(), &map, &copy)?;
+                let m = verify::sample_compare(src.as_ref(), &map, &copy)?;
                 Ok((n, m))
             })();
             drop(sas);
@@ -631,8 +687,8 @@ impl Target for AzureTarget {
              valid (cookie, checksum, size), {} sampled and identical",
             sources.len(),
             if sources.len() == 1 { "" } else { "s" },
-            crate::commands::human_size(listed),
-            crate::commands::human_size(compared)
+            human_size(listed),
+            human_size(compared)
         ))
     }
 
@@ -690,14 +746,24 @@ impl Target for AzureTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
-    fn args(extra: &[&str]) -> MigrateArgs {
-        let mut argv = vec!["imgshift", "migrate", "src.qcow2", "--to", "azure"];
-        argv.extend_from_slice(extra);
-        match crate::cli::Cli::try_parse_from(argv).unwrap().command {
-            crate::cli::Command::Migrate(a) => *a,
-            _ => panic!("not migrate"),
+    fn settings() -> AzureSettings {
+        AzureSettings {
+            arm_endpoint: "https://management.azure.com".into(),
+            ca_bundle: None,
+            subscription: Some("s".into()),
+            resource_group: Some("rg".into()),
+            location: Some("westeurope".into()),
+            max_attempts: 3,
+            verbose: false,
+            concurrency: DEFAULT_CONCURRENCY,
+            access_duration: 86400,
+            sku: "Standard_LRS".into(),
+            os_type: "linux".into(),
+            generation: "auto".into(),
+            gallery: None,
+            disk_names: None,
+            image_name: Some("vm".into()),
         }
     }
 
@@ -706,42 +772,62 @@ mod tests {
         assert_eq!(disk_name("web", 0), "web-os");
         assert_eq!(disk_name("web", 1), "web-data1");
         assert_eq!(disk_name("web", 12), "web-data12");
+        let t = AzureTarget::new(
+            AzureSettings {
+                disk_names: Some(vec!["given".into()]),
+                ..settings()
+            },
+            true,
+        )
+        .unwrap();
+        assert_eq!(t.disk_name("web", 0), "given");
+        assert_eq!(t.disk_name("web", 1), "web-data1");
     }
 
     #[test]
-    fn required_options_are_named() {
-        let e = |extra: &[&str]| AzureTarget::new(&args(extra)).err().map(|e| e.to_string());
-        let full = [
-            "--subscription",
-            "s",
-            "--resource-group",
-            "rg",
-            "--location",
-            "westeurope",
-        ];
-        assert_eq!(e(&full), None);
+    fn required_settings_are_named() {
+        let e = |s: AzureSettings| AzureTarget::new(s, true).err().map(|e| e.to_string());
+        assert_eq!(e(settings()), None);
         assert!(
-            e(&["--subscription", "s", "--location", "l"])
-                .unwrap()
-                .contains("--resource-group")
+            e(AzureSettings {
+                resource_group: None,
+                ..settings()
+            })
+            .unwrap()
+            .contains("--resource-group")
         );
         assert!(
-            e(&["--subscription", "s", "-g", "rg"])
-                .unwrap()
-                .contains("--location")
+            e(AzureSettings {
+                location: None,
+                ..settings()
+            })
+            .unwrap()
+            .contains("--location")
         );
-        // A dry run touches no target and needs none of them.
-        assert_eq!(e(&["--dry-run"]), None);
+        // A dry run's target is built without them.
         assert!(
-            e(&[&full[..], &["--concurrency", "0"]].concat())
-                .unwrap()
-                .contains("--concurrency")
+            AzureTarget::new(
+                AzureSettings {
+                    location: None,
+                    ..settings()
+                },
+                false
+            )
+            .is_ok()
+        );
+        assert!(
+            e(AzureSettings {
+                concurrency: 0,
+                ..settings()
+            })
+            .unwrap()
+            .contains("concurrency")
         );
     }
 
     #[test]
     fn units_are_4_mib_windows_plus_the_footer() {
-        let t = AzureTarget::new(&args(&["--dry-run"])).unwrap();
+        let t = AzureTarget::new(settings(), true).unwrap();
         // 64 MiB: 16 windows + the footer; small disks are padded to 20 MiB.
         assert_eq!(t.units(64 << 20).unwrap(), (MAX_PUT_PAGE, 17));
         assert_eq!(t.units(1).unwrap(), (MAX_PUT_PAGE, 6));
@@ -750,15 +836,13 @@ mod tests {
 
     #[test]
     fn plan_names_every_disk_and_the_image() {
-        let t = AzureTarget::new(&args(&[
-            "--dry-run",
-            "--gallery",
-            "g",
-            "--gallery-image",
-            "d",
-            "--gallery-version",
-            "1.0.0",
-        ]))
+        let t = AzureTarget::new(
+            AzureSettings {
+                gallery: Some(("g".into(), "d".into(), "1.0.0".into())),
+                ..settings()
+            },
+            true,
+        )
         .unwrap();
         let d = |n: &str| DiskInfo {
             name: n.into(),

@@ -1,19 +1,24 @@
-//! How `migrate` shows its stages: on a terminal one line per stage (a spinner while it runs, then its time and
+//! How a job shows its stages: on a terminal one line per stage (a spinner while it runs, then its time and
 //! result) plus a bytes bar with rate and ETA (indicatif MultiProgress); elsewhere plain `imgshift:` lines, the
-//! bytes ones every few seconds; nothing with `--quiet`.
+//! bytes ones every few seconds; nothing with `--quiet`. An upload job (`upload aws|azure`) shows only its bytes
+//! bar ([`StageUi::bars_only`]): its stage lines come with `--verbose`.
 
 use std::io::IsTerminal;
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::progress::Bar;
+use super::Bar;
 
 /// The stage display of one run.
 pub struct StageUi {
     multi: Option<MultiProgress>,
     quiet: bool,
     count: usize,
+    /// Print stage lines (migrate; an upload's only with --verbose).
+    lines: bool,
+    /// Plain progress lines on a non-terminal.
+    plain_bars: bool,
 }
 
 /// A stage being shown.
@@ -31,6 +36,22 @@ impl StageUi {
             multi,
             quiet,
             count,
+            lines: true,
+            plain_bars: true,
+        }
+    }
+
+    /// A display of bytes bars only (on a terminal, or elsewhere with `progress`), and stage lines only when
+    /// `verbose`.
+    pub fn bars_only(quiet: bool, count: usize, progress: bool, verbose: bool) -> StageUi {
+        let multi = (!quiet && std::io::stderr().is_terminal())
+            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        StageUi {
+            multi,
+            quiet,
+            count,
+            lines: verbose,
+            plain_bars: progress,
         }
     }
 
@@ -41,6 +62,12 @@ impl StageUi {
     /// Shows stage `index` as running.
     pub fn begin(&self, index: usize, name: &str) -> StageLine {
         let label = self.label(index, name);
+        if !self.lines {
+            return StageLine {
+                spinner: None,
+                label,
+            };
+        }
         let spinner = match &self.multi {
             Some(m) => {
                 let p = m.add(ProgressBar::new_spinner());
@@ -74,7 +101,7 @@ impl StageUi {
                 p.finish_with_message(format!("✓ {text}"));
             }
             None => {
-                if !self.quiet {
+                if !self.quiet && self.lines {
                     eprintln!("imgshift: {text}");
                 }
             }
@@ -102,6 +129,14 @@ impl StageUi {
 
     /// A line of text above the bars.
     pub fn note(&self, msg: &str) {
+        if self.quiet || !self.lines {
+            return;
+        }
+        self.say(msg);
+    }
+
+    /// A line of text above the bars, shown even when stage lines are not (unless `--quiet`).
+    pub fn say(&self, msg: &str) {
         if self.quiet {
             return;
         }
@@ -115,6 +150,6 @@ impl StageUi {
 
     /// A bytes bar for the running stage (plain lines every few seconds on a non-terminal).
     pub fn bar(&self, what: &str) -> Bar {
-        Bar::in_multi(what, true, self.quiet, self.multi.as_ref())
+        Bar::in_multi(what, self.plain_bars, self.quiet, self.multi.as_ref())
     }
 }

@@ -1,4 +1,4 @@
-//! `migrate --to aws`: one EBS snapshot per disk (EBS direct APIs, resumable per 512 KiB block), one AMI with a
+//! The AWS lifecycle of a job (`migrate --to aws`, `upload aws`, `resume`, `jobs cancel`): one EBS snapshot per disk (EBS direct APIs, resumable per 512 KiB block), one AMI with a
 //! block device mapping per snapshot (root first, then `/dev/sdb`, ...), verified by listing each snapshot's
 //! blocks and reading sampled ranges back (every block's SHA-256 checked).
 
@@ -10,20 +10,21 @@ use aws_sdk_ec2::types::{Filter, SnapshotState};
 use imgshift_converters::{DiskSource, ExtentMap};
 use serde_json::json;
 
-use super::{DiskInfo, Job, Target};
-use crate::cli::MigrateArgs;
+use super::download::EbsSnapshotSource;
+use super::register::{self, ImageSpec};
+use super::retry::{self, Policy};
+use super::upload::{self as up, UploaderOptions};
+use super::{EBS_BLOCK_SIZE, config, volume_gib};
+use crate::job::{DiskInfo, Job, Target, UploadStats, map_disk, verify};
 use crate::journal::Resource;
-use crate::progress::Bar;
-use crate::targets::aws::download::EbsSnapshotSource;
-use crate::targets::aws::register::{self, ImageSpec};
-use crate::targets::aws::retry::{self, Policy};
-use crate::targets::aws::upload::{self as up, UploaderOptions};
-use crate::targets::aws::{EBS_BLOCK_SIZE, config, volume_gib};
+use crate::progress::{Bar, human_size};
 
 /// How long to wait for a snapshot to complete or the AMI to become available.
 const WAIT_LIMIT: Duration = Duration::from_secs(3600);
 /// Default requests in flight.
-const DEFAULT_CONCURRENCY: usize = 64;
+pub const DEFAULT_CONCURRENCY: usize = 64;
+/// Most requests in flight.
+pub const MAX_CONCURRENCY: usize = 1024;
 /// Most disks one AMI maps (root + `/dev/sdb` ... `/dev/sdz`).
 const MAX_DISKS: usize = 26;
 
@@ -35,6 +36,28 @@ struct Clients {
     region: String,
 }
 
+/// What an AWS job makes, and how it reaches AWS: the target's own settings (the command line maps its flags
+/// to these).
+#[derive(Debug, Clone, Default)]
+pub struct AwsSettings {
+    /// Region, profile, endpoint.
+    pub conn: config::AwsTarget,
+    /// Attempts per request for retryable failures.
+    pub max_attempts: u32,
+    /// Requests in flight per disk (at most [`MAX_CONCURRENCY`]).
+    pub concurrency: usize,
+    /// Encrypt the snapshots (with `kms_key_id`, or the account's default EBS key).
+    pub encrypted: bool,
+    /// KMS key for encrypted snapshots.
+    pub kms_key_id: Option<String>,
+    /// The AMI to register over the snapshots; `None` makes snapshots only.
+    pub image: Option<ImageSpec>,
+    /// Description of each snapshot (default: the job and disk).
+    pub snapshot_description: Option<String>,
+    /// Say each step.
+    pub verbose: bool,
+}
+
 /// The AWS target of one job.
 pub struct AwsTarget {
     conn: config::AwsTarget,
@@ -43,56 +66,31 @@ pub struct AwsTarget {
     image: Option<ImageSpec>,
     encrypted: bool,
     kms_key_id: Option<String>,
+    snapshot_description: Option<String>,
     verbose: bool,
     clients: Option<Clients>,
 }
 
 impl AwsTarget {
-    /// The target `args` describe (no request is made).
-    pub fn new(args: &MigrateArgs) -> Result<AwsTarget> {
-        let concurrency = args.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
-        if concurrency == 0 || concurrency > 1024 {
-            bail!("--concurrency must be between 1 and 1024");
+    /// The target `s` describe (no request is made).
+    pub fn new(s: AwsSettings) -> Result<AwsTarget> {
+        if s.concurrency == 0 || s.concurrency > MAX_CONCURRENCY {
+            bail!("the concurrency must be between 1 and {MAX_CONCURRENCY}");
         }
-        let a = &args.aws;
-        let mut t = AwsTarget::connection(
-            a.region.clone(),
-            a.profile.clone(),
-            a.endpoint_url.clone(),
-            args.max_attempts,
-        );
-        t.concurrency = concurrency;
-        t.encrypted = a.encrypted || a.kms_key_id.is_some();
-        t.kms_key_id = a.kms_key_id.clone();
-        t.verbose = args.verbose;
-        t.image = Some(ImageSpec {
-            name: super::job_name(args)?,
-            description: a.description.clone(),
-            architecture: a.architecture.clone(),
-            boot_mode: a.boot_mode.clone(),
-            ena: !a.no_ena,
-            tpm_v2: a.tpm_v2,
-            imds_v2_required: a.imds_v2_required,
-            volume_type: a.volume_type.clone(),
-            root_device: "/dev/xvda".into(),
-            tags: crate::commands::parse_tags(&args.tags)?,
-        });
+        let mut t = AwsTarget::connection(s.conn, s.max_attempts);
+        t.concurrency = s.concurrency;
+        t.encrypted = s.encrypted || s.kms_key_id.is_some();
+        t.kms_key_id = s.kms_key_id;
+        t.image = s.image;
+        t.snapshot_description = s.snapshot_description;
+        t.verbose = s.verbose;
         Ok(t)
     }
 
-    /// A connection only (for `jobs cancel` of an `upload aws` job).
-    pub fn connection(
-        region: Option<String>,
-        profile: Option<String>,
-        endpoint_url: Option<String>,
-        max_attempts: u32,
-    ) -> AwsTarget {
+    /// A connection only (for `jobs cancel`).
+    pub fn connection(conn: config::AwsTarget, max_attempts: u32) -> AwsTarget {
         AwsTarget {
-            conn: config::AwsTarget {
-                region,
-                profile,
-                endpoint_url,
-            },
+            conn,
             policy: Policy {
                 max_attempts: max_attempts.max(1),
                 ..Policy::default()
@@ -101,6 +99,7 @@ impl AwsTarget {
             image: None,
             encrypted: false,
             kms_key_id: None,
+            snapshot_description: None,
             verbose: false,
             clients: None,
         }
@@ -108,11 +107,13 @@ impl AwsTarget {
 
     fn clients(&mut self) -> Result<&Clients> {
         if self.clients.is_none() {
-            let rt = crate::commands::runtime()?;
+            let rt = crate::targets::runtime()?;
             let sdk = rt.block_on(config::load(&self.conn));
             let Some(region) = sdk.region().map(|r| r.to_string()) else {
                 bail!("no AWS region: pass --region or set AWS_REGION");
             };
+            // Credentials are resolved once, here: a missing or refused credential is never worth a retry.
+            rt.block_on(config::check_credentials(&sdk))?;
             self.clients = Some(Clients {
                 ebs: aws_sdk_ebs::Client::new(&sdk),
                 ec2: aws_sdk_ec2::Client::new(&sdk),
@@ -169,7 +170,7 @@ impl Target for AwsTarget {
         ))
     }
 
-    fn plan(&self, job_name: &str, disks: &[DiskInfo]) -> Vec<String> {
+    fn plan(&self, _job_name: &str, disks: &[DiskInfo]) -> Vec<String> {
         let mut out: Vec<String> = disks
             .iter()
             .enumerate()
@@ -181,16 +182,22 @@ impl Target for AwsTarget {
                 )
             })
             .collect();
-        let devices: Vec<String> = (0..disks.len())
-            .map(|i| {
-                if i == 0 {
-                    "/dev/xvda".to_string()
-                } else {
-                    register::data_device(i).unwrap_or_default()
-                }
-            })
-            .collect();
-        out.push(format!("AMI '{job_name}' mapping {}", devices.join(", ")));
+        if let Some(spec) = &self.image {
+            let devices: Vec<String> = (0..disks.len())
+                .map(|i| {
+                    if i == 0 {
+                        spec.root_device.clone()
+                    } else {
+                        register::data_device(i).unwrap_or_default()
+                    }
+                })
+                .collect();
+            out.push(format!(
+                "AMI '{}' mapping {}",
+                spec.name,
+                devices.join(", ")
+            ));
+        }
         out
     }
 
@@ -204,13 +211,13 @@ impl Target for AwsTarget {
         let region = self.clients()?.region.clone();
         job.say(&format!("AWS region {region}"));
         // A taken AMI name fails RegisterImage only at the end: refuse now, unless this job made it.
-        if job.id_of("image")?.is_none()
-            && let Some(found) = self.find_image(&job.name)?
+        if let Some(name) = self.image.as_ref().map(|i| i.name.clone())
+            && job.id_of("image")?.is_none()
+            && let Some(found) = self.find_image(&name)?
             && !job.owns("image", &found)
         {
             bail!(
-                "an AMI named '{}' already exists ({found}) in {region}: choose another --name or deregister it",
-                job.name
+                "an AMI named '{name}' already exists ({found}) in {region}: choose another name or deregister it"
             );
         }
         Ok(())
@@ -223,7 +230,7 @@ impl Target for AwsTarget {
         src: &dyn DiskSource,
         map: &ExtentMap,
         bar: Arc<Bar>,
-    ) -> Result<u64> {
+    ) -> Result<UploadStats> {
         let size = src.virtual_size();
         let (_, block_count) = self.units(size)?;
         let snapshot = match job.disk_id(disk, "snapshot")? {
@@ -243,13 +250,16 @@ impl Target for AwsTarget {
                     }
                     let c = self.clients()?;
                     c.rt.block_on(register::wait_snapshot(&c.ec2, &policy, &s, WAIT_LIMIT))?;
-                    return Ok(0);
+                    return Ok(UploadStats::default());
                 }
                 s
             }
             None => {
                 let token = format!("{}-{disk}", job.id);
-                let description = format!("imgshift job {} disk {disk}", job.id);
+                let description = self
+                    .snapshot_description
+                    .clone()
+                    .unwrap_or_else(|| format!("imgshift job {} disk {disk}", job.id));
                 let tags = job.tags.clone();
                 let kms = self.kms_key_id.clone();
                 let req = up::SnapshotRequest {
@@ -261,10 +271,23 @@ impl Target for AwsTarget {
                     tags: &tags,
                 };
                 let policy = self.policy;
+                let endpoint_url = self.conn.endpoint_url.clone();
                 let c = self.clients()?;
                 let (s, enc) =
                     c.rt.block_on(up::start_snapshot(&c.ebs, &policy, &req))
-                        .with_context(|| format!("cannot start a snapshot in {}", c.region))?;
+                        .with_context(|| {
+                            let endpoint = match &endpoint_url {
+                                Some(e) => e.clone(),
+                                None => format!(
+                                    "https://ebs.{}.amazonaws.com; is the region name right?",
+                                    c.region
+                                ),
+                            };
+                            format!(
+                                "cannot start a snapshot in region {} (endpoint {endpoint})",
+                                c.region
+                            )
+                        })?;
                 job.record("snapshot", &s)?;
                 job.set_disk_id(disk, "snapshot", &s)?;
                 if enc {
@@ -308,7 +331,13 @@ impl Target for AwsTarget {
             progress,
             verbose,
         )
-        .with_context(|| format!("snapshot {snapshot} (disk {disk})"))?;
+        .with_context(|| {
+            format!(
+                "snapshot {snapshot} (disk {disk}) is kept pending for `imgshift resume {}`; or delete it with \
+                 `aws ec2 delete-snapshot --snapshot-id {snapshot}`",
+                job.id
+            )
+        })?;
         let changed = ledger.bitmap()?.count();
         job.set_disk_id(disk, "completing", "true")?;
         let c = self.clients()?;
@@ -317,7 +346,12 @@ impl Target for AwsTarget {
             &c.ec2, &policy, &snapshot, WAIT_LIMIT,
         ))?;
         job.say(&format!("completed snapshot {snapshot}: {changed} blocks"));
-        Ok(counts.bytes_sent)
+        Ok(UploadStats {
+            bytes_sent: counts.bytes_sent,
+            requests: counts.blocks_put,
+            retries: counts.retries,
+            throttled: counts.throttled,
+        })
     }
 
     fn register(&mut self, job: &Job) -> Result<String> {
@@ -328,7 +362,9 @@ impl Target for AwsTarget {
                     .with_context(|| format!("disk {i} has no snapshot in the journal"))?,
             );
         }
-        let mut spec = self.image.clone().context("no AMI settings for this job")?;
+        let Some(mut spec) = self.image.clone() else {
+            return Ok(format!("no AMI (snapshots only): {}", snapshots.join(", ")));
+        };
         if spec.boot_mode.is_none() {
             spec.boot_mode = job.settings.get("boot_mode").cloned();
         }
@@ -368,7 +404,7 @@ impl Target for AwsTarget {
                 .disk_id(i, "snapshot")?
                 .with_context(|| format!("disk {i} has no snapshot in the journal"))?;
             let encrypted = job.disk_id(i, "encrypted")?.is_some();
-            let map = super::map_disk(src.as_ref(), &format!("disk {i}"))?;
+            let map = map_disk(src.as_ref(), &format!("disk {i}"))?;
             let (_, block_count) = self.units(src.virtual_size())?;
             let expected = if encrypted {
                 block_count
@@ -389,7 +425,7 @@ impl Target for AwsTarget {
                     "snapshot {snapshot} (disk {i}) lists {listed} blocks; the source has {expected} blocks of data"
                 );
             }
-            compared += super::verify::sample_compare(src.as_ref(), &map, &snap)
+            compared += verify::sample_compare(src.as_ref(), &map, &snap)
                 .with_context(|| format!("snapshot {snapshot} (disk {i})"))?;
             blocks += listed;
         }
@@ -397,7 +433,7 @@ impl Target for AwsTarget {
             "{} snapshot{}: {blocks} blocks listed as expected; {} sampled and identical (block SHA-256s checked)",
             sources.len(),
             if sources.len() == 1 { "" } else { "s" },
-            crate::commands::human_size(compared)
+            human_size(compared)
         ))
     }
 
@@ -405,6 +441,7 @@ impl Target for AwsTarget {
         Ok(json!({
             "image_id": job.id_of("image")?,
             "snapshot_ids": job.disk_ids("snapshot")?,
+            "encrypted": job.disk_ids("encrypted")?.iter().map(Option::is_some).collect::<Vec<bool>>(),
             "region": self.clients.as_ref().map(|c| c.region.clone()),
         }))
     }
@@ -444,8 +481,20 @@ impl Target for AwsTarget {
     }
 }
 
-/// Whether an error says the resource does not exist.
+/// Whether an EC2 call failed because the AMI or snapshot does not exist (any more), decided by the service's
+/// error code: `InvalidAMIID.NotFound`/`.Unavailable` (deregistered), `InvalidSnapshot.NotFound`. A 503
+/// (`Unavailable`, `ServiceUnavailable`) or a throttle is not "gone".
 fn not_found(e: &anyhow::Error) -> bool {
-    let t = format!("{e:#}");
-    t.contains("NotFound") || t.contains("does not exist") || t.contains("Unavailable")
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<retry::CallError>())
+        .any(|c| {
+            matches!(
+                c.code.as_deref(),
+                Some(
+                    "InvalidAMIID.NotFound"
+                        | "InvalidAMIID.Unavailable"
+                        | "InvalidSnapshot.NotFound"
+                )
+            )
+        })
 }

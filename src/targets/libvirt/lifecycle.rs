@@ -21,8 +21,8 @@ use serde_json::json;
 use virt::connect::Connect;
 use virt::storage_pool::StoragePool;
 
-use super::{DiskInfo, Job, Target};
 use crate::cli::{LibvirtVolFormat, MigrateArgs};
+use crate::job::{DiskInfo, Job, Target, UploadStats, map_disk, verify};
 use crate::journal::Resource;
 use crate::progress::Bar;
 use crate::targets::libvirt::plan::{self, DomainChoices, GuestHints};
@@ -146,7 +146,7 @@ impl Target for LibvirtTarget {
                     volume_name(job_name, i, self.format),
                     self.pool,
                     self.format.name(),
-                    crate::commands::human_size(d.virtual_size)
+                    crate::progress::human_size(d.virtual_size)
                 )
             })
             .collect();
@@ -204,7 +204,7 @@ impl Target for LibvirtTarget {
         src: &dyn DiskSource,
         map: &ExtentMap,
         bar: Arc<Bar>,
-    ) -> Result<u64> {
+    ) -> Result<UploadStats> {
         let pool = self.pool()?;
         let conn = self.conn()?;
         if disk == 0 && job.id_of("partition_firmware")?.is_none() {
@@ -243,7 +243,10 @@ impl Target for LibvirtTarget {
             bar.as_ref(),
             None,
         ) {
-            Ok((sent, _)) => Ok(sent.bytes_sent),
+            Ok((sent, _)) => Ok(UploadStats {
+                bytes_sent: sent.bytes_sent,
+                ..UploadStats::default()
+            }),
             Err(f) => {
                 let e = anyhow::Error::new(f.error).context(format!(
                     "cannot upload disk {disk} to volume '{vol}' ({} bytes had been sent)",
@@ -334,8 +337,8 @@ impl Target for LibvirtTarget {
             }
             let copy = download::open(&conn, &vol, &name, self.format)
                 .with_context(|| format!("cannot read volume '{name}' back"))?;
-            let map = super::map_disk(src.as_ref(), &format!("disk {i}"))?;
-            compared += super::verify::sample_compare(src.as_ref(), &map, copy.as_ref())
+            let map = map_disk(src.as_ref(), &format!("disk {i}"))?;
+            compared += verify::sample_compare(src.as_ref(), &map, copy.as_ref())
                 .with_context(|| format!("volume '{name}' (disk {i})"))?;
             let path = vol.path().map_err(|e| {
                 LvError::call(format!("cannot read the path of volume '{name}'"), &e)
@@ -364,7 +367,7 @@ impl Target for LibvirtTarget {
             "{} volume{}: capacities as expected, {} sampled and identical; domain '{}' lists every volume",
             vols.len(),
             if vols.len() == 1 { "" } else { "s" },
-            crate::commands::human_size(compared),
+            crate::progress::human_size(compared),
             job.name
         ))
     }

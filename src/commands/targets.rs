@@ -1,0 +1,246 @@
+//! The one place that maps command-line options to targets: which targets exist ([`TargetKind`]), their
+//! settings from `migrate`'s and `upload`'s flags, and the target a saved job's command line names (for `resume`
+//! and `jobs cancel`).
+
+use anyhow::{Result, bail};
+
+use crate::cli::{
+    AwsConnArgs, AwsUploadArgs, AzureUploadArgs, Command, MigrateArgs, MigrateTo, UploadTarget,
+};
+use crate::generalize::operations::Target as GenTarget;
+use crate::job::Target;
+use crate::targets::aws::config::AwsTarget as AwsConn;
+use crate::targets::aws::lifecycle::{self as aws, AwsSettings, AwsTarget};
+use crate::targets::aws::register::ImageSpec;
+use crate::targets::azure::lifecycle::{self as azure, AzureSettings, AzureTarget};
+
+/// A target imgshift can make things on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    /// EBS snapshots and an AMI.
+    Aws,
+    /// Managed disks and an image.
+    Azure,
+    /// Volumes and a domain.
+    Libvirt,
+}
+
+impl TargetKind {
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::Aws => "aws",
+            TargetKind::Azure => "azure",
+            TargetKind::Libvirt => "libvirt",
+        }
+    }
+
+    /// The generalisation operations' target.
+    pub fn generalize(self) -> GenTarget {
+        match self {
+            TargetKind::Aws => GenTarget::Aws,
+            TargetKind::Azure => GenTarget::Azure,
+            TargetKind::Libvirt => GenTarget::Libvirt,
+        }
+    }
+}
+
+impl From<MigrateTo> for TargetKind {
+    fn from(t: MigrateTo) -> TargetKind {
+        match t {
+            MigrateTo::Aws => TargetKind::Aws,
+            MigrateTo::Azure => TargetKind::Azure,
+            MigrateTo::Libvirt => TargetKind::Libvirt,
+        }
+    }
+}
+
+fn aws_conn(
+    region: &Option<String>,
+    profile: &Option<String>,
+    endpoint: &Option<String>,
+) -> AwsConn {
+    AwsConn {
+        region: region.clone(),
+        profile: profile.clone(),
+        endpoint_url: endpoint.clone(),
+    }
+}
+
+/// `migrate --to aws`.
+pub fn aws_for_migrate(args: &MigrateArgs, name: &str) -> Result<AwsTarget> {
+    let a = &args.aws;
+    let concurrency = args.concurrency.unwrap_or(aws::DEFAULT_CONCURRENCY);
+    check_concurrency(concurrency, aws::MAX_CONCURRENCY)?;
+    AwsTarget::new(AwsSettings {
+        conn: aws_conn(&a.region, &a.profile, &a.endpoint_url),
+        max_attempts: args.max_attempts,
+        concurrency,
+        encrypted: a.encrypted,
+        kms_key_id: a.kms_key_id.clone(),
+        image: Some(ImageSpec {
+            name: name.to_string(),
+            description: a.description.clone(),
+            architecture: a.architecture.clone(),
+            boot_mode: a.boot_mode.clone(),
+            ena: !a.no_ena,
+            tpm_v2: a.tpm_v2,
+            imds_v2_required: a.imds_v2_required,
+            volume_type: a.volume_type.clone(),
+            root_device: "/dev/xvda".into(),
+            tags: super::parse_tags(&args.tags)?,
+        }),
+        snapshot_description: None,
+        verbose: args.verbose,
+    })
+}
+
+/// `upload aws`.
+pub fn aws_for_upload(args: &AwsUploadArgs) -> Result<AwsTarget> {
+    let image = if args.snapshot_only {
+        None
+    } else {
+        let Some(name) = args.name.clone() else {
+            bail!("--name is required unless --snapshot-only");
+        };
+        Some(ImageSpec {
+            name,
+            description: args.description.clone(),
+            architecture: args.architecture.clone(),
+            boot_mode: args.boot_mode.clone(),
+            ena: !args.no_ena,
+            tpm_v2: args.tpm_v2,
+            imds_v2_required: args.imds_v2_required,
+            volume_type: args.volume_type.clone(),
+            root_device: args.root_device.clone(),
+            tags: super::parse_tags(&args.tags)?,
+        })
+    };
+    check_concurrency(args.concurrency, aws::MAX_CONCURRENCY)?;
+    AwsTarget::new(AwsSettings {
+        conn: aws_conn_args(&args.conn),
+        max_attempts: args.conn.max_attempts,
+        concurrency: args.concurrency,
+        encrypted: args.encrypted,
+        kms_key_id: args.kms_key_id.clone(),
+        image,
+        snapshot_description: args.description.clone(),
+        verbose: args.verbose,
+    })
+}
+
+/// Region, profile and endpoint of an AWS command.
+pub fn aws_conn_args(c: &AwsConnArgs) -> AwsConn {
+    aws_conn(&c.region, &c.profile, &c.endpoint_url)
+}
+
+/// `migrate --to azure`.
+pub fn azure_for_migrate(args: &MigrateArgs, name: &str) -> Result<AzureTarget> {
+    let a = &args.azure;
+    let concurrency = args.concurrency.unwrap_or(azure::DEFAULT_CONCURRENCY);
+    check_concurrency(concurrency, azure::MAX_CONCURRENCY)?;
+    check_access_duration(a.access_duration)?;
+    AzureTarget::new(
+        AzureSettings {
+            arm_endpoint: a.arm_endpoint.clone(),
+            ca_bundle: a.ca_bundle.clone(),
+            subscription: a.subscription.clone(),
+            resource_group: a.resource_group.clone(),
+            location: a.location.clone(),
+            max_attempts: args.max_attempts,
+            verbose: args.verbose,
+            concurrency,
+            access_duration: a.access_duration,
+            sku: a.sku.clone(),
+            os_type: a.os_type.clone(),
+            generation: a.hyper_v_generation.clone(),
+            gallery: gallery(&a.gallery, &a.gallery_image, &a.gallery_version)?,
+            disk_names: None,
+            image_name: Some(name.to_string()),
+        },
+        !args.dry_run,
+    )
+}
+
+/// `upload azure`.
+pub fn azure_for_upload(args: &AzureUploadArgs) -> Result<AzureTarget> {
+    check_concurrency(args.concurrency, azure::MAX_CONCURRENCY)?;
+    check_access_duration(args.access_duration)?;
+    AzureTarget::new(
+        AzureSettings {
+            arm_endpoint: args.arm_endpoint.clone(),
+            ca_bundle: args.ca_bundle.clone(),
+            subscription: Some(args.subscription.clone()),
+            resource_group: Some(args.resource_group.clone()),
+            location: Some(args.location.clone()),
+            max_attempts: args.max_attempts,
+            verbose: args.verbose,
+            concurrency: args.concurrency,
+            access_duration: args.access_duration,
+            sku: args.sku.clone(),
+            os_type: args.os_type.clone(),
+            generation: args.hyper_v_generation.clone(),
+            gallery: gallery(&args.gallery, &args.gallery_image, &args.gallery_version)?,
+            disk_names: Some(vec![args.disk_name.clone()]),
+            image_name: args.image_name.clone(),
+        },
+        true,
+    )
+}
+
+fn gallery(
+    g: &Option<String>,
+    d: &Option<String>,
+    v: &Option<String>,
+) -> Result<Option<(String, String, String)>> {
+    match (g, d, v) {
+        (Some(g), Some(d), Some(v)) => Ok(Some((g.clone(), d.clone(), v.clone()))),
+        (None, None, None) => Ok(None),
+        _ => bail!("--gallery, --gallery-image and --gallery-version go together"),
+    }
+}
+
+/// The target a saved job's command names, for `jobs cancel` (connection only: cancelling needs no more).
+pub fn for_saved_command(cmd: Command) -> Result<Box<dyn Target>> {
+    match cmd {
+        Command::Migrate(args) => for_migrate(&args),
+        Command::Upload {
+            target: UploadTarget::Aws(a),
+        } => Ok(Box::new(AwsTarget::connection(
+            aws_conn_args(&a.conn),
+            a.conn.max_attempts,
+        ))),
+        Command::Upload {
+            target: UploadTarget::Azure(a),
+        } => Ok(Box::new(azure_for_upload(&a)?)),
+        _ => bail!("its saved command is not a migration or an upload to AWS or Azure"),
+    }
+}
+
+/// The target of a `migrate` command.
+pub fn for_migrate(args: &MigrateArgs) -> Result<Box<dyn Target>> {
+    let name = super::migrate::job_name(args)?;
+    Ok(match args.to {
+        MigrateTo::Aws => Box::new(aws_for_migrate(args, &name)?),
+        MigrateTo::Azure => Box::new(azure_for_migrate(args, &name)?),
+        MigrateTo::Libvirt => Box::new(crate::targets::libvirt::lifecycle::LibvirtTarget::new(
+            args,
+        )?),
+    })
+}
+
+/// Refuses `--concurrency` outside what the target takes, naming the flag.
+fn check_concurrency(n: usize, max: usize) -> Result<()> {
+    if n == 0 || n > max {
+        bail!("--concurrency must be between 1 and {max}");
+    }
+    Ok(())
+}
+
+/// Refuses an Azure `--access-duration` outside 5 minutes .. 7 days.
+fn check_access_duration(secs: u64) -> Result<()> {
+    if !(300..=7 * 86400).contains(&secs) {
+        bail!("--access-duration must be between 300 and 604800 seconds");
+    }
+    Ok(())
+}
