@@ -527,3 +527,47 @@ fn jobs_cancel_removes_gallery_version_image_and_disk_in_that_order() {
         ["1.0.0<versions", "mig-g<images", "mig-g-os<disks"]
     );
 }
+
+#[test]
+fn jobs_cancel_removes_an_upload_azure_jobs_gallery_version_and_image() {
+    // `upload azure` used to create the gallery version without recording it: `jobs cancel` left it behind.
+    let env = Env::start("upgal", &[], None);
+    let raw = env.path().join("up.raw");
+    make_raw(&raw, 40 * MIB, &[(0, 4 * MIB)], &[]);
+    kill_at(
+        env.upload_cmd(
+            &raw,
+            "upg-disk",
+            &[
+                "--image-name",
+                "upg-img",
+                "--gallery",
+                "gal",
+                "--gallery-image",
+                "def",
+                "--gallery-version",
+                "2.0.0",
+            ],
+        ),
+        "after-register",
+    );
+    let (disks, resources) = env.held();
+    assert_eq!(disks, ["upg-disk"]);
+    assert_eq!(
+        resources,
+        ["galleries/gal/images/def/versions/2.0.0", "images/upg-img"]
+    );
+    let job = jobs(&env)[0]["id"].as_str().unwrap().to_string();
+    let mut c = env.cmd();
+    c.args(["jobs", "cancel", &job, "--state-dir", s(&state_dir(&env))]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout
+            .contains("deleted gallery image version gal/def/2.0.0"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(env.held(), (vec![], vec![]));
+    assert!(jobs(&env).is_empty());
+}

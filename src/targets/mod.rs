@@ -3,6 +3,7 @@
 pub mod aws;
 pub mod azure;
 pub mod libvirt;
+pub mod limiter;
 
 use anyhow::Context as _;
 

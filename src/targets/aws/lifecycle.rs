@@ -376,9 +376,12 @@ impl Target for AwsTarget {
                 None => {
                     let policy = self.policy;
                     let c = self.clients()?;
-                    c.rt.block_on(register::register_image_disks(
+                    let ami = c.rt.block_on(register::register_image_disks(
                         &c.ec2, &policy, &spec, &snapshots,
-                    ))?
+                    ))?;
+                    // Crash tests stop here: registered, not yet in the journal (the rerun finds it by name).
+                    crate::journal::pause_point("after-register-image");
+                    ami
                 }
             },
         };

@@ -2,13 +2,15 @@
 //! with per-block retries, throttling feedback, and a journal of acknowledged blocks for resume.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
 use aws_sdk_ebs::primitives::ByteStream;
 use aws_sdk_ebs::types::ChecksumAlgorithm;
 use imgshift_converters::{FormatWriter, Plan, Run, Sink};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
+
+use crate::targets::limiter::Limiter;
 use tokio::task::JoinSet;
 
 use super::retry::{self, Class, Policy};
@@ -176,10 +178,7 @@ pub async fn put_blocks(
     progress: Arc<dyn Fn(u64) + Send + Sync>,
     verbose: bool,
 ) -> Result<UploadCounts> {
-    let max = opts.concurrency.max(1);
-    let sem = Arc::new(Semaphore::new(max));
-    let limit = Arc::new(AtomicUsize::new(max));
-    let successes = Arc::new(AtomicU64::new(0));
+    let limiter = Limiter::new(opts.concurrency, MIN_IN_FLIGHT, RAMP_UP_EVERY);
     let retries = Arc::new(AtomicU64::new(0));
     let throttled = Arc::new(AtomicU64::new(0));
     let mut tasks: JoinSet<Result<u64>> = JoinSet::new();
@@ -208,20 +207,10 @@ pub async fn put_blocks(
     };
 
     while let Some(block) = rx.recv().await {
-        let permit = sem
-            .clone()
-            .acquire_owned()
-            .await
-            .context("upload limiter closed")?;
+        let permit = limiter.acquire().await?;
         let client = client.clone();
         let snapshot_id = snapshot_id.clone();
-        let (sem2, limit2, succ2, retries2, thr2) = (
-            sem.clone(),
-            limit.clone(),
-            successes.clone(),
-            retries.clone(),
-            throttled.clone(),
-        );
+        let (lim2, retries2, thr2) = (limiter.clone(), retries.clone(), throttled.clone());
         let policy = opts.policy;
         tasks.spawn(async move {
             let checksum = block_checksum(&block.data);
@@ -232,16 +221,7 @@ pub async fn put_blocks(
                 retries2.fetch_add(1, Ordering::Relaxed);
                 if c == Class::Throttle {
                     thr2.fetch_add(1, Ordering::Relaxed);
-                    // Multiplicative decrease: take permits out of circulation.
-                    let cur = limit2.load(Ordering::Relaxed);
-                    let target = (cur / 2).max(MIN_IN_FLIGHT);
-                    if cur > target
-                        && limit2
-                            .compare_exchange(cur, target, Ordering::Relaxed, Ordering::Relaxed)
-                            .is_ok()
-                    {
-                        sem2.forget_permits(cur - target);
-                    }
+                    lim2.throttled();
                 }
             };
             let r = retry::with_retry(&policy, &what, on_class, || {
@@ -257,18 +237,8 @@ pub async fn put_blocks(
             })
             .await;
             drop(permit);
-            // Additive increase.
-            if r.is_ok()
-                && succ2.fetch_add(1, Ordering::Relaxed) % RAMP_UP_EVERY == RAMP_UP_EVERY - 1
-            {
-                let cur = limit2.load(Ordering::Relaxed);
-                if cur < max
-                    && limit2
-                        .compare_exchange(cur, cur + 1, Ordering::Relaxed, Ordering::Relaxed)
-                        .is_ok()
-                {
-                    sem2.add_permits(1);
-                }
+            if r.is_ok() {
+                lim2.succeeded();
             }
             r.map(|_| block.index)
         });

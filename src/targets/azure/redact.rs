@@ -19,13 +19,15 @@ pub fn redact(text: &str) -> String {
             from = start + "REDACTED".len();
         }
     }
-    let lower = out.to_ascii_lowercase();
-    if let Some(pos) = lower.find("bearer ") {
-        let start = pos + "bearer ".len();
+    // Every bearer token, not only the first; the search goes on after each replacement.
+    let mut from = 0;
+    while let Some(pos) = out[from..].to_ascii_lowercase().find("bearer ") {
+        let start = from + pos + "bearer ".len();
         let end = out[start..]
-            .find(|c: char| c == '"' || c == '\'' || c.is_whitespace())
+            .find(|c: char| c == '"' || c == '\'' || c == ',' || c.is_whitespace())
             .map_or(out.len(), |e| start + e);
         out.replace_range(start..end, "REDACTED");
+        from = start + "REDACTED".len();
     }
     out
 }
@@ -53,5 +55,9 @@ mod tests {
             "Authorization: Bearer REDACTED done"
         );
         assert_eq!(url_without_query("https://h/p?sig=1"), "https://h/p");
+        assert_eq!(
+            redact("first Bearer aaa.bbb.ccc then bearer ddd.eee, and BEARER fff"),
+            "first Bearer REDACTED then bearer REDACTED, and BEARER REDACTED"
+        );
     }
 }

@@ -4,15 +4,16 @@
 //! whole transfer (engine → fixed VHD → pieces → Put Page), shared by `upload azure` and `migrate --to azure`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
 use azure_core::http::{Transport, Url};
 use azure_storage_blob::models::HttpRange;
 use azure_storage_blob::{PageBlobClient, PageBlobClientOptions};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::targets::limiter::Limiter;
 use imgshift_converters::{ConvertOptions, DiskSource, ExtentMap, NoProgress, engine};
 
 use super::pages::{Page, PageSink, Piece, slot_count};
@@ -61,10 +62,7 @@ pub fn blob_client(sas_url: &str, transport: &Transport) -> Result<PageBlobClien
 struct Shared {
     client: PageBlobClient,
     policy: Policy,
-    sem: Arc<Semaphore>,
-    limit: AtomicUsize,
-    max: usize,
-    successes: AtomicU64,
+    limiter: Arc<Limiter>,
     retries: AtomicU64,
     throttled: AtomicU64,
 }
@@ -74,31 +72,12 @@ impl Shared {
         self.retries.fetch_add(1, Ordering::Relaxed);
         if c == Class::Throttle {
             self.throttled.fetch_add(1, Ordering::Relaxed);
-            let cur = self.limit.load(Ordering::Relaxed);
-            let target = (cur / 2).max(MIN_IN_FLIGHT);
-            if cur > target
-                && self
-                    .limit
-                    .compare_exchange(cur, target, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
-                self.sem.forget_permits(cur - target);
-            }
+            self.limiter.throttled();
         }
     }
 
     fn on_success(&self) {
-        if self.successes.fetch_add(1, Ordering::Relaxed) % RAMP_UP_EVERY == RAMP_UP_EVERY - 1 {
-            let cur = self.limit.load(Ordering::Relaxed);
-            if cur < self.max
-                && self
-                    .limit
-                    .compare_exchange(cur, cur + 1, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
-                self.sem.add_permits(1);
-            }
-        }
+        self.limiter.succeeded();
     }
 
     /// One Put Page, retried.
@@ -134,14 +113,10 @@ pub async fn put_pages(
     ledger: Ledger,
     progress: Arc<dyn Fn(u64) + Send + Sync>,
 ) -> Result<Counts> {
-    let max = concurrency.max(1);
     let sh = Arc::new(Shared {
         client,
         policy,
-        sem: Arc::new(Semaphore::new(max)),
-        limit: AtomicUsize::new(max),
-        max,
-        successes: AtomicU64::new(0),
+        limiter: Limiter::new(concurrency, MIN_IN_FLIGHT, RAMP_UP_EVERY),
         retries: AtomicU64::new(0),
         throttled: AtomicU64::new(0),
     });
@@ -169,12 +144,7 @@ pub async fn put_pages(
         while let Some(piece) = rx.recv().await {
             match piece {
                 Piece::Window { slot, pages } => {
-                    let permit = sh
-                        .sem
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .context("upload limiter closed")?;
+                    let permit = sh.limiter.acquire().await?;
                     let sh2 = sh.clone();
                     tasks.spawn(async move {
                         let mut reqs = 0;
@@ -219,10 +189,10 @@ pub async fn put_pages(
 
 /// The `se=` (expiry) field of a SAS URL: not a secret, fit for a journal or a resume message.
 pub fn sas_expiry(sas: &str) -> Option<String> {
-    let q = sas.split_once('?')?.1;
-    q.split('&')
-        .find_map(|kv| kv.strip_prefix("se="))
-        .map(|v| v.replace("%3A", ":").replace("%3a", ":"))
+    let url = Url::parse(sas).ok()?;
+    url.query_pairs()
+        .find(|(k, _)| k == "se")
+        .map(|(_, v)| v.into_owned())
 }
 
 /// One disk's data transfer: the source, its map and where the pieces go.
@@ -310,5 +280,15 @@ mod tests {
             Some("2026-11-23T05:00:00Z")
         );
         assert_eq!(sas_expiry("https://a/b"), None);
+        // Every percent-escape is decoded, and a signature holding %2F and %2B does not disturb the parse.
+        assert_eq!(
+            sas_expiry("https://a/b/c?sig=ab%2Fcd%2Bef%3D&se=2026-11-23T05%3a00%3A00Z&sp=rw")
+                .as_deref(),
+            Some("2026-11-23T05:00:00Z")
+        );
+        assert_eq!(
+            sas_expiry("https://a/b/c?se=2026-01-01T00%3A00%3A00%2B01%3A00&sig=x").as_deref(),
+            Some("2026-01-01T00:00:00+01:00")
+        );
     }
 }
