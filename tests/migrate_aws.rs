@@ -412,7 +412,7 @@ fn failing_preflight_sends_no_request() {
         last.contains("preflight fails") && last.contains("nothing was sent"),
         "{last}"
     );
-    // Dry run: the plan, and still no request.
+    // Dry run: the plan, checked against the endpoint without creating anything.
     let d = run(migrate(
         &im.dir,
         &proxy.url,
@@ -429,10 +429,15 @@ fn failing_preflight_sends_no_request() {
         "{}",
         d.stdout
     );
+    // The dry run checks what it can without creating anything (credentials, region, the AMI name): only
+    // read-only calls reach the endpoint.
+    let records = proxy.records();
     assert!(
-        proxy.records().is_empty(),
-        "requests reached the endpoint: {:?}",
-        proxy.records()
+        !records.is_empty()
+            && records.iter().all(|r| r["body"]
+                .as_str()
+                .is_some_and(|b| b.contains("Action=DescribeImages"))),
+        "a dry run sent more than DescribeImages: {records:?}"
     );
     let state = im.dir.join("state");
     assert!(!state.exists() || files_in(&state).is_empty());
@@ -507,4 +512,36 @@ fn guest_without_nvme_and_ena_drivers_is_stopped_before_any_request() {
     let state = d.path().join("state");
     assert!(!state.exists() || files_in(&state).is_empty());
     assert!(images_named(&name).is_empty());
+}
+
+#[test]
+fn dry_run_refuses_options_of_another_target_and_a_taken_name() {
+    let im = images();
+    let proxy = Proxy::start(&im.dir, &[]);
+    // `--pool` is a libvirt option: a usage error naming it, before anything is read.
+    let r = run(migrate(
+        &im.dir,
+        &proxy.url,
+        &im.single,
+        &unique("foreign"),
+        &["--dry-run", "--pool", "default"],
+    ));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("--pool (--to libvirt)"), "{}", r.stderr);
+    assert!(proxy.records().is_empty());
+    // A name an AMI already has is found by the dry run, as it would be by the real run.
+    let taken = unique("taken");
+    ec2_py(&format!(
+        "c.register_image(Name='{taken}',RootDeviceName='/dev/xvda',BlockDeviceMappings=[])"
+    ));
+    let r = run(migrate(
+        &im.dir,
+        &proxy.url,
+        &im.single,
+        &taken,
+        &["--dry-run", "--force"],
+    ));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("already exists"), "{}", r.stderr);
 }

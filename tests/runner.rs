@@ -21,8 +21,10 @@ fn upload_cmd(dir: &Path, endpoint: &str, src: &Path, extra: &[&str]) -> Command
     let mut c = aws_cmd(dir);
     c.args(["upload", "aws", s(src), "--endpoint-url", endpoint])
         .args(["--state-dir", s(&dir.join("state")), "--output", "json"])
-        .args(["--max-attempts", "2"])
         .args(extra);
+    if !extra.contains(&"--max-attempts") {
+        c.args(["--max-attempts", "2"]);
+    }
     c
 }
 

@@ -17,6 +17,54 @@ use crate::progress::StageUi;
 use crate::runner::plan::{self, ReportInput};
 use crate::runner::{self, RunSpec, Stages, source};
 
+/// The `--to` options given on the command line for another target than `to`, as a usage error's text
+/// (`--pool` belongs to `--to libvirt`). Options set by the environment (AZURE_SUBSCRIPTION_ID) are not counted.
+pub fn foreign_options(to: MigrateTo) -> Option<String> {
+    use clap::{Args, CommandFactory};
+    let matches = crate::cli::Cli::command()
+        .try_get_matches_from(std::env::args_os())
+        .ok()?;
+    let (_, m) = matches.subcommand().filter(|(n, _)| *n == "migrate")?;
+    let groups: [(MigrateTo, clap::Command); 3] = [
+        (
+            MigrateTo::Aws,
+            crate::cli::MigrateAwsArgs::augment_args(clap::Command::new("aws")),
+        ),
+        (
+            MigrateTo::Azure,
+            crate::cli::MigrateAzureArgs::augment_args(clap::Command::new("azure")),
+        ),
+        (
+            MigrateTo::Libvirt,
+            crate::cli::MigrateLibvirtArgs::augment_args(clap::Command::new("libvirt")),
+        ),
+    ];
+    let mut found = Vec::new();
+    for (t, cmd) in &groups {
+        if *t == to {
+            continue;
+        }
+        for a in cmd.get_arguments() {
+            if m.value_source(a.get_id().as_str()) == Some(clap::parser::ValueSource::CommandLine) {
+                let flag = a
+                    .get_long()
+                    .map_or_else(|| a.get_id().to_string(), |l| format!("--{l}"));
+                found.push(format!("{flag} (--to {})", TargetKind::from(*t).name()));
+            }
+        }
+    }
+    if found.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "{} belong{} to another target than --to {}: remove {}",
+        found.join(", "),
+        if found.len() == 1 { "s" } else { "" },
+        TargetKind::from(to).name(),
+        if found.len() == 1 { "it" } else { "them" }
+    ))
+}
+
 /// Runs `migrate`.
 pub fn run(args: &MigrateArgs, quiet: bool) -> Result<u8> {
     let name = job_name(args)?;
@@ -32,6 +80,9 @@ pub fn run(args: &MigrateArgs, quiet: bool) -> Result<u8> {
     if args.dry_run {
         let (disks, _) = runner::disks_of(&srcs)?;
         let creates = target.plan(&name, &disks);
+        // Everything that can be checked without creating anything: options, credentials, region or
+        // connection, names free, pool present.
+        runner::check_target(target.as_mut(), &name, &disks)?;
         let Some(boot) = srcs.disks.first() else {
             bail!("{}: no disk", args.src.display());
         };

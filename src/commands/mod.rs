@@ -104,7 +104,13 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Download {
             target: DownloadTarget::Aws(args),
         } => download::aws(&args, quiet),
-        Command::Migrate(args) => migrate::run(&args, quiet),
+        Command::Migrate(args) => {
+            if let Some(msg) = migrate::foreign_options(args.to) {
+                eprintln!("imgshift: {msg}");
+                return Ok(2);
+            }
+            migrate::run(&args, quiet)
+        }
         Command::Resume { job, state_dir } => jobs::resume(&job, state_dir.as_deref(), quiet),
         Command::Jobs {
             action,

@@ -140,52 +140,46 @@ pub fn azure_for_migrate(args: &MigrateArgs, name: &str) -> Result<AzureTarget> 
     let concurrency = args.concurrency.unwrap_or(azure::DEFAULT_CONCURRENCY);
     check_concurrency(concurrency, azure::MAX_CONCURRENCY)?;
     check_access_duration(a.access_duration)?;
-    AzureTarget::new(
-        AzureSettings {
-            arm_endpoint: a.arm_endpoint.clone(),
-            ca_bundle: a.ca_bundle.clone(),
-            subscription: a.subscription.clone(),
-            resource_group: a.resource_group.clone(),
-            location: a.location.clone(),
-            max_attempts: args.max_attempts,
-            verbose: args.verbose,
-            concurrency,
-            access_duration: a.access_duration,
-            sku: a.sku.clone(),
-            os_type: a.os_type.clone(),
-            generation: a.hyper_v_generation.clone(),
-            gallery: gallery(&a.gallery, &a.gallery_image, &a.gallery_version)?,
-            disk_names: None,
-            image_name: Some(name.to_string()),
-        },
-        !args.dry_run,
-    )
+    AzureTarget::new(AzureSettings {
+        arm_endpoint: a.arm_endpoint.clone(),
+        ca_bundle: a.ca_bundle.clone(),
+        subscription: a.subscription.clone(),
+        resource_group: a.resource_group.clone(),
+        location: a.location.clone(),
+        max_attempts: args.max_attempts,
+        verbose: args.verbose,
+        concurrency,
+        access_duration: a.access_duration,
+        sku: a.sku.clone(),
+        os_type: a.os_type.clone(),
+        generation: a.hyper_v_generation.clone(),
+        gallery: gallery(&a.gallery, &a.gallery_image, &a.gallery_version)?,
+        disk_names: None,
+        image_name: Some(name.to_string()),
+    })
 }
 
 /// `upload azure`.
 pub fn azure_for_upload(args: &AzureUploadArgs) -> Result<AzureTarget> {
     check_concurrency(args.concurrency, azure::MAX_CONCURRENCY)?;
     check_access_duration(args.access_duration)?;
-    AzureTarget::new(
-        AzureSettings {
-            arm_endpoint: args.arm_endpoint.clone(),
-            ca_bundle: args.ca_bundle.clone(),
-            subscription: Some(args.subscription.clone()),
-            resource_group: Some(args.resource_group.clone()),
-            location: Some(args.location.clone()),
-            max_attempts: args.max_attempts,
-            verbose: args.verbose,
-            concurrency: args.concurrency,
-            access_duration: args.access_duration,
-            sku: args.sku.clone(),
-            os_type: args.os_type.clone(),
-            generation: args.hyper_v_generation.clone(),
-            gallery: gallery(&args.gallery, &args.gallery_image, &args.gallery_version)?,
-            disk_names: Some(vec![args.disk_name.clone()]),
-            image_name: args.image_name.clone(),
-        },
-        true,
-    )
+    AzureTarget::new(AzureSettings {
+        arm_endpoint: args.arm_endpoint.clone(),
+        ca_bundle: args.ca_bundle.clone(),
+        subscription: Some(args.subscription.clone()),
+        resource_group: Some(args.resource_group.clone()),
+        location: Some(args.location.clone()),
+        max_attempts: args.max_attempts,
+        verbose: args.verbose,
+        concurrency: args.concurrency,
+        access_duration: args.access_duration,
+        sku: args.sku.clone(),
+        os_type: args.os_type.clone(),
+        generation: args.hyper_v_generation.clone(),
+        gallery: gallery(&args.gallery, &args.gallery_image, &args.gallery_version)?,
+        disk_names: Some(vec![args.disk_name.clone()]),
+        image_name: args.image_name.clone(),
+    })
 }
 
 fn gallery(

@@ -416,6 +416,44 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
     Ok(outcome)
 }
 
+/// What a dry run checks on the target without creating anything: the target's `connect` (credentials, region
+/// or connection, names free, pool present), through a throwaway journal in a temporary folder.
+pub fn check_target(target: &mut dyn Target, name: &str, disks: &[DiskInfo]) -> Result<()> {
+    let dir = tempfile::tempdir().context("cannot make a temporary folder for the dry run")?;
+    let mut parts = Vec::new();
+    for d in disks {
+        let (block_size, block_count) = target.units(d.virtual_size)?;
+        parts.push(DiskPart {
+            name: d.name.clone(),
+            virtual_size: d.virtual_size,
+            block_count,
+            block_size,
+            ..DiskPart::default()
+        });
+    }
+    let (journal, _) = Journal::open_or_create(
+        dir.path(),
+        JobState {
+            version: JOURNAL_VERSION,
+            id: "dry-run".into(),
+            kind: "dry-run".into(),
+            disks: parts,
+            ..JobState::default()
+        },
+    )?;
+    let job = Job {
+        id: "dry-run".into(),
+        name: name.to_string(),
+        journal: Arc::new(Mutex::new(journal)),
+        disks: disks.to_vec(),
+        ui: Arc::new(StageUi::new(true, 1)),
+        verbose: false,
+        tags: Vec::new(),
+        settings: BTreeMap::new(),
+    };
+    target.connect(&job)
+}
+
 /// Asks before creating anything, unless `yes`; refuses without a terminal to ask on.
 fn confirm(yes: bool) -> Result<()> {
     if yes {

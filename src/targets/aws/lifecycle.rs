@@ -215,6 +215,7 @@ impl Target for AwsTarget {
             && job.id_of("image")?.is_none()
             && let Some(found) = self.find_image(&name)?
             && !job.owns("image", &found)
+            && !job.owns("image-name", &name)
         {
             bail!(
                 "an AMI named '{name}' already exists ({found}) in {region}: choose another name or deregister it"
@@ -374,6 +375,9 @@ impl Target for AwsTarget {
                 // Registered by the interrupted run, after its last journal write.
                 Some(a) => a,
                 None => {
+                    // On record before RegisterImage: a crash before the AMI id reaches the journal leaves
+                    // its name, by which the rerun adopts it and `jobs cancel` finds it.
+                    job.record("image-name", &spec.name)?;
                     let policy = self.policy;
                     let c = self.clients()?;
                     let ami = c.rt.block_on(register::register_image_disks(
@@ -450,11 +454,27 @@ impl Target for AwsTarget {
     }
 
     fn cancel(&mut self, resources: &[Resource]) -> Result<Vec<String>> {
+        // An AMI registered by a run that stopped before its id reached the journal: found by its name.
+        let mut images: Vec<Resource> = resources
+            .iter()
+            .filter(|r| r.kind == "image")
+            .cloned()
+            .collect();
+        for r in resources.iter().filter(|r| r.kind == "image-name") {
+            if let Some(id) = self.find_image(&r.id)?
+                && !images.iter().any(|i| i.id == id)
+            {
+                images.push(Resource {
+                    kind: "image".into(),
+                    id,
+                });
+            }
+        }
         let policy = self.policy;
         let c = self.clients()?;
         let mut done = Vec::new();
         // The AMI first: a snapshot an AMI uses cannot be deleted.
-        for r in resources.iter().filter(|r| r.kind == "image") {
+        for r in &images {
             let res = c.rt.block_on(retry::with_retry(
                 &policy,
                 "DeregisterImage",

@@ -122,9 +122,9 @@ pub struct AzureTarget {
 }
 
 impl AzureTarget {
-    /// The target `s` describe (no request is made). `need_all`: the subscription, resource group and
-    /// location must be given (every job but a dry run).
-    pub fn new(s: AzureSettings, need_all: bool) -> Result<AzureTarget> {
+    /// The target `s` describe (no request is made); the subscription, resource group and location must be
+    /// given.
+    pub fn new(s: AzureSettings) -> Result<AzureTarget> {
         if s.concurrency == 0 || s.concurrency > MAX_CONCURRENCY {
             bail!("the concurrency must be between 1 and {MAX_CONCURRENCY}");
         }
@@ -152,9 +152,7 @@ impl AzureTarget {
         t.gallery = s.gallery;
         t.disk_names = s.disk_names;
         t.image_name = s.image_name;
-        if need_all {
-            t.required()?;
-        }
+        t.required()?;
         Ok(t)
     }
 
@@ -772,13 +770,10 @@ mod tests {
         assert_eq!(disk_name("web", 0), "web-os");
         assert_eq!(disk_name("web", 1), "web-data1");
         assert_eq!(disk_name("web", 12), "web-data12");
-        let t = AzureTarget::new(
-            AzureSettings {
-                disk_names: Some(vec!["given".into()]),
-                ..settings()
-            },
-            true,
-        )
+        let t = AzureTarget::new(AzureSettings {
+            disk_names: Some(vec!["given".into()]),
+            ..settings()
+        })
         .unwrap();
         assert_eq!(t.disk_name("web", 0), "given");
         assert_eq!(t.disk_name("web", 1), "web-data1");
@@ -786,7 +781,7 @@ mod tests {
 
     #[test]
     fn required_settings_are_named() {
-        let e = |s: AzureSettings| AzureTarget::new(s, true).err().map(|e| e.to_string());
+        let e = |s: AzureSettings| AzureTarget::new(s).err().map(|e| e.to_string());
         assert_eq!(e(settings()), None);
         assert!(
             e(AzureSettings {
@@ -804,17 +799,6 @@ mod tests {
             .unwrap()
             .contains("--location")
         );
-        // A dry run's target is built without them.
-        assert!(
-            AzureTarget::new(
-                AzureSettings {
-                    location: None,
-                    ..settings()
-                },
-                false
-            )
-            .is_ok()
-        );
         assert!(
             e(AzureSettings {
                 concurrency: 0,
@@ -827,7 +811,7 @@ mod tests {
 
     #[test]
     fn units_are_4_mib_windows_plus_the_footer() {
-        let t = AzureTarget::new(settings(), true).unwrap();
+        let t = AzureTarget::new(settings()).unwrap();
         // 64 MiB: 16 windows + the footer; small disks are padded to 20 MiB.
         assert_eq!(t.units(64 << 20).unwrap(), (MAX_PUT_PAGE, 17));
         assert_eq!(t.units(1).unwrap(), (MAX_PUT_PAGE, 6));
@@ -836,13 +820,10 @@ mod tests {
 
     #[test]
     fn plan_names_every_disk_and_the_image() {
-        let t = AzureTarget::new(
-            AzureSettings {
-                gallery: Some(("g".into(), "d".into(), "1.0.0".into())),
-                ..settings()
-            },
-            true,
-        )
+        let t = AzureTarget::new(AzureSettings {
+            gallery: Some(("g".into(), "d".into(), "1.0.0".into())),
+            ..settings()
+        })
         .unwrap();
         let d = |n: &str| DiskInfo {
             name: n.into(),
