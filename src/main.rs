@@ -4,6 +4,7 @@ mod cli;
 mod commands;
 mod generalize;
 mod guest;
+mod interrupt;
 mod job;
 mod journal;
 mod progress;
@@ -29,7 +30,14 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
             commands::report(&e);
-            ExitCode::from(1)
+            // A job stopped by Ctrl-C or SIGTERM exits as the shell expects (130, 143).
+            match e
+                .chain()
+                .find_map(|c| c.downcast_ref::<interrupt::Interrupted>())
+            {
+                Some(i) => ExitCode::from(i.exit_code()),
+                None => ExitCode::from(1),
+            }
         }
     }
 }

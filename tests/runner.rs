@@ -250,3 +250,55 @@ fn missing_credentials_fail_at_once_naming_the_chain_before_any_request() {
     assert!(proxy.records().is_empty(), "{:?}", proxy.records());
     assert!(journals(d.path()).is_empty());
 }
+
+#[test]
+fn sigint_mid_upload_stops_at_a_safe_point_and_resume_finishes() {
+    let d = tmpdir();
+    let raw = data_image(d.path(), 64);
+    let proxy = Proxy::start(d.path(), &["--fault-path", "/blocks/", "--delay-ms", "50"]);
+    let args = ["--snapshot-only", "--concurrency", "2"];
+    let mut child = upload_cmd(d.path(), &proxy.url, &raw, &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Hang guard only: wait for the first blocks to be acknowledged.
+    let mut waited = 0;
+    while proxy.block_puts().len() < 10 {
+        std::thread::sleep(Duration::from_millis(100));
+        waited += 1;
+        assert!(waited < 6000, "the upload never started");
+    }
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let last = stderr.trim().lines().last().unwrap_or_default();
+    assert!(
+        last.contains("interrupted by SIGINT")
+            && last.contains("journal saved")
+            && last.contains("imgshift resume"),
+        "{stderr}"
+    );
+    let before = proxy.block_puts().len();
+    assert!(before < 128, "the upload was not stopped: {before} blocks");
+    let journal: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&journals(d.path())[0]).unwrap()).unwrap();
+    assert!(!journal["disks"][0]["done"].as_str().unwrap().is_empty());
+    // The rerun sends only what was not acknowledged, into the same snapshot.
+    let r = run(upload_cmd(d.path(), &proxy.url, &raw, &args));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["resumed"], true);
+    assert_eq!(proxy.count_action("StartSnapshot"), 1);
+    assert_eq!(v["blocks_in_snapshot"], 128);
+    assert!(
+        proxy.block_puts().len() <= 128 + 2,
+        "{} block puts for 128 blocks",
+        proxy.block_puts().len()
+    );
+}

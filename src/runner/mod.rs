@@ -150,6 +150,7 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
              (imgshift convert {source_label} boot.qcow2 -O qcow2)"
         );
     }
+    crate::interrupt::install().context("cannot install the Ctrl-C handler")?;
     let Some(boot) = srcs.disks.first().cloned() else {
         bail!("{source_label}: no disk to send");
     };
@@ -258,9 +259,14 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
         ui.skipped(0, "inspect", &r.detail);
     }
     let stopped = |e: anyhow::Error, stage: &str| {
+        let saved = if e.chain().any(|c| c.is::<crate::interrupt::Interrupted>()) {
+            " with its journal saved"
+        } else {
+            ""
+        };
         e.context(format!(
-            "job {id} stopped in stage {stage}; `imgshift resume {id}` continues it, `imgshift jobs cancel {id}` \
-             removes what it created"
+            "job {id} stopped in stage {stage}{saved}; `imgshift resume {id}` continues it, `imgshift jobs cancel \
+             {id}` removes what it created"
         ))
     };
 
@@ -350,6 +356,7 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
                     add_sent(&job, i, n.bytes_sent)?;
                     set_part_stage(&job, i, DISK_UPLOADED)?;
                     pause_point(&format!("after-upload-disk-{i}"));
+                    crate::interrupt::check()?;
                 }
                 let total: u64 = (0..job.disks.len()).map(|i| sent(&job, i)).sum();
                 Ok((
@@ -492,6 +499,7 @@ fn stage<T>(
     name: &str,
     f: impl FnOnce() -> Result<(T, String)>,
 ) -> Result<T> {
+    crate::interrupt::check()?;
     let line = job.ui.begin(index, name);
     let t = Instant::now();
     let (v, detail) = match f() {

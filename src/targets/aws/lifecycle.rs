@@ -130,23 +130,36 @@ impl AwsTarget {
     /// and the journal).
     fn find_image(&mut self, name: &str) -> Result<Option<String>> {
         let policy = self.policy;
+        let place = self.place("ec2")?;
         let c = self.clients()?;
-        let out = c.rt.block_on(retry::with_retry(
-            &policy,
-            "DescribeImages",
-            |_| {},
-            || {
-                c.ec2
-                    .describe_images()
-                    .owners("self")
-                    .filters(Filter::builder().name("name").values(name).build())
-                    .send()
-            },
-        ))?;
+        let out =
+            c.rt.block_on(retry::with_retry(
+                &policy,
+                "DescribeImages",
+                |_| {},
+                || {
+                    c.ec2
+                        .describe_images()
+                        .owners("self")
+                        .filters(Filter::builder().name("name").values(name).build())
+                        .send()
+                },
+            ))
+            .with_context(|| format!("cannot look up AMIs named '{name}' {place}"))?;
         Ok(out
             .images()
             .first()
             .and_then(|i| i.image_id().map(str::to_string)))
+    }
+
+    /// "in region R (endpoint E)" for errors: an unknown region fails as a DNS error on its endpoint.
+    fn place(&mut self, service: &str) -> Result<String> {
+        let endpoint = self.conn.endpoint_url.clone();
+        let region = self.clients()?.region.clone();
+        let endpoint = endpoint.unwrap_or_else(|| {
+            format!("https://{service}.{region}.amazonaws.com; is the region name right?")
+        });
+        Ok(format!("in region {region} (endpoint {endpoint})"))
     }
 
     fn snapshot_state(&mut self, id: &str) -> Result<Option<SnapshotState>> {
@@ -272,23 +285,11 @@ impl Target for AwsTarget {
                     tags: &tags,
                 };
                 let policy = self.policy;
-                let endpoint_url = self.conn.endpoint_url.clone();
+                let place = self.place("ebs")?;
                 let c = self.clients()?;
                 let (s, enc) =
                     c.rt.block_on(up::start_snapshot(&c.ebs, &policy, &req))
-                        .with_context(|| {
-                            let endpoint = match &endpoint_url {
-                                Some(e) => e.clone(),
-                                None => format!(
-                                    "https://ebs.{}.amazonaws.com; is the region name right?",
-                                    c.region
-                                ),
-                            };
-                            format!(
-                                "cannot start a snapshot in region {} (endpoint {endpoint})",
-                                c.region
-                            )
-                        })?;
+                        .with_context(|| format!("cannot start a snapshot {place}"))?;
                 job.record("snapshot", &s)?;
                 job.set_disk_id(disk, "snapshot", &s)?;
                 if enc {

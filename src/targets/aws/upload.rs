@@ -206,7 +206,13 @@ pub async fn put_blocks(
         Ok(())
     };
 
+    let mut interrupted = None;
     while let Some(block) = rx.recv().await {
+        // Ctrl-C or SIGTERM: send nothing more; what is in flight finishes and is kept.
+        if let Err(i) = crate::interrupt::check() {
+            interrupted = Some(i);
+            break;
+        }
         let permit = limiter.acquire().await?;
         let client = client.clone();
         let snapshot_id = snapshot_id.clone();
@@ -254,6 +260,10 @@ pub async fn put_blocks(
             tasks.abort_all();
             return Err(e);
         }
+    }
+    if let Some(i) = interrupted {
+        ledger.save()?;
+        return Err(i.into());
     }
     counts.retries = retries.load(Ordering::Relaxed);
     counts.throttled = throttled.load(Ordering::Relaxed);

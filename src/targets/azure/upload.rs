@@ -142,6 +142,13 @@ pub async fn put_pages(
 
     let result: Result<()> = async {
         while let Some(piece) = rx.recv().await {
+            // Ctrl-C or SIGTERM: send nothing more; what is in flight finishes and is kept.
+            if let Err(i) = crate::interrupt::check() {
+                while let Some(r) = tasks.join_next().await {
+                    done(r, &mut counts, false)?;
+                }
+                return Err(i.into());
+            }
             match piece {
                 Piece::Window { slot, pages } => {
                     let permit = sh.limiter.acquire().await?;
