@@ -402,7 +402,7 @@ fn secrets_never_printed_or_stored() {
         "aws",
         s(&raw),
         "--name",
-        "secret-test",
+        &format!("secret-test-{}", std::process::id()),
         "--endpoint-url",
         &proxy.url,
         "--verbose",

@@ -213,7 +213,7 @@ fn resumes_after_kill_with_a_fresh_sas() {
                             &std::fs::read_to_string(e.path()).unwrap_or_default(),
                         )
                         .unwrap_or_default();
-                        v["done"]
+                        v["disks"][0]["done"]
                             .as_str()
                             .is_some_and(|d| d.chars().any(|c| c != 'A' && c != '='))
                     })
@@ -327,7 +327,7 @@ fn failed_operations_and_bad_input_are_one_line_errors() {
         r.stderr
     );
     assert!(
-        r.stderr.contains("disk lro-disk is uploaded and kept"),
+        r.stderr.contains("the disks are uploaded and kept"),
         "{}",
         r.stderr
     );
@@ -351,7 +351,7 @@ fn failed_operations_and_bad_input_are_one_line_errors() {
     let r = env.upload(&other, "lro-disk", &[]);
     one_line(&r);
     assert!(
-        r.stderr.contains("disk lro-disk already exists"),
+        r.stderr.contains("disk 'lro-disk' already exists"),
         "{}",
         r.stderr
     );

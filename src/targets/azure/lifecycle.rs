@@ -294,7 +294,14 @@ impl AzureTarget {
         if let Some(g) = job.settings.get("hyper_v_generation") {
             return Ok(g.clone());
         }
-        Ok(boot.map_or("V1", |b| hyperv::detect(b).0).to_string())
+        match boot {
+            Some(b) => {
+                let (g, why) = hyperv::detect(b);
+                job.ui.say(&format!("Hyper-V generation {g}: {why}"));
+                Ok(g.to_string())
+            }
+            None => Ok("V1".into()),
+        }
     }
 
     fn gallery_path((g, d, v): &(String, String, String)) -> String {
