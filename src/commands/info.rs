@@ -13,9 +13,26 @@ use crate::cli::{OutputFormat, TrustArgs};
 pub fn run(
     image: &Path,
     format: Option<&str>,
+    backing_chain: bool,
     output: OutputFormat,
     trust: &TrustArgs,
 ) -> Result<u8> {
+    if backing_chain && open_ova(image, format)?.is_none() {
+        let src = open_image(image, format, trust)?;
+        let chain = describe_chain(image, src.as_ref())?;
+        match output {
+            OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&Value::Array(chain))?),
+            OutputFormat::Human => {
+                for (i, v) in chain.iter().enumerate() {
+                    if i > 0 {
+                        outln!("");
+                    }
+                    print_human(v)?;
+                }
+            }
+        }
+        return Ok(0);
+    }
     let v = match open_ova(image, format)? {
         // An OVA: the boot disk's fields, plus every disk the descriptor lists.
         Some(pkg) => {
@@ -45,10 +62,24 @@ pub fn run(
         }
     };
     match output {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
-        OutputFormat::Human => print_human(&v),
+        OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&v)?),
+        OutputFormat::Human => print_human(&v)?,
     }
     Ok(0)
+}
+
+/// One object per layer of the backing chain, the image first (qemu-img info --backing-chain). A backing
+/// file's path is its name joined to the folder of the image naming it, as the open gate resolved it.
+fn describe_chain(image: &Path, src: &dyn DiskSource) -> Result<Vec<Value>> {
+    let mut out = vec![describe(image, src)?];
+    let mut path = image.to_path_buf();
+    let mut cur = src;
+    while let (Some(name), Some(b)) = (cur.info().backing_filename, cur.backing()) {
+        path = path.parent().unwrap_or(Path::new(".")).join(name);
+        out.push(describe(&path, b)?);
+        cur = b;
+    }
+    Ok(out)
 }
 
 /// The JSON object `info --output json` prints (qemu-img's field names plus allocation counts).
@@ -89,53 +120,53 @@ pub fn describe(image: &Path, src: &dyn DiskSource) -> Result<Value> {
     Ok(Value::Object(m))
 }
 
-fn print_human(v: &Value) {
+fn print_human(v: &Value) -> Result<()> {
     let get = |k: &str| v.get(k);
     if let Some(f) = get("filename").and_then(Value::as_str) {
-        println!("image: {f}");
+        outln!("image: {f}");
     }
     if let Some(f) = get("format").and_then(Value::as_str) {
-        println!("file format: {f}");
+        outln!("file format: {f}");
     }
     if let Some(s) = get("virtual-size").and_then(Value::as_u64) {
-        println!("virtual size: {} ({s} bytes)", human_size(s));
+        outln!("virtual size: {} ({s} bytes)", human_size(s));
     }
     if let Some(s) = get("actual-size").and_then(Value::as_u64) {
-        println!("disk size: {}", human_size(s));
+        outln!("disk size: {}", human_size(s));
     }
     if let Some(c) = get("cluster-size").and_then(Value::as_u64) {
-        println!("cluster_size: {c}");
+        outln!("cluster_size: {c}");
     }
     if let Some(b) = get("backing-filename").and_then(Value::as_str) {
-        println!("backing file: {b}");
+        outln!("backing file: {b}");
     }
     if let Some(b) = get("backing-filename-format").and_then(Value::as_str) {
-        println!("backing file format: {b}");
+        outln!("backing file format: {b}");
     }
     if get("dirty-flag").and_then(Value::as_bool) == Some(true) {
-        println!("dirty flag: yes");
+        outln!("dirty flag: yes");
     }
     if let Some(Value::Object(data)) = get("format-specific").and_then(|f| f.get("data")) {
-        println!("Format specific information:");
+        outln!("Format specific information:");
         for (k, val) in data {
             let s = match val {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
-            println!("    {k}: {s}");
+            outln!("    {k}: {s}");
         }
     }
     if let Some(a) = get("allocated-bytes").and_then(Value::as_u64) {
-        println!("allocated in this image: {} ({a} bytes)", human_size(a));
+        outln!("allocated in this image: {} ({a} bytes)", human_size(a));
     }
     if let Some(d) = get("data-bytes").and_then(Value::as_u64) {
-        println!("data (with backing chain): {} ({d} bytes)", human_size(d));
+        outln!("data (with backing chain): {} ({d} bytes)", human_size(d));
     }
     if let Some(Value::Array(disks)) = get("disks") {
-        println!("OVA disks (0 is the boot disk; convert --disk N picks one):");
+        outln!("OVA disks (0 is the boot disk; convert --disk N picks one):");
         for d in disks {
             let cap = d["capacity"].as_u64().unwrap_or(0);
-            println!(
+            outln!(
                 "    {}: id {}, file {}, capacity {} ({cap} bytes), format {}",
                 d["index"],
                 d["id"].as_str().unwrap_or("?"),
@@ -145,4 +176,5 @@ fn print_human(v: &Value) {
             );
         }
     }
+    Ok(())
 }

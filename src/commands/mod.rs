@@ -9,6 +9,7 @@ mod info;
 mod inspect;
 mod jobs;
 mod map;
+mod measure;
 mod migrate;
 mod upload;
 mod upload_azure;
@@ -41,9 +42,10 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Info {
             image,
             format,
+            backing_chain,
             output,
             trust,
-        } => info::run(&image, format.as_deref(), output, &trust),
+        } => info::run(&image, format.as_deref(), backing_chain, output, &trust),
         Command::Map {
             image,
             format,
@@ -90,6 +92,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             stats,
             &trust,
         ),
+        Command::Measure(args) => measure::run(&args),
         Command::Convert(args) => convert::run(&args, quiet),
         Command::Generalize(args) => generalize::run(&args),
         Command::Upload {
