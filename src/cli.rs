@@ -73,7 +73,7 @@ pub enum Command {
     /// Check an image's metadata. Exit 0 clean, 2 corruption, 3 leaked clusters only, 1 error, 63 no checks for
     /// this format.
     #[command(
-        after_help = "Examples:\n  imgshift check disk.qcow2\n  imgshift check --output json disk.vhdx"
+        after_help = "Examples:\n  imgshift check disk.qcow2\n  imgshift check --output json disk.vhdx\n  imgshift check -r leaks disk.qcow2             # repaired copy: disk.repaired.qcow2\n  imgshift check --repair leaks --in-place disk.qcow2"
     )]
     Check {
         /// The image.
@@ -81,6 +81,17 @@ pub enum Command {
         /// Image format (probed when absent).
         #[arg(short = 'f', long = "format", value_name = "FMT")]
         format: Option<String>,
+        /// Repair (qcow2): 'leaks' sets the refcount of clusters nothing references back to what the metadata
+        /// says, as qemu-img check -r leaks. Into a copy (--into, default NAME.repaired.EXT beside the image)
+        /// unless --in-place.
+        #[arg(short = 'r', long = "repair", value_name = "WHAT", value_parser = ["leaks"])]
+        repair: Option<String>,
+        /// With --repair: modify the image itself instead of a copy.
+        #[arg(long = "in-place", requires = "repair", conflicts_with = "into")]
+        in_place: bool,
+        /// With --repair: the repaired copy to write (must not exist).
+        #[arg(long, value_name = "FILE", requires = "repair")]
+        into: Option<PathBuf>,
         /// Output style.
         #[arg(long, value_enum, default_value_t)]
         output: OutputFormat,

@@ -734,3 +734,65 @@ fn convert_n_writes_into_an_existing_target() {
     let r = imgshift(&["convert", "--target-is-zero", "-O", "raw", s(&q), s(&t)]);
     assert_eq!(r.code, 2, "{}", r.stderr);
 }
+
+/// A qcow2 whose first data cluster is leaked: its L2 entry cleared, its refcount left at 1.
+fn leaked_qcow2(dir: &Path, name: &str) -> PathBuf {
+    let img = qcow2_with_data(dir, name);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, 40).unwrap();
+    let l1 = u64::from_be_bytes(b);
+    f.read_exact_at(&mut b, l1).unwrap();
+    let l2 = u64::from_be_bytes(b) & 0x00ff_ffff_ffff_fe00;
+    f.write_all_at(&[0u8; 8], l2).unwrap();
+    img
+}
+
+/// `check -r leaks` (and `--repair leaks`) repairs leaked clusters as qemu-img check -r leaks: into a copy by
+/// default (the original untouched), in place with --in-place; qemu-img check finds the result clean and the
+/// content unchanged.
+#[test]
+fn check_repair_leaks_into_a_copy_or_in_place() {
+    let d = tmpdir();
+    let img = leaked_qcow2(d.path(), "leak.qcow2");
+    assert_eq!(qemu_img_status(&["check", s(&img)]).code, 3);
+    assert_eq!(imgshift(&["check", s(&img)]).code, 3);
+    let original = std::fs::read(&img).unwrap();
+    let r = imgshift(&["check", "-r", "leaks", s(&img)]).ok();
+    assert!(r.stdout.contains("1 leaked clusters"), "{}", r.stdout);
+    let copy = d.path().join("leak.repaired.qcow2");
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        original,
+        "the original was modified"
+    );
+    assert_check_clean(&copy, "qcow2");
+    assert_same(&img, "qcow2", &copy, "qcow2");
+    // The copy must not be overwritten by a second run; --into picks another name.
+    assert_eq!(imgshift(&["check", "-r", "leaks", s(&img)]).code, 1);
+    let other = d.path().join("other.qcow2");
+    imgshift(&["check", "--repair", "leaks", "--into", s(&other), s(&img)]).ok();
+    assert_check_clean(&other, "qcow2");
+    // In place, as qemu-img check -r leaks does.
+    let theirs = d.path().join("theirs.qcow2");
+    std::fs::copy(&img, &theirs).unwrap();
+    qemu_img(&["check", "-q", "-r", "leaks", s(&theirs)]);
+    imgshift(&["check", "--repair", "leaks", "--in-place", s(&img)]).ok();
+    assert_check_clean(&img, "qcow2");
+    assert_same(&img, "qcow2", &theirs, "qcow2");
+    // Errors other than leaks are not repaired; nothing is left behind.
+    let bad = data_past_eof(d.path());
+    let before = files_in(d.path());
+    let r = imgshift(&["check", "-r", "leaks", s(&bad)]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("only leaks are repaired"), "{}", r.stderr);
+    assert_eq!(files_in(d.path()), before);
+    // Only qcow2 is repaired.
+    let raw = d.path().join("a.raw");
+    make_raw(&raw, 1 << 20, &[], &[]);
+    assert_eq!(imgshift(&["check", "-r", "leaks", s(&raw)]).code, 2);
+}

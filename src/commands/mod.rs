@@ -55,9 +55,15 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Check {
             image,
             format,
+            repair,
+            in_place,
+            into,
             output,
             trust,
-        } => check::run(&image, format.as_deref(), output, &trust),
+        } => match repair {
+            Some(_) => check::repair(&image, format.as_deref(), in_place, into.as_deref(), output),
+            None => check::run(&image, format.as_deref(), output, &trust),
+        },
         Command::Compare {
             a,
             b,

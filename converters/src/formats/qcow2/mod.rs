@@ -13,6 +13,7 @@
 mod check;
 pub mod header;
 mod mapping;
+mod repair;
 mod writer;
 
 use std::sync::{Arc, Mutex};
@@ -26,6 +27,7 @@ use crate::source::{
 };
 use crate::storage::Storage;
 
+pub use repair::{RepairOutcome, repair_leaks};
 pub use writer::{OPTIONS as WRITER_OPTIONS, Qcow2Compressor, Qcow2Writer};
 
 use header::Header;
