@@ -796,3 +796,28 @@ fn check_repair_leaks_into_a_copy_or_in_place() {
     make_raw(&raw, 1 << 20, &[], &[]);
     assert_eq!(imgshift(&["check", "-r", "leaks", s(&raw)]).code, 2);
 }
+
+/// `info` on a qcow2 whose tables the reader refuses still shows what the header says (as qemu-img info does),
+/// then the one-line error and exit 1.
+#[test]
+fn info_on_a_corrupt_qcow2_shows_the_header() {
+    let d = tmpdir();
+    let img = qcow2_with_data(d.path(), "short.qcow2");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(100 << 10)
+        .unwrap();
+    let r = imgshift(&["info", s(&img)]);
+    assert_eq!(r.code, 1);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("virtual size: 64 MiB (67108864 bytes)"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("cluster_size: 65536"), "{}", r.stdout);
+    let q = qemu_img(&["info", s(&img)]);
+    assert!(q.contains("virtual size: 64 MiB (67108864 bytes)"), "{q}");
+}

@@ -57,7 +57,22 @@ pub fn run(
             v
         }
         None => {
-            let src = open_image(image, format, trust)?;
+            let src = match open_image(image, format, trust) {
+                Ok(s) => s,
+                Err(e) => {
+                    // A corrupt image's header can still be shown, as qemu-img info does; the error (exit 1)
+                    // follows on standard error.
+                    if let Some(v) = header_only(image, format, &e) {
+                        match output {
+                            OutputFormat::Json => {
+                                outln!("{}", serde_json::to_string_pretty(&v)?)
+                            }
+                            OutputFormat::Human => print_human(&v)?,
+                        }
+                    }
+                    return Err(e);
+                }
+            };
             describe(image, src.as_ref())?
         }
     };
@@ -66,6 +81,46 @@ pub fn run(
         OutputFormat::Human => print_human(&v)?,
     }
     Ok(0)
+}
+
+/// What the header of a qcow2 image says when the reader refused the image's tables (a `Corrupt` error):
+/// virtual size, cluster size, backing file. `None` for any other error or format.
+fn header_only(image: &Path, format: Option<&str>, e: &anyhow::Error) -> Option<Value> {
+    use imgshift_converters::{ErrorKind, FileStorage, Format};
+    let corrupt = e.chain().any(|c| {
+        c.downcast_ref::<imgshift_converters::Error>()
+            .is_some_and(|le| le.kind() == ErrorKind::Corrupt)
+    });
+    if !corrupt {
+        return None;
+    }
+    let storage = FileStorage::open(image).ok()?;
+    let fmt = match format {
+        Some(f) => Format::from_name(f).ok()?,
+        None => imgshift_converters::formats::probe::probe(&storage).ok()?,
+    };
+    if fmt != Format::Qcow2 {
+        return None;
+    }
+    let h = imgshift_converters::formats::qcow2::read_header_fields(&storage).ok()?;
+    let mut m = Map::new();
+    m.insert("virtual-size".into(), json!(h.size));
+    m.insert("filename".into(), json!(image.display().to_string()));
+    m.insert("format".into(), json!("qcow2"));
+    if let Ok(meta) = std::fs::metadata(image) {
+        use std::os::unix::fs::MetadataExt;
+        m.insert("actual-size".into(), json!(meta.blocks() * 512));
+    }
+    m.insert("cluster-size".into(), json!(h.cluster_size()));
+    m.insert("dirty-flag".into(), json!(h.dirty()));
+    if let Some(b) = &h.backing_file {
+        m.insert("backing-filename".into(), json!(b));
+    }
+    if let Some(b) = &h.backing_format {
+        m.insert("backing-filename-format".into(), json!(b));
+    }
+    m.insert("corrupt".into(), json!(true));
+    Some(Value::Object(m))
 }
 
 /// One object per layer of the backing chain, the image first (qemu-img info --backing-chain). A backing
@@ -142,6 +197,9 @@ fn print_human(v: &Value) -> Result<()> {
     }
     if let Some(b) = get("backing-filename-format").and_then(Value::as_str) {
         outln!("backing file format: {b}");
+    }
+    if get("corrupt").and_then(Value::as_bool) == Some(true) {
+        outln!("corrupt: yes (header only; `imgshift check` lists the problems)");
     }
     if get("dirty-flag").and_then(Value::as_bool) == Some(true) {
         outln!("dirty flag: yes");

@@ -27,7 +27,7 @@ use crate::source::{
 };
 use crate::storage::Storage;
 
-pub use repair::{RepairOutcome, repair_leaks};
+pub use repair::{RepairOutcome, read_header_fields, repair_leaks};
 pub use writer::{OPTIONS as WRITER_OPTIONS, Qcow2Compressor, Qcow2Writer};
 
 use header::Header;

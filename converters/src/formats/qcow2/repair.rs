@@ -70,6 +70,17 @@ pub fn repair_leaks(path: &Path) -> Result<RepairOutcome> {
 
 /// The validated header, read as the reader reads it.
 fn read_header(storage: &dyn Storage) -> Result<Header> {
+    read_header_with(storage, storage.len())
+}
+
+/// The header's own fields, validated except that the tables it names are not bounded by the file (so a
+/// truncated image still gives its virtual size, cluster size and backing file): what `info` shows for an
+/// image whose tables the reader refuses. Nothing it names is read.
+pub fn read_header_fields(storage: &dyn Storage) -> Result<Header> {
+    read_header_with(storage, u64::MAX)
+}
+
+fn read_header_with(storage: &dyn Storage, tables_bound: u64) -> Result<Header> {
     let file_len = storage.len();
     let mut head = [0u8; header::V3_HEADER_LEN];
     let n = storage.read_at_zero_fill(&mut head, 0)?;
@@ -81,7 +92,7 @@ fn read_header(storage: &dyn Storage) -> Result<Header> {
     };
     let mut cluster0 = vec![0u8; head_len as usize];
     storage.read_exact_at(&mut cluster0, 0)?;
-    header::parse(&cluster0, file_len)
+    header::parse(&cluster0, tables_bound)
 }
 
 /// Writes the fixes into the refcount blocks, one read-modify-write per block; returns the entries changed.
