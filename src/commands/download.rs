@@ -15,6 +15,10 @@ pub fn aws(args: &AwsDownloadArgs, quiet: bool) -> Result<u8> {
         bail!("-m must be between 1 and 256");
     }
     let fmt = super::convert::output_format(&args.output_format)?;
+    if super::convert::wants_help(&args.options) {
+        outln!("{}", super::convert::options_help(fmt).trim_end());
+        return Ok(0);
+    }
     let mut opts = super::convert::writer_opts(fmt, &args.options, false)?;
     let mut writer = create_writer(fmt, &mut opts)?;
     let rt = runtime()?;

@@ -37,6 +37,10 @@ pub struct Measure {
 /// Runs `measure`.
 pub fn run(args: &MeasureArgs) -> Result<u8> {
     let fmt = output_format(&args.output_format)?;
+    if super::convert::wants_help(&args.options) {
+        outln!("{}", super::convert::options_help(fmt).trim_end());
+        return Ok(0);
+    }
     let src = open_image(&args.image, args.format.as_deref(), &args.trust)?;
     let m = measure(src.as_ref(), fmt, &args.options)
         .with_context(|| format!("cannot measure {} as {}", args.image.display(), fmt.name()))?;
