@@ -183,7 +183,7 @@ fn with_host_offsets(src: &dyn DiskSource, entries: Vec<Entry>) -> Result<Vec<En
         let end = e.start + e.length;
         let mut at = e.start;
         for h in hosts {
-            let (s, t) = (h.guest.max(at), (h.guest + h.len).min(end));
+            let (s, t) = (h.guest.max(at), h.guest.saturating_add(h.len).min(end));
             if t <= s {
                 continue;
             }
@@ -198,7 +198,7 @@ fn with_host_offsets(src: &dyn DiskSource, entries: Vec<Entry>) -> Result<Vec<En
                 start: s,
                 length: t - s,
                 compressed: h.host.is_none(),
-                offset: h.host.map(|o| o + (s - h.guest)),
+                offset: h.host.map(|o| o.saturating_add(s - h.guest)),
                 ..e.clone()
             });
             at = t;

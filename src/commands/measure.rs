@@ -154,29 +154,39 @@ pub fn qcow2_measure(virtual_size: u64, cluster: u64, map: &ExtentMap) -> Measur
             _ => first,
         };
         if last >= first {
-            data += (last - first + 1) * cluster;
+            data = data.saturating_add((last - first + 1).saturating_mul(cluster));
             last_counted = Some(last);
         }
     }
     let fully = qcow2_prealloc_size(virtual_size, cluster, 4);
-    let aligned = virtual_size.div_ceil(cluster) * cluster;
+    let aligned = virtual_size.div_ceil(cluster).saturating_mul(cluster);
     Measure {
-        required: fully - aligned + data,
+        required: fully.saturating_sub(aligned).saturating_add(data),
         fully_allocated: Some(fully),
     }
 }
 
-/// qemu's `qcow2_calc_prealloc_size` (normal 8-byte L2 entries).
+/// qemu's `qcow2_calc_prealloc_size` (normal 8-byte L2 entries). Saturating: a size near 2^64 gives a huge
+/// answer, never a wrapped one.
 fn qcow2_prealloc_size(total: u64, cluster: u64, refcount_order: u32) -> u64 {
-    let aligned = total.div_ceil(cluster) * cluster;
-    let mut meta = cluster; // header
+    let aligned = total.div_ceil(cluster).saturating_mul(cluster);
     let per_table = cluster / 8;
-    let nl2e = (aligned / cluster).div_ceil(per_table) * per_table;
-    meta += nl2e * 8;
-    let nl1e = (nl2e * 8 / cluster).div_ceil(per_table) * per_table;
-    meta += nl1e * 8;
-    meta += refcount_metadata_size((meta + aligned) / cluster, cluster, refcount_order);
-    meta + aligned
+    let nl2e = (aligned / cluster)
+        .div_ceil(per_table)
+        .saturating_mul(per_table);
+    let nl1e = (nl2e.saturating_mul(8) / cluster)
+        .div_ceil(per_table)
+        .saturating_mul(per_table);
+    // The header cluster, the L2 tables, the L1 table.
+    let meta = cluster
+        .saturating_add(nl2e.saturating_mul(8))
+        .saturating_add(nl1e.saturating_mul(8));
+    let refcounts = refcount_metadata_size(
+        meta.saturating_add(aligned) / cluster,
+        cluster,
+        refcount_order,
+    );
+    meta.saturating_add(refcounts).saturating_add(aligned)
 }
 
 /// qemu's `qcow2_refcount_metadata_size` (no generous increase): the fixed point of refcount blocks and table
@@ -187,11 +197,14 @@ fn refcount_metadata_size(clusters: u64, cluster: u64, refcount_order: u32) -> u
     let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
     loop {
         let last = n;
-        blocks = (clusters + table + blocks).div_ceil(per_block);
+        blocks = clusters
+            .saturating_add(table)
+            .saturating_add(blocks)
+            .div_ceil(per_block);
         table = blocks.div_ceil(per_table);
-        n = clusters + blocks + table;
+        n = clusters.saturating_add(blocks).saturating_add(table);
         if n == last {
-            return (blocks + table) * cluster;
+            return blocks.saturating_add(table).saturating_mul(cluster);
         }
     }
 }
