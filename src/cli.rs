@@ -22,7 +22,7 @@ pub enum OutputFormat {
     /// Readable text.
     #[default]
     Human,
-    /// JSON with qemu-img's field names.
+    /// One JSON document on standard output.
     Json,
 }
 
@@ -38,13 +38,19 @@ pub struct TrustArgs {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Show an image's format, sizes, backing file and allocation.
+    /// Show an image's format, sizes, backing file and allocation (--output json uses qemu-img's field names).
+    #[command(
+        after_help = "Examples:\n  imgshift info disk.qcow2\n  imgshift info --output json disk.vmdk\n  imgshift info appliance.ova            # the boot disk, plus every disk the OVF lists"
+    )]
     Info {
         /// The image.
         image: PathBuf,
         /// Image format (probed by magic when absent).
         #[arg(short = 'f', long = "format", value_name = "FMT")]
         format: Option<String>,
+        /// Also show every backing file of the chain (as qemu-img info --backing-chain; JSON: an array).
+        #[arg(long = "backing-chain")]
+        backing_chain: bool,
         /// Output style.
         #[arg(long, value_enum, default_value_t)]
         output: OutputFormat,
@@ -66,12 +72,26 @@ pub enum Command {
     },
     /// Check an image's metadata. Exit 0 clean, 2 corruption, 3 leaked clusters only, 1 error, 63 no checks for
     /// this format.
+    #[command(
+        after_help = "Examples:\n  imgshift check disk.qcow2\n  imgshift check --output json disk.vhdx\n  imgshift check -r leaks disk.qcow2             # repaired copy: disk.repaired.qcow2\n  imgshift check --repair leaks --in-place disk.qcow2"
+    )]
     Check {
         /// The image.
         image: PathBuf,
         /// Image format (probed when absent).
         #[arg(short = 'f', long = "format", value_name = "FMT")]
         format: Option<String>,
+        /// Repair (qcow2): 'leaks' sets the refcount of clusters nothing references back to what the metadata
+        /// says, as qemu-img check -r leaks. Into a copy (--into, default NAME.repaired.EXT beside the image)
+        /// unless --in-place.
+        #[arg(short = 'r', long = "repair", value_name = "WHAT", value_parser = ["leaks"])]
+        repair: Option<String>,
+        /// With --repair: modify the image itself instead of a copy.
+        #[arg(long = "in-place", requires = "repair", conflicts_with = "into")]
+        in_place: bool,
+        /// With --repair: the repaired copy to write (must not exist).
+        #[arg(long, value_name = "FILE", requires = "repair")]
+        into: Option<PathBuf>,
         /// Output style.
         #[arg(long, value_enum, default_value_t)]
         output: OutputFormat,
@@ -101,6 +121,9 @@ pub enum Command {
     },
     /// Inspect the guest inside an image (read-only): partitions, filesystems, OS, boot mode, boot drivers.
     /// With --target, a preflight verdict: exit 0 ok or warn, 1 fail or error.
+    #[command(
+        after_help = "Examples:\n  imgshift inspect disk.qcow2\n  imgshift inspect disk.vmdk --target aws --boot-mode uefi\n  imgshift inspect disk.vhd --target libvirt --output json"
+    )]
     Inspect {
         /// The image.
         image: PathBuf,
@@ -123,7 +146,15 @@ pub enum Command {
         #[command(flatten)]
         trust: TrustArgs,
     },
+    /// How large an output a conversion needs (as qemu-img measure): required and fully allocated size.
+    #[command(
+        after_help = "Examples:\n  imgshift measure -O qcow2 disk.vmdk\n  imgshift measure -O vpc -o subformat=fixed disk.qcow2 --target azure"
+    )]
+    Measure(MeasureArgs),
     /// Convert an image to another format. DST '-' writes to standard output.
+    #[command(
+        after_help = "Examples:\n  imgshift convert -p -O qcow2 disk.vmdk disk.qcow2\n  imgshift convert -O vmdk -o subformat=streamOptimized disk.qcow2 disk.vmdk\n  imgshift convert -O vpc -o subformat=fixed,round_to_mib=on disk.qcow2 azure.vhd\n  imgshift convert -O qcow2 -o help       # the options of an output format"
+    )]
     Convert(ConvertArgs),
     /// Strip machine-specific state (machine-id, SSH host keys, logs, ...) offline into a qcow2 overlay whose
     /// backing file is the untouched source (libguestfs's virt-sysprep does the writes).
@@ -142,6 +173,9 @@ pub enum Command {
     },
     /// Move a VM image to AWS, Azure or libvirt in one resumable job: inspect and preflight, generalise
     /// (optional), stream and upload (no temporary disk), register, verify, report
+    #[command(
+        after_help = "Examples:\n  imgshift migrate web01.vmdk --to aws --name web01\n  imgshift migrate web01.vmdk --to azure -g my-rg -l westeurope --subscription SUB\n  imgshift migrate web01.vmdk --to libvirt --pool default --start\n  imgshift migrate web01.vmdk --to aws --dry-run     # inspect, preflight and plan only"
+    )]
     Migrate(Box<MigrateArgs>),
     /// Continue an interrupted job (`migrate` or `upload`) where it stopped
     Resume {
@@ -168,19 +202,23 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
     /// Source image.
-    pub src: PathBuf,
-    /// Destination file, or '-' for standard output.
-    pub dst: String,
+    #[arg(required_unless_present = "options")]
+    pub src: Option<PathBuf>,
+    /// Destination file, or '-' for standard output (a pipe gets every byte, zeros included; a regular file
+    /// redirected with '>' gets holes as a named file does).
+    #[arg(required_unless_present = "options")]
+    pub dst: Option<String>,
     /// Output format: raw, qcow2, vpc (vhd), vhdx, vmdk, vdi.
     #[arg(short = 'O', value_name = "FMT", default_value = "raw")]
     pub output_format: String,
     /// Source format (probed when absent).
     #[arg(short = 'f', value_name = "FMT")]
     pub format: Option<String>,
-    /// Output options, qemu-img style: key=value[,key=value...]. Repeatable.
+    /// Output options, qemu-img style: key=value[,key=value...]. Repeatable. '-o help' lists the output
+    /// format's options with their defaults.
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
-    /// Compress the output (qcow2; same as -o compress=on).
+    /// Compress the output (qcow2; for VMDK use -o subformat=streamOptimized, which is always compressed).
     #[arg(short = 'c', long = "compress")]
     pub compress: bool,
     /// Show a progress bar even when standard error is not a terminal.
@@ -196,6 +234,15 @@ pub struct ConvertArgs {
     /// Print conversion statistics as JSON on standard error when done.
     #[arg(long)]
     pub stats: bool,
+    /// Write into DST as it exists (a raw file or block device at least as large as the source; -O raw only),
+    /// as qemu-img convert -n: DST is not created, truncated or renamed; ranges that are zero in the source are
+    /// written as zeros unless --target-is-zero.
+    #[arg(short = 'n')]
+    pub no_create: bool,
+    /// With -n: DST already reads as zeros, so zero ranges are skipped (as qemu-img's --target-is-zero; wrong
+    /// if it does not).
+    #[arg(long = "target-is-zero", requires = "no_create")]
+    pub target_is_zero: bool,
     /// For an OVA source: the disk to convert, by its index in `imgshift info` (default: the boot disk, 0).
     #[arg(long, value_name = "N")]
     pub disk: Option<usize>,
@@ -203,6 +250,30 @@ pub struct ConvertArgs {
     /// set), through a temporary overlay that is removed afterwards; the source is never modified.
     #[arg(long, value_name = "OPS", num_args = 0..=1, require_equals = true, default_missing_value = "defaults")]
     pub generalize: Option<String>,
+    #[command(flatten)]
+    pub trust: TrustArgs,
+}
+
+/// `imgshift measure`.
+#[derive(Debug, Args)]
+pub struct MeasureArgs {
+    /// Source image.
+    pub image: PathBuf,
+    /// Output format: raw, qcow2, vpc (vhd), vhdx, vmdk, vdi.
+    #[arg(short = 'O', value_name = "FMT", default_value = "raw")]
+    pub output_format: String,
+    /// Source format (probed when absent).
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
+    /// Output options, as for convert. Repeatable.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// Also print what a cloud target needs: aws (the EBS volume size in GiB), azure (the upload size in bytes).
+    #[arg(long, value_name = "TARGET", value_parser = ["aws", "azure"])]
+    pub target: Option<String>,
+    /// Output style.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
     #[command(flatten)]
     pub trust: TrustArgs,
 }
@@ -469,7 +540,8 @@ pub struct LibvirtUploadArgs {
     /// Guest firmware (auto: UEFI when the disk has a GPT with an EFI system partition, else BIOS).
     #[arg(long, value_enum, default_value_t = FirmwareArg::Auto, requires = "define")]
     pub firmware: FirmwareArg,
-    /// Disk bus (auto: sata, which every current OS has drivers for; virtio needs virtio drivers in the guest).
+    /// Disk bus (auto: from inspection, virtio when the guest's initramfs has the virtio drivers, scsi when it
+    /// has only virtio-scsi, else sata).
     #[arg(long = "disk-bus", value_enum, default_value_t = DiskBusArg::Auto, requires = "define")]
     pub disk_bus: DiskBusArg,
     /// Domain type (auto: kvm when the host offers KVM, else qemu, i.e. TCG emulation).
@@ -520,7 +592,7 @@ pub enum FirmwareArg {
 /// `upload libvirt --disk-bus`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DiskBusArg {
-    /// sata until the guest's drivers are known.
+    /// From inspection: virtio, scsi, or sata when the guest's drivers are not known.
     Auto,
     /// virtio-blk.
     Virtio,
@@ -678,7 +750,7 @@ pub struct MigrateArgs {
     pub azure: MigrateAzureArgs,
     #[command(flatten, next_help_heading = "libvirt (--to libvirt)")]
     pub libvirt: MigrateLibvirtArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Files named inside images")]
     pub trust: TrustArgs,
 }
 
@@ -799,7 +871,8 @@ pub struct MigrateLibvirtArgs {
     /// Firmware (auto: from inspection)
     #[arg(long, value_enum, default_value_t = FirmwareArg::Auto)]
     pub firmware: FirmwareArg,
-    /// Disk bus (auto: virtio when the guest has the drivers)
+    /// Disk bus (auto: from inspection, virtio when the guest's initramfs has the virtio drivers, scsi when it
+    /// has only virtio-scsi, else sata)
     #[arg(long = "disk-bus", value_enum, default_value_t = DiskBusArg::Auto)]
     pub disk_bus: DiskBusArg,
     /// Domain type (auto: kvm when the host offers it)

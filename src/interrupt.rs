@@ -1,11 +1,87 @@
-//! Ctrl-C and SIGTERM for the commands that run jobs: the first signal asks the job to stop at a safe point
-//! (requests in flight finish, the journal is saved, the `resume` line is printed, exit 130 or 143); a second one
-//! ends the process at once, as it would without imgshift's handler.
-
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+//! Ctrl-C (SIGINT) and SIGTERM, in the two ways imgshift's commands need them:
+//! - Commands that write local files ([`on_signal`], [`remove_on_signal`]): the temporary outputs registered here
+//!   are removed and the process exits 130 (SIGINT) or 143 (SIGTERM), as a shell reports a process killed by
+//!   them.
+//! - Commands that run jobs ([`install`], [`check`]): the first signal asks the job to stop at a safe point
+//!   (requests in flight finish, the journal is saved, the `resume` line is printed, exit 130 or 143); a second
+//!   one ends the process at once, as it would without imgshift's handler.
+//!
+//! A process uses one or the other: a job's outputs are on the target, a local command's in its folder.
 
 use signal_hook::consts::{SIGINT, SIGTERM};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::sync::{Mutex, Once};
+
+/// Exit status after SIGINT (128 + 2).
+pub const EXIT_SIGINT: i32 = 130;
+/// Exit status after SIGTERM (128 + 15).
+pub const EXIT_SIGTERM: i32 = 143;
+
+type Cleanup = Box<dyn Fn() + Send>;
+
+/// What to undo when a signal arrives, in registration order.
+static CLEANUPS: Mutex<Vec<Cleanup>> = Mutex::new(Vec::new());
+static INSTALL: Once = Once::new();
+
+/// Runs `cleanup` (then exits 130 or 143) if SIGINT or SIGTERM arrives from now on. The handlers are installed
+/// before this returns.
+pub fn on_signal(cleanup: impl Fn() + Send + 'static) {
+    CLEANUPS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(Box::new(cleanup));
+    INSTALL.call_once(install_cleanup_thread);
+}
+
+/// Removes the temporary files of `set` on SIGINT/SIGTERM.
+pub fn remove_on_signal(set: &imgshift_converters::OutputSet) {
+    let r = set.remover();
+    on_signal(move || r.remove_temporaries());
+}
+
+/// A thread that waits for the signals; a signal runs every cleanup and ends the process.
+fn install_cleanup_thread() {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("imgshift-signals".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                let (Ok(mut int), Ok(mut term)) = (
+                    signal(SignalKind::interrupt()),
+                    signal(SignalKind::terminate()),
+                ) else {
+                    return;
+                };
+                let _ = ready_tx.send(());
+                let code = tokio::select! {
+                    _ = int.recv() => EXIT_SIGINT,
+                    _ = term.recv() => EXIT_SIGTERM,
+                };
+                let cleanups = CLEANUPS
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                for c in cleanups.iter() {
+                    c();
+                }
+                eprintln!("imgshift: interrupted; the unfinished output was removed");
+                std::process::exit(code);
+            });
+        });
+    if spawned.is_ok() {
+        // Handlers are in place before the work starts (or the thread gave up).
+        let _ = ready_rx.recv();
+    }
+}
+
+// --- Jobs: a cooperative stop at a safe point. ---
 
 /// The signal received (0: none).
 fn received_signal() -> &'static Arc<AtomicUsize> {
@@ -34,7 +110,7 @@ impl Interrupted {
     }
 }
 
-/// Installs the handlers (once per process; later calls do nothing).
+/// Installs the job handlers (once per process; later calls do nothing).
 pub fn install() -> anyhow::Result<()> {
     static DONE: OnceLock<()> = OnceLock::new();
     if DONE.get().is_some() {

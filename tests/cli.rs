@@ -159,9 +159,16 @@ fn progress_on_a_non_terminal_is_plain_lines_with_p_and_nothing_without() {
         s(&d.path().join("c.qcow2")),
     ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let last = r.stderr.lines().last().unwrap_or_default();
+    // The final progress line, then the summary (issue 21).
+    let lines: Vec<&str> = r.stderr.lines().collect();
+    assert!(lines.len() >= 2, "{}", r.stderr);
     assert!(
-        last.starts_with("imgshift: convert: 4 MiB of 4 MiB (100%)"),
+        lines[lines.len() - 2].starts_with("imgshift: convert: 4 MiB of 4 MiB (100%)"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        lines[lines.len() - 1].starts_with("imgshift: converted "),
         "{}",
         r.stderr
     );

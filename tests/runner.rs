@@ -257,7 +257,7 @@ fn sigint_mid_upload_stops_at_a_safe_point_and_resume_finishes() {
     let raw = data_image(d.path(), 64);
     let proxy = Proxy::start(d.path(), &["--fault-path", "/blocks/", "--delay-ms", "50"]);
     let args = ["--snapshot-only", "--concurrency", "2"];
-    let mut child = upload_cmd(d.path(), &proxy.url, &raw, &args)
+    let child = upload_cmd(d.path(), &proxy.url, &raw, &args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

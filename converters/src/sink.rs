@@ -271,6 +271,26 @@ struct PendingFile {
     final_path: PathBuf,
 }
 
+/// Removes the temporary files of an [`OutputSet`] that is not committed yet (see [`OutputSet::remover`]).
+#[derive(Clone)]
+pub struct OutputRemover {
+    inner: std::sync::Weak<std::sync::Mutex<OutputSetInner>>,
+}
+
+impl OutputRemover {
+    /// Deletes every temporary file of the set created so far; later files of the set are not covered, so the
+    /// caller exits right after.
+    pub fn remove_temporaries(&self) {
+        if let Some(inner) = self.inner.upgrade() {
+            let mut g = inner
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Dropping a TempPath deletes its file.
+            g.files.clear();
+        }
+    }
+}
+
 /// The files of one local output.
 pub struct OutputSetInner {
     dir: PathBuf,
@@ -294,12 +314,22 @@ impl OutputSet {
     /// As [`OutputSet::new`], with the given durability for every file of the set.
     pub fn with_durability(path: &Path, durability: Durability) -> Result<(OutputSet, FileSink)> {
         if path.is_dir() {
-            return Err(Error::input(format!("{} is a directory", path.display())));
+            return Err(Error::input(format!(
+                "{} is a directory; name the output file to create",
+                path.display()
+            )));
         }
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
+        // Name the folder the user gave, not the hidden temporary file that could not be created in it.
+        if !dir.is_dir() {
+            return Err(Error::input(format!(
+                "the output folder {} does not exist",
+                dir.display()
+            )));
+        }
         let name = path
             .file_name()
             .ok_or_else(|| Error::input(format!("{} has no file name", path.display())))?
@@ -351,6 +381,14 @@ impl OutputSet {
         name: &str,
     ) -> Result<Box<dyn Sink>> {
         Ok(Box::new(Self::create(inner, name)?))
+    }
+
+    /// A handle that removes this set's temporary files from another thread (the CLI's SIGINT/SIGTERM watcher),
+    /// so an interrupted conversion leaves nothing behind. Files already renamed by `commit` are not touched.
+    pub fn remover(&self) -> OutputRemover {
+        OutputRemover {
+            inner: std::sync::Arc::downgrade(&self.inner),
+        }
     }
 
     /// Renames every file to its final name and syncs the folder.

@@ -60,6 +60,17 @@ impl CheckReport {
     }
 }
 
+/// A guest range stored in an image file (see [`DiskSource::host_extents`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostExtent {
+    /// Guest offset of the first byte.
+    pub guest: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Offset in the image file of the first byte; `None` for compressed data (no byte-for-byte location).
+    pub host: Option<u64>,
+}
+
 /// A readable virtual disk.
 ///
 /// Implementations are `Sync`: the engine calls `read_at` from several worker threads at once, so readers use
@@ -82,6 +93,14 @@ pub trait DiskSource: Send + Sync {
     /// The backing (parent) image, when there is one and it was opened.
     fn backing(&self) -> Option<&dyn DiskSource> {
         None
+    }
+
+    /// Where this layer stores the guest range `[offset, offset+len)` in its own file, for `map --output json`'s
+    /// `offset` (as qemu-img map): one entry per stored piece, in guest order. `None` when the format does not
+    /// say (the default); ranges not stored in this layer are left out.
+    fn host_extents(&self, offset: u64, len: u64) -> Result<Option<Vec<HostExtent>>> {
+        let _ = (offset, len);
+        Ok(None)
     }
 
     /// Header facts for `info`.

@@ -62,7 +62,12 @@ impl FileStorage {
             .metadata()
             .map_err(|e| Error::io("cannot stat", path, e))?;
         if meta.is_dir() {
-            return Err(Error::input(format!("{} is a directory", path.display())));
+            // An I/O-kind error, so the CLI prints "cannot open adir: is a directory" once, not the path twice.
+            return Err(Error::io(
+                "cannot open",
+                path,
+                std::io::Error::from(std::io::ErrorKind::IsADirectory),
+            ));
         }
         let len = if meta.file_type().is_file() {
             meta.len()

@@ -98,6 +98,44 @@ pub trait FormatWriter: Send {
     fn finish(&mut self, sink: &mut dyn Sink) -> Result<u64>;
 }
 
+/// The kind of value an `-o` option takes, named as qemu-img's `-o help` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptionKind {
+    /// Free text or one of a set of words.
+    Str,
+    /// `on` or `off`.
+    Bool,
+    /// A byte count with an optional binary suffix (`64k`, `2M`).
+    Size,
+    /// A plain number.
+    Num,
+}
+
+impl OptionKind {
+    /// qemu-img's spelling (`<str>`, `<bool (on/off)>`, `<size>`, `<num>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            OptionKind::Str => "str",
+            OptionKind::Bool => "bool (on/off)",
+            OptionKind::Size => "size",
+            OptionKind::Num => "num",
+        }
+    }
+}
+
+/// One `-o` option a writer takes: the facts `-o help` prints. Each writer module lists its own.
+#[derive(Debug, Clone, Copy)]
+pub struct OptionSpec {
+    /// The key, as qemu-img spells it.
+    pub name: &'static str,
+    /// The kind of value.
+    pub kind: OptionKind,
+    /// The value used when the option is absent.
+    pub default: &'static str,
+    /// What the option does (one line).
+    pub help: &'static str,
+}
+
 /// `-o key=value,...` options, as qemu-img spells them. Each writer takes the keys it knows; any key left
 /// over is an error naming it.
 #[derive(Debug, Clone, Default)]
@@ -133,6 +171,16 @@ impl WriterOptions {
             self.values.insert(k, v);
         }
         Ok(())
+    }
+
+    /// The value given for `key`, without taking it.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+
+    /// The keys given, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.values.keys().map(String::as_str)
     }
 
     /// Sets a key (the CLI maps `-c` and `-B` onto options).

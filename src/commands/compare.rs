@@ -23,24 +23,32 @@ pub fn run(
         let sa = open_image(a, fa, trust)?;
         let sb = open_image(b, fb, trust)?;
         if strict && sa.virtual_size() != sb.virtual_size() {
-            println!("Strict mode: Image size mismatch!");
+            outln!("Strict mode: Image size mismatch!");
             return Ok(1);
+        }
+        if sa.virtual_size() != sb.virtual_size() {
+            // As qemu-img: the longer image's tail must read as zeros for the images to be identical.
+            outln!("Warning: Image size mismatch!");
         }
         let bar = Bar::new("compare", progress, !progress);
         let r = compare(sa.as_ref(), sb.as_ref(), &bar).context("cannot compare")?;
         bar.finish();
         match r {
             None => {
-                println!("Images are identical.");
+                outln!("Images are identical.");
                 Ok(0)
             }
             Some(off) => {
-                println!("Content mismatch at offset {off}!");
+                outln!("Content mismatch at offset {off}!");
                 Ok(1)
             }
         }
     };
     inner().or_else(|e| {
+        // A closed pipe ends quietly in `main`.
+        if crate::closed_pipe(&e) {
+            return Err(e);
+        }
         super::report(&e);
         Ok(2)
     })

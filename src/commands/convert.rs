@@ -1,35 +1,126 @@
 //! `imgshift convert`: any readable image to any writable format, to a local file (atomic, sparse) or stdout.
 
-use std::path::Path;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use imgshift_converters::{
-    ConvertOptions, DiskSource, Format, OutputSet, StreamSink, WriterOptions, convert,
-    create_writer,
+    ConvertOptions, DiskSource, FileSink, Format, OutputSet, StreamSink, WriterOptions, convert,
+    create_writer, writer_compresses, writer_options,
 };
 
-use super::{gate, naming, open_image, open_ova};
+use super::{gate, human_size, naming, open_image, open_ova};
+use crate::UsageError;
 use crate::cli::ConvertArgs;
 use crate::progress::Bar;
 
-/// Runs `convert`.
-pub fn run(args: &ConvertArgs, quiet: bool) -> Result<u8> {
-    let out_format = Format::from_name(&args.output_format)?;
+/// The output format named by `-O`; an unknown name is a usage error (exit 2).
+pub fn output_format(name: &str) -> Result<Format> {
+    match Format::from_name(name) {
+        Ok(Format::Ova) => Err(UsageError(
+            "-O ova: ova is an input format only; write vmdk and package it".into(),
+        )
+        .into()),
+        Ok(f) => Ok(f),
+        Err(e) => Err(UsageError(format!("-O {name}: {e}")).into()),
+    }
+}
+
+/// True when one of the `-o` strings asks for help (`-o help`, `-o ?`, as qemu-img).
+pub fn wants_help(options: &[String]) -> bool {
+    options
+        .iter()
+        .any(|o| o.split(',').any(|i| matches!(i.trim(), "help" | "?")))
+}
+
+/// The `-o help` text for `format`: each option with its kind, default and description.
+pub fn options_help(format: Format) -> String {
+    use std::fmt::Write as _;
+    let mut t = String::new();
+    let spec = writer_options(format).unwrap_or(&[]);
+    if spec.is_empty() {
+        let _ = writeln!(t, "The {} format takes no -o options.", format.name());
+    } else {
+        let _ = writeln!(t, "Supported {} options:", format.name());
+        for s in spec {
+            let _ = writeln!(
+                t,
+                "  {:<22} - {} (default: {})",
+                format!("{}=<{}>", s.name, s.kind.name()),
+                s.help,
+                s.default
+            );
+        }
+    }
+    if writer_compresses(format) {
+        let _ = writeln!(t, "\n-c compresses every data cluster.");
+    } else if format == Format::Vmdk {
+        let _ = writeln!(
+            t,
+            "\nCompressed VMDK output is -o subformat=streamOptimized (-c is not needed)."
+        );
+    }
+    t
+}
+
+/// The writer options from `-o` and `-c`, checked against `format` (an unknown key lists the valid ones).
+pub fn writer_opts(format: Format, options: &[String], compress: bool) -> Result<WriterOptions> {
     let mut opts = WriterOptions::default();
-    for o in &args.options {
+    for o in options {
         opts.parse_into(o)?;
     }
-    if args.compress {
-        opts.set("compress", "on");
+    if compress {
+        if writer_compresses(format) {
+            opts.set("compress", "on");
+        } else if format == Format::Vmdk {
+            // VMDK has no compression flag: its compressed layout is a subformat.
+            if opts.get("subformat") != Some("streamOptimized") {
+                return Err(UsageError(
+                    "-c with -O vmdk: compressed VMDK output is -o subformat=streamOptimized; use that instead of -c"
+                        .into(),
+                )
+                .into());
+            }
+        } else {
+            return Err(UsageError(format!(
+                "-c: {} output cannot be compressed (qcow2 can; VMDK with -o subformat=streamOptimized)",
+                format.name()
+            ))
+            .into());
+        }
     }
+    Ok(opts)
+}
+
+/// Runs `convert`.
+pub fn run(args: &ConvertArgs, quiet: bool) -> Result<u8> {
+    let out_format = output_format(&args.output_format)?;
+    if wants_help(&args.options) {
+        outln!("{}", options_help(out_format).trim_end());
+        return Ok(0);
+    }
+    let (Some(src_path), Some(dst_name)) = (args.src.as_deref(), args.dst.as_deref()) else {
+        return Err(UsageError("convert needs SRC and DST".into()).into());
+    };
+    if args.no_create && out_format != Format::Raw {
+        return Err(UsageError(format!(
+            "-n writes into an existing raw file or block device; an existing {} image is not rewritten in place (use -O raw, or drop -n)",
+            out_format.name()
+        ))
+        .into());
+    }
+    if args.no_create && dst_name == "-" {
+        return Err(UsageError("-n needs a destination file, not standard output".into()).into());
+    }
+    let mut opts = writer_opts(out_format, &args.options, args.compress)?;
     let mut writer = create_writer(out_format, &mut opts)?;
-    let src = open_source(args)?;
+    let src = open_source(args, src_path)?;
     // --generalize: the guest is generalised into a temporary overlay (a few MiB) over the untouched source, and
     // the overlay with its backing chain is what gets converted; the folder goes when `_scratch` drops.
     let (src, _scratch) = match &args.generalize {
         None => (src, None),
         Some(spec) => {
-            if open_ova(&args.src, args.format.as_deref())?.is_some() {
+            if open_ova(src_path, args.format.as_deref())?.is_some() {
                 bail!(
                     "--generalize cannot take a disk inside an OVA: convert the disk out of the OVA first"
                 );
@@ -38,8 +129,12 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<u8> {
                 .prefix("imgshift-generalize.")
                 .tempdir()
                 .context("cannot create a folder for the generalisation overlay")?;
+            let dir = scratch.path().to_path_buf();
+            crate::interrupt::on_signal(move || {
+                let _ = std::fs::remove_dir_all(&dir);
+            });
             let g = crate::generalize::prepare(
-                &args.src,
+                src_path,
                 src,
                 Some(spec),
                 None,
@@ -63,35 +158,81 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<u8> {
         copts.threads = t;
         copts.in_flight = t * 2;
     }
+    let started = std::time::Instant::now();
     let bar = Bar::new("convert", args.progress, quiet);
-    let stats = if args.dst == "-" {
+    let (stats, shown_dst) = if dst_name == "-" {
         // A File on fd 1 avoids Stdout's line buffering (binary data is full of newlines).
         use std::os::fd::AsFd;
         let fd = std::io::stdout()
             .as_fd()
             .try_clone_to_owned()
             .context("cannot use standard output")?;
-        let mut sink = StreamSink::new(std::io::BufWriter::with_capacity(
-            1 << 20,
-            std::fs::File::from(fd),
-        ));
-        convert(src.as_ref(), writer.as_mut(), &mut sink, &copts, &bar)
-            .with_context(|| format!("cannot convert {} to standard output", args.src.display()))?
+        let out = std::fs::File::from(fd);
+        let stats = if stdout_is_fresh_file(&out) {
+            // `convert ... - > FILE`: an empty regular file opened without O_APPEND takes positional writes,
+            // so zero ranges stay holes as they do in a named output.
+            let mut sink = FileSink::new(out, PathBuf::from("standard output"));
+            convert(src.as_ref(), writer.as_mut(), &mut sink, &copts, &bar)
+        } else {
+            let mut sink = StreamSink::new(std::io::BufWriter::with_capacity(1 << 20, out));
+            convert(src.as_ref(), writer.as_mut(), &mut sink, &copts, &bar)
+        };
+        let stats = stats.map_err(|e| {
+            if e.is_broken_pipe() {
+                // Said once, without the io error in the chain (main ends printing commands quietly on it).
+                anyhow!(
+                    "cannot convert {} to standard output: the reader went away before the end of the image (broken pipe)",
+                    src_path.display()
+                )
+            } else {
+                anyhow::Error::new(e).context(format!(
+                    "cannot convert {} to standard output",
+                    src_path.display()
+                ))
+            }
+        })?;
+        (stats, "standard output".to_string())
+    } else if args.no_create {
+        let dst = Path::new(dst_name);
+        if same_file(src_path, dst) || chain_member(src_path, src.as_ref(), dst).is_some() {
+            bail!("{} is also an input of the conversion", dst.display());
+        }
+        let stats = write_in_place(src.as_ref(), writer.as_mut(), dst, args, &copts, &bar)?;
+        (stats, dst.display().to_string())
     } else {
-        let dst = Path::new(&args.dst);
-        if same_file(&args.src, dst) {
+        let dst = Path::new(dst_name);
+        if same_file(src_path, dst) {
             bail!("{} is both the source and the destination", dst.display());
         }
+        if let Some(b) = chain_member(src_path, src.as_ref(), dst) {
+            bail!(
+                "{} is the backing file of {}: the output would overwrite what the conversion reads",
+                b.display(),
+                src_path.display()
+            );
+        }
         let (set, mut sink) = OutputSet::with_durability(dst, args.cache.durability())?;
+        crate::interrupt::remove_on_signal(&set);
         let stats =
             convert(src.as_ref(), writer.as_mut(), &mut sink, &copts, &bar).with_context(|| {
-                format!("cannot convert {} to {}", args.src.display(), dst.display())
+                format!("cannot convert {} to {}", src_path.display(), dst.display())
             })?;
         drop(sink);
         set.commit()?;
-        stats
+        (stats, dst.display().to_string())
     };
     bar.finish();
+    if !quiet && (args.progress || std::io::stderr().is_terminal()) {
+        eprintln!(
+            "imgshift: converted {} to {shown_dst} ({}): {} virtual, {} of data, output {} in {:.1} s",
+            src_path.display(),
+            out_format.name(),
+            human_size(stats.virtual_size),
+            human_size(stats.bytes_written),
+            human_size(stats.output_len),
+            started.elapsed().as_secs_f64()
+        );
+    }
     if args.stats {
         let mut v = serde_json::to_value(&stats)?;
         // What this process really read and its peak memory, from the kernel's own counters.
@@ -106,21 +247,119 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<u8> {
     Ok(0)
 }
 
+/// `convert -n`: the raw data written into the existing `dst` (a file or block device), zeros written over
+/// the source's zero ranges unless `--target-is-zero`; `dst` keeps its size.
+fn write_in_place(
+    src: &dyn DiskSource,
+    writer: &mut dyn imgshift_converters::FormatWriter,
+    dst: &Path,
+    args: &ConvertArgs,
+    copts: &ConvertOptions,
+    bar: &Bar,
+) -> Result<imgshift_converters::ConvertStats> {
+    use std::io::Seek as _;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dst)
+        .with_context(|| format!("-n: cannot open {} for writing", dst.display()))?;
+    // A block device's size comes from seeking to its end; a file's too.
+    let size = file
+        .seek(std::io::SeekFrom::End(0))
+        .with_context(|| format!("cannot size {}", dst.display()))?;
+    if size < src.virtual_size() {
+        bail!(
+            "-n: {} is {size} bytes, smaller than the source's {} bytes",
+            dst.display(),
+            src.virtual_size()
+        );
+    }
+    let mut sink = InPlace {
+        file,
+        path: dst.to_path_buf(),
+        pos: 0,
+        zero_gaps: !args.target_is_zero,
+    };
+    let stats = convert(src, writer, &mut sink, copts, bar)
+        .with_context(|| format!("cannot convert into {}", dst.display()))?;
+    if args.cache == crate::cli::CacheMode::Writeback {
+        sink.file
+            .sync_all()
+            .with_context(|| format!("cannot sync {}", dst.display()))?;
+    }
+    Ok(stats)
+}
+
+/// The sink of `convert -n`: positional writes into an existing file or device, in increasing order; the gaps
+/// between them (zero ranges of the source) are written as zeros unless the target is known to be zero.
+/// `finish` never changes the target's size.
+struct InPlace {
+    file: std::fs::File,
+    path: PathBuf,
+    pos: u64,
+    zero_gaps: bool,
+}
+
+impl InPlace {
+    fn zeros(&mut self, from: u64, to: u64) -> imgshift_converters::Result<()> {
+        use std::os::unix::fs::FileExt as _;
+        static ZERO: [u8; 1 << 16] = [0; 1 << 16];
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(ZERO.len() as u64) as usize;
+            self.file
+                .write_all_at(&ZERO[..n], at)
+                .map_err(|e| imgshift_converters::Error::io("cannot write", &self.path, e))?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl imgshift_converters::Sink for InPlace {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> imgshift_converters::Result<()> {
+        use std::os::unix::fs::FileExt as _;
+        if offset < self.pos {
+            return Err(imgshift_converters::Error::input(
+                "internal error: -n received an out-of-order write",
+            ));
+        }
+        if self.zero_gaps {
+            self.zeros(self.pos, offset)?;
+        }
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| imgshift_converters::Error::io("cannot write", &self.path, e))?;
+        self.pos = offset + data.len() as u64;
+        Ok(())
+    }
+    fn can_seek_back(&self) -> bool {
+        false
+    }
+    fn finish(&mut self, len: u64) -> imgshift_converters::Result<()> {
+        if self.zero_gaps && len > self.pos {
+            self.zeros(self.pos, len)?;
+            self.pos = len;
+        }
+        Ok(())
+    }
+}
+
 /// Opens the source: disk `--disk` (default the boot disk) of an OVA, read in place from the archive, or the
 /// image itself.
-fn open_source(args: &ConvertArgs) -> Result<Box<dyn DiskSource>> {
-    match open_ova(&args.src, args.format.as_deref())? {
+fn open_source(args: &ConvertArgs, src: &Path) -> Result<Box<dyn DiskSource>> {
+    match open_ova(src, args.format.as_deref())? {
         Some(pkg) => pkg
             .open_disk(args.disk.unwrap_or(0), &gate(&args.trust)?)
-            .map_err(|e| naming(e, &args.src)),
+            .map_err(|e| naming(e, src)),
         None => {
             if let Some(n) = args.disk {
                 bail!(
                     "--disk {n}: {} is not an OVA (--disk picks a disk of an OVA package)",
-                    args.src.display()
+                    src.display()
                 );
             }
-            open_image(&args.src, args.format.as_deref(), &args.trust)
+            open_image(src, args.format.as_deref(), &args.trust)
         }
     }
 }
@@ -130,6 +369,51 @@ fn same_file(a: &Path, b: &Path) -> bool {
         (Ok(x), Ok(y)) => x == y,
         _ => false,
     }
+}
+
+/// The backing file of `src` (at any depth) that `dst` names, if any. Backing names are resolved as the open
+/// gate resolves them: relative to the folder of the image that names them.
+fn chain_member(path: &Path, src: &dyn DiskSource, dst: &Path) -> Option<PathBuf> {
+    let mut cur_path = path.to_path_buf();
+    let mut cur: &dyn DiskSource = src;
+    while let Some(name) = cur.info().backing_filename {
+        let dir = cur_path.parent().unwrap_or(Path::new("."));
+        let p = dir.join(&name);
+        if same_file(&p, dst) {
+            return Some(p);
+        }
+        cur = cur.backing()?;
+        cur_path = p;
+    }
+    None
+}
+
+/// True when standard output is an empty regular file opened without O_APPEND at offset 0 (`> FILE`): it can
+/// take positional writes and holes.
+fn stdout_is_fresh_file(out: &std::fs::File) -> bool {
+    use std::io::Seek as _;
+    let Ok(meta) = out.metadata() else {
+        return false;
+    };
+    if !meta.is_file() || meta.len() != 0 {
+        return false;
+    }
+    let mut f = out;
+    if f.stream_position().ok() != Some(0) {
+        return false;
+    }
+    // O_APPEND (octal 02000) from the kernel's view of fd 1: positional writes would append.
+    let Some(flags) = std::fs::read_to_string("/proc/self/fdinfo/1")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 8).ok())
+        })
+    else {
+        return false;
+    };
+    flags & 0o2000 == 0
 }
 
 /// Reads a numeric field ("rchar:", "VmHWM:") from a /proc file.

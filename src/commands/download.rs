@@ -1,9 +1,7 @@
 //! `imgshift download aws`: an EBS snapshot back into a local image of any format (sparse, atomic).
 
 use anyhow::{Context, Result, bail};
-use imgshift_converters::{
-    ConvertOptions, Format, OutputSet, WriterOptions, convert, create_writer,
-};
+use imgshift_converters::{ConvertOptions, OutputSet, convert, create_writer};
 
 use super::upload::{aws_target, policy, runtime};
 use crate::cli::AwsDownloadArgs;
@@ -16,11 +14,12 @@ pub fn aws(args: &AwsDownloadArgs, quiet: bool) -> Result<u8> {
     if args.threads == 0 || args.threads > 256 {
         bail!("-m must be between 1 and 256");
     }
-    let fmt = Format::from_name(&args.output_format)?;
-    let mut opts = WriterOptions::default();
-    for o in &args.options {
-        opts.parse_into(o)?;
+    let fmt = super::convert::output_format(&args.output_format)?;
+    if super::convert::wants_help(&args.options) {
+        outln!("{}", super::convert::options_help(fmt).trim_end());
+        return Ok(0);
     }
+    let mut opts = super::convert::writer_opts(fmt, &args.options, false)?;
     let mut writer = create_writer(fmt, &mut opts)?;
     let rt = runtime()?;
     let sdk = rt.block_on(config::load(&aws_target(&args.conn)));
@@ -36,6 +35,7 @@ pub fn aws(args: &AwsDownloadArgs, quiet: bool) -> Result<u8> {
     )
     .with_context(|| format!("cannot list snapshot {}", args.snapshot_id))?;
     let (set, mut sink) = OutputSet::with_durability(&args.dst, args.cache.durability())?;
+    crate::interrupt::remove_on_signal(&set);
     let bar = Bar::new("download", args.progress, quiet);
     let copts = ConvertOptions {
         threads: args.threads,

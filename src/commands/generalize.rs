@@ -21,7 +21,7 @@ pub fn target(t: Option<GeneralizeTarget>) -> Option<Target> {
 /// Runs the command.
 pub fn run(args: &GeneralizeArgs) -> Result<u8> {
     if args.list_operations {
-        list(args.output);
+        list(args.output)?;
         return Ok(0);
     }
     let image = args
@@ -48,6 +48,13 @@ pub fn run(args: &GeneralizeArgs) -> Result<u8> {
             overlay.display()
         );
     }
+    if !args.dry_run {
+        // The overlay did not exist before (checked above): an interrupted run removes what it wrote.
+        let partial = overlay.clone();
+        crate::interrupt::on_signal(move || {
+            let _ = std::fs::remove_file(&partial);
+        });
+    }
     let outcome = generalize::run(&Request {
         source: image,
         format,
@@ -58,16 +65,16 @@ pub fn run(args: &GeneralizeArgs) -> Result<u8> {
         dry_run: args.dry_run,
     })?;
     match args.output {
-        OutputFormat::Json => println!(
+        OutputFormat::Json => outln!(
             "{}",
             serde_json::to_string_pretty(&outcome).context("cannot print the report")?
         ),
-        OutputFormat::Human => print_human(&outcome),
+        OutputFormat::Human => print_human(&outcome)?,
     }
     Ok(0)
 }
 
-fn list(output: OutputFormat) {
+fn list(output: OutputFormat) -> Result<()> {
     match output {
         OutputFormat::Json => {
             let v: Vec<serde_json::Value> = OPERATIONS
@@ -81,7 +88,7 @@ fn list(output: OutputFormat) {
                     })
                 })
                 .collect();
-            println!("{}", serde_json::Value::Array(v));
+            outln!("{}", serde_json::Value::Array(v));
         }
         OutputFormat::Human => {
             for o in OPERATIONS {
@@ -90,14 +97,15 @@ fn list(output: OutputFormat) {
                     (true, None) => "on".to_string(),
                     (true, Some(t)) => format!("on for {}", format!("{t:?}").to_lowercase()),
                 };
-                println!("{:<16} {:<12} {}", o.name, when, o.description);
+                outln!("{:<16} {:<12} {}", o.name, when, o.description);
             }
         }
     }
+    Ok(())
 }
 
-fn print_human(o: &Outcome) {
-    println!(
+fn print_human(o: &Outcome) -> Result<()> {
+    outln!(
         "{} ({}, root {}){}",
         o.source,
         o.distro.as_deref().unwrap_or("unknown distribution"),
@@ -110,17 +118,17 @@ fn print_human(o: &Outcome) {
     );
     for op in &o.operations {
         if o.dry_run {
-            println!(
+            outln!(
                 "  {:<16} would {} {} path(s)",
                 op.name,
                 op.action,
                 op.before.len()
             );
             for p in op.before.keys() {
-                println!("      {p}");
+                outln!("      {p}");
             }
         } else {
-            println!(
+            outln!(
                 "  {:<16} {} of {} path(s) done{}",
                 op.name,
                 op.done.len(),
@@ -140,7 +148,7 @@ fn print_human(o: &Outcome) {
         .map(|(p, _)| p.as_str())
         .collect();
     if !o.dry_run {
-        println!(
+        outln!(
             "  kept intact: {} of {} checked file(s){}",
             o.kept.len() - changed.len(),
             o.kept.len(),
@@ -152,7 +160,7 @@ fn print_human(o: &Outcome) {
         );
     }
     if let Some(ov) = &o.overlay {
-        println!(
+        outln!(
             "overlay {} ({} KiB on disk) over {} ({}); virt-sysprep {:.1} s, total {:.1} s",
             ov.path,
             ov.allocated_bytes / 1024,
@@ -162,4 +170,5 @@ fn print_human(o: &Outcome) {
             o.total_seconds
         );
     }
+    Ok(())
 }

@@ -13,9 +13,26 @@ use crate::cli::{OutputFormat, TrustArgs};
 pub fn run(
     image: &Path,
     format: Option<&str>,
+    backing_chain: bool,
     output: OutputFormat,
     trust: &TrustArgs,
 ) -> Result<u8> {
+    if backing_chain && open_ova(image, format)?.is_none() {
+        let src = open_image(image, format, trust)?;
+        let chain = describe_chain(image, src.as_ref())?;
+        match output {
+            OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&Value::Array(chain))?),
+            OutputFormat::Human => {
+                for (i, v) in chain.iter().enumerate() {
+                    if i > 0 {
+                        outln!("");
+                    }
+                    print_human(v)?;
+                }
+            }
+        }
+        return Ok(0);
+    }
     let v = match open_ova(image, format)? {
         // An OVA: the boot disk's fields, plus every disk the descriptor lists.
         Some(pkg) => {
@@ -40,15 +57,84 @@ pub fn run(
             v
         }
         None => {
-            let src = open_image(image, format, trust)?;
+            let src = match open_image(image, format, trust) {
+                Ok(s) => s,
+                Err(e) => {
+                    // A corrupt image's header can still be shown, as qemu-img info does; the error (exit 1)
+                    // follows on standard error.
+                    if let Some(v) = header_only(image, format, &e) {
+                        match output {
+                            OutputFormat::Json => {
+                                outln!("{}", serde_json::to_string_pretty(&v)?)
+                            }
+                            OutputFormat::Human => print_human(&v)?,
+                        }
+                    }
+                    return Err(e);
+                }
+            };
             describe(image, src.as_ref())?
         }
     };
     match output {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
-        OutputFormat::Human => print_human(&v),
+        OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&v)?),
+        OutputFormat::Human => print_human(&v)?,
     }
     Ok(0)
+}
+
+/// What the header of a qcow2 image says when the reader refused the image's tables (a `Corrupt` error):
+/// virtual size, cluster size, backing file. `None` for any other error or format.
+fn header_only(image: &Path, format: Option<&str>, e: &anyhow::Error) -> Option<Value> {
+    use imgshift_converters::{ErrorKind, FileStorage, Format};
+    let corrupt = e.chain().any(|c| {
+        c.downcast_ref::<imgshift_converters::Error>()
+            .is_some_and(|le| le.kind() == ErrorKind::Corrupt)
+    });
+    if !corrupt {
+        return None;
+    }
+    let storage = FileStorage::open(image).ok()?;
+    let fmt = match format {
+        Some(f) => Format::from_name(f).ok()?,
+        None => imgshift_converters::formats::probe::probe(&storage).ok()?,
+    };
+    if fmt != Format::Qcow2 {
+        return None;
+    }
+    let h = imgshift_converters::formats::qcow2::read_header_fields(&storage).ok()?;
+    let mut m = Map::new();
+    m.insert("virtual-size".into(), json!(h.size));
+    m.insert("filename".into(), json!(image.display().to_string()));
+    m.insert("format".into(), json!("qcow2"));
+    if let Ok(meta) = std::fs::metadata(image) {
+        use std::os::unix::fs::MetadataExt;
+        m.insert("actual-size".into(), json!(meta.blocks() * 512));
+    }
+    m.insert("cluster-size".into(), json!(h.cluster_size()));
+    m.insert("dirty-flag".into(), json!(h.dirty()));
+    if let Some(b) = &h.backing_file {
+        m.insert("backing-filename".into(), json!(b));
+    }
+    if let Some(b) = &h.backing_format {
+        m.insert("backing-filename-format".into(), json!(b));
+    }
+    m.insert("corrupt".into(), json!(true));
+    Some(Value::Object(m))
+}
+
+/// One object per layer of the backing chain, the image first (qemu-img info --backing-chain). A backing
+/// file's path is its name joined to the folder of the image naming it, as the open gate resolved it.
+fn describe_chain(image: &Path, src: &dyn DiskSource) -> Result<Vec<Value>> {
+    let mut out = vec![describe(image, src)?];
+    let mut path = image.to_path_buf();
+    let mut cur = src;
+    while let (Some(name), Some(b)) = (cur.info().backing_filename, cur.backing()) {
+        path = path.parent().unwrap_or(Path::new(".")).join(name);
+        out.push(describe(&path, b)?);
+        cur = b;
+    }
+    Ok(out)
 }
 
 /// The JSON object `info --output json` prints (qemu-img's field names plus allocation counts).
@@ -89,53 +175,56 @@ pub fn describe(image: &Path, src: &dyn DiskSource) -> Result<Value> {
     Ok(Value::Object(m))
 }
 
-fn print_human(v: &Value) {
+fn print_human(v: &Value) -> Result<()> {
     let get = |k: &str| v.get(k);
     if let Some(f) = get("filename").and_then(Value::as_str) {
-        println!("image: {f}");
+        outln!("image: {f}");
     }
     if let Some(f) = get("format").and_then(Value::as_str) {
-        println!("file format: {f}");
+        outln!("file format: {f}");
     }
     if let Some(s) = get("virtual-size").and_then(Value::as_u64) {
-        println!("virtual size: {} ({s} bytes)", human_size(s));
+        outln!("virtual size: {} ({s} bytes)", human_size(s));
     }
     if let Some(s) = get("actual-size").and_then(Value::as_u64) {
-        println!("disk size: {}", human_size(s));
+        outln!("disk size: {}", human_size(s));
     }
     if let Some(c) = get("cluster-size").and_then(Value::as_u64) {
-        println!("cluster_size: {c}");
+        outln!("cluster_size: {c}");
     }
     if let Some(b) = get("backing-filename").and_then(Value::as_str) {
-        println!("backing file: {b}");
+        outln!("backing file: {b}");
     }
     if let Some(b) = get("backing-filename-format").and_then(Value::as_str) {
-        println!("backing file format: {b}");
+        outln!("backing file format: {b}");
+    }
+    if get("corrupt").and_then(Value::as_bool) == Some(true) {
+        outln!("corrupt: yes (header only; `imgshift check` lists the problems)");
     }
     if get("dirty-flag").and_then(Value::as_bool) == Some(true) {
-        println!("dirty flag: yes");
+        outln!("dirty flag: yes");
     }
     if let Some(Value::Object(data)) = get("format-specific").and_then(|f| f.get("data")) {
-        println!("Format specific information:");
+        outln!("Format specific information:");
         for (k, val) in data {
             let s = match val {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
-            println!("    {k}: {s}");
+            outln!("    {k}: {s}");
         }
     }
     if let Some(a) = get("allocated-bytes").and_then(Value::as_u64) {
-        println!("allocated in this image: {} ({a} bytes)", human_size(a));
+        outln!("allocated in this image: {} ({a} bytes)", human_size(a));
     }
     if let Some(d) = get("data-bytes").and_then(Value::as_u64) {
-        println!("data (with backing chain): {} ({d} bytes)", human_size(d));
+        outln!("data (with backing chain): {} ({d} bytes)", human_size(d));
     }
     if let Some(Value::Array(disks)) = get("disks") {
-        println!("OVA disks (0 is the boot disk; convert --disk N picks one):");
+        outln!("OVA disks (0 is the boot disk; convert --disk N picks one):");
         for d in disks {
             let cap = d["capacity"].as_u64().unwrap_or(0);
-            println!(
+            outln!(
                 "    {}: id {}, file {}, capacity {} ({cap} bytes), format {}",
                 d["index"],
                 d["id"].as_str().unwrap_or("?"),
@@ -145,4 +234,5 @@ fn print_human(v: &Value) {
             );
         }
     }
+    Ok(())
 }

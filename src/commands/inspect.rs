@@ -21,8 +21,52 @@ struct Output<'a> {
     format: &'a str,
     #[serde(flatten)]
     report: &'a Report,
+    /// Set when no operating system was found: what was found instead, and why any root was not read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    no_operating_system: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     preflight: Option<Verdict>,
+}
+
+/// Filesystem types recognised from their superblocks but not read (so a root on them cannot be inspected).
+const NOT_READ: [&str; 4] = ["xfs", "btrfs", "LVM2_member", "crypto_LUKS"];
+
+/// When the report holds no operating system: one line saying so, with what was found (partitions,
+/// filesystems) and why a possible root was not inspectable.
+fn no_os_explanation(r: &Report) -> Option<String> {
+    if !r.operatingsystems.is_empty() || !r.windows.is_empty() {
+        return None;
+    }
+    let mut t = format!(
+        "no operating system found; partition table {} with {} partition(s)",
+        r.partition_table.scheme,
+        r.partition_table.partitions.len()
+    );
+    if r.filesystems.is_empty() {
+        t.push_str(", no filesystem");
+    } else {
+        let fs: Vec<String> = r
+            .filesystems
+            .iter()
+            .map(|(dev, f)| format!("{dev} {}", f.fs_type))
+            .collect();
+        t.push_str(&format!(", filesystems: {}", fs.join(", ")));
+    }
+    let unread: Vec<String> = r
+        .filesystems
+        .iter()
+        .filter(|(_, f)| NOT_READ.contains(&f.fs_type.as_str()))
+        .map(|(dev, f)| format!("{dev} ({})", f.fs_type))
+        .collect();
+    if !unread.is_empty() {
+        t.push_str(&format!(
+            "; a root on {} is not inspectable: imgshift recognises XFS, btrfs, LVM and LUKS but does not read them",
+            unread.join(", ")
+        ));
+    } else if r.filesystems.values().any(|f| f.fs_type.starts_with("ext")) {
+        t.push_str("; no ext2/3/4 filesystem holds /etc/os-release");
+    }
+    Some(t)
 }
 
 /// Runs `inspect`.
@@ -47,12 +91,20 @@ pub fn run(
     let counter = Arc::new(AtomicU64::new(0));
     let disk = Window::whole(Arc::clone(&src), Arc::clone(&counter));
     let report = report::inspect(&disk);
-    let preflight = rules.map(|(t, r)| preflight::evaluate(t, r, &report.facts(boot_mode)));
+    let no_os = no_os_explanation(&report);
+    let mut preflight = rules.map(|(t, r)| preflight::evaluate(t, r, &report.facts(boot_mode)));
+    if no_os.is_some()
+        && let Some(v) = preflight.as_mut()
+    {
+        // Without a guest there are no drivers to choose a disk bus from: claim none.
+        v.settings.remove("bus");
+    }
     let code = u8::from(preflight.as_ref().is_some_and(|v| v.verdict == Level::Fail));
     let out = Output {
         filename: image.display().to_string(),
         format: src.format().name(),
         report: &report,
+        no_operating_system: no_os,
         preflight,
     };
     let text = match output {
@@ -182,6 +234,9 @@ fn human(o: &Output<'_>) -> String {
             m.dhcp_leases.len(),
             if m.cloud_init_instance { "yes" } else { "no" },
         );
+    }
+    if let Some(n) = &o.no_operating_system {
+        let _ = writeln!(t, "os: {n}");
     }
     for p in &r.problems {
         let _ = writeln!(t, "problem: {p}");

@@ -18,6 +18,10 @@ struct Entry {
     present: bool,
     zero: bool,
     data: bool,
+    /// Stored compressed (no byte-for-byte host offset).
+    compressed: bool,
+    /// Offset of the first byte in the file of the layer at `depth` (qemu-img map's `offset`), when known.
+    offset: Option<u64>,
 }
 
 /// Runs `map`.
@@ -31,28 +35,35 @@ pub fn run(
     let mut entries = Vec::new();
     walk(src.as_ref(), 0, src.virtual_size(), 0, &mut entries)
         .with_context(|| format!("cannot map {}", image.display()))?;
+    let entries = with_host_offsets(src.as_ref(), entries)
+        .with_context(|| format!("cannot map {}", image.display()))?;
     match output {
         OutputFormat::Json => {
             let rows: Vec<_> = entries
                 .iter()
                 .map(|e| {
-                    json!({"start": e.start, "length": e.length, "depth": e.depth,
-                           "present": e.present, "zero": e.zero, "data": e.data})
+                    let mut r = json!({"start": e.start, "length": e.length, "depth": e.depth,
+                           "present": e.present, "zero": e.zero, "data": e.data,
+                           "compressed": e.compressed});
+                    if let Some(o) = e.offset {
+                        r["offset"] = o.into();
+                    }
+                    r
                 })
                 .collect();
             // qemu-img prints one object per line inside the array.
-            println!("[");
+            outln!("[");
             for (i, r) in rows.iter().enumerate() {
                 let comma = if i + 1 < rows.len() { "," } else { "" };
-                println!("{r}{comma}");
+                outln!("{r}{comma}");
             }
-            println!("]");
+            outln!("]");
         }
         OutputFormat::Human => {
-            println!("{:<20}{:<20}{:<8}Contents", "Offset", "Length", "Depth");
+            outln!("{:<20}{:<20}{:<8}Contents", "Offset", "Length", "Depth");
             for e in entries.iter().filter(|e| e.present) {
                 let what = if e.data { "data" } else { "zero" };
-                println!("{:<#20x}{:<#20x}{:<8}{what}", e.start, e.length, e.depth);
+                outln!("{:<#20x}{:<#20x}{:<8}{what}", e.start, e.length, e.depth);
             }
         }
     }
@@ -91,6 +102,8 @@ fn walk(
                     present: true,
                     zero: false,
                     data: true,
+                    compressed: false,
+                    offset: None,
                 },
             ),
             ExtentKind::Zero => push(
@@ -102,6 +115,8 @@ fn walk(
                     present: true,
                     zero: true,
                     data: false,
+                    compressed: false,
+                    offset: None,
                 },
             ),
             ExtentKind::Unallocated => match src.backing() {
@@ -118,6 +133,8 @@ fn walk(
                                 present: false,
                                 zero: true,
                                 data: false,
+                                compressed: false,
+                                offset: None,
                             },
                         );
                     }
@@ -131,10 +148,68 @@ fn walk(
                         present: false,
                         zero: true,
                         data: false,
+                        compressed: false,
+                        offset: None,
                     },
                 ),
             },
         }
     }
     Ok(())
+}
+
+/// The layer at `depth` of `src`'s backing chain.
+fn layer(src: &dyn DiskSource, depth: u32) -> Option<&dyn DiskSource> {
+    let mut cur = src;
+    for _ in 0..depth {
+        cur = cur.backing()?;
+    }
+    Some(cur)
+}
+
+/// Splits each present entry where its layer stores it, adding the host `offset` (and `compressed`) as
+/// qemu-img map does. Layers whose format does not report host offsets keep their entries as they are.
+fn with_host_offsets(src: &dyn DiskSource, entries: Vec<Entry>) -> Result<Vec<Entry>> {
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let hosts = match layer(src, e.depth) {
+            Some(l) if e.present => l.host_extents(e.start, e.length)?,
+            _ => None,
+        };
+        let Some(hosts) = hosts else {
+            out.push(e);
+            continue;
+        };
+        let end = e.start + e.length;
+        let mut at = e.start;
+        for h in hosts {
+            let (s, t) = (h.guest.max(at), h.guest.saturating_add(h.len).min(end));
+            if t <= s {
+                continue;
+            }
+            if s > at {
+                out.push(Entry {
+                    start: at,
+                    length: s - at,
+                    ..e.clone()
+                });
+            }
+            out.push(Entry {
+                start: s,
+                length: t - s,
+                compressed: h.host.is_none(),
+                offset: h.host.map(|o| o.saturating_add(s - h.guest)),
+                ..e.clone()
+            });
+            at = t;
+        }
+        if at < end {
+            out.push(Entry {
+                start: at,
+                length: end - at,
+                ..e
+            });
+        }
+    }
+    Ok(out)
 }

@@ -9,6 +9,7 @@ mod info;
 mod inspect;
 mod jobs;
 mod map;
+mod measure;
 mod migrate;
 mod targets;
 mod upload;
@@ -41,9 +42,10 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Info {
             image,
             format,
+            backing_chain,
             output,
             trust,
-        } => info::run(&image, format.as_deref(), output, &trust),
+        } => info::run(&image, format.as_deref(), backing_chain, output, &trust),
         Command::Map {
             image,
             format,
@@ -53,9 +55,15 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Check {
             image,
             format,
+            repair,
+            in_place,
+            into,
             output,
             trust,
-        } => check::run(&image, format.as_deref(), output, &trust),
+        } => match repair {
+            Some(_) => check::repair(&image, format.as_deref(), in_place, into.as_deref(), output),
+            None => check::run(&image, format.as_deref(), output, &trust),
+        },
         Command::Compare {
             a,
             b,
@@ -90,6 +98,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             stats,
             &trust,
         ),
+        Command::Measure(args) => measure::run(&args),
         Command::Convert(args) => convert::run(&args, quiet),
         Command::Generalize(args) => generalize::run(&args),
         Command::Upload {

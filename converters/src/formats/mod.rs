@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::gate::OpenGate;
 use crate::source::DiskSource;
 use crate::storage::{FileStorage, Storage};
-use crate::writer::{FormatWriter, WriterOptions};
+use crate::writer::{FormatWriter, OptionSpec, WriterOptions};
 
 pub mod ova;
 pub mod probe;
@@ -121,8 +121,46 @@ pub fn open(
     }
 }
 
-/// A writer for `format`, configured from `opts` (every option must be used).
+/// The `-o` options the writer of `format` takes (empty for raw; `None` for an input-only format).
+pub fn writer_options(format: Format) -> Option<&'static [OptionSpec]> {
+    Some(match format {
+        Format::Raw => raw::OPTIONS,
+        Format::Qcow2 => qcow2::WRITER_OPTIONS,
+        Format::Vpc => vhd::WRITER_OPTIONS,
+        Format::Vhdx => vhdx::WRITER_OPTIONS,
+        Format::Vmdk => vmdk::WRITER_OPTIONS,
+        Format::Vdi => vdi::OPTIONS,
+        Format::Ova => return None,
+    })
+}
+
+/// Whether the writer of `format` takes `compress=on` (qemu-img's `-c`): qcow2 only. (VMDK output is
+/// compressed by its subformat, `subformat=streamOptimized`.)
+pub fn writer_compresses(format: Format) -> bool {
+    format == Format::Qcow2
+}
+
+/// A writer for `format`, configured from `opts` (every option must be used). An unknown key is refused with
+/// the list of the keys the format takes.
 pub fn create_writer(format: Format, opts: &mut WriterOptions) -> Result<Box<dyn FormatWriter>> {
+    if let Some(spec) = writer_options(format)
+        && let Some(bad) = opts.keys().find(|k| {
+            let known = spec.iter().any(|s| s.name == *k);
+            let compress = *k == "compress" && writer_compresses(format);
+            !(known || compress)
+        })
+    {
+        let valid: Vec<&str> = spec.iter().map(|s| s.name).collect();
+        return Err(Error::input(format!(
+            "invalid option '{bad}' for format {}; valid options: {}",
+            format.name(),
+            if valid.is_empty() {
+                "none".to_string()
+            } else {
+                valid.join(", ")
+            }
+        )));
+    }
     let w: Box<dyn FormatWriter> = match format {
         Format::Raw => Box::new(raw::RawWriter::new(opts)?),
         Format::Vpc => Box::new(vhd::VhdWriter::new(opts)?),

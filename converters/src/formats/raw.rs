@@ -7,9 +7,9 @@ use crate::error::Result;
 use crate::extent::{ExtentKind, ExtentMap};
 use crate::formats::Format;
 use crate::sink::Sink;
-use crate::source::{DiskSource, ImageInfo, check_range};
+use crate::source::{DiskSource, HostExtent, ImageInfo, check_range};
 use crate::storage::Storage;
-use crate::writer::{FormatWriter, Plan, Run, WriterOptions};
+use crate::writer::{FormatWriter, OptionSpec, Plan, Run, WriterOptions};
 
 /// Reads a raw image.
 pub struct RawReader {
@@ -56,6 +56,16 @@ impl DiskSource for RawReader {
         Ok(map)
     }
 
+    fn host_extents(&self, offset: u64, len: u64) -> Result<Option<Vec<HostExtent>>> {
+        // A raw image stores guest byte N at file offset N.
+        check_range(self.virtual_size(), offset, len)?;
+        Ok(Some(vec![HostExtent {
+            guest: offset,
+            len,
+            host: Some(offset),
+        }]))
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.virtual_size(), offset, buf.len() as u64)?;
         self.storage.read_exact_at(buf, offset)
@@ -73,6 +83,9 @@ impl DiskSource for RawReader {
 pub struct RawWriter {
     virtual_size: u64,
 }
+
+/// The raw writer takes no `-o` options.
+pub const OPTIONS: &[OptionSpec] = &[];
 
 impl RawWriter {
     /// raw takes no `-o` options.

@@ -22,7 +22,7 @@ use crate::formats::Format;
 use crate::sink::Sink;
 use crate::source::{CheckReport, DiskSource, ImageInfo, check_range};
 use crate::storage::Storage;
-use crate::writer::{FormatWriter, Plan, Run, WriterOptions};
+use crate::writer::{FormatWriter, OptionKind, OptionSpec, Plan, Run, WriterOptions};
 
 const FMT: &str = "vdi";
 
@@ -451,6 +451,14 @@ pub struct VdiWriter {
     planned: bool,
     header_done: bool,
 }
+
+/// The vdi `-o` options this writer takes (qemu-img's names; `-o help` prints them).
+pub const OPTIONS: &[OptionSpec] = &[OptionSpec {
+    name: "static",
+    kind: OptionKind::Bool,
+    default: "off",
+    help: "VDI static (pre-allocated) image",
+}];
 
 impl VdiWriter {
     /// Takes `static=on|off` (default off).

@@ -79,8 +79,25 @@ fn read(storage: &dyn Storage, off: u64, len: u64, what: &str) -> Result<Vec<u8>
     Ok(v)
 }
 
+/// A refcount entry `check -r leaks` rewrites: cluster `cluster`'s stored refcount becomes `value` (the number
+/// of references the metadata holds; 0 for clusters past the end of the file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fix {
+    /// Host cluster index.
+    pub cluster: u64,
+    /// Its correct refcount.
+    pub value: u64,
+}
+
 /// Runs the check.
 pub fn check(storage: &dyn Storage, h: &Header) -> Result<CheckReport> {
+    check_with_fixes(storage, h).map(|(r, _)| r)
+}
+
+/// Runs the check; also returns the refcount entries that would repair the leaks found (leaks in refcount blocks
+/// that lie wholly past the end of the file are reported, not fixed).
+pub fn check_with_fixes(storage: &dyn Storage, h: &Header) -> Result<(CheckReport, Vec<Fix>)> {
+    let mut fixes = Vec::new();
     let file_len = storage.len();
     let cs = h.cluster_size();
     let nb_clusters = file_len.div_ceil(cs);
@@ -97,7 +114,7 @@ pub fn check(storage: &dyn Storage, h: &Header) -> Result<CheckReport> {
         total_clusters: h.size.div_ceil(cs),
         ..CheckReport::default()
     };
-    let stored = stored_refcounts(storage, h, nb_clusters, &mut report)?;
+    let stored = stored_refcounts(storage, h, nb_clusters, &mut report, &mut fixes)?;
     let stored_of = |off: u64| stored.get((off / cs) as usize).copied().unwrap_or(0);
 
     let mut ctr = Counter {
@@ -225,10 +242,17 @@ pub fn check(storage: &dyn Storage, h: &Header) -> Result<CheckReport> {
             report.leak(format_args!(
                 "cluster {i} (offset {off:#x}) refcount={s} reference={c}"
             ));
+            // A stored value saturated to u16::MAX is not known exactly: never rewritten.
+            if s < u16::MAX {
+                fixes.push(Fix {
+                    cluster: i as u64,
+                    value: u64::from(c),
+                });
+            }
         }
     }
     report.allocated_clusters = allocated;
-    Ok(report)
+    Ok((report, fixes))
 }
 
 /// Stored refcounts of the clusters inside the file (saturated to u16); non-zero refcounts of clusters past
@@ -238,6 +262,7 @@ fn stored_refcounts(
     h: &Header,
     nb_clusters: u64,
     report: &mut CheckReport,
+    fixes: &mut Vec<Fix>,
 ) -> Result<Vec<u16>> {
     let cs = h.cluster_size();
     let bits = 1u64 << h.refcount_order;
@@ -288,9 +313,15 @@ fn stored_refcounts(
             let idx = base + k;
             match stored.get_mut(idx as usize) {
                 Some(s) => *s = u16::try_from(v).unwrap_or(u16::MAX),
-                None => report.leak(format_args!(
-                    "cluster {idx} past the end of the file has refcount {v}"
-                )),
+                None => {
+                    report.leak(format_args!(
+                        "cluster {idx} past the end of the file has refcount {v}"
+                    ));
+                    fixes.push(Fix {
+                        cluster: idx,
+                        value: 0,
+                    });
+                }
             }
         }
     }
@@ -319,7 +350,7 @@ fn count_nonzero_refcounts(block: &[u8], bits: u64) -> u64 {
 
 /// Entry `k` of a refcount block of `bits`-wide entries ("Refcount block entry"; sub-byte widths start at the
 /// least significant bit).
-fn refcount_entry(block: &[u8], k: u64, bits: u64) -> u64 {
+pub fn refcount_entry(block: &[u8], k: u64, bits: u64) -> u64 {
     if bits < 8 {
         let bit = k * bits;
         let byte = block.get((bit / 8) as usize).copied().unwrap_or(0);
@@ -331,6 +362,32 @@ fn refcount_entry(block: &[u8], k: u64, bits: u64) -> u64 {
             b.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x))
         })
     }
+}
+
+/// Sets entry `k` of a refcount block of `bits`-wide entries to `v` (the inverse of [`refcount_entry`]).
+pub fn set_refcount_entry(block: &mut [u8], k: u64, bits: u64, v: u64) -> Result<()> {
+    let outside = || Error::input(format!("refcount entry {k} is outside its block"));
+    if bits < 8 {
+        let bit = k.checked_mul(bits).ok_or_else(outside)?;
+        let mask = (1u64 << bits) - 1;
+        let byte = block.get_mut((bit / 8) as usize).ok_or_else(outside)?;
+        let shift = bit % 8;
+        let cleared = u64::from(*byte) & !(mask << shift);
+        *byte = u8::try_from(cleared | ((v & mask) << shift)).map_err(|_| outside())?;
+    } else {
+        let w = (bits / 8) as usize;
+        let start = usize::try_from(k)
+            .map_err(|_| outside())?
+            .checked_mul(w)
+            .ok_or_else(outside)?;
+        let end = start.checked_add(w).ok_or_else(outside)?;
+        let dst = block.get_mut(start..end).ok_or_else(outside)?;
+        let be = v.to_be_bytes();
+        // The low `w` bytes of v, big-endian (w is 1, 2, 4 or 8).
+        let src = be.get(8 - w..).ok_or_else(outside)?;
+        dst.copy_from_slice(src);
+    }
+    Ok(())
 }
 
 /// Counts an L1 table's clusters and the L2 tables it points at; returns its entries.

@@ -13,6 +13,7 @@
 mod check;
 pub mod header;
 mod mapping;
+mod repair;
 mod writer;
 
 use std::sync::{Arc, Mutex};
@@ -21,10 +22,13 @@ use crate::error::{Error, Result};
 use crate::extent::{ExtentKind, ExtentMap};
 use crate::formats::Format;
 use crate::gate::OpenGate;
-use crate::source::{CheckReport, DiskSource, ImageInfo, check_range, read_from_backing};
+use crate::source::{
+    CheckReport, DiskSource, HostExtent, ImageInfo, check_range, read_from_backing,
+};
 use crate::storage::Storage;
 
-pub use writer::{Qcow2Compressor, Qcow2Writer};
+pub use repair::{RepairOutcome, read_header_fields, repair_leaks};
+pub use writer::{OPTIONS as WRITER_OPTIONS, Qcow2Compressor, Qcow2Writer};
 
 use header::Header;
 use mapping::{L2Cache, Piece};
@@ -217,6 +221,33 @@ impl DiskSource for Qcow2Reader {
 
     fn backing(&self) -> Option<&dyn DiskSource> {
         self.backing.as_deref()
+    }
+
+    fn host_extents(&self, offset: u64, len: u64) -> Result<Option<Vec<HostExtent>>> {
+        check_range(self.virtual_size(), offset, len)?;
+        let mut out: Vec<HostExtent> = Vec::new();
+        self.walk(offset, len, &mut |p: Piece| {
+            let (guest, len, host) = match p {
+                Piece::Unallocated { .. } | Piece::Zero { .. } => return Ok(()),
+                Piece::Data { guest, len, host } => (guest, len, Some(host)),
+                Piece::Compressed { guest, len, .. } => (guest, len, None),
+            };
+            // Adjacent pieces contiguous in the file become one, as qemu-img map merges them.
+            if let Some(last) = out.last_mut()
+                && last.guest + last.len == guest
+                && match (last.host, host) {
+                    (Some(a), Some(b)) => a.checked_add(last.len) == Some(b),
+                    (None, None) => true,
+                    _ => false,
+                }
+            {
+                last.len += len;
+            } else {
+                out.push(HostExtent { guest, len, host });
+            }
+            Ok(())
+        })?;
+        Ok(Some(out))
     }
 
     fn info(&self) -> ImageInfo {

@@ -28,7 +28,9 @@ use crate::error::{Error, Result};
 use crate::formats::Format;
 use crate::formats::probe::QCOW2_MAGIC;
 use crate::sink::Sink;
-use crate::writer::{ChunkCompressor, FormatWriter, Plan, Run, WriterOptions};
+use crate::writer::{
+    ChunkCompressor, FormatWriter, OptionKind, OptionSpec, Plan, Run, WriterOptions,
+};
 
 /// qemu-img's default cluster size.
 const DEFAULT_CLUSTER_SIZE: u64 = 64 << 10;
@@ -83,6 +85,65 @@ struct StreamState {
     data_base: u64,
     total_len: u64,
 }
+
+/// The qcow2 `-o` options this writer takes (qemu-img's names; `-o help` prints them). `compress` is not listed:
+/// it is the CLI's `-c`.
+pub const OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        name: "backing_file",
+        kind: OptionKind::Str,
+        default: "none",
+        help: "File name of a base image (recorded, with backing_fmt; the data is not copied)",
+    },
+    OptionSpec {
+        name: "backing_fmt",
+        kind: OptionKind::Str,
+        default: "none",
+        help: "Image format of the base image (required with backing_file; never probed)",
+    },
+    OptionSpec {
+        name: "cluster_size",
+        kind: OptionKind::Size,
+        default: "64k",
+        help: "qcow2 cluster size, a power of two from 512 to 2M",
+    },
+    OptionSpec {
+        name: "compat",
+        kind: OptionKind::Str,
+        default: "1.1",
+        help: "Compatibility level: only v3 [1.1] is written",
+    },
+    OptionSpec {
+        name: "compression_type",
+        kind: OptionKind::Str,
+        default: "zlib",
+        help: "Compression method for compressed clusters (-c): zlib or zstd",
+    },
+    OptionSpec {
+        name: "extended_l2",
+        kind: OptionKind::Bool,
+        default: "off",
+        help: "Extended L2 tables: only off is written",
+    },
+    OptionSpec {
+        name: "lazy_refcounts",
+        kind: OptionKind::Bool,
+        default: "off",
+        help: "Postpone refcount updates (accepted; the header bit is set, refcounts are always exact)",
+    },
+    OptionSpec {
+        name: "preallocation",
+        kind: OptionKind::Str,
+        default: "off",
+        help: "Preallocation mode: only off",
+    },
+    OptionSpec {
+        name: "refcount_bits",
+        kind: OptionKind::Num,
+        default: "16",
+        help: "Width of a reference count entry in bits: only 16",
+    },
+];
 
 impl Qcow2Writer {
     /// Takes qemu-img's qcow2 `-o` keys: cluster_size, compression_type, compress (the CLI's `-c`),

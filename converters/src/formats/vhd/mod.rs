@@ -29,7 +29,7 @@ use meta::{
     BAT_UNALLOCATED, DYN_HEADER_SIZE, DiskType, DynHeader, FMT, FOOTER_SIZE, Footer,
     MAX_BAT_ENTRIES, MAX_SPARSE_SECTORS, Platform, RawDynHeader, RawFooter, SECTOR,
 };
-pub use writer::VhdWriter;
+pub use writer::{OPTIONS as WRITER_OPTIONS, VhdWriter};
 
 /// The block allocation of a dynamic or differencing disk.
 struct Sparse {

@@ -12,7 +12,7 @@ use super::meta::{
 };
 use crate::error::{Error, Result};
 use crate::sink::Sink;
-use crate::writer::{FormatWriter, Plan, Run, WriterOptions};
+use crate::writer::{FormatWriter, OptionKind, OptionSpec, Plan, Run, WriterOptions};
 
 /// Largest fixed VHD written: 64 TiB. The format has no limit of its own beyond qemu's 2040 GiB (which qemu
 /// also applies to fixed disks); Azure accepts fixed VHDs up to 32 TiB + 512, so imgshift goes beyond qemu.
@@ -63,6 +63,28 @@ pub struct VhdWriter {
     footer: Vec<u8>,
     dynamic: Option<Dynamic>,
 }
+
+/// The vpc (VHD) `-o` options this writer takes (qemu-img's names; `-o help` prints them).
+pub const OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        name: "force_size",
+        kind: OptionKind::Bool,
+        default: "off",
+        help: "Use the exact virtual size rather than the nearest CHS-based size (as qemu's force_size)",
+    },
+    OptionSpec {
+        name: "round_to_mib",
+        kind: OptionKind::Bool,
+        default: "off",
+        help: "Round the virtual size up to a whole MiB and store it exactly (what Azure requires)",
+    },
+    OptionSpec {
+        name: "subformat",
+        kind: OptionKind::Str,
+        default: "dynamic",
+        help: "Type of virtual hard disk: dynamic or fixed",
+    },
+];
 
 impl VhdWriter {
     /// Takes `subformat=dynamic|fixed` (default dynamic), `force_size=on|off` (default off) and

@@ -35,7 +35,7 @@ use bat::{Bat, Geometry, Payload, SB_BLOCK_PRESENT};
 use header::{HEADER_SECTION_SIZE, Header, Region, Regions};
 use metadata::Metadata;
 
-pub use writer::VhdxWriter;
+pub use writer::{OPTIONS as WRITER_OPTIONS, VhdxWriter};
 
 /// Format name used in messages.
 pub(crate) const FMT: &str = "vhdx";

@@ -20,7 +20,7 @@ use super::metadata::{
 use super::{Guid, MIB, checksum};
 use crate::error::{Error, Result};
 use crate::sink::Sink;
-use crate::writer::{FormatWriter, Plan, Run, WriterOptions};
+use crate::writer::{FormatWriter, OptionKind, OptionSpec, Plan, Run, WriterOptions};
 use zerocopy::IntoBytes;
 use zerocopy::little_endian::{U16, U32, U64};
 
@@ -62,6 +62,40 @@ pub struct VhdxWriter {
     bat_length: u64,
     streaming: bool,
 }
+
+/// The vhdx `-o` options this writer takes (qemu-img's names plus `logical_sector_size`; `-o help` prints them).
+pub const OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        name: "block_size",
+        kind: OptionKind::Size,
+        default: "0",
+        help: "Block size, a power of two from 1M to 256M; 0 picks it from the image size as qemu does",
+    },
+    OptionSpec {
+        name: "block_state_zero",
+        kind: OptionKind::Bool,
+        default: "on",
+        help: "Mark unwritten payload blocks ZERO rather than NOT_PRESENT (qemu's non-standard default)",
+    },
+    OptionSpec {
+        name: "log_size",
+        kind: OptionKind::Size,
+        default: "1M",
+        help: "Log size, a multiple of 1M, at least 1M",
+    },
+    OptionSpec {
+        name: "logical_sector_size",
+        kind: OptionKind::Size,
+        default: "512",
+        help: "Logical sector size, 512 or 4096 (imgshift's own; qemu always writes 512)",
+    },
+    OptionSpec {
+        name: "subformat",
+        kind: OptionKind::Str,
+        default: "dynamic",
+        help: "VHDX format type: dynamic or fixed",
+    },
+];
 
 impl VhdxWriter {
     /// Takes qemu's vhdx options: `subformat=dynamic|fixed`, `block_size`, `log_size`, `block_state_zero`; and

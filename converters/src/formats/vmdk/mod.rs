@@ -30,7 +30,7 @@ mod extent_files;
 pub mod sparse;
 pub mod writer;
 
-pub use writer::VmdkWriter;
+pub use writer::{OPTIONS as WRITER_OPTIONS, VmdkWriter};
 
 use descriptor::{Access, Descriptor, ExtentType, MAX_DESCRIPTOR_BYTES};
 use extent_files::ExtentFiles;

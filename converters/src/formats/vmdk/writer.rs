@@ -28,7 +28,9 @@ use super::sparse::{
 };
 use crate::error::{Error, Result};
 use crate::sink::Sink;
-use crate::writer::{ChunkCompressor, FormatWriter, Plan, Run, WriterOptions};
+use crate::writer::{
+    ChunkCompressor, FormatWriter, OptionKind, OptionSpec, Plan, Run, WriterOptions,
+};
 
 /// Grain size written: 128 sectors (64 KiB), as qemu and VMware write.
 pub const GRAIN_SECTORS: u64 = 128;
@@ -113,6 +115,46 @@ enum State {
     Stream(Box<StreamOut>),
     Split(SplitOut),
 }
+
+/// The vmdk `-o` options this writer takes (qemu-img's names; `-o help` prints them).
+pub const OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        name: "adapter_type",
+        kind: OptionKind::Str,
+        default: "ide",
+        help: "Virtual adapter type: ide, lsilogic, buslogic or legacyESX",
+    },
+    OptionSpec {
+        name: "compat6",
+        kind: OptionKind::Bool,
+        default: "off",
+        help: "VMDK version 6 image (hardware version 6)",
+    },
+    OptionSpec {
+        name: "hwversion",
+        kind: OptionKind::Str,
+        default: "4",
+        help: "VMDK hardware version",
+    },
+    OptionSpec {
+        name: "subformat",
+        kind: OptionKind::Str,
+        default: "monolithicSparse",
+        help: "monolithicSparse, monolithicFlat, twoGbMaxExtentSparse, twoGbMaxExtentFlat or streamOptimized (compressed)",
+    },
+    OptionSpec {
+        name: "toolsversion",
+        kind: OptionKind::Str,
+        default: "2147483647",
+        help: "VMware guest tools version",
+    },
+    OptionSpec {
+        name: "zeroed_grain",
+        kind: OptionKind::Bool,
+        default: "off",
+        help: "Enable efficient zero writes using the zeroed-grain GTE feature (sparse subformats)",
+    },
+];
 
 impl VmdkWriter {
     /// Takes the vmdk `-o` options qemu-img knows.
