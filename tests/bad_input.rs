@@ -339,6 +339,13 @@ fn vdi_cases() -> Vec<Case> {
     out
 }
 
+/// A refusal reads at most this many times its input (plus [`READ_SLACK`]).
+const MAX_READ_FACTOR: u64 = 2;
+/// Bytes every run reads besides its input: the loader, /proc and /sys files.
+const READ_SLACK: u64 = 1 << 20;
+/// Read calls a refusal may make.
+const MAX_READ_CALLS: u64 = 10_000;
+
 /// Writes the case's files under a fresh `root/a/b` (so `../../x` lands inside `root`), runs imgshift on the
 /// image and checks the verdict; returns a description of what went wrong, if anything.
 fn judge(c: &Case) -> Option<String> {
@@ -350,13 +357,15 @@ fn judge(c: &Case) -> Option<String> {
         std::fs::write(dir.join(name), bytes).unwrap();
     }
     let before = files_in(&dir);
+    let input = bytes_under(root.path());
     let out = dir.join("out.raw");
     let m = imgshift_measured(&["convert", "-f", c.fmt, s(&image), s(&out), "-O", "raw"]);
     let what = format!("{} {}", c.fmt, c.name);
     eprintln!(
-        "{what}: exit {} in {:.2}s, {} KiB: {}",
+        "{what}: exit {}, read {} B of {input} B in {} calls, {} KiB: {}",
         m.code,
-        m.seconds,
+        m.rchar,
+        m.syscr,
         m.max_rss_kib,
         m.stderr.trim()
     );
@@ -373,8 +382,13 @@ fn judge(c: &Case) -> Option<String> {
     if files_in(&dir) != before {
         bad.push(format!("left files: {:?}", files_in(&dir)));
     }
-    if m.seconds >= 1.0 {
-        bad.push(format!("took {:.2}s", m.seconds));
+    // Bounded work: the refusal reads the case's files about once at most (plus the loader's and /proc reads),
+    // whatever their fields claim, in a bounded number of read calls.
+    if m.rchar > MAX_READ_FACTOR * input + READ_SLACK {
+        bad.push(format!("read {} bytes of {input} bytes of input", m.rchar));
+    }
+    if m.syscr > MAX_READ_CALLS {
+        bad.push(format!("{} read calls", m.syscr));
     }
     if m.max_rss_kib >= 64 * 1024 {
         bad.push(format!("peak RSS {} KiB", m.max_rss_kib));
