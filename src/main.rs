@@ -6,6 +6,7 @@ mod generalize;
 mod guest;
 mod journal;
 mod migrate;
+mod open;
 mod progress;
 mod targets;
 

@@ -30,9 +30,9 @@ impl Lines {
         format!(
             "imgshift: {}: {} of {} ({pct}%), {}/s",
             self.what,
-            crate::commands::human_size(done),
-            crate::commands::human_size(total),
-            crate::commands::human_size((done as f64 / secs) as u64)
+            human_size(done),
+            human_size(total),
+            human_size((done as f64 / secs) as u64)
         )
     }
 }
@@ -123,5 +123,23 @@ impl Progress for Bar {
                 eprintln!("{}", l.line());
             }
         }
+    }
+}
+
+/// Formats a byte count like qemu-img ("16 GiB").
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else if v.fract() == 0.0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.3} {}", UNITS[u]).replace(".000", "")
     }
 }

@@ -19,13 +19,7 @@ use crate::targets::aws::{EBS_BLOCK_SIZE, config, volume_gib};
 /// How long to wait for the snapshot to complete and the AMI to become available.
 const WAIT_LIMIT: Duration = Duration::from_secs(3600);
 
-pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
-}
+pub(crate) use crate::targets::{parse_tags, runtime};
 
 /// "in region R (endpoint E)" for errors: an unknown region fails as a DNS error on its EBS endpoint.
 fn where_ebs(sdk: &aws_config::SdkConfig, c: &AwsConnArgs) -> String {
@@ -50,16 +44,6 @@ pub(crate) fn policy(c: &AwsConnArgs) -> Policy {
         max_attempts: c.max_attempts.max(1),
         ..Policy::default()
     }
-}
-
-/// `--tag KEY=VALUE` arguments.
-pub(crate) fn parse_tags(tags: &[String]) -> Result<Vec<(String, String)>> {
-    tags.iter()
-        .map(|t| match t.split_once('=') {
-            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-            _ => bail!("--tag wants KEY=VALUE, got '{t}'"),
-        })
-        .collect()
 }
 
 /// Job id: the same source (path, size, modification time) going to the same place under the same name is the

@@ -75,7 +75,7 @@ impl AwsTarget {
             imds_v2_required: a.imds_v2_required,
             volume_type: a.volume_type.clone(),
             root_device: "/dev/xvda".into(),
-            tags: crate::commands::parse_tags(&args.tags)?,
+            tags: crate::targets::parse_tags(&args.tags)?,
         });
         Ok(t)
     }
@@ -108,7 +108,7 @@ impl AwsTarget {
 
     fn clients(&mut self) -> Result<&Clients> {
         if self.clients.is_none() {
-            let rt = crate::commands::runtime()?;
+            let rt = crate::targets::runtime()?;
             let sdk = rt.block_on(config::load(&self.conn));
             let Some(region) = sdk.region().map(|r| r.to_string()) else {
                 bail!("no AWS region: pass --region or set AWS_REGION");
@@ -397,7 +397,7 @@ impl Target for AwsTarget {
             "{} snapshot{}: {blocks} blocks listed as expected; {} sampled and identical (block SHA-256s checked)",
             sources.len(),
             if sources.len() == 1 { "" } else { "s" },
-            crate::commands::human_size(compared)
+            crate::progress::human_size(compared)
         ))
     }
 

@@ -186,7 +186,7 @@ impl AzureTarget {
         let (Some(sub), Some(rg)) = (self.subscription.clone(), self.resource_group.clone()) else {
             bail!("--to azure needs --subscription and --resource-group");
         };
-        let rt = crate::commands::runtime()?;
+        let rt = crate::targets::runtime()?;
         let transport = http::transport(self.ca_bundle.as_deref())?;
         let cred = credential::choose(&transport)?;
         rt.block_on(credential::check(&cred))?;
@@ -292,7 +292,7 @@ impl Target for AzureTarget {
             .map(|(i, d)| {
                 let size = disk_data_size(d.virtual_size).map_or_else(
                     || "too large".to_string(),
-                    |s| crate::commands::human_size(s + FOOTER),
+                    |s| crate::progress::human_size(s + FOOTER),
                 );
                 format!(
                     "managed disk {} ({size} fixed VHD, {}) from disk {i}",
@@ -631,8 +631,8 @@ impl Target for AzureTarget {
              valid (cookie, checksum, size), {} sampled and identical",
             sources.len(),
             if sources.len() == 1 { "" } else { "s" },
-            crate::commands::human_size(listed),
-            crate::commands::human_size(compared)
+            crate::progress::human_size(listed),
+            crate::progress::human_size(compared)
         ))
     }
 

@@ -146,7 +146,7 @@ impl Target for LibvirtTarget {
                     volume_name(job_name, i, self.format),
                     self.pool,
                     self.format.name(),
-                    crate::commands::human_size(d.virtual_size)
+                    crate::progress::human_size(d.virtual_size)
                 )
             })
             .collect();
@@ -364,7 +364,7 @@ impl Target for LibvirtTarget {
             "{} volume{}: capacities as expected, {} sampled and identical; domain '{}' lists every volume",
             vols.len(),
             if vols.len() == 1 { "" } else { "s" },
-            crate::commands::human_size(compared),
+            crate::progress::human_size(compared),
             job.name
         ))
     }
