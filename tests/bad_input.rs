@@ -339,6 +339,9 @@ fn vdi_cases() -> Vec<Case> {
     out
 }
 
+/// What the CLI adds to a refusal of a file outside the trusted folders.
+const ALLOW_DIR_HINT: &str = "(pass --allow-dir DIR to trust the folder that holds it)";
+
 /// A refusal reads at most this many times its input (plus [`READ_SLACK`]).
 const MAX_READ_FACTOR: u64 = 2;
 /// Bytes every run reads besides its input: the loader, /proc and /sys files.
@@ -390,6 +393,10 @@ fn judge(c: &Case) -> Option<String> {
     if m.syscr > MAX_READ_CALLS {
         bad.push(format!("{} read calls", m.syscr));
     }
+    // A file refused for lying outside the trusted folders: the library says so, the CLI names the flag.
+    if m.stderr.contains("outside the image's folder") && !m.stderr.contains(ALLOW_DIR_HINT) {
+        bad.push("no --allow-dir hint".into());
+    }
     if m.max_rss_kib >= 64 * 1024 {
         bad.push(format!("peak RSS {} KiB", m.max_rss_kib));
     }
@@ -406,6 +413,51 @@ fn run_all(cases: Vec<Case>) {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// The converters library says a named file is outside the trusted folders without naming a flag; the CLI's
+/// one error line adds the `--allow-dir` hint, for a backing file and for a VMDK extent alike.
+#[test]
+fn untrusted_files_get_the_cli_hint() {
+    let d = tmpdir();
+    let sub = d.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::write(d.path().join("base.raw"), vec![0u8; 1 << 20]).unwrap();
+    let top = sub.join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "../base.raw",
+        "-F",
+        "raw",
+        s(&top),
+    ]);
+    let vmdk = sub.join("desc.vmdk");
+    std::fs::write(
+        &vmdk,
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n\
+         RW 2048 FLAT \"../base.raw\" 0\nddb.virtualHWVersion = \"4\"\n",
+    )
+    .unwrap();
+    for img in [&top, &vmdk] {
+        let r = imgshift(&["info", s(img)]);
+        assert_eq!(r.code, 1, "{img:?}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{img:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("outside the image's folder") && r.stderr.contains(ALLOW_DIR_HINT),
+            "{img:?}: {}",
+            r.stderr
+        );
+        let trusted = imgshift(&["info", "--allow-dir", s(d.path()), s(img)]);
+        assert_eq!(
+            trusted.code, 0,
+            "{img:?} with --allow-dir: {}",
+            trusted.stderr
+        );
+    }
 }
 
 #[test]

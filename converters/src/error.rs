@@ -87,6 +87,12 @@ impl Error {
             ..Error::new(ErrorKind::Denied, what.to_string())
         }
     }
+    /// Marks this error as caused (in part) by an [`Error::untrusted`] refusal, when `yes`: for an error
+    /// gathered from several attempts, one of which was refused for lying outside the trusted folders.
+    pub(crate) fn marked_untrusted(mut self, yes: bool) -> Self {
+        self.untrusted |= yes;
+        self
+    }
     /// True for an [`Error::untrusted`] refusal (also after `context`): what a caller turns into its own hint
     /// (the CLI names its `--allow-dir` flag).
     pub fn is_untrusted(&self) -> bool {
