@@ -15,6 +15,7 @@ mod guest;
 mod interrupt;
 mod job;
 mod journal;
+mod open;
 mod progress;
 mod runner;
 mod targets;

@@ -448,19 +448,6 @@ fn convert_generalize_uses_a_temporary_overlay() {
     );
 }
 
-fn moto_url() -> String {
-    let url = std::env::var("IMGSHIFT_MOTO_URL").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
-    let hostport = url
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    assert!(
-        std::net::TcpStream::connect(&hostport).is_ok(),
-        "moto is not reachable at {url}: start the stand-ins with `bash .ci/standins start` (or set IMGSHIFT_MOTO_URL)"
-    );
-    url
-}
-
 #[test]
 fn upload_generalize_sends_the_generalised_guest_and_drops_its_overlay() {
     let mut env = guestfs_env();
@@ -475,7 +462,7 @@ fn upload_generalize_sends_the_generalised_guest_and_drops_its_overlay() {
     ] {
         env.push((k.into(), v.into()));
     }
-    let url = moto_url();
+    let url = util::aws::moto_url();
     let r = run_with_env(
         &[
             "upload",

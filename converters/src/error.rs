@@ -30,6 +30,8 @@ pub struct Error {
     message: String,
     /// Kept for `is_broken_pipe`; its text is already part of `message`, so it is not exposed as a source.
     io: Option<std::io::Error>,
+    /// A file the open gate refused for lying outside the folders it trusts (see `is_untrusted`).
+    untrusted: bool,
 }
 
 /// Result alias used throughout the library.
@@ -42,6 +44,7 @@ impl Error {
             kind,
             message: message.into(),
             io: None,
+            untrusted: false,
         }
     }
     /// The image is not valid `format`: `what`.
@@ -76,6 +79,25 @@ impl Error {
     pub fn denied(what: impl std::fmt::Display) -> Self {
         Error::new(ErrorKind::Denied, what.to_string())
     }
+    /// A file named in an image was refused because it lies outside the folders the open gate trusts (kind
+    /// `Denied`): trusting the folder that holds it ([`crate::OpenGate::allow_dir`]) would open it.
+    pub fn untrusted(what: impl std::fmt::Display) -> Self {
+        Error {
+            untrusted: true,
+            ..Error::new(ErrorKind::Denied, what.to_string())
+        }
+    }
+    /// Marks this error as caused (in part) by an [`Error::untrusted`] refusal, when `yes`: for an error
+    /// gathered from several attempts, one of which was refused for lying outside the trusted folders.
+    pub(crate) fn marked_untrusted(mut self, yes: bool) -> Self {
+        self.untrusted |= yes;
+        self
+    }
+    /// True for an [`Error::untrusted`] refusal (also after `context`): what a caller turns into its own hint
+    /// (the CLI names its `--allow-dir` flag).
+    pub fn is_untrusted(&self) -> bool {
+        self.untrusted
+    }
     /// The caller passed something invalid.
     pub fn input(what: impl std::fmt::Display) -> Self {
         Error::new(ErrorKind::InvalidInput, what.to_string())
@@ -87,6 +109,7 @@ impl Error {
             kind: ErrorKind::Io,
             message: format!("{op} {}: {source}", path.display()),
             io: Some(source),
+            untrusted: false,
         }
     }
     /// An I/O error without a path (streams).
@@ -95,6 +118,7 @@ impl Error {
             kind: ErrorKind::Io,
             message: format!("{op}: {source}"),
             io: Some(source),
+            untrusted: false,
         }
     }
     /// The kind of this error.

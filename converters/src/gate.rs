@@ -38,7 +38,7 @@ impl OpenGate {
         }
     }
 
-    /// Also allow files inside `dir` (the user's explicit `--allow-dir`).
+    /// Also allow files inside `dir` (a folder the user explicitly trusts).
     pub fn allow_dir(mut self, dir: &Path) -> Result<Self> {
         let canon = dir
             .canonicalize()
@@ -94,15 +94,15 @@ impl OpenGate {
             .canonicalize()
             .map_err(|e| Error::io("cannot resolve folder", base, e))?;
         let named = Path::new(name);
-        // Rule: without --allow-dir, absolute names and `..` can never pass, so refuse them before asking the file
+        // Rule: without a trusted folder (`allow_dir`), absolute names and `..` can never pass, so refuse them before asking the file
         // system: the message then says why even when the named file does not exist.
         let escapes = named.is_absolute()
             || named
                 .components()
                 .any(|c| matches!(c, Component::ParentDir));
         if escapes && self.allowed_dirs.is_empty() {
-            return Err(Error::denied(format!(
-                "{what} '{name}' refused: it is outside the image's folder {} (pass --allow-dir DIR to trust another folder)",
+            return Err(Error::untrusted(format!(
+                "{what} '{name}' refused: it is outside the image's folder {}",
                 base.display()
             )));
         }
@@ -124,9 +124,14 @@ impl OpenGate {
                 .any(|c| matches!(c, Component::ParentDir));
         let inside_allowed = self.allowed_dirs.iter().any(|d| canon.starts_with(d));
         if !(inside_base || inside_allowed) {
-            return Err(Error::denied(format!(
-                "{what} '{name}' refused: it is outside the image's folder {} (pass --allow-dir DIR to trust another folder)",
-                base.display()
+            return Err(Error::untrusted(format!(
+                "{what} '{name}' refused: it is outside the image's folder {}{}",
+                base.display(),
+                if self.allowed_dirs.is_empty() {
+                    ""
+                } else {
+                    " and the folders trusted"
+                }
             )));
         }
         if self.chain.iter().any(|c| c == &canon) {
@@ -159,7 +164,7 @@ impl OpenGate {
         Ok((Arc::new(storage), child))
     }
 
-    /// Whether the canonical path `canon` lies inside a folder the user trusted with `--allow-dir`. Formats
+    /// Whether the canonical path `canon` lies inside a folder the user trusted (`allow_dir`). Formats
     /// with rules stricter than "the image's own folder" (VMDK extent names) let such files pass them.
     pub fn is_in_allowed_dir(&self, canon: &Path) -> bool {
         self.allowed_dirs.iter().any(|d| canon.starts_with(d))
@@ -222,6 +227,7 @@ mod tests {
         let e = g.resolve(&top, "../not-there", "backing file").unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Denied, "{e}");
         assert!(e.to_string().contains("outside the image's folder"), "{e}");
+        assert!(e.is_untrusted(), "{e}");
         let g2 = OpenGate::new().allow_dir(dir.path()).unwrap();
         assert!(g2.resolve(&top, "../outside", "backing file").is_ok());
         assert!(

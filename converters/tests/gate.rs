@@ -5,7 +5,6 @@ mod util;
 
 use std::path::Path;
 use std::sync::mpsc;
-use std::time::Duration;
 
 use imgshift_converters::{ErrorKind, Format, OpenGate, open_path};
 use util::*;
@@ -47,13 +46,16 @@ fn a_fifo_named_as_backing_file_is_refused_without_hanging() {
         let r = open_path(&opener_top, Some(Format::Qcow2), &OpenGate::new());
         let _ = tx.send(r.err().map(|e| (e.kind(), e.to_string())));
     });
-    let outcome = match rx.recv_timeout(Duration::from_secs(10)) {
+    let outcome = match rx.recv_timeout(HANG_GUARD) {
         Ok(outcome) => outcome,
         Err(_) => {
             // A regression blocks in open(2) until a writer appears: be that writer, so the test fails, not hangs.
             drop(std::fs::OpenOptions::new().write(true).open(&fifo));
             let _ = opener.join();
-            panic!("opening a qcow2 whose backing file is a FIFO blocked for 10 s");
+            panic!(
+                "opening a qcow2 whose backing file is a FIFO hung (blocked for {} s)",
+                HANG_GUARD.as_secs()
+            );
         }
     };
     opener.join().unwrap();

@@ -3,7 +3,6 @@ mod util;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
 
 use imgshift_converters::formats::vhd::meta::checksum;
 use imgshift_converters::{
@@ -409,7 +408,7 @@ fn open_bytes(
 }
 
 #[test]
-fn refuses_mutated_images_quickly() {
+fn refuses_mutated_images_cheaply() {
     let d = tmpdir();
     let raw = p(d.path(), "x.raw");
     make_raw(&raw, 6 * MIB, &[(0, 6 * MIB)], &[]);
@@ -492,11 +491,13 @@ fn refuses_mutated_images_quickly() {
     cases.push(("tiny", b"conectix".to_vec()));
 
     for (what, bytes) in cases {
-        let t = Instant::now();
-        let r = open_bytes(bytes);
+        // Refused, or reading fails, after reading at most the file about once: never the disk or table a
+        // mutated field claims (up to 2^50 bytes).
+        let len = bytes.len() as u64;
+        let (r, work) = file_work(what, move || open_bytes(bytes).map(|_| ()));
         assert!(r.is_err(), "{what} must be refused");
-        eprintln!("{what}: {}", r.err().unwrap());
-        assert!(t.elapsed().as_secs() < 2, "{what} took {:?}", t.elapsed());
+        eprintln!("{what}: {work:?}: {}", r.err().unwrap());
+        work.assert_at_most(what, 2 * len + MIB, 4096);
     }
 }
 

@@ -15,14 +15,11 @@ mod targets;
 mod upload;
 mod upload_libvirt;
 
-pub(crate) use upload::parse_tags;
+pub(crate) use crate::targets::parse_tags;
 
-use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::Result;
-use imgshift_converters::formats::ova::OvaPackage;
-use imgshift_converters::{FileStorage, Format, OpenGate, Storage};
+use imgshift_converters::OpenGate;
 
 use crate::cli::{Cli, Command, DownloadTarget, JobsAction, TrustArgs, UploadTarget};
 
@@ -32,7 +29,10 @@ pub fn report(e: &anyhow::Error) {
         .chain()
         .map(|c| c.to_string().replace('\n', " "))
         .collect();
-    eprintln!("imgshift: {}", parts.join(": "));
+    match crate::open::trust_hint(e) {
+        Some(hint) => eprintln!("imgshift: {} ({hint})", parts.join(": ")),
+        None => eprintln!("imgshift: {}", parts.join(": ")),
+    }
 }
 
 /// Runs the parsed command line; returns the process exit code.
@@ -132,21 +132,11 @@ pub fn run(cli: Cli) -> Result<u8> {
     }
 }
 
-/// Parses an optional `-f` value.
-pub fn parse_format(name: Option<&str>) -> Result<Option<Format>> {
-    Ok(match name {
-        Some(n) => Some(Format::from_name(n)?),
-        None => None,
-    })
-}
+pub use crate::open::{naming, open_ova};
 
 /// The open gate the user's `--allow-dir` flags describe.
 pub fn gate(trust: &TrustArgs) -> Result<OpenGate> {
-    let mut g = OpenGate::new();
-    for d in &trust.allow_dirs {
-        g = g.allow_dir(d)?;
-    }
-    Ok(g)
+    crate::open::gate(&trust.allow_dirs)
 }
 
 /// Opens an image the user named; errors name the file unless the library's message already does.
@@ -155,36 +145,7 @@ pub fn open_image(
     format: Option<&str>,
     trust: &TrustArgs,
 ) -> Result<Box<dyn imgshift_converters::DiskSource>> {
-    let fmt = parse_format(format)?;
-    imgshift_converters::open_path(path, fmt, &gate(trust)?).map_err(|e| naming(e, path))
-}
-
-/// A library error about the image at `path`, named by its path unless the message already names it.
-pub fn naming(e: imgshift_converters::Error, path: &Path) -> anyhow::Error {
-    if e.kind() == imgshift_converters::ErrorKind::Io {
-        anyhow::Error::new(e)
-    } else {
-        anyhow::Error::new(e).context(path.display().to_string())
-    }
-}
-
-/// The OVA package at `path` when it is one (`-f ova`, or probed as one); `None` for every other format.
-pub fn open_ova(path: &Path, format: Option<&str>) -> Result<Option<OvaPackage>> {
-    let fmt = parse_format(format)?;
-    if fmt.is_some_and(|f| f != Format::Ova) {
-        return Ok(None);
-    }
-    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path).map_err(|e| naming(e, path))?);
-    if fmt.is_none()
-        && imgshift_converters::formats::probe::probe(storage.as_ref())
-            .map_err(|e| naming(e, path))?
-            != Format::Ova
-    {
-        return Ok(None);
-    }
-    OvaPackage::open(storage)
-        .map(Some)
-        .map_err(|e| naming(e, path))
+    crate::open::open_image(path, format, &trust.allow_dirs)
 }
 
 /// Formats a byte count like qemu-img ("16 GiB").

@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use serde_json::json;
 
-pub(crate) use crate::targets::runtime;
+pub(crate) use crate::targets::{parse_tags, runtime};
 
 use super::targets::{self, TargetKind};
 use crate::cli::{AwsConnArgs, AwsUploadArgs, AzureUploadArgs, OutputFormat, TrustArgs};
@@ -27,16 +27,6 @@ pub(crate) fn policy(c: &AwsConnArgs) -> Policy {
         max_attempts: c.max_attempts.max(1),
         ..Policy::default()
     }
-}
-
-/// `--tag KEY=VALUE` arguments.
-pub(crate) fn parse_tags(tags: &[String]) -> Result<Vec<(String, String)>> {
-    tags.iter()
-        .map(|t| match t.split_once('=') {
-            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-            _ => bail!("--tag wants KEY=VALUE, got '{t}'"),
-        })
-        .collect()
 }
 
 /// Job id: the same source (path, size, modification time) going to the same place under the same name is the

@@ -18,36 +18,70 @@ use imgshift_converters::DiskSource;
 
 /// A byte window `[base, base+len)` of a virtual disk, read-only. Implements `Read + Seek` (for partition-table
 /// crates), a `Write` that always fails (the `gpt` crate demands one even read-only) and ext4-view's `Ext4Read`.
+///
+/// A window owns its disk (`Window`, what inspection keeps and hands to ext4-view) or borrows it
+/// (`WindowOf<'a>` from [`WindowOf::borrowed`], for a caller that holds only a `&dyn DiskSource`).
 #[derive(Clone)]
-pub struct Window {
-    src: Arc<dyn DiskSource>,
+pub struct WindowOf<'a> {
+    src: Src<'a>,
     base: u64,
     len: u64,
     pos: u64,
     counter: Arc<AtomicU64>,
 }
 
+/// A window over a disk it owns.
+pub type Window = WindowOf<'static>;
+
+#[derive(Clone)]
+enum Src<'a> {
+    Shared(Arc<dyn DiskSource>),
+    Borrowed(&'a dyn DiskSource),
+}
+
+impl Src<'_> {
+    fn get(&self) -> &dyn DiskSource {
+        match self {
+            Src::Shared(s) => s.as_ref(),
+            Src::Borrowed(s) => *s,
+        }
+    }
+}
+
 impl Window {
     /// The whole disk.
     pub fn whole(src: Arc<dyn DiskSource>, counter: Arc<AtomicU64>) -> Window {
         let len = src.virtual_size();
-        Window {
-            src,
+        WindowOf {
+            src: Src::Shared(src),
             base: 0,
             len,
             pos: 0,
             counter,
         }
     }
+}
+
+impl<'a> WindowOf<'a> {
+    /// The whole of a borrowed disk.
+    pub fn borrowed(src: &'a dyn DiskSource, counter: Arc<AtomicU64>) -> WindowOf<'a> {
+        WindowOf {
+            src: Src::Borrowed(src),
+            base: 0,
+            len: src.virtual_size(),
+            pos: 0,
+            counter,
+        }
+    }
 
     /// A sub-window; `None` when it does not lie inside this one.
-    pub fn sub(&self, offset: u64, len: u64) -> Option<Window> {
+    pub fn sub(&self, offset: u64, len: u64) -> Option<WindowOf<'a>> {
         let end = offset.checked_add(len)?;
         if end > self.len {
             return None;
         }
-        Some(Window {
-            src: Arc::clone(&self.src),
+        Some(WindowOf {
+            src: self.src.clone(),
             base: self.base.checked_add(offset)?,
             len,
             pos: 0,
@@ -80,7 +114,7 @@ impl Window {
             .checked_add(offset)
             .ok_or_else(|| io::Error::other("offset overflow"))?;
         self.counter.fetch_add(n, Ordering::Relaxed);
-        self.src.read_at(buf, abs).map_err(io::Error::other)
+        self.src.get().read_at(buf, abs).map_err(io::Error::other)
     }
 
     /// Reads up to `n` bytes at `offset`, truncated at the window's end.
@@ -92,13 +126,13 @@ impl Window {
     }
 }
 
-impl std::fmt::Debug for Window {
+impl std::fmt::Debug for WindowOf<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Window({}+{})", self.base, self.len)
     }
 }
 
-impl Read for Window {
+impl Read for WindowOf<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let avail = usize::try_from(self.len.saturating_sub(self.pos)).unwrap_or(usize::MAX);
         let n = buf.len().min(avail);
@@ -112,7 +146,7 @@ impl Read for Window {
     }
 }
 
-impl Seek for Window {
+impl Seek for WindowOf<'_> {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
         let new = match to {
             SeekFrom::Start(o) => Some(o),
@@ -132,7 +166,7 @@ impl Seek for Window {
     }
 }
 
-impl Write for Window {
+impl Write for WindowOf<'_> {
     fn write(&mut self, _: &[u8]) -> io::Result<usize> {
         Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
@@ -144,7 +178,7 @@ impl Write for Window {
     }
 }
 
-impl ext4_view::Ext4Read for Window {
+impl ext4_view::Ext4Read for WindowOf<'_> {
     fn read(
         &mut self,
         start_byte: u64,

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::{Window, le_u32, le_u64};
+use super::{WindowOf, le_u32, le_u64};
 
 /// Most logical partitions followed in an extended partition, and most GPT entries accepted.
 const MAX_LOGICAL: usize = 128;
@@ -47,8 +47,24 @@ pub struct PartitionTable {
     pub problems: Vec<String>,
 }
 
+impl PartitionTable {
+    /// A GPT holding an EFI system partition: what UEFI firmware boots from (and what Azure's Hyper-V
+    /// generation 2 needs).
+    pub fn gpt_with_esp(&self) -> bool {
+        self.scheme == "gpt" && self.partitions.iter().any(|p| p.type_name == "efi-system")
+    }
+}
+
+/// The partition table of a disk the caller holds only by reference.
+pub fn read_source(src: &dyn imgshift_converters::DiskSource) -> PartitionTable {
+    read(&WindowOf::borrowed(
+        src,
+        std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    ))
+}
+
 /// Reads the partition table of `disk`.
-pub fn read(disk: &Window) -> PartitionTable {
+pub fn read(disk: &WindowOf<'_>) -> PartitionTable {
     let mut t = PartitionTable {
         scheme: "none".into(),
         ..Default::default()
@@ -130,7 +146,7 @@ fn is_extended_type(sys: u8) -> bool {
 /// (empty EBRs take no number); the first link entry, relative to the extended partition's start, leads to the
 /// next EBR. Links need not go forward (fdisk appends a partition made in an earlier gap at the chain's end): a
 /// revisited EBR ends the walk, and at most `MAX_LOGICAL` EBRs are read.
-fn walk_ebr(disk: &Window, ext_lba: u64, t: &mut PartitionTable) {
+fn walk_ebr(disk: &WindowOf<'_>, ext_lba: u64, t: &mut PartitionTable) {
     let size = disk.len();
     let mut rel = 0u64;
     let mut visited = std::collections::HashSet::new();
@@ -197,7 +213,7 @@ fn walk_ebr(disk: &Window, ext_lba: u64, t: &mut PartitionTable) {
 
 /// Checks a GPT header's entry fields before the `gpt` crate sees them: it asserts an entry size of 128 and
 /// would read any number of entries. `Ok(None)`: no header there; `Ok(Some(backup_lba))`: a sane header.
-fn gpt_header_sane(disk: &Window, lba: u64) -> Result<Option<u64>, String> {
+fn gpt_header_sane(disk: &WindowOf<'_>, lba: u64) -> Result<Option<u64>, String> {
     let Some(off) = lba.checked_mul(SECTOR) else {
         return Ok(None);
     };
@@ -231,7 +247,7 @@ fn gpt_header_sane(disk: &Window, lba: u64) -> Result<Option<u64>, String> {
     Ok(Some(le_u64(&h, 32).unwrap_or(0)))
 }
 
-fn read_gpt(disk: &Window, t: &mut PartitionTable) {
+fn read_gpt(disk: &WindowOf<'_>, t: &mut PartitionTable) {
     let last = (disk.len() / SECTOR).saturating_sub(1);
     let mut any = false;
     // The gpt crate reads the primary header, then the backup it names (or the last sector when the primary is

@@ -232,12 +232,7 @@ impl Report {
             .map(|x| ("/etc/fstab".to_string(), x.spec.clone()));
         Facts {
             boot_mode: self.boot.mode.clone(),
-            gpt_esp: self.partition_table.scheme == "gpt"
-                && self
-                    .partition_table
-                    .partitions
-                    .iter()
-                    .any(|p| p.type_name == "efi-system"),
+            gpt_esp: self.partition_table.gpt_with_esp(),
             linux_root: os.is_some(),
             drivers: os.and_then(|o| o.drivers.clone()),
             installed: default_kernel

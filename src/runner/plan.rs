@@ -9,11 +9,11 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::DiskInfo;
-use crate::commands::human_size;
 use crate::guest::Window;
 use crate::guest::preflight::{self, Level, Verdict};
 use crate::guest::report;
 use crate::journal::StageRecord;
+use crate::progress::human_size;
 
 /// What inspection found, in short, and the verdict.
 #[derive(Debug, Clone, Serialize)]

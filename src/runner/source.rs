@@ -8,7 +8,7 @@ use anyhow::Result;
 use imgshift_converters::DiskSource;
 
 use crate::cli::TrustArgs;
-use crate::commands::{gate, naming, open_image, open_ova};
+use crate::open::{gate, naming, open_image, open_ova};
 
 /// The opened source disks.
 pub struct SourceDisks {
@@ -23,7 +23,7 @@ pub struct SourceDisks {
 /// Opens `path`: each disk of an OVA, or the image.
 pub fn open(path: &Path, format: Option<&str>, trust: &TrustArgs) -> Result<SourceDisks> {
     if let Some(pkg) = open_ova(path, format)? {
-        let g = gate(trust)?;
+        let g = gate(&trust.allow_dirs)?;
         let mut names = Vec::new();
         let mut disks = Vec::new();
         for d in pkg.disks() {
@@ -40,7 +40,7 @@ pub fn open(path: &Path, format: Option<&str>, trust: &TrustArgs) -> Result<Sour
             ova: true,
         });
     }
-    let src = open_image(path, format, trust)?;
+    let src = open_image(path, format, &trust.allow_dirs)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -4,18 +4,9 @@ pub mod aws;
 pub mod azure;
 pub mod libvirt;
 pub mod limiter;
+pub mod retry;
 
-use anyhow::Context as _;
-
-/// The async runtime the cloud clients run on (two workers: the engine's threads do the reading and hashing).
-pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
-}
-
+use anyhow::{Context, Result, bail};
 use imgshift_converters::{ExtentKind, ExtentMap};
 
 /// The map of `[offset, offset+len)` of a target-side copy whose written data lies in `ranges` (sorted,
@@ -47,6 +38,25 @@ pub fn extents_from_ranges(
 /// A read-back failure as the converters' error (what `DiskSource` returns).
 pub fn read_back_error(e: anyhow::Error) -> imgshift_converters::Error {
     imgshift_converters::Error::new(imgshift_converters::ErrorKind::Io, format!("{e:#}"))
+}
+
+/// The async runtime the cloud targets' SDK calls run on.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// `--tag KEY=VALUE` arguments: the tags a target puts on what it creates.
+pub fn parse_tags(tags: &[String]) -> Result<Vec<(String, String)>> {
+    tags.iter()
+        .map(|t| match t.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => bail!("--tag wants KEY=VALUE, got '{t}'"),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -18,11 +18,25 @@ pub const SUB: &str = "6d3c5e4a-0000-4000-8000-000000000001";
 pub const RG: &str = "imgshift-rg";
 pub const MIB: u64 = 1 << 20;
 
+/// Azurite's blob endpoint: `IMGSHIFT_AZURITE_URL`, else the one `.ci/standins start` recorded (see
+/// `util::standin`); panics saying how to start it unless Azurite answers there as itself.
 pub fn azurite_url() -> String {
-    let url = "http://127.0.0.1:10000".to_string();
-    if std::net::TcpStream::connect("127.0.0.1:10000").is_err() {
-        panic!("Azurite is not reachable at {url}: start it with `bash .ci/standins start`");
-    }
+    let url = standin("IMGSHIFT_AZURITE_URL", "http://127.0.0.1:10000");
+    // Azurite names itself in the Server header of every blob answer (an error one included).
+    let answer = http_get(&url, "/devstoreaccount1?comp=list");
+    let is_azurite = answer.as_deref().is_some_and(|a| {
+        a.lines()
+            .any(|l| l.to_ascii_lowercase().starts_with("server: azurite-blob/"))
+    });
+    assert!(
+        is_azurite,
+        "Azurite is not answering at {url} ({}): start the stand-ins with `bash .ci/standins start` (or set \
+         IMGSHIFT_AZURITE_URL)",
+        answer.map_or("no answer".into(), |a| format!(
+            "the answer there is not Azurite's: {:?}",
+            a.lines().next().unwrap_or("")
+        ))
+    );
     url
 }
 
@@ -144,6 +158,8 @@ pub struct Env {
     pub arm_state: PathBuf,
     pub proxy: Option<(Child, PathBuf)>,
     pub container: String,
+    /// Azurite's blob endpoint.
+    pub azurite: String,
 }
 
 impl Drop for Env {
@@ -215,6 +231,7 @@ impl Env {
             arm_state,
             proxy,
             container,
+            azurite,
         }
     }
 
@@ -314,7 +331,7 @@ impl Env {
         let out = self.path().join(format!("{disk}.vhd"));
         let o = Command::new("python3")
             .arg(script("fake_arm.py"))
-            .args(["get", &self.blob(disk), s(&out)])
+            .args(["get", &self.blob(disk), s(&out), "--azurite", &self.azurite])
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -341,7 +358,7 @@ impl Env {
     pub fn blobs(&self) -> Vec<String> {
         let o = Command::new("python3")
             .arg(script("fake_arm.py"))
-            .args(["list", &self.container])
+            .args(["list", &self.container, "--azurite", &self.azurite])
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -357,6 +374,8 @@ impl Env {
                 &self.blob(disk),
                 &offset.to_string(),
                 &byte.to_string(),
+                "--azurite",
+                &self.azurite,
             ])
             .output()
             .unwrap();
@@ -366,7 +385,7 @@ impl Env {
     pub fn page_ranges(&self, disk: &str) -> Vec<(u64, u64)> {
         let o = Command::new("python3")
             .arg(script("fake_arm.py"))
-            .args(["ranges", &self.blob(disk)])
+            .args(["ranges", &self.blob(disk), "--azurite", &self.azurite])
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

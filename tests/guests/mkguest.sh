@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds a tiny BOOTABLE test guest as a raw disk, with no loop devices, no mounts and no chroot:
-#   - kernel: Debian's linux-image-6.1.0-NN-amd64 .deb (`apt-get download` + `dpkg-deb -x`, `depmod -b`), cached
-#     under $IMGSHIFT_GUEST_CACHE (default /var/tmp/imgshift-guest-cache) so repeated runs take a few seconds;
+#   - kernel: the Debian linux-image-6.1.0-NN-amd64 that tests/guests/kernel.pin names, unpacked with its modules
+#     under $IMGSHIFT_GUEST_CACHE (default /var/tmp/imgshift-guest-cache) by tests/guests/fetch-kernel.sh, which
+#     .ci/install-deps runs: this script downloads nothing and fails naming that command when the cache is empty;
 #   - initramfs: busybox-static + the variant's storage/network modules (with their modules.dep closure) + /init;
 #   - root: ext4 made by `mkfs.ext4 -d DIR -E offset=...` straight into the disk file at the partition offset;
 #   - BIOS: MBR (or GPT + BIOS boot partition) + GRUB i386-pc (boot.img's 440 bytes, core.img in the MBR gap or
@@ -61,42 +62,19 @@ boot_uuid=5e1f0c2a-7b3d-4c8e-9f10-00000000b007
 cache=${IMGSHIFT_GUEST_CACHE:-/var/tmp/imgshift-guest-cache}
 mkdir -p "$cache"
 
-# --- kernel (cached) -------------------------------------------------------------------------------------------
-# The newest linux-image-6.1.0-NN-amd64 that linux-image-amd64 depends on, unless IMGSHIFT_KERNEL_PKG names one.
+# --- kernel (fetched by .ci/install-deps) ------------------------------------------------------------------------
+# The package tests/guests/fetch-kernel.sh put in the cache (it records its name in $cache/kernel.pkg), unless
+# IMGSHIFT_KERNEL_PKG names a cached one. Nothing is downloaded here: tests never fetch from the network.
 kernel_tree() {
-  local pkg=${IMGSHIFT_KERNEL_PKG:-}
-  if [ -z "$pkg" ]; then
-    pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | grep -o 'linux-image-6\.1\.0-[0-9]*-amd64' | head -1)
-  fi
-  if [ -z "$pkg" ]; then # offline: whatever is cached
-    pkg=$(ls -d "$cache"/linux-image-6.1.0-*-amd64 2>/dev/null | sort -V | tail -1 | xargs -r basename)
-  fi
-  [ -n "$pkg" ] || {
-    echo "mkguest.sh: cannot find a linux-image-6.1.0-NN-amd64 package (apt-get update?)" >&2
+  local pkg=${IMGSHIFT_KERNEL_PKG:-$(cat "$cache/kernel.pkg" 2>/dev/null || true)}
+  if [ -z "$pkg" ] || [ ! -e "$cache/$pkg/.done" ]; then
+    echo "mkguest.sh: no test guest kernel${pkg:+ ($pkg)} in $cache: fetch it with \`bash .ci/install-deps\`" \
+      "(or \`bash tests/guests/fetch-kernel.sh\`)" >&2
     return 1
-  }
-  local dir=$cache/$pkg
-  if [ ! -e "$dir/.done" ]; then
-    (
-      flock 9
-      if [ ! -e "$dir/.done" ]; then
-        local t
-        t=$(mktemp -d "$cache/.dl.XXXXXX")
-        (cd "$t" && apt-get download "$pkg" >/dev/null 2>&1) || {
-          echo "mkguest.sh: apt-get download $pkg failed" >&2
-          exit 1
-        }
-        mkdir "$t/root"
-        dpkg-deb -x "$t"/*.deb "$t/root"
-        local ver=${pkg#linux-image-}
-        depmod -b "$t/root" "$ver"
-        rm -rf "$dir" && mv "$t/root" "$dir" && rm -rf "$t" && touch "$dir/.done"
-      fi
-    ) 9>"$cache/.lock"
   fi
-  echo "$dir"
+  echo "$cache/$pkg"
 }
-ktree=$(kernel_tree)
+ktree=$(kernel_tree) || exit 1
 kver=$(basename "$ktree")
 kver=${kver#linux-image-}
 kmods=$ktree/lib/modules/$kver

@@ -37,6 +37,9 @@ VERSION = "2025-01-05"
 
 
 # ---------------------------------------------------------------- Azurite (SharedKey, service SAS)
+# Azurite's blob endpoint: --azurite, else IMGSHIFT_AZURITE_URL, else the port stand-ins used to have.
+AZURITE = os.environ.get("IMGSHIFT_AZURITE_URL") or "http://127.0.0.1:10000"
+
 def shared_key_request(azurite, method, path, query=None, headers=None, body=b""):
     """Signs and sends a request to Azurite with the dev account key. `path` starts with /container/..."""
     up = urllib.parse.urlparse(azurite)
@@ -327,7 +330,7 @@ def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
-    s.add_argument("--azurite", default="http://127.0.0.1:10000")
+    s.add_argument("--azurite", default=AZURITE)
     s.add_argument("--blob-base", help="base URL put in SAS URLs (default: --azurite)")
     s.add_argument("--container", required=True)
     s.add_argument("--cert", required=True)
@@ -345,22 +348,22 @@ def main():
     g = sub.add_parser("get")
     g.add_argument("blob")
     g.add_argument("out")
-    g.add_argument("--azurite", default="http://127.0.0.1:10000")
+    g.add_argument("--azurite", default=AZURITE)
     r = sub.add_parser("ranges")
     r.add_argument("blob")
-    r.add_argument("--azurite", default="http://127.0.0.1:10000")
+    r.add_argument("--azurite", default=AZURITE)
     c = sub.add_parser("create-blob")
     c.add_argument("blob")
     c.add_argument("size", type=int)
-    c.add_argument("--azurite", default="http://127.0.0.1:10000")
+    c.add_argument("--azurite", default=AZURITE)
     ls = sub.add_parser("list")
     ls.add_argument("container")
-    ls.add_argument("--azurite", default="http://127.0.0.1:10000")
+    ls.add_argument("--azurite", default=AZURITE)
     pp = sub.add_parser("put-page", help="writes one 512-byte page of BYTE at OFFSET (to damage a blob)")
     pp.add_argument("blob")
     pp.add_argument("offset", type=int)
     pp.add_argument("byte", type=int)
-    pp.add_argument("--azurite", default="http://127.0.0.1:10000")
+    pp.add_argument("--azurite", default=AZURITE)
     a = ap.parse_args()
     if a.cmd == "put-page":
         st, data = shared_key_request(a.azurite, "PUT", "/" + a.blob, {"comp": "page"}, {

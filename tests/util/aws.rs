@@ -12,17 +12,24 @@ pub const ACCESS_KEY: &str = "AKIAIMGSHIFTTESTKEY1";
 pub const SECRET_KEY: &str = "imgshift/secret/DO-NOT-PRINT-1234567890";
 pub const SESSION_TOKEN: &str = "imgshift-session-token-DO-NOT-PRINT";
 
+/// moto's endpoint: `IMGSHIFT_MOTO_URL`, else the one `.ci/standins start` recorded (see `util::standin`);
+/// panics saying how to start it unless moto answers there as itself.
 pub fn moto_url() -> String {
-    let url = std::env::var("IMGSHIFT_MOTO_URL").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
-    let hostport = url
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    if std::net::TcpStream::connect(&hostport).is_err() {
-        panic!(
-            "moto is not reachable at {url}: start the stand-ins with `bash .ci/standins start` (or set IMGSHIFT_MOTO_URL)"
-        );
-    }
+    let url = super::standin("IMGSHIFT_MOTO_URL", "http://127.0.0.1:5000");
+    let url = url.trim_end_matches('/').to_string();
+    // moto's own API: its dashboard page, titled Moto.
+    let answer = super::http_get(&url, "/moto-api/");
+    assert!(
+        answer.as_deref().is_some_and(|a| a.starts_with("HTTP/1.")
+            && a.lines().next().is_some_and(|l| l.contains(" 200"))
+            && a.contains("<title>Moto</title>")),
+        "moto is not answering at {url} ({}): start the stand-ins with `bash .ci/standins start` (or set \
+         IMGSHIFT_MOTO_URL)",
+        answer.map_or("no answer".into(), |a| format!(
+            "the answer there is not moto's: {:?}",
+            a.lines().next().unwrap_or("")
+        ))
+    );
     url
 }
 

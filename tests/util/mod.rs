@@ -108,47 +108,83 @@ pub fn imgshift(args: &[&str]) -> Run {
     Run::from(Command::new(imgshift_bin()).args(args).output().unwrap())
 }
 
-/// Result of a run under /usr/bin/time: exit code, stderr, wall seconds and peak RSS in KiB.
+/// How long a measured run may go without finishing before the test fails as hung: a guard against a test
+/// that never returns, not a speed claim (every measured run does well under a second of work).
+pub const HANG_GUARD_SECS: u64 = 300;
+
+/// Result of a measured run: exit code, stderr, and the work it did — peak RSS in KiB (GNU time) and what the
+/// kernel counted it reading (rchar: bytes through read(2)/pread(2); syscr: read calls; from /proc/PID/io).
+/// No wall time: tests bound the work done, never the time taken.
 #[derive(Debug)]
 pub struct Measured {
     pub code: i32,
     pub stderr: String,
-    pub seconds: f64,
     pub max_rss_kib: u64,
+    pub rchar: u64,
+    pub syscr: u64,
 }
 
-/// Runs imgshift under GNU time (Debian package `time`), measuring wall time and peak RSS.
+/// Runs imgshift under GNU time (Debian package `time`) for its peak RSS, inside a `sh` whose /proc/PID/io,
+/// read after it has reaped the run, holds what the run read (the kernel adds a reaped child's I/O counts to
+/// its parent's). The run is killed as hung after [`HANG_GUARD_SECS`].
 pub fn imgshift_measured(args: &[&str]) -> Measured {
     let dir = tempfile::tempdir().unwrap();
     let tfile = dir.path().join("time");
-    let out = Command::new("/usr/bin/time")
-        .arg("-f")
-        .arg("%e %M")
-        .arg("-o")
-        .arg(&tfile)
+    let iofile = dir.path().join("io");
+    let script = r#"timeout -k 10 "$HANG" /usr/bin/time -f "%M" -o "$TFILE" "$@"; s=$?; cat /proc/$$/io >"$IOFILE"; exit $s"#;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("sh")
         .arg(imgshift_bin())
         .args(args)
+        .env("HANG", HANG_GUARD_SECS.to_string())
+        .env("TFILE", &tfile)
+        .env("IOFILE", &iofile)
         .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run /usr/bin/time ({e}): install it with `apt-get install time`")
-        });
-    let t = std::fs::read_to_string(&tfile).unwrap();
-    let last = t.lines().last().unwrap_or("").to_string();
-    let mut it = last.split_whitespace();
-    let seconds: f64 = it
-        .next()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad time output {t}"));
-    let max_rss_kib: u64 = it
-        .next()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad time output {t}"));
+        .unwrap();
+    let code = out.status.code().unwrap_or(-1);
+    assert!(
+        code != 124 && code != 137,
+        "imgshift {args:?} hung: killed after {HANG_GUARD_SECS} s (a hang guard, not a speed limit)"
+    );
+    let t = std::fs::read_to_string(&tfile).unwrap_or_else(|e| {
+        panic!("no output from /usr/bin/time ({e}): install it with `apt-get install time`")
+    });
+    let max_rss_kib: u64 = t
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("bad time output {t:?}"));
+    let io = std::fs::read_to_string(&iofile).unwrap();
+    let field = |name: &str| -> u64 {
+        io.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/PID/io: {io:?}"))
+    };
     Measured {
-        code: out.status.code().unwrap_or(-1),
+        code,
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        seconds,
         max_rss_kib,
+        rchar: field("rchar:"),
+        syscr: field("syscr:"),
     }
+}
+
+/// Total size of the files (not folders) under `dir`, recursively: what a run over them could read once.
+pub fn bytes_under(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => bytes_under(&e.path()),
+                    Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+                    _ => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// Runs qemu-img; panics with its output (and how to install it) on failure.
@@ -258,4 +294,53 @@ pub fn files_in(dir: &Path) -> Vec<String> {
 /// `path` as &str.
 pub fn s(path: &Path) -> &str {
     path.to_str().unwrap()
+}
+
+/// Where `.ci/standins` keeps its state (pid files, logs, and `standins.env`, the stand-ins' addresses).
+pub fn standin_dir() -> PathBuf {
+    std::env::var_os("IMGSHIFT_STANDIN_DIR").map_or_else(
+        || PathBuf::from("/var/tmp/imgshift-standins"),
+        PathBuf::from,
+    )
+}
+
+/// A stand-in's address: the environment variable `key` when set; else the `key=VALUE` line that
+/// `.ci/standins start` wrote to `standins.env` in [`standin_dir`] (the stand-ins listen on ports chosen when
+/// they start); else `default`, the port stand-ins started before that file existed used.
+pub fn standin(key: &str, default: &str) -> String {
+    if let Some(v) = std::env::var(key).ok().filter(|v| !v.is_empty()) {
+        return v;
+    }
+    let file = standin_dir().join("standins.env");
+    std::fs::read_to_string(&file)
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
+        })
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// A plain HTTP/1.0 GET of `path` at `url` (`http://host:port`): the status line and headers, and as much of
+/// the body as came within a few seconds; `None` when nothing answers. For health checks of the stand-ins.
+pub fn http_get(url: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let hostport = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&hostport)
+        .ok()?
+        .next()?;
+    let timeout = std::time::Duration::from_secs(10);
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    conn.set_read_timeout(Some(timeout)).ok()?;
+    write!(
+        conn,
+        "GET {path} HTTP/1.0\r\nHost: {hostport}\r\nx-ms-version: 2025-01-05\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = Vec::new();
+    let _ = conn.take(1 << 20).read_to_end(&mut buf);
+    (!buf.is_empty()).then(|| String::from_utf8_lossy(&buf).replace("\r\n", "\n"))
 }

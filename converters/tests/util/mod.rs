@@ -109,3 +109,162 @@ pub fn assert_check_clean(img: &Path, fmt: &str) {
 pub fn p(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
+
+// ---- bounding work, not time ------------------------------------------------------------------------------
+//
+// A hostile image must not make a reader do unbounded work. The tests prove that by the work done (bytes and
+// read calls through the image's storage, or the kernel's count of bytes the reading thread read), never by a
+// wall-clock limit: the machine is shared, and a slow run is not a wrong one. The only clock is a hang guard.
+
+/// How long a bounded piece of work may go without an answer before the test fails as hung. A guard against a
+/// test that never returns, not a speed claim: every piece of work guarded by it takes well under a second.
+pub const HANG_GUARD: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Work done: bytes read and read calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Work {
+    /// Bytes read.
+    pub bytes: u64,
+    /// Read calls.
+    pub reads: u64,
+}
+
+impl Work {
+    /// Panics naming `what` unless at most `max_bytes` were read in at most `max_reads` calls.
+    #[track_caller]
+    pub fn assert_at_most(&self, what: &str, max_bytes: u64, max_reads: u64) {
+        assert!(
+            self.bytes <= max_bytes && self.reads <= max_reads,
+            "{what}: read {} bytes in {} calls (at most {max_bytes} bytes in {max_reads} calls allowed)",
+            self.bytes,
+            self.reads
+        );
+    }
+}
+
+/// A [`Storage`] that counts the bytes and read calls made through it (every read of a format reader goes
+/// through `read_exact_at`: `read_at_zero_fill` is the trait's default, which calls it).
+pub struct CountingStorage {
+    inner: std::sync::Arc<dyn imgshift_converters::Storage>,
+    bytes: std::sync::atomic::AtomicU64,
+    reads: std::sync::atomic::AtomicU64,
+}
+
+impl CountingStorage {
+    /// Counts reads of `inner`.
+    pub fn new(inner: std::sync::Arc<dyn imgshift_converters::Storage>) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(CountingStorage {
+            inner,
+            bytes: 0.into(),
+            reads: 0.into(),
+        })
+    }
+
+    /// An in-memory image, counted.
+    pub fn mem(bytes: Vec<u8>, name: &str) -> std::sync::Arc<Self> {
+        Self::new(std::sync::Arc::new(imgshift_converters::MemStorage::new(
+            bytes, name,
+        )))
+    }
+
+    /// The work done through this storage so far.
+    pub fn work(&self) -> Work {
+        use std::sync::atomic::Ordering::Relaxed;
+        Work {
+            bytes: self.bytes.load(Relaxed),
+            reads: self.reads.load(Relaxed),
+        }
+    }
+}
+
+impl imgshift_converters::Storage for CountingStorage {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> imgshift_converters::Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.reads.fetch_add(1, Relaxed);
+        self.bytes.fetch_add(buf.len() as u64, Relaxed);
+        self.inner.read_exact_at(buf, offset)
+    }
+    fn data_ranges(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> imgshift_converters::Result<Option<Vec<(u64, u64)>>> {
+        self.inner.data_ranges(offset, len)
+    }
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn path(&self) -> Option<&Path> {
+        self.inner.path()
+    }
+    fn allocated_bytes(&self) -> Option<u64> {
+        self.inner.allocated_bytes()
+    }
+}
+
+/// Runs `f` on its own thread and returns its result; fails the test as hung when it gives no answer within
+/// [`HANG_GUARD`]. A panic in `f` is the test's panic.
+#[track_caller]
+pub fn no_hang<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(HANG_GUARD) {
+        Ok(v) => {
+            let _ = handle.join();
+            v
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match handle.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => unreachable!("the worker ended without an answer or a panic"),
+        },
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!(
+            "{what}: hung (no answer after {} s; a hang guard, not a speed limit)",
+            HANG_GUARD.as_secs()
+        ),
+    }
+}
+
+/// The kernel's count of what the calling thread has read: (rchar, syscr) from /proc/thread-self/io. It
+/// counts every read(2)/pread(2) of the thread, so it covers files a reader opens itself (extents, backing
+/// files) as well as the image.
+fn thread_io() -> Work {
+    let text = std::fs::read_to_string("/proc/thread-self/io")
+        .expect("/proc/thread-self/io (Linux >= 3.17 with task I/O accounting)");
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/thread-self/io: {text}"))
+    };
+    Work {
+        bytes: field("rchar:"),
+        reads: field("syscr:"),
+    }
+}
+
+/// Runs `f` on its own thread (under the hang guard) and returns its result with what that thread read from
+/// files meanwhile (format readers do their opening, mapping and checking on the calling thread). The two
+/// reads of /proc/thread-self/io that bracket `f` count too (a few hundred bytes, two calls).
+#[track_caller]
+pub fn file_work<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> (T, Work) {
+    no_hang(what, move || {
+        let before = thread_io();
+        let v = f();
+        let after = thread_io();
+        (
+            v,
+            Work {
+                bytes: after.bytes - before.bytes,
+                reads: after.reads - before.reads,
+            },
+        )
+    })
+}

@@ -5,23 +5,10 @@
 //! (ResourceNotFoundException) which EBS can answer for a short while after StartSnapshot. Fatal: everything
 //! else (AccessDenied, validation, unknown ids after that grace period) — never retried.
 
-use std::time::Duration;
-
 use aws_sdk_ebs::error::{ProvideErrorMetadata, SdkError};
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 
-/// How a failure should be handled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
-    /// Try again after a backoff.
-    Retry,
-    /// Try again, and lower the request rate.
-    Throttle,
-    /// The resource may not be visible yet (eventual consistency).
-    NotFoundYet,
-    /// Give up.
-    Fatal,
-}
+pub use crate::targets::retry::{Class, Policy};
 
 /// Classifies an SDK error.
 pub fn classify<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> Class {
@@ -141,40 +128,6 @@ impl CallError {
     }
 }
 
-/// Retry policy.
-#[derive(Debug, Clone, Copy)]
-pub struct Policy {
-    /// Attempts for retryable failures (1 = no retry).
-    pub max_attempts: u32,
-    /// First backoff.
-    pub base: Duration,
-    /// Longest backoff.
-    pub cap: Duration,
-    /// How long "not found yet" is retried.
-    pub not_found_grace: Duration,
-}
-
-impl Default for Policy {
-    fn default() -> Self {
-        Policy {
-            max_attempts: 10,
-            base: Duration::from_millis(200),
-            cap: Duration::from_secs(20),
-            not_found_grace: Duration::from_secs(120),
-        }
-    }
-}
-
-impl Policy {
-    /// Backoff before attempt `attempt` (1-based retry count): capped exponential with full jitter.
-    pub fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self.base.saturating_mul(1u32 << attempt.min(16));
-        let max = exp.min(self.cap);
-        let ms = rand::random_range(max.as_millis() as u64 / 2..=max.as_millis().max(1) as u64);
-        Duration::from_millis(ms)
-    }
-}
-
 /// Runs `op` until it succeeds, fails fatally, or runs out of attempts. `on_class` sees every failure's class
 /// (for throttling feedback).
 pub async fn with_retry<T, E, F, Fut>(
@@ -242,13 +195,5 @@ mod tests {
             Class::NotFoundYet
         );
         assert_eq!(classify_code(None, 429), Class::Throttle);
-    }
-
-    #[test]
-    fn backoff_is_capped() {
-        let p = Policy::default();
-        for a in 1..40 {
-            assert!(p.backoff(a) <= p.cap);
-        }
     }
 }

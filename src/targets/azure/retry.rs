@@ -5,7 +5,7 @@
 use azure_core::error::ErrorKind;
 
 use super::redact::redact;
-pub use crate::targets::aws::retry::{Class, Policy};
+pub use crate::targets::retry::{Class, Policy};
 
 /// Classifies an azure_core error.
 pub fn classify(err: &azure_core::Error) -> Class {

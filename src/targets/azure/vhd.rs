@@ -54,60 +54,11 @@ impl FormatWriter for AzureVhdWriter {
     }
 }
 
-/// Checks the 512-byte footer of a fixed VHD whose data part is `data_size` bytes (Microsoft "Virtual Hard Disk
-/// Image Format Specification" 1.0, "Hard Disk Footer Format"): cookie `conectix`, file format version 1.0,
-/// data offset 0xFFFFFFFFFFFFFFFF (fixed disks have no dynamic header), current size = `data_size`, disk type 2
-/// (fixed), and the checksum (one's complement of the sum of every byte but the checksum's own four).
+/// Checks the 512-byte footer of a fixed VHD whose data part is `data_size` bytes: the VHD format module's rule
+/// ([`imgshift_converters::formats::vhd::meta::check_fixed_footer`]: cookie, checksum, version, disk type 2, no
+/// data offset, current size = `data_size`).
 pub fn check_fixed_footer(footer: &[u8], data_size: u64) -> anyhow::Result<()> {
-    use anyhow::bail;
-    let be32 = |at: usize| -> u32 {
-        footer
-            .get(at..at + 4)
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, u32::from_be_bytes)
-    };
-    let be64 = |at: usize| -> u64 {
-        footer
-            .get(at..at + 8)
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, u64::from_be_bytes)
-    };
-    if footer.len() != 512 {
-        bail!("the VHD footer is {} bytes, not 512", footer.len());
-    }
-    if footer.get(..8) != Some(&b"conectix"[..]) {
-        bail!("the VHD footer's cookie is not 'conectix'");
-    }
-    let sum = footer
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !(64..68).contains(i))
-        .fold(0u32, |a, (_, &b)| a.wrapping_add(u32::from(b)));
-    if be32(64) != !sum {
-        bail!(
-            "the VHD footer's checksum is {:#010x}, its bytes sum to {:#010x}",
-            be32(64),
-            !sum
-        );
-    }
-    if be32(12) != 0x0001_0000 {
-        bail!(
-            "the VHD footer's format version is {:#010x}, not 1.0",
-            be32(12)
-        );
-    }
-    if be64(16) != u64::MAX {
-        bail!("the VHD footer has a data offset: not a fixed disk");
-    }
-    if be32(60) != 2 {
-        bail!("the VHD disk type is {}, not 2 (fixed hard disk)", be32(60));
-    }
-    if be64(48) != data_size {
-        bail!(
-            "the VHD footer's current size is {} bytes, the disk's data part {data_size}",
-            be64(48)
-        );
-    }
+    imgshift_converters::formats::vhd::meta::check_fixed_footer(footer, data_size)?;
     Ok(())
 }
 
@@ -155,7 +106,7 @@ mod tests {
         let good = footer();
         let e = |f: &[u8], size: u64| check_fixed_footer(f, size).unwrap_err().to_string();
         assert!(e(&good, MIN_DISK + (1 << 20)).contains("current size"));
-        assert!(e(&good[..511], MIN_DISK).contains("not 512"));
+        assert!(e(&good[..511], MIN_DISK).contains("512 bytes, not 511"));
         let mut f = good.clone();
         f[0] = b'x';
         assert!(e(&f, MIN_DISK).contains("cookie"));
@@ -165,7 +116,7 @@ mod tests {
         let mut f = good.clone();
         f[63] = 3;
         resum(&mut f);
-        assert!(e(&f, MIN_DISK).contains("disk type is 3"));
+        assert!(e(&f, MIN_DISK).contains("disk type 3 (dynamic), not 2"));
         let mut f = good;
         f[16..24].fill(0);
         resum(&mut f);

@@ -314,6 +314,48 @@ impl Footer {
     }
 }
 
+/// Checks a footer read apart from its image (a cloud's copy of a fixed disk): `bytes` must be a valid footer
+/// (cookie, checksum, version 1.x: [`RawFooter::validate`]) of a fixed disk (disk type 2, no data offset) whose
+/// current size is `data_size`, the bytes before it. Returns the footer.
+pub fn check_fixed_footer(bytes: &[u8], data_size: u64) -> Result<Footer> {
+    if bytes.len() as u64 != FOOTER_SIZE {
+        return Err(Error::invalid(
+            FMT,
+            format!("a footer is {FOOTER_SIZE} bytes, not {}", bytes.len()),
+        ));
+    }
+    let footer = RawFooter::parse(bytes)?.validate()?;
+    if footer.disk_type != DiskType::Fixed {
+        return Err(Error::invalid(
+            FMT,
+            format!(
+                "disk type {} ({}), not 2 (fixed)",
+                footer.disk_type.code(),
+                footer.disk_type.name()
+            ),
+        ));
+    }
+    if footer.data_offset != NO_DATA_OFFSET {
+        return Err(Error::invalid(
+            FMT,
+            format!(
+                "the footer has a data offset ({:#x}): not a fixed disk",
+                footer.data_offset
+            ),
+        ));
+    }
+    if footer.current_size != data_size {
+        return Err(Error::invalid(
+            FMT,
+            format!(
+                "the footer's current size is {} bytes, the data before it {data_size}",
+                footer.current_size
+            ),
+        ));
+    }
+    Ok(footer)
+}
+
 /// Parent locator platform codes (spec: "Parent Locator Entries", "Platform Code").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Platform {

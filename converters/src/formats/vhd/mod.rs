@@ -152,6 +152,8 @@ impl VhdReader {
         let want = sparse.header.parent_unique_id;
         let mut failures = Failures::default();
         let mut kind = ErrorKind::Io;
+        // Some candidate lay outside the trusted folders: trusting its folder may find the parent.
+        let mut untrusted = false;
         // Rule: a candidate is chosen by its footer alone (it exists, the gate lets it through, its unique id is
         // the one the child names); only the chosen one is opened with its own parents, and a failure there is
         // the error. Trying the next candidate after a deeper failure would walk every path through a set of
@@ -164,6 +166,7 @@ impl VhdReader {
                     if e.kind() == ErrorKind::Denied || kind == ErrorKind::Io {
                         kind = e.kind();
                     }
+                    untrusted |= e.is_untrusted();
                     failures.push(&e.to_string());
                     continue;
                 }
@@ -198,7 +201,8 @@ impl VhdReader {
                 self.storage.name(),
                 failures
             ),
-        ))
+        )
+        .marked_untrusted(untrusted))
     }
 
     /// Reads the sector bitmap of the block whose BAT entry is `entry`.

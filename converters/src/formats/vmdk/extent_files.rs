@@ -19,7 +19,7 @@
 //! which the user could convert directly anyway, not a host secret: keys, shell histories and documents are
 //! not named `*.vmdk`, and dot files and subfolders stay out.
 //!
-//! A file inside a folder the user trusted with `--allow-dir` passes whatever its name. Either way each file
+//! A file inside a folder the user trusted (`OpenGate::allow_dir`) passes whatever its name. Either way each file
 //! serves one extent line only: a real descriptor never names a file twice, and a repeated sparse extent would
 //! load its grain directory again for every line.
 //!
@@ -100,10 +100,10 @@ impl ExtentFiles {
             } else {
                 String::new()
             };
-            return Err(Error::denied(format!(
+            return Err(Error::untrusted(format!(
                 "VMDK extent '{name}'{via} refused: by default a descriptor opens only its image's own extent \
-                 files, those named *.vmdk or like '{stem}-flat{ext}' beside it (CVE-2022-47951); \
-                 pass --allow-dir DIR to trust the folder that holds it"
+                 files, those named *.vmdk or like '{stem}-flat{ext}' beside it (CVE-2022-47951), and its \
+                 folder is not trusted"
             )));
         }
         if !self.opened.insert(canon.clone()) {

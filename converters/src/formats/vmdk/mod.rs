@@ -11,7 +11,7 @@
 //!
 //! Extent files and parents are named inside the image: they open only through the [`OpenGate`] (the
 //! image's own folder, relative names, no `..`), and extents only when named as the image's own files (see
-//! [`extent_files`]; `--allow-dir` trusts other folders). A monolithic or stream-optimized file never opens
+//! [`extent_files`]; `OpenGate::allow_dir` trusts other folders). A monolithic or stream-optimized file never opens
 //! another file for its data: its embedded descriptor's extent line is informational, as in qemu.
 //!
 //! Write: see [`writer`].
