@@ -1,6 +1,6 @@
-//! Opening the images the user names, for every command and for the migrate runner alike: the format named or
+//! Opening the images the user names, for every command and for the job runner alike: the format named or
 //! probed, the open gate the trusted folders describe, an OVA package recognised as one, and errors named by the
-//! image's path. Below both `commands` and `migrate` (neither imports the other for this).
+//! image's path. Below both `commands` and `runner` (neither imports the other for this).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -73,4 +73,50 @@ pub fn trust_hint(e: &anyhow::Error) -> Option<&'static str> {
                 .is_some_and(imgshift_converters::Error::is_untrusted)
         })
         .then_some("pass --allow-dir DIR to trust the folder that holds it")
+}
+
+/// The opened source disks.
+pub struct SourceDisks {
+    /// Name of each disk (the OVA member, or the file name).
+    pub names: Vec<String>,
+    /// The disks, boot disk first.
+    pub disks: Vec<Arc<dyn DiskSource>>,
+    /// Whether the source is an OVA.
+    pub ova: bool,
+}
+
+/// Opens `path`: each disk of an OVA, or the image.
+pub fn open_disks(
+    path: &Path,
+    format: Option<&str>,
+    allow_dirs: &[PathBuf],
+) -> Result<SourceDisks> {
+    if let Some(pkg) = open_ova(path, format)? {
+        let g = gate(allow_dirs)?;
+        let mut names = Vec::new();
+        let mut disks = Vec::new();
+        for d in pkg.disks() {
+            let src = pkg.open_disk(d.index, &g).map_err(|e| naming(e, path))?;
+            names.push(d.file_name.clone());
+            disks.push(Arc::from(src));
+        }
+        if disks.is_empty() {
+            anyhow::bail!("{}: the OVA holds no disk", path.display());
+        }
+        return Ok(SourceDisks {
+            names,
+            disks,
+            ova: true,
+        });
+    }
+    let src = open_image(path, format, allow_dirs)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string());
+    Ok(SourceDisks {
+        names: vec![name],
+        disks: vec![Arc::from(src)],
+        ova: false,
+    })
 }

@@ -48,9 +48,9 @@ const RULES: &[Rule] = &[
     },
     Rule {
         from: "imgshift::targets::{target}",
-        forbid: &["imgshift::cli", "imgshift::commands", "imgshift::migrate"],
-        why: "a target is the lower layer: the commands and the migrate runner call it with plain arguments, it \
-              never reaches up into them or into the CLI's types",
+        forbid: &["imgshift::cli", "imgshift::commands", "imgshift::runner"],
+        why: "a target is the lower layer: the commands and the job runner call it with plain settings, it never \
+              reaches up into them or into the CLI's types",
     },
     Rule {
         from: "imgshift::targets::{target}",
@@ -64,7 +64,7 @@ const RULES: &[Rule] = &[
             "imgshift::targets::{other}",
             "imgshift::cli",
             "imgshift::commands",
-            "imgshift::migrate",
+            "imgshift::runner",
         ],
         why: "what the targets share depends on no one target (nor on the layers above the targets)",
     },
@@ -74,16 +74,39 @@ const RULES: &[Rule] = &[
             "imgshift::targets",
             "imgshift::commands",
             "imgshift::cli",
-            "imgshift::migrate",
+            "imgshift::runner",
+            "imgshift::job",
         ],
         why: "guest inspection reads a disk and states facts (partitions, ESP, boot mode, OS); the targets and \
               commands use those facts, never the other way round",
     },
     Rule {
-        from: "imgshift::migrate",
-        forbid: &["imgshift::commands"],
-        why: "the migrate runner is below the commands: what both need (opening sources, naming) lives in a \
-              module below both",
+        from: "imgshift::runner",
+        forbid: &["imgshift::commands", "imgshift::cli"],
+        why: "the job runner is below the commands: it takes a target and plain settings; what both need \
+              (opening sources, naming) lives in a module below both",
+    },
+    Rule {
+        from: "imgshift::job",
+        forbid: &[
+            "imgshift::runner",
+            "imgshift::targets",
+            "imgshift::commands",
+            "imgshift::cli",
+        ],
+        why: "a job (its journal, disks and the Target trait every target implements) is below the targets and \
+              the runner: it names no target and no runner",
+    },
+    Rule {
+        from: "imgshift::journal",
+        forbid: &[
+            "imgshift::job",
+            "imgshift::runner",
+            "imgshift::targets",
+            "imgshift::commands",
+            "imgshift::cli",
+        ],
+        why: "the journal stores a job's state; it knows nothing above it",
     },
 ];
 

@@ -15,7 +15,7 @@ use crate::guest::preflight::Level;
 use crate::journal::state_dir;
 use crate::progress::StageUi;
 use crate::runner::plan::{self, ReportInput};
-use crate::runner::{self, RunSpec, Stages, source};
+use crate::runner::{self, RunSpec, Stages};
 
 /// The `--to` options given on the command line for another target than `to`, as a usage error's text
 /// (`--pool` belongs to `--to libvirt`). Options set by the environment (AZURE_SUBSCRIPTION_ID) are not counted.
@@ -71,7 +71,7 @@ pub fn run(args: &MigrateArgs, quiet: bool) -> Result<u8> {
     let kind = TargetKind::from(args.to);
     let to = kind.name();
     let mut target = super::targets::for_migrate(args)?;
-    let srcs = source::open(&args.src, args.format.as_deref(), &args.trust)?;
+    let srcs = crate::open::open_disks(&args.src, args.format.as_deref(), &args.trust.allow_dirs)?;
     let boot_mode = match args.to {
         MigrateTo::Aws => args.aws.boot_mode.clone(),
         _ => None,

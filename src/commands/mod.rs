@@ -17,7 +17,6 @@ mod upload_libvirt;
 
 pub(crate) use crate::targets::parse_tags;
 
-
 use anyhow::Result;
 use imgshift_converters::OpenGate;
 

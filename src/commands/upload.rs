@@ -13,7 +13,7 @@ use crate::cli::{AwsConnArgs, AwsUploadArgs, AzureUploadArgs, OutputFormat, Trus
 use crate::job::Target;
 use crate::journal::state_dir;
 use crate::progress::StageUi;
-use crate::runner::{self, RunOutcome, RunSpec, Stages, source};
+use crate::runner::{self, RunOutcome, RunSpec, Stages};
 use crate::targets::aws::config;
 use crate::targets::aws::retry::Policy;
 use crate::targets::aws::volume_gib;
@@ -68,7 +68,7 @@ struct Upload<'a> {
 
 /// Runs an upload job through the runner.
 fn run_upload(u: Upload<'_>, target: &mut dyn Target, quiet: bool) -> Result<RunOutcome> {
-    let sources = source::open(u.src, u.format.as_deref(), u.trust)?;
+    let sources = crate::open::open_disks(u.src, u.format.as_deref(), &u.trust.allow_dirs)?;
     let ui = Arc::new(StageUi::bars_only(
         quiet,
         2 + usize::from(u.generalize.is_some()),

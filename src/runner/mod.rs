@@ -10,7 +10,6 @@
 //! removes through the same target.
 
 pub mod plan;
-pub mod source;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
@@ -25,9 +24,9 @@ use crate::generalize::operations::Target as GenTarget;
 use crate::guest::preflight::Level;
 use crate::job::{DiskInfo, Job, Target, UploadStats, map_disk};
 use crate::journal::{DiskPart, JOURNAL_VERSION, JobState, Journal, StageRecord, pause_point};
+use crate::open::SourceDisks;
 use crate::progress::{StageUi, human_size};
 use plan::Preflight;
-use source::SourceDisks;
 
 /// Disk stage once its upload finished.
 const DISK_UPLOADED: &str = "uploaded";
