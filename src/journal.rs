@@ -77,6 +77,57 @@ impl Bitmap {
     }
 }
 
+/// What a job records about its target as a whole: each field named by the target that writes it. A journal
+/// naming any other field is refused as corrupt (never misread).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKey {
+    /// AWS: the AMI id; Azure: the image's resource id.
+    Image,
+    /// Azure: the gallery image version's resource id.
+    GalleryVersion,
+    /// Azure: the Hyper-V generation the OS disk was created with.
+    HyperVGeneration,
+    /// libvirt: the domain defined.
+    Domain,
+    /// libvirt: whether the domain was started.
+    Started,
+    /// libvirt: the firmware chosen (bios, uefi).
+    Firmware,
+    /// libvirt: the disk bus chosen.
+    DiskBus,
+    /// libvirt: the domain type chosen (kvm, qemu).
+    DomainType,
+    /// libvirt: the volume format (qcow2, raw).
+    VolumeFormat,
+    /// libvirt: the firmware the boot disk's partition table suggests.
+    PartitionFirmware,
+    /// libvirt: why.
+    PartitionFirmwareWhy,
+}
+
+/// What a job records about one disk on its target. A journal naming any other field is refused as corrupt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskKey {
+    /// AWS: the EBS snapshot id.
+    Snapshot,
+    /// AWS: present when the snapshot is encrypted (every block is written).
+    Encrypted,
+    /// AWS: present once CompleteSnapshot was sent.
+    Completing,
+    /// Azure: the managed disk's name.
+    ManagedDisk,
+    /// Azure: the managed disk's resource id.
+    ManagedDiskId,
+    /// Azure: where the disk is (creating, created, granted, uploaded, revoked).
+    AzureStage,
+    /// Azure: when the last write SAS expires (not a secret).
+    SasExpiry,
+    /// libvirt: the volume, as POOL/VOLUME.
+    Volume,
+}
+
 /// The journal layout this imgshift writes and reads. 3: every job keeps its disks in `disks` (single-disk
 /// uploads too), bytes sent and preflight settings are typed fields. A journal of another version is refused by
 /// name, never misread.
@@ -95,9 +146,9 @@ pub struct JobState {
     pub source: String,
     /// The last stage finished ("new", "inspect", "upload", "register", "verify").
     pub stage: String,
-    /// Job-level target ids (the image, the gallery version, the Hyper-V generation chosen).
+    /// What the target recorded about the job as a whole (typed keys: [`JobKey`]).
     #[serde(default)]
-    pub ids: std::collections::BTreeMap<String, String>,
+    pub ids: std::collections::BTreeMap<JobKey, String>,
     /// The disks: each with its own done-bitmap and target ids.
     #[serde(default)]
     pub disks: Vec<DiskPart>,
@@ -137,9 +188,9 @@ pub struct DiskPart {
     /// Payload bytes the target acknowledged, over every run.
     #[serde(default)]
     pub bytes_sent: u64,
-    /// The target's ids and state for this disk (snapshot, disk, volume; the target's own keys).
+    /// What the target recorded about this disk (typed keys: [`DiskKey`]).
     #[serde(default)]
-    pub ids: std::collections::BTreeMap<String, String>,
+    pub ids: std::collections::BTreeMap<DiskKey, String>,
     /// Done-bitmap, base64.
     #[serde(default)]
     pub done: String,
@@ -550,11 +601,11 @@ mod tests {
             "second writer must be refused"
         );
         j.parts[0].set(3);
-        j.state.ids.insert("snapshot".into(), "snap-1".into());
+        j.state.ids.insert(JobKey::Image, "ami-1".into());
         j.save().unwrap();
         drop(j);
         let (j, resumed) = Journal::open_or_create(d.path(), fresh.clone()).unwrap();
-        assert!(resumed && j.parts[0].get(3) && j.state.ids["snapshot"] == "snap-1");
+        assert!(resumed && j.parts[0].get(3) && j.state.ids[&JobKey::Image] == "ami-1");
         drop(j);
         // A journal of another layout version is refused by name, never misread.
         let path = d.path().join("j1.json");
@@ -577,5 +628,17 @@ mod tests {
             );
             assert!(peek(&path).is_none());
         }
+        // A field no target writes is refused as corrupt, not ignored.
+        let bogus = text.replacen("\"ids\": {", "\"ids\": {\n    \"bogus\": \"x\",", 1);
+        assert_ne!(bogus, text);
+        std::fs::write(&path, &bogus).unwrap();
+        let e = format!(
+            "{:#}",
+            Journal::open_or_create(d.path(), fresh).err().unwrap()
+        );
+        assert!(
+            e.contains("corrupt job journal") && e.contains("bogus"),
+            "{e}"
+        );
     }
 }

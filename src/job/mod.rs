@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use anyhow::{Context, Result};
 use imgshift_converters::{DiskSource, ExtentMap};
 
-use crate::journal::{Journal, Ledger, Resource};
+use crate::journal::{DiskKey, JobKey, Journal, Ledger, Resource};
 use crate::progress::{Bar, StageUi};
 
 /// One disk of the job, as the stages see it.
@@ -79,40 +79,40 @@ impl Job {
     }
 
     /// A target id of disk `disk` stored in the journal.
-    pub fn disk_id(&self, disk: usize, key: &str) -> Result<Option<String>> {
+    pub fn disk_id(&self, disk: usize, key: DiskKey) -> Result<Option<String>> {
         Ok(self
             .lock()?
             .state
             .disks
             .get(disk)
-            .and_then(|d| d.ids.get(key).cloned()))
+            .and_then(|d| d.ids.get(&key).cloned()))
     }
 
     /// The target id `key` of every disk, in disk order.
-    pub fn disk_ids(&self, key: &str) -> Result<Vec<Option<String>>> {
+    pub fn disk_ids(&self, key: DiskKey) -> Result<Vec<Option<String>>> {
         (0..self.disks.len())
             .map(|i| self.disk_id(i, key))
             .collect()
     }
 
     /// Stores a target id of disk `disk` and saves the journal.
-    pub fn set_disk_id(&self, disk: usize, key: &str, value: &str) -> Result<()> {
+    pub fn set_disk_id(&self, disk: usize, key: DiskKey, value: &str) -> Result<()> {
         let mut j = self.lock()?;
         if let Some(d) = j.state.disks.get_mut(disk) {
-            d.ids.insert(key.to_string(), value.to_string());
+            d.ids.insert(key, value.to_string());
         }
         j.save()
     }
 
     /// A job-level target id.
-    pub fn id_of(&self, key: &str) -> Result<Option<String>> {
-        Ok(self.lock()?.state.ids.get(key).cloned())
+    pub fn id_of(&self, key: JobKey) -> Result<Option<String>> {
+        Ok(self.lock()?.state.ids.get(&key).cloned())
     }
 
     /// Stores a job-level target id and saves the journal.
-    pub fn set_id(&self, key: &str, value: &str) -> Result<()> {
+    pub fn set_id(&self, key: JobKey, value: &str) -> Result<()> {
         let mut j = self.lock()?;
-        j.state.ids.insert(key.to_string(), value.to_string());
+        j.state.ids.insert(key, value.to_string());
         j.save()
     }
 

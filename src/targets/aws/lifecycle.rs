@@ -16,7 +16,7 @@ use super::retry::{self, Policy};
 use super::upload::{self as up, UploaderOptions};
 use super::{EBS_BLOCK_SIZE, config, volume_gib};
 use crate::job::{DiskInfo, Job, Target, UploadStats, map_disk, verify};
-use crate::journal::Resource;
+use crate::journal::{DiskKey, JobKey, Resource};
 use crate::progress::{Bar, human_size};
 
 /// How long to wait for a snapshot to complete or the AMI to become available.
@@ -225,7 +225,7 @@ impl Target for AwsTarget {
         job.say(&format!("AWS region {region}"));
         // A taken AMI name fails RegisterImage only at the end: refuse now, unless this job made it.
         if let Some(name) = self.image.as_ref().map(|i| i.name.clone())
-            && job.id_of("image")?.is_none()
+            && job.id_of(JobKey::Image)?.is_none()
             && let Some(found) = self.find_image(&name)?
             && !job.owns("image", &found)
             && !job.owns("image-name", &name)
@@ -247,11 +247,11 @@ impl Target for AwsTarget {
     ) -> Result<UploadStats> {
         let size = src.virtual_size();
         let (_, block_count) = self.units(size)?;
-        let snapshot = match job.disk_id(disk, "snapshot")? {
+        let snapshot = match job.disk_id(disk, DiskKey::Snapshot)? {
             Some(s) => {
                 // The interrupted run got as far as CompleteSnapshot: every block is in; complete it again
                 // (a snapshot already completed refuses, which is fine) and wait.
-                if job.disk_id(disk, "completing")?.is_some() {
+                if job.disk_id(disk, DiskKey::Completing)?.is_some() {
                     let policy = self.policy;
                     let changed = job.ledger(disk).bitmap()?.count();
                     if self.snapshot_state(&s)? != Some(SnapshotState::Completed) {
@@ -291,15 +291,15 @@ impl Target for AwsTarget {
                     c.rt.block_on(up::start_snapshot(&c.ebs, &policy, &req))
                         .with_context(|| format!("cannot start a snapshot {place}"))?;
                 job.record("snapshot", &s)?;
-                job.set_disk_id(disk, "snapshot", &s)?;
+                job.set_disk_id(disk, DiskKey::Snapshot, &s)?;
                 if enc {
-                    job.set_disk_id(disk, "encrypted", "true")?;
+                    job.set_disk_id(disk, DiskKey::Encrypted, "true")?;
                 }
                 job.say(&format!("started snapshot {s} for disk {disk}"));
                 s
             }
         };
-        let encrypted = job.disk_id(disk, "encrypted")?.is_some();
+        let encrypted = job.disk_id(disk, DiskKey::Encrypted)?.is_some();
         let planned = if encrypted {
             block_count * EBS_BLOCK_SIZE
         } else {
@@ -341,7 +341,7 @@ impl Target for AwsTarget {
             )
         })?;
         let changed = ledger.bitmap()?.count();
-        job.set_disk_id(disk, "completing", "true")?;
+        job.set_disk_id(disk, DiskKey::Completing, "true")?;
         let c = self.clients()?;
         c.rt.block_on(up::complete_snapshot(&c.ebs, &policy, &snapshot, changed))?;
         c.rt.block_on(register::wait_snapshot(
@@ -360,7 +360,7 @@ impl Target for AwsTarget {
         let mut snapshots = Vec::new();
         for i in 0..job.disks.len() {
             snapshots.push(
-                job.disk_id(i, "snapshot")?
+                job.disk_id(i, DiskKey::Snapshot)?
                     .with_context(|| format!("disk {i} has no snapshot in the journal"))?,
             );
         }
@@ -370,7 +370,7 @@ impl Target for AwsTarget {
         if spec.boot_mode.is_none() {
             spec.boot_mode = job.settings.get("boot_mode").cloned();
         }
-        let ami = match job.id_of("image")? {
+        let ami = match job.id_of(JobKey::Image)? {
             Some(a) => a,
             None => match self.find_image(&spec.name)? {
                 // Registered by the interrupted run, after its last journal write.
@@ -391,7 +391,7 @@ impl Target for AwsTarget {
             },
         };
         job.record("image", &ami)?;
-        job.set_id("image", &ami)?;
+        job.set_id(JobKey::Image, &ami)?;
         let policy = self.policy;
         let c = self.clients()?;
         c.rt.block_on(register::wait_image(&c.ec2, &policy, &ami, WAIT_LIMIT))?;
@@ -409,9 +409,9 @@ impl Target for AwsTarget {
         let mut compared = 0u64;
         for (i, src) in sources.iter().enumerate() {
             let snapshot = job
-                .disk_id(i, "snapshot")?
+                .disk_id(i, DiskKey::Snapshot)?
                 .with_context(|| format!("disk {i} has no snapshot in the journal"))?;
-            let encrypted = job.disk_id(i, "encrypted")?.is_some();
+            let encrypted = job.disk_id(i, DiskKey::Encrypted)?.is_some();
             let map = map_disk(src.as_ref(), &format!("disk {i}"))?;
             let (_, block_count) = self.units(src.virtual_size())?;
             let expected = if encrypted {
@@ -447,9 +447,9 @@ impl Target for AwsTarget {
 
     fn outputs(&self, job: &Job) -> Result<serde_json::Value> {
         Ok(json!({
-            "image_id": job.id_of("image")?,
-            "snapshot_ids": job.disk_ids("snapshot")?,
-            "encrypted": job.disk_ids("encrypted")?.iter().map(Option::is_some).collect::<Vec<bool>>(),
+            "image_id": job.id_of(JobKey::Image)?,
+            "snapshot_ids": job.disk_ids(DiskKey::Snapshot)?,
+            "encrypted": job.disk_ids(DiskKey::Encrypted)?.iter().map(Option::is_some).collect::<Vec<bool>>(),
             "region": self.clients.as_ref().map(|c| c.region.clone()),
         }))
     }

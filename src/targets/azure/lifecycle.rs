@@ -17,7 +17,7 @@ use imgshift_converters::{DiskSource, ExtentKind, ExtentMap};
 use serde_json::json;
 
 use crate::job::{DiskInfo, Job, Target, UploadStats, map_disk, verify};
-use crate::journal::Resource;
+use crate::journal::{DiskKey, JobKey, Resource};
 use crate::progress::{Bar, human_size};
 use crate::targets::azure::arm::{Arm, DISK_API, DiskSpec, GALLERY_API, IMAGE_API, check_name};
 use crate::targets::azure::pages::slot_count;
@@ -39,7 +39,7 @@ const MAX_NAME: usize = 80;
 /// Lifetime of the read SAS the verify stage asks for (revoked as soon as the disk is checked).
 const VERIFY_ACCESS_SECONDS: u64 = 3600;
 /// Where a disk's stage is kept in its journal ids.
-pub const STAGE_KEY: &str = "azure_stage";
+pub const STAGE_KEY: DiskKey = DiskKey::AzureStage;
 const CREATING: &str = "creating";
 const CREATED: &str = "created";
 const GRANTED: &str = "granted";
@@ -288,7 +288,7 @@ impl AzureTarget {
         if self.generation != "auto" {
             return Ok(self.generation.clone());
         }
-        if let Some(g) = job.id_of("hyper_v_generation")? {
+        if let Some(g) = job.id_of(JobKey::HyperVGeneration)? {
             return Ok(g);
         }
         if let Some(g) = job.settings.get("hyper_v_generation") {
@@ -448,7 +448,7 @@ impl Target for AzureTarget {
         if stage.is_empty() {
             // On record before the PUT: a crash in between still leaves it for `jobs cancel`.
             job.record("disk", &name)?;
-            job.set_disk_id(disk, "disk", &name)?;
+            job.set_disk_id(disk, DiskKey::ManagedDisk, &name)?;
             job.set_disk_id(disk, STAGE_KEY, CREATING)?;
             stage = CREATING.into();
         }
@@ -463,7 +463,7 @@ impl Target for AzureTarget {
         if stage == CREATING {
             let (os_type, generation) = if disk == 0 {
                 let g = self.generation(job, Some(src))?;
-                job.set_id("hyper_v_generation", &g)?;
+                job.set_id(JobKey::HyperVGeneration, &g)?;
                 (Some(self.os_type), Some(g))
             } else {
                 (None, None)
@@ -498,7 +498,11 @@ impl Target for AzureTarget {
                         .unwrap_or_default()
                 ));
             }
-            job.set_disk_id(disk, "disk_id", &c.arm.id(&format!("disks/{name}")))?;
+            job.set_disk_id(
+                disk,
+                DiskKey::ManagedDiskId,
+                &c.arm.id(&format!("disks/{name}")),
+            )?;
             job.set_disk_id(disk, STAGE_KEY, CREATED)?;
             stage = CREATED.into();
         }
@@ -509,7 +513,7 @@ impl Target for AzureTarget {
                 c.rt.block_on(c.arm.grant_write(&name, self.access_duration))
                     .map_err(leftover)?;
             if let Some(e) = upload::sas_expiry(&sas) {
-                job.set_disk_id(disk, "sas_expiry", &e)?;
+                job.set_disk_id(disk, DiskKey::SasExpiry, &e)?;
             }
             job.set_disk_id(disk, STAGE_KEY, GRANTED)?;
             job.say(&format!("write access granted to disk {name}"));
@@ -584,7 +588,7 @@ impl Target for AzureTarget {
         let c = self.conn()?;
         let mut made = Vec::new();
         if let Some(image) = &self.image_name
-            && job.id_of("image")?.is_none()
+            && job.id_of(JobKey::Image)?.is_none()
         {
             job.record("image", image)?;
             c.rt.block_on(c.arm.create_image(
@@ -601,7 +605,7 @@ impl Target for AzureTarget {
                     job.id
                 )
             })?;
-            job.set_id("image", &c.arm.id(&format!("images/{image}")))?;
+            job.set_id(JobKey::Image, &c.arm.id(&format!("images/{image}")))?;
             job.say(&format!("created image {image}"));
         }
         if let Some(image) = &self.image_name {
@@ -610,7 +614,7 @@ impl Target for AzureTarget {
         let mut gallery = String::new();
         if let Some(g) = &self.gallery {
             let id = format!("{}/{}/{}", g.0, g.1, g.2);
-            if job.id_of("gallery_version")?.is_none() {
+            if job.id_of(JobKey::GalleryVersion)?.is_none() {
                 job.record("gallery-version", &id)?;
                 c.rt.block_on(c.arm.create_gallery_version(
                     &g.0, &g.1, &g.2, &location, &os_disk, &job.tags,
@@ -621,7 +625,7 @@ impl Target for AzureTarget {
                         job.id
                     )
                 })?;
-                job.set_id("gallery_version", &c.arm.id(&Self::gallery_path(g)))?;
+                job.set_id(JobKey::GalleryVersion, &c.arm.id(&Self::gallery_path(g)))?;
                 job.say(&format!("created gallery image version {id}"));
             }
             gallery = format!("; gallery image version {id}");
@@ -699,10 +703,10 @@ impl Target for AzureTarget {
 
     fn outputs(&self, job: &Job) -> Result<serde_json::Value> {
         Ok(json!({
-            "image_id": job.id_of("image")?,
-            "disk_ids": job.disk_ids("disk_id")?,
-            "gallery_image_version_id": job.id_of("gallery_version")?,
-            "hyper_v_generation": job.id_of("hyper_v_generation")?,
+            "image_id": job.id_of(JobKey::Image)?,
+            "disk_ids": job.disk_ids(DiskKey::ManagedDiskId)?,
+            "gallery_image_version_id": job.id_of(JobKey::GalleryVersion)?,
+            "hyper_v_generation": job.id_of(JobKey::HyperVGeneration)?,
             "resource_group": self.resource_group,
             "location": self.location,
         }))

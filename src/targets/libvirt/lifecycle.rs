@@ -23,7 +23,7 @@ use virt::storage_pool::StoragePool;
 
 use crate::cli::{LibvirtVolFormat, MigrateArgs};
 use crate::job::{DiskInfo, Job, Target, UploadStats, map_disk, verify};
-use crate::journal::Resource;
+use crate::journal::{DiskKey, JobKey, Resource};
 use crate::progress::Bar;
 use crate::targets::libvirt::plan::{self, DomainChoices, GuestHints};
 use crate::targets::libvirt::xml::{DomainDisk, domain_xml};
@@ -110,14 +110,14 @@ impl LibvirtTarget {
     /// read, and the firmware disk 0's partition table suggests (kept by its upload).
     fn hints(job: &Job) -> Result<GuestHints> {
         let linux = job.settings.get("linux_root").map(String::as_str) == Some("yes");
-        let partition_firmware = match job.id_of("partition_firmware")?.as_deref() {
+        let partition_firmware = match job.id_of(JobKey::PartitionFirmware)?.as_deref() {
             Some("uefi") => Some(Firmware::Uefi),
             Some("bios") => Some(Firmware::Bios),
             _ => None,
         }
         .map(|fw| {
             let why = job
-                .id_of("partition_firmware_why")
+                .id_of(JobKey::PartitionFirmwareWhy)
                 .ok()
                 .flatten()
                 .unwrap_or_else(|| "from the disk's partition table".into());
@@ -163,14 +163,14 @@ impl Target for LibvirtTarget {
         let pool = self.pool()?;
         let conn = self.conn()?;
         job.say(&format!("libvirt at {}, pool '{}'", self.uri, self.pool));
-        match job.id_of("volume_format")? {
+        match job.id_of(JobKey::VolumeFormat)? {
             Some(f) if f != self.format.name() => bail!(
                 "job {} makes {f} volumes: rerun it with --volume-format {f}, or cancel it (`imgshift jobs cancel {}`)",
                 job.id,
                 job.id
             ),
             Some(_) => {}
-            None => job.set_id("volume_format", self.format.name())?,
+            None => job.set_id(JobKey::VolumeFormat, self.format.name())?,
         }
         // A taken name is refused before anything is created, unless this job made (or was making) it.
         for i in 0..job.disks.len() {
@@ -207,15 +207,15 @@ impl Target for LibvirtTarget {
     ) -> Result<UploadStats> {
         let pool = self.pool()?;
         let conn = self.conn()?;
-        if disk == 0 && job.id_of("partition_firmware")?.is_none() {
+        if disk == 0 && job.id_of(JobKey::PartitionFirmware)?.is_none() {
             let (fw, why) = plan::partition_firmware(src);
-            job.set_id("partition_firmware_why", why)?;
-            job.set_id("partition_firmware", plan::fw_name(fw))?;
+            job.set_id(JobKey::PartitionFirmwareWhy, why)?;
+            job.set_id(JobKey::PartitionFirmware, plan::fw_name(fw))?;
         }
         let vol = self.volume(job, disk);
         let pool_name = self.pool.clone();
         job.record("volume", &volume_resource(&pool_name, &vol))?;
-        job.set_disk_id(disk, "volume", &vol)?;
+        job.set_disk_id(disk, DiskKey::Volume, &vol)?;
         // A volume left by an interrupted run of this job is partial: a stream cannot be resumed, so start over.
         if let Some(old) = lv::find_volume(&pool, &pool_name, &vol)? {
             old.delete(0).map_err(|e| {
@@ -289,10 +289,10 @@ impl Target for LibvirtTarget {
                 lv::define(&conn, &xml, &name)?
             }
         };
-        job.set_id("domain", &name)?;
-        job.set_id("firmware", plan::fw_name(plan.spec.firmware))?;
-        job.set_id("disk_bus", plan.spec.disk_bus.name())?;
-        job.set_id("domain_type", plan.spec.domain_type.name())?;
+        job.set_id(JobKey::Domain, &name)?;
+        job.set_id(JobKey::Firmware, plan::fw_name(plan.spec.firmware))?;
+        job.set_id(JobKey::DiskBus, plan.spec.disk_bus.name())?;
+        job.set_id(JobKey::DomainType, plan.spec.domain_type.name())?;
         let mut started = false;
         if self.start {
             let active = dom
@@ -302,7 +302,7 @@ impl Target for LibvirtTarget {
                 lv::start(&dom, &name)?;
             }
             started = true;
-            job.set_id("started", "true")?;
+            job.set_id(JobKey::Started, "true")?;
         }
         Ok(format!(
             "domain '{name}' with {} disk{} ({} firmware, {} bus, type {}){}",
@@ -374,14 +374,14 @@ impl Target for LibvirtTarget {
 
     fn outputs(&self, job: &Job) -> Result<serde_json::Value> {
         Ok(json!({
-            "domain": job.id_of("domain")?,
+            "domain": job.id_of(JobKey::Domain)?,
             "pool": self.pool,
-            "volumes": job.disk_ids("volume")?,
+            "volumes": job.disk_ids(DiskKey::Volume)?,
             "uri": self.uri,
-            "firmware": job.id_of("firmware")?,
-            "disk_bus": job.id_of("disk_bus")?,
-            "domain_type": job.id_of("domain_type")?,
-            "started": job.id_of("started")?.is_some(),
+            "firmware": job.id_of(JobKey::Firmware)?,
+            "disk_bus": job.id_of(JobKey::DiskBus)?,
+            "domain_type": job.id_of(JobKey::DomainType)?,
+            "started": job.id_of(JobKey::Started)?.is_some(),
         }))
     }
 
