@@ -371,9 +371,10 @@ fn help_has_examples_and_true_descriptions() {
         .skip(1)
         .any(|l| !l.starts_with(' ') && l.ends_with(':'));
     assert!(allow < libvirt || heading_between, "{m}");
-    let bus = |cmd: &[&str]| -> String {
+    // The text of `opt`'s description (up to its default) in `cmd --help`.
+    let desc = |cmd: &[&str], opt: &str| -> String {
         let h = imgshift(cmd).ok().stdout;
-        let i = h.find("--disk-bus").unwrap();
+        let i = h.find(&format!("{opt} <")).unwrap();
         h[i..]
             .split("[default")
             .next()
@@ -383,10 +384,13 @@ fn help_has_examples_and_true_descriptions() {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    assert_eq!(
-        bus(&["migrate", "--help"]),
-        bus(&["upload", "libvirt", "--help"])
-    );
+    for opt in ["--disk-bus", "--firmware"] {
+        assert_eq!(
+            desc(&["migrate", "--help"], opt),
+            desc(&["upload", "libvirt", "--help"], opt),
+            "{opt}"
+        );
+    }
     let info = imgshift(&["upload", "libvirt", "--help"]).ok().stdout;
     assert!(!info.contains("qemu-img's field names"), "{info}");
 }
