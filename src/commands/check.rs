@@ -267,3 +267,62 @@ fn copy_sparse(src: &Path, dst: &Path) -> Result<()> {
     set.commit()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clap::Parser as _;
+
+    use crate::cli::{Cli, Command};
+
+    /// (repair, in_place, into) as parsed.
+    fn parse(
+        argv: &[&str],
+    ) -> Result<(Option<String>, bool, Option<std::path::PathBuf>), clap::Error> {
+        let mut a = vec!["imgshift", "check"];
+        a.extend_from_slice(argv);
+        match Cli::try_parse_from(a)?.command {
+            Command::Check {
+                repair,
+                in_place,
+                into,
+                ..
+            } => Ok((repair, in_place, into)),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn repair_flags() {
+        assert_eq!(parse(&["i"]).unwrap(), (None, false, None));
+        assert_eq!(
+            parse(&["-r", "leaks", "i"]).unwrap(),
+            (Some("leaks".into()), false, None)
+        );
+        assert_eq!(
+            parse(&["--repair", "leaks", "--in-place", "i"]).unwrap(),
+            (Some("leaks".into()), true, None)
+        );
+        assert_eq!(
+            parse(&["-r", "leaks", "--into", "c", "i"]).unwrap().2,
+            Some("c".into())
+        );
+        // Only leaks are repaired; --in-place and --into need --repair and exclude each other.
+        assert!(parse(&["-r", "all", "i"]).is_err());
+        assert!(parse(&["--in-place", "i"]).is_err());
+        assert!(parse(&["--into", "c", "i"]).is_err());
+        assert!(parse(&["-r", "leaks", "--in-place", "--into", "c", "i"]).is_err());
+    }
+
+    #[test]
+    fn default_copy_name() {
+        assert_eq!(
+            super::default_copy(std::path::Path::new("/d/disk.qcow2")),
+            std::path::PathBuf::from("/d/disk.repaired.qcow2")
+        );
+        assert_eq!(
+            super::default_copy(std::path::Path::new("disk")),
+            std::path::PathBuf::from("disk.repaired")
+        );
+    }
+}
