@@ -241,12 +241,11 @@ fn default_copy(image: &Path) -> std::path::PathBuf {
 /// Copies `src` to `dst` keeping holes (only the ranges SEEK_DATA reports are copied), through a temporary
 /// file renamed into place; removed on Ctrl-C.
 fn copy_sparse(src: &Path, dst: &Path) -> Result<()> {
-    use imgshift_converters::{OutputSet, Sink as _, Storage as _};
+    use imgshift_converters::{Sink as _, Storage as _};
     let storage = imgshift_converters::FileStorage::open(src).map_err(|e| super::naming(e, src))?;
     let len = storage.len();
     let (set, mut sink) =
-        OutputSet::with_durability(dst, imgshift_converters::Durability::Writeback)?;
-    crate::interrupt::remove_on_signal(&set);
+        crate::interrupt::output_set(dst, imgshift_converters::Durability::Writeback)?;
     let ranges = storage
         .data_ranges(0, len)?
         .unwrap_or_else(|| vec![(0, len)]);

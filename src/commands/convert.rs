@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use imgshift_converters::{
-    ConvertOptions, DiskSource, FileSink, Format, OutputSet, StreamSink, WriterOptions, convert,
+    ConvertOptions, DiskSource, FileSink, Format, StreamSink, WriterOptions, convert,
     create_writer, writer_compresses, writer_options,
 };
 
@@ -211,8 +211,7 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<u8> {
                 src_path.display()
             );
         }
-        let (set, mut sink) = OutputSet::with_durability(dst, args.cache.durability())?;
-        crate::interrupt::remove_on_signal(&set);
+        let (set, mut sink) = crate::interrupt::output_set(dst, args.cache.durability())?;
         let stats =
             convert(src.as_ref(), writer.as_mut(), &mut sink, &copts, &bar).with_context(|| {
                 format!("cannot convert {} to {}", src_path.display(), dst.display())
