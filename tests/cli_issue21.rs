@@ -615,7 +615,9 @@ fn map_json_has_host_offsets_like_qemu_img() {
     qemu_io("qcow2", &top, &["write -P 0x11 512k 64k"]);
     let raw = d.path().join("a.raw");
     make_raw(&raw, 4 << 20, &[(1 << 20, 64 << 10)], &[]);
-    for img in [&base, &top, &raw] {
+    let vdi = d.path().join("a.vdi");
+    qemu_img(&["convert", "-O", "vdi", s(&base), s(&vdi)]);
+    for img in [&base, &top, &raw, &vdi] {
         let ours: serde_json::Value =
             serde_json::from_str(&imgshift(&["map", "--output", "json", s(img)]).ok().stdout)
                 .unwrap();
