@@ -537,7 +537,8 @@ pub struct LibvirtUploadArgs {
     /// Domain virtual CPUs.
     #[arg(long, default_value_t = 1, value_name = "N", requires = "define")]
     pub vcpus: u32,
-    /// Guest firmware (auto: UEFI when the disk has a GPT with an EFI system partition, else BIOS).
+    /// Firmware (auto: from inspection, UEFI when the guest boots only by UEFI, else BIOS; without a
+    /// Linux root, UEFI when a GPT holds an EFI system partition).
     #[arg(long, value_enum, default_value_t = FirmwareArg::Auto, requires = "define")]
     pub firmware: FirmwareArg,
     /// Disk bus (auto: from inspection, virtio when the guest's initramfs has the virtio drivers, scsi when it
@@ -581,7 +582,7 @@ pub enum LibvirtVolFormat {
 /// `upload libvirt --firmware`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FirmwareArg {
-    /// From the disk: UEFI with a GPT holding an EFI system partition, else BIOS.
+    /// From inspection (see --firmware).
     Auto,
     /// Legacy BIOS.
     Bios,
@@ -592,7 +593,7 @@ pub enum FirmwareArg {
 /// `upload libvirt --disk-bus`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DiskBusArg {
-    /// From inspection: virtio, scsi, or sata when the guest's drivers are not known.
+    /// From inspection (see --disk-bus).
     Auto,
     /// virtio-blk.
     Virtio,
@@ -868,7 +869,8 @@ pub struct MigrateLibvirtArgs {
     /// Virtual CPUs
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub vcpus: u32,
-    /// Firmware (auto: from inspection)
+    /// Firmware (auto: from inspection, UEFI when the guest boots only by UEFI, else BIOS; without a Linux
+    /// root, UEFI when a GPT holds an EFI system partition)
     #[arg(long, value_enum, default_value_t = FirmwareArg::Auto)]
     pub firmware: FirmwareArg,
     /// Disk bus (auto: from inspection, virtio when the guest's initramfs has the virtio drivers, scsi when it

@@ -34,10 +34,24 @@ pub fn on_signal(cleanup: impl Fn() + Send + 'static) {
     INSTALL.call_once(install_cleanup_thread);
 }
 
-/// Removes the temporary files of `set` on SIGINT/SIGTERM.
-pub fn remove_on_signal(set: &imgshift_converters::OutputSet) {
+/// Creates a local output ([`imgshift_converters::OutputSet`]) whose temporary files are removed on
+/// SIGINT/SIGTERM. The handlers are installed first and the cleanup list is held while the file is created, so
+/// a signal arriving in between waits for the registration instead of leaving the file behind.
+pub fn output_set(
+    path: &std::path::Path,
+    durability: imgshift_converters::Durability,
+) -> imgshift_converters::Result<(
+    imgshift_converters::OutputSet,
+    imgshift_converters::FileSink,
+)> {
+    INSTALL.call_once(install);
+    let mut cleanups = CLEANUPS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (set, sink) = imgshift_converters::OutputSet::with_durability(path, durability)?;
     let r = set.remover();
-    on_signal(move || r.remove_temporaries());
+    cleanups.push(Box::new(move || r.remove_temporaries()));
+    Ok((set, sink))
 }
 
 /// A thread that waits for the signals; a signal runs every cleanup and ends the process.

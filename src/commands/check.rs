@@ -241,12 +241,11 @@ fn default_copy(image: &Path) -> std::path::PathBuf {
 /// Copies `src` to `dst` keeping holes (only the ranges SEEK_DATA reports are copied), through a temporary
 /// file renamed into place; removed on Ctrl-C.
 fn copy_sparse(src: &Path, dst: &Path) -> Result<()> {
-    use imgshift_converters::{OutputSet, Sink as _, Storage as _};
+    use imgshift_converters::{Sink as _, Storage as _};
     let storage = imgshift_converters::FileStorage::open(src).map_err(|e| super::naming(e, src))?;
     let len = storage.len();
     let (set, mut sink) =
-        OutputSet::with_durability(dst, imgshift_converters::Durability::Writeback)?;
-    crate::interrupt::remove_on_signal(&set);
+        crate::interrupt::output_set(dst, imgshift_converters::Durability::Writeback)?;
     let ranges = storage
         .data_ranges(0, len)?
         .unwrap_or_else(|| vec![(0, len)]);
@@ -266,4 +265,63 @@ fn copy_sparse(src: &Path, dst: &Path) -> Result<()> {
     drop(sink);
     set.commit()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clap::Parser as _;
+
+    use crate::cli::{Cli, Command};
+
+    /// (repair, in_place, into) as parsed.
+    fn parse(
+        argv: &[&str],
+    ) -> Result<(Option<String>, bool, Option<std::path::PathBuf>), clap::Error> {
+        let mut a = vec!["imgshift", "check"];
+        a.extend_from_slice(argv);
+        match Cli::try_parse_from(a)?.command {
+            Command::Check {
+                repair,
+                in_place,
+                into,
+                ..
+            } => Ok((repair, in_place, into)),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn repair_flags() {
+        assert_eq!(parse(&["i"]).unwrap(), (None, false, None));
+        assert_eq!(
+            parse(&["-r", "leaks", "i"]).unwrap(),
+            (Some("leaks".into()), false, None)
+        );
+        assert_eq!(
+            parse(&["--repair", "leaks", "--in-place", "i"]).unwrap(),
+            (Some("leaks".into()), true, None)
+        );
+        assert_eq!(
+            parse(&["-r", "leaks", "--into", "c", "i"]).unwrap().2,
+            Some("c".into())
+        );
+        // Only leaks are repaired; --in-place and --into need --repair and exclude each other.
+        assert!(parse(&["-r", "all", "i"]).is_err());
+        assert!(parse(&["--in-place", "i"]).is_err());
+        assert!(parse(&["--into", "c", "i"]).is_err());
+        assert!(parse(&["-r", "leaks", "--in-place", "--into", "c", "i"]).is_err());
+    }
+
+    #[test]
+    fn default_copy_name() {
+        assert_eq!(
+            super::default_copy(std::path::Path::new("/d/disk.qcow2")),
+            std::path::PathBuf::from("/d/disk.repaired.qcow2")
+        );
+        assert_eq!(
+            super::default_copy(std::path::Path::new("disk")),
+            std::path::PathBuf::from("disk.repaired")
+        );
+    }
 }

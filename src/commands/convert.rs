@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use imgshift_converters::{
-    ConvertOptions, DiskSource, FileSink, Format, OutputSet, StreamSink, WriterOptions, convert,
+    ConvertOptions, DiskSource, FileSink, Format, StreamSink, WriterOptions, convert,
     create_writer, writer_compresses, writer_options,
 };
 
@@ -211,8 +211,7 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<u8> {
                 src_path.display()
             );
         }
-        let (set, mut sink) = OutputSet::with_durability(dst, args.cache.durability())?;
-        crate::interrupt::remove_on_signal(&set);
+        let (set, mut sink) = crate::interrupt::output_set(dst, args.cache.durability())?;
         let stats =
             convert(src.as_ref(), writer.as_mut(), &mut sink, &copts, &bar).with_context(|| {
                 format!("cannot convert {} to {}", src_path.display(), dst.display())
@@ -421,4 +420,52 @@ fn proc_field(path: &str, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(path).ok()?;
     let line = text.lines().find(|l| l.starts_with(key))?;
     line[key.len()..].split_whitespace().next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clap::Parser as _;
+
+    use crate::cli::{Cli, Command, ConvertArgs};
+
+    fn parse(argv: &[&str]) -> Result<ConvertArgs, clap::Error> {
+        let mut a = vec!["imgshift", "convert"];
+        a.extend_from_slice(argv);
+        match Cli::try_parse_from(a)?.command {
+            Command::Convert(c) => Ok(c),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn o_help_needs_no_files() {
+        let a = parse(&["-O", "qcow2", "-o", "help"]).unwrap();
+        assert!(super::wants_help(&a.options));
+        assert!(a.src.is_none());
+        assert!(parse(&["-O", "qcow2"]).is_err());
+        assert!(super::wants_help(&["cluster_size=1M,?".to_string()]));
+        assert!(!super::wants_help(&["cluster_size=1M".to_string()]));
+    }
+
+    #[test]
+    fn n_and_target_is_zero() {
+        let a = parse(&["-n", "--target-is-zero", "-O", "raw", "a", "b"]).unwrap();
+        assert!(a.no_create && a.target_is_zero);
+        let a = parse(&["-n", "a", "b"]).unwrap();
+        assert!(a.no_create && !a.target_is_zero);
+        // qemu-img: --target-is-zero requires -n.
+        assert!(parse(&["--target-is-zero", "a", "b"]).is_err());
+    }
+
+    #[test]
+    fn unknown_output_format_is_a_usage_error() {
+        let e = super::output_format("qcow3").unwrap_err();
+        assert!(e.downcast_ref::<crate::UsageError>().is_some());
+        assert!(super::output_format("ova").is_err());
+        assert_eq!(
+            super::output_format("vhd").unwrap(),
+            imgshift_converters::Format::Vpc
+        );
+    }
 }

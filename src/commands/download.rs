@@ -1,7 +1,7 @@
 //! `imgshift download aws`: an EBS snapshot back into a local image of any format (sparse, atomic).
 
 use anyhow::{Context, Result, bail};
-use imgshift_converters::{ConvertOptions, OutputSet, convert, create_writer};
+use imgshift_converters::{ConvertOptions, convert, create_writer};
 
 use super::upload::{aws_target, policy, runtime};
 use crate::cli::AwsDownloadArgs;
@@ -34,8 +34,7 @@ pub fn aws(args: &AwsDownloadArgs, quiet: bool) -> Result<u8> {
         &args.snapshot_id,
     )
     .with_context(|| format!("cannot list snapshot {}", args.snapshot_id))?;
-    let (set, mut sink) = OutputSet::with_durability(&args.dst, args.cache.durability())?;
-    crate::interrupt::remove_on_signal(&set);
+    let (set, mut sink) = crate::interrupt::output_set(&args.dst, args.cache.durability())?;
     let bar = Bar::new("download", args.progress, quiet);
     let copts = ConvertOptions {
         threads: args.threads,

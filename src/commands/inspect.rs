@@ -64,7 +64,9 @@ fn no_os_explanation(r: &Report) -> Option<String> {
             unread.join(", ")
         ));
     } else if r.filesystems.values().any(|f| f.fs_type.starts_with("ext")) {
-        t.push_str("; no ext2/3/4 filesystem holds /etc/os-release");
+        t.push_str(
+            "; no readable ext2/3/4 filesystem holds /etc/os-release (see the problems, if any)",
+        );
     }
     Some(t)
 }

@@ -300,4 +300,33 @@ mod tests {
         assert_eq!(m.required, 16777216);
         assert_eq!(m.fully_allocated, Some(77594624));
     }
+
+    #[test]
+    fn parses_like_qemu_img_measure() {
+        use clap::Parser as _;
+        let c = crate::cli::Cli::try_parse_from([
+            "imgshift",
+            "measure",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=2M",
+            "--target",
+            "aws",
+            "d.vmdk",
+        ])
+        .unwrap();
+        match c.command {
+            crate::cli::Command::Measure(a) => {
+                assert_eq!(a.output_format, "qcow2");
+                assert_eq!(a.options, ["cluster_size=2M"]);
+                assert_eq!(a.target.as_deref(), Some("aws"));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(
+            crate::cli::Cli::try_parse_from(["imgshift", "measure", "--target", "libvirt", "d"])
+                .is_err()
+        );
+    }
 }

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::extent::{ExtentKind, ExtentMap};
 use crate::formats::Format;
 use crate::sink::Sink;
-use crate::source::{CheckReport, DiskSource, ImageInfo, check_range};
+use crate::source::{CheckReport, DiskSource, HostExtent, ImageInfo, check_range};
 use crate::storage::Storage;
 use crate::writer::{FormatWriter, OptionKind, OptionSpec, Plan, Run, WriterOptions};
 
@@ -365,6 +365,43 @@ impl DiskSource for VdiReader {
             at += n;
         }
         Ok(map)
+    }
+
+    fn host_extents(&self, offset: u64, len: u64) -> Result<Option<Vec<HostExtent>>> {
+        check_range(self.header.disk_size, offset, len)?;
+        let bs = self.header.block_size;
+        let mut out: Vec<HostExtent> = Vec::new();
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let idx = at / bs;
+            let n = ((idx + 1) * bs).min(end) - at;
+            if let Some(e) = self.entry(idx) {
+                // The same position read_at reads from (entries are bounded by the file when opened).
+                let host = u64::from(e)
+                    .checked_mul(bs)
+                    .and_then(|b| b.checked_add(self.header.offset_data))
+                    .and_then(|b| b.checked_add(at - idx * bs))
+                    .ok_or_else(|| {
+                        Error::corrupt("vdi", format!("block {idx} offset overflows"))
+                    })?;
+                match out.last_mut() {
+                    Some(last)
+                        if last.guest + last.len == at
+                            && last.host.and_then(|h| h.checked_add(last.len)) == Some(host) =>
+                    {
+                        last.len += n;
+                    }
+                    _ => out.push(HostExtent {
+                        guest: at,
+                        len: n,
+                        host: Some(host),
+                    }),
+                }
+            }
+            at += n;
+        }
+        Ok(Some(out))
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
