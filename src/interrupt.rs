@@ -44,7 +44,7 @@ pub fn output_set(
     imgshift_converters::OutputSet,
     imgshift_converters::FileSink,
 )> {
-    INSTALL.call_once(install);
+    INSTALL.call_once(install_cleanup_thread);
     let mut cleanups = CLEANUPS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -302,3 +302,31 @@ fn sigint_mid_upload_stops_at_a_safe_point_and_resume_finishes() {
         proxy.block_puts().len()
     );
 }
+
+#[test]
+fn jobs_in_a_missing_state_dir_is_an_error_and_other_layouts_are_named() {
+    let d = tmpdir();
+    let r = util::imgshift(&["jobs", "--state-dir", "/nonexistent-imgshift-state"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("/nonexistent-imgshift-state: no such folder"),
+        "{}",
+        r.stderr
+    );
+    // A journal of another layout version is named with its version, not silently skipped or misread.
+    let state = d.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(
+        state.join("migrate-0123.json"),
+        r#"{"version": 99, "id": "migrate-0123", "kind": "migrate-aws"}"#,
+    )
+    .unwrap();
+    let r = util::imgshift(&["jobs", "--state-dir", s(&state)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("layout version 99") && r.stderr.contains("newer"),
+        "{}",
+        r.stderr
+    );
+}

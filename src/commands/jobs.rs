@@ -32,13 +32,29 @@ fn count_bits(b64: &str) -> u64 {
 
 /// `imgshift jobs`: one line per unfinished job.
 pub fn list(dir: Option<&Path>, output: OutputFormat) -> Result<u8> {
+    let explicit = dir.is_some();
     let dir = state_dir(dir)?;
+    // A folder named with --state-dir that does not exist is a mistake, not "no jobs" (the default folder is
+    // made by the first job).
+    if explicit && !dir.is_dir() {
+        anyhow::bail!("--state-dir {}: no such folder", dir.display());
+    }
     let mut jobs: Vec<JobState> = match std::fs::read_dir(&dir) {
         Ok(rd) => rd
             .filter_map(|e| e.ok())
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .filter_map(|p| peek(&p))
+            .filter_map(|p| {
+                let j = peek(&p);
+                if j.is_none()
+                    && let Ok(text) = std::fs::read_to_string(&p)
+                    && let Err(e) = crate::journal::check_version(&text, &p)
+                {
+                    // Written by another imgshift: listed as a warning, never misread.
+                    eprintln!("imgshift: {e:#}");
+                }
+                j
+            })
             .collect(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
