@@ -56,6 +56,8 @@ pub enum Command {
         output: OutputFormat,
         #[command(flatten)]
         trust: TrustArgs,
+        #[command(flatten, next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID)")]
+        cloud: CloudSourceArgs,
     },
     /// Print the allocation map of an image (like qemu-img map).
     Map {
@@ -69,6 +71,8 @@ pub enum Command {
         output: OutputFormat,
         #[command(flatten)]
         trust: TrustArgs,
+        #[command(flatten, next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID)")]
+        cloud: CloudSourceArgs,
     },
     /// Check an image's metadata. Exit 0 clean, 2 corruption, 3 leaked clusters only, 1 error, 63 no checks for
     /// this format.
@@ -118,6 +122,8 @@ pub enum Command {
         progress: bool,
         #[command(flatten)]
         trust: TrustArgs,
+        #[command(flatten, next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID)")]
+        cloud: CloudSourceArgs,
     },
     /// Inspect the guest inside an image (read-only): partitions, filesystems, OS, boot mode, boot drivers.
     /// With --target, a preflight verdict: exit 0 ok or warn, 1 fail or error.
@@ -145,6 +151,8 @@ pub enum Command {
         stats: bool,
         #[command(flatten)]
         trust: TrustArgs,
+        #[command(flatten, next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID)")]
+        cloud: CloudSourceArgs,
     },
     /// How large an output a conversion needs (as qemu-img measure): required and fully allocated size.
     #[command(
@@ -252,6 +260,8 @@ pub struct ConvertArgs {
     pub generalize: Option<String>,
     #[command(flatten)]
     pub trust: TrustArgs,
+    #[command(flatten, next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID)")]
+    pub cloud: CloudSourceArgs,
 }
 
 /// `imgshift measure`.
@@ -295,6 +305,35 @@ pub enum UploadTarget {
 pub enum DownloadTarget {
     /// Read an EBS snapshot back into a local image of any format.
     Aws(AwsDownloadArgs),
+}
+
+/// Where a cloud source is read from, for the commands that only read (`info`, `map`, `inspect`, `compare`,
+/// `convert`). SRC `aws:snap-ID` is an EBS snapshot, `aws:ami-ID` an AMI's boot disk; a path is a local image.
+#[derive(Debug, Clone, Args, Default)]
+pub struct CloudSourceArgs {
+    /// AWS region of an aws: source (default: from the environment or profile).
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
+    /// AWS profile for an aws: source.
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
+    /// EBS/EC2 endpoint URL for an aws: source (also AWS_ENDPOINT_URL).
+    #[arg(long = "endpoint-url", value_name = "URL")]
+    pub endpoint_url: Option<String>,
+}
+
+/// Where `migrate`'s cloud source is read from (its target's options keep their own names).
+#[derive(Debug, Clone, Args, Default)]
+pub struct MigrateSourceArgs {
+    /// AWS region of an aws: source (default: from the environment or profile).
+    #[arg(long = "source-region", value_name = "REGION")]
+    pub region: Option<String>,
+    /// AWS profile for an aws: source.
+    #[arg(long = "source-profile", value_name = "NAME")]
+    pub profile: Option<String>,
+    /// EBS/EC2 endpoint URL for an aws: source (default: AWS_ENDPOINT_URL).
+    #[arg(long = "source-endpoint-url", value_name = "URL")]
+    pub endpoint_url: Option<String>,
 }
 
 /// AWS connection options.
@@ -701,7 +740,7 @@ pub enum MigrateTo {
 }
 
 /// Arguments of `imgshift migrate`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct MigrateArgs {
     /// Source image (any supported format, or an OVA with one or more disks)
     pub src: PathBuf,
@@ -753,6 +792,11 @@ pub struct MigrateArgs {
     pub libvirt: MigrateLibvirtArgs,
     #[command(flatten, next_help_heading = "Files named inside images")]
     pub trust: TrustArgs,
+    #[command(
+        flatten,
+        next_help_heading = "Cloud source (SRC = aws:snap-ID or aws:ami-ID)"
+    )]
+    pub source: MigrateSourceArgs,
 }
 
 /// `migrate --to aws` options (as in `upload aws`).

@@ -18,6 +18,7 @@ mod journal;
 mod open;
 mod progress;
 mod runner;
+mod sources;
 mod targets;
 
 use std::process::ExitCode;

@@ -16,6 +16,7 @@ use crate::journal::state_dir;
 use crate::progress::StageUi;
 use crate::runner::plan::{self, ReportInput};
 use crate::runner::{self, RunSpec, Stages};
+use crate::sources::{self, SourceConn, SourceRef};
 
 /// The `--to` options given on the command line for another target than `to`, as a usage error's text
 /// (`--pool` belongs to `--to libvirt`). Options set by the environment (AZURE_SUBSCRIPTION_ID) are not counted.
@@ -65,15 +66,63 @@ pub fn foreign_options(to: MigrateTo) -> Option<String> {
     ))
 }
 
+/// Where `migrate`'s cloud source is read from: its `--source-*` options (the environment serves both sides).
+fn source_conn(args: &MigrateArgs) -> SourceConn {
+    SourceConn {
+        aws: crate::targets::aws::config::AwsTarget {
+            region: args.source.region.clone(),
+            profile: args.source.profile.clone(),
+            endpoint_url: args.source.endpoint_url.clone(),
+        },
+        max_attempts: args.max_attempts,
+    }
+}
+
+/// What identifies the source for the job id: a local file's path, size and modification time; a cloud disk's
+/// name and where it is read from.
+fn source_key(args: &MigrateArgs) -> Result<String> {
+    match SourceRef::parse(&args.src)? {
+        SourceRef::File(p) => crate::journal::source_identity(&p),
+        r => Ok(format!(
+            "{r:?}\0{:?}\0{:?}\0{:?}\0{:?}",
+            args.source
+                .region
+                .as_deref()
+                .or(env("AWS_REGION").as_deref()),
+            args.source.profile,
+            args.source
+                .endpoint_url
+                .as_deref()
+                .or(env("AWS_ENDPOINT_URL").as_deref()),
+            env("AWS_PROFILE"),
+        )),
+    }
+}
+
 /// Runs `migrate`.
 pub fn run(args: &MigrateArgs, quiet: bool) -> Result<u8> {
     let name = job_name(args)?;
     let kind = TargetKind::from(args.to);
     let to = kind.name();
-    let mut target = super::targets::for_migrate(args)?;
-    let srcs = crate::open::open_disks(&args.src, args.format.as_deref(), &args.trust.allow_dirs)?;
+    let cloud = SourceRef::parse(&args.src)?.is_cloud();
+    if cloud && args.generalize.is_some() {
+        bail!(
+            "--generalize works on a local image (libguestfs writes an overlay over it); a cloud disk is read \
+             as it is"
+        );
+    }
+    let opened = sources::open_all(
+        &args.src,
+        args.format.as_deref(),
+        &args.trust.allow_dirs,
+        &source_conn(args),
+    )?;
+    let facts = opened.facts;
+    let srcs = opened.disks;
+    let mut target = super::targets::for_migrate_from(args, &facts)?;
+    // The boot mode the guest is registered with on AWS: the flag, else what the source's cloud says.
     let boot_mode = match args.to {
-        MigrateTo::Aws => args.aws.boot_mode.clone(),
+        MigrateTo::Aws => args.aws.boot_mode.clone().or(facts.boot_mode.clone()),
         _ => None,
     };
 
@@ -142,7 +191,9 @@ pub fn run(args: &MigrateArgs, quiet: bool) -> Result<u8> {
         source_label: args.src.display().to_string(),
         sources: srcs,
         boot_path: args.src.clone(),
-        reopen_boot: Box::new(move || super::open_image(&src, format.as_deref(), &trust)),
+        reopen_boot: Box::new(move || {
+            crate::open::open_image(&src, format.as_deref(), &trust.allow_dirs)
+        }),
         generalize: args.generalize.clone().map(|g| (g, kind.generalize())),
         stages: Stages {
             inspect: true,
@@ -233,7 +284,7 @@ pub fn job_id(args: &MigrateArgs) -> Result<String> {
     };
     let key = format!(
         "migrate\0{}\0{:?}\0{}\0{place}\0{:?}\0{:?}",
-        crate::journal::source_identity(&args.src)?,
+        source_key(args)?,
         args.to,
         job_name(args)?,
         args.generalize,

@@ -211,6 +211,35 @@ pub fn for_saved_command(cmd: Command) -> Result<Box<dyn Target>> {
     }
 }
 
+/// The target of a `migrate` command whose source's cloud says `facts` about the guest: what the target's
+/// flags leave open (`auto`, unset) follows them — an AMI's boot mode picks the Azure Hyper-V generation
+/// (legacy-bios → V1, uefi → V2) and the AWS boot mode; its ENA flag and architecture carry over to an AMI.
+pub fn for_migrate_from(
+    args: &MigrateArgs,
+    facts: &crate::sources::SourceFacts,
+) -> Result<Box<dyn Target>> {
+    let mut args = args.clone();
+    if args.aws.boot_mode.is_none() {
+        args.aws.boot_mode = facts.boot_mode.clone();
+    }
+    if facts.ena == Some(false) {
+        args.aws.no_ena = true;
+    }
+    if let Some(a) = &facts.architecture
+        && a == "arm64"
+    {
+        args.aws.architecture = a.clone();
+    }
+    if args.azure.hyper_v_generation == "auto" {
+        match facts.boot_mode.as_deref() {
+            Some("uefi") => args.azure.hyper_v_generation = "V2".into(),
+            Some("legacy-bios") => args.azure.hyper_v_generation = "V1".into(),
+            _ => {}
+        }
+    }
+    for_migrate(&args)
+}
+
 /// The target of a `migrate` command.
 pub fn for_migrate(args: &MigrateArgs) -> Result<Box<dyn Target>> {
     let name = super::migrate::job_name(args)?;
