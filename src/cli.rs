@@ -326,13 +326,17 @@ pub struct CloudSourceArgs {
 #[derive(Debug, Clone, Args, Default)]
 pub struct MigrateSourceArgs {
     /// AWS region of an aws: source (default: from the environment or profile).
-    #[arg(long = "source-region", value_name = "REGION")]
+    #[arg(id = "source_region", long = "source-region", value_name = "REGION")]
     pub region: Option<String>,
     /// AWS profile for an aws: source.
-    #[arg(long = "source-profile", value_name = "NAME")]
+    #[arg(id = "source_profile", long = "source-profile", value_name = "NAME")]
     pub profile: Option<String>,
     /// EBS/EC2 endpoint URL for an aws: source (default: AWS_ENDPOINT_URL).
-    #[arg(long = "source-endpoint-url", value_name = "URL")]
+    #[arg(
+        id = "source_endpoint_url",
+        long = "source-endpoint-url",
+        value_name = "URL"
+    )]
     pub endpoint_url: Option<String>,
 }
 
@@ -933,4 +937,16 @@ pub struct MigrateLibvirtArgs {
     /// Start the domain once defined
     #[arg(long)]
     pub start: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every subcommand's arguments are consistent (unique ids and names, valid defaults): clap checks this
+    /// only when a subcommand is first used, so a clash would otherwise surface as a panic at run time.
+    #[test]
+    fn every_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

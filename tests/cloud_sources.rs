@@ -1,0 +1,166 @@
+//! Cloud disks as sources (issue 22), against moto (its RegisterImage corrected by tests/standins/moto_launcher.py,
+//! tested in tests/standin_moto.rs) and, for AMI → Azure, Azurite + the fake ARM: an EBS snapshot read by `info`,
+//! `map`, `compare` and `convert` (only its data blocks fetched), and a two-disk UEFI AMI migrated to Azure as an
+//! OS disk and a data disk of Hyper-V generation V2 whose blobs equal the source disks.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod azure_util;
+mod util;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use util::aws::{ACCESS_KEY, Proxy, SECRET_KEY, SESSION_TOKEN, aws_cmd, ec2_py, moto_url, run};
+use util::{make_raw, qemu_img, s, tmpdir};
+
+const MIB: u64 = 1 << 20;
+
+/// Uploads `raw` with `upload aws --snapshot-only`; returns the snapshot id.
+fn snapshot_of(dir: &Path, raw: &Path) -> String {
+    let mut c = aws_cmd(dir);
+    c.args([
+        "upload",
+        "aws",
+        s(raw),
+        "--snapshot-only",
+        "--endpoint-url",
+        &moto_url(),
+    ])
+    .args(["--state-dir", s(&dir.join("state")), "--output", "json"]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    v["snapshot_id"].as_str().unwrap().to_string()
+}
+
+fn imgshift_aws(dir: &Path, args: &[&str]) -> util::Run {
+    let mut c = aws_cmd(dir);
+    c.args(args);
+    run(c)
+}
+
+fn disk(dir: &Path, name: &str, size: u64, data: &[(u64, u64)]) -> PathBuf {
+    let raw = dir.join(name);
+    make_raw(&raw, size, data, &[]);
+    raw
+}
+
+#[test]
+fn a_snapshot_is_read_in_place_by_info_map_compare_and_convert() {
+    let d = tmpdir();
+    let raw = disk(
+        d.path(),
+        "src.raw",
+        24 * MIB,
+        &[(0, MIB), (5 * MIB, 64 << 10), (20 * MIB, 2 * MIB)],
+    );
+    let snap = snapshot_of(d.path(), &raw);
+    let proxy = Proxy::start(d.path(), &[]);
+    let src = format!("aws:{snap}");
+    let ep = ["--endpoint-url", proxy.url.as_str()];
+
+    // info: a raw disk of the snapshot's size (EBS sizes are whole GiB).
+    let r = imgshift_aws(
+        d.path(),
+        &[&["info", &src, "--output", "json"][..], &ep].concat(),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["virtual-size"], 1u64 << 30, "{v}");
+
+    // compare: the local image and the snapshot hold the same bytes (the snapshot's tail reads as zeros).
+    let r = imgshift_aws(d.path(), &[&["compare", s(&raw), &src][..], &ep].concat());
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+
+    // convert: straight from EBS into a qcow2 that qemu-img finds equal to the source.
+    let out = d.path().join("back.qcow2");
+    let r = imgshift_aws(
+        d.path(),
+        &[&["convert", "-O", "qcow2", &src, s(&out)][..], &ep].concat(),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    qemu_img(&["check", "-f", "qcow2", s(&out)]);
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2", s(&raw), s(&out)])
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+
+    // Only blocks with data were fetched, not the snapshot's 2048 blocks: 3 MiB + 64 KiB of data lie in 7 blocks
+    // of 512 KiB, read by compare and by convert (the first one once more, to probe), and not by info.
+    let gets = proxy
+        .records()
+        .iter()
+        .filter(|r| r["method"] == "GET" && r["path"].as_str().unwrap().contains("/blocks/"))
+        .count();
+    assert!(gets <= 16, "{gets} blocks fetched");
+    assert!(gets >= 7, "{gets} blocks fetched");
+
+    // A name that is neither a snapshot nor an AMI is refused, naming the forms; ./aws:x is a file.
+    let r = imgshift_aws(d.path(), &["info", "aws:vol-0123"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("aws:snap-ID"), "{}", r.stderr);
+    let r = imgshift_aws(d.path(), &["info", "./aws:snap-0123"]);
+    assert_eq!(r.code, 1);
+    assert!(!r.stderr.contains("EBS"), "{}", r.stderr);
+}
+
+#[test]
+fn a_two_disk_uefi_ami_becomes_azure_v2_os_and_data_disks_equal_to_the_source() {
+    let env = azure_util::Env::start("amisrc", &[], None);
+    let d = env.path();
+    // The fixed-VHD data part of a 1 GiB snapshot is 1 GiB: the blob holds the whole snapshot plus a footer.
+    let boot = disk(d, "boot.raw", 1 << 30, &[(0, MIB), (300 * MIB, 64 << 10)]);
+    let data = disk(d, "data.raw", 1 << 30, &[(7 * MIB, 3 * MIB)]);
+    let s1 = snapshot_of(d, &boot);
+    let s2 = snapshot_of(d, &data);
+    let name = format!("amisrc-{}", std::process::id());
+    let ami = ec2_py(&format!(
+        "print(c.register_image(Name='{name}',RootDeviceName='/dev/xvda',Architecture='x86_64',BootMode='uefi',\
+         EnaSupport=True,BlockDeviceMappings=[{{'DeviceName':'/dev/sdb','Ebs':{{'SnapshotId':'{s2}'}}}},\
+         {{'DeviceName':'/dev/xvda','Ebs':{{'SnapshotId':'{s1}'}}}}])['ImageId'])"
+    ))
+    .trim()
+    .to_string();
+    let mut c = env.cmd();
+    c.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_SESSION_TOKEN", SESSION_TOKEN)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", d.join("no-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", d.join("no-credentials"));
+    c.args(["migrate", &format!("aws:{ami}"), "--to", "azure"])
+        .args(["--source-endpoint-url", &moto_url()])
+        .args([
+            "--subscription",
+            azure_util::SUB,
+            "--resource-group",
+            azure_util::RG,
+        ])
+        .args(["--location", "westeurope", "--arm-endpoint", &env.arm_url()])
+        .args([
+            "--name",
+            "fromami",
+            "--state-dir",
+            s(&d.join("state")),
+            "--yes",
+        ])
+        .args(["--force", "--output", "json"]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["outputs"]["hyper_v_generation"], "V2", "{v}");
+    // The root mapping is the OS disk whatever its order in the AMI; the other is a data disk.
+    let os = &env.bodies("PUT", "/disks/fromami-os")[0];
+    assert_eq!(os["properties"]["hyperVGeneration"], "V2");
+    assert!(!env.bodies("PUT", "/disks/fromami-data1").is_empty());
+    azure_util::check_blob(&env, "fromami-os", &boot, 1 << 30);
+    azure_util::check_blob(&env, "fromami-data1", &data, 1 << 30);
+    // Nothing was written locally but the job's journal (removed at the end).
+    assert!(util::files_in(&d.join("state")).is_empty());
+}
