@@ -56,7 +56,10 @@ pub enum Command {
         output: OutputFormat,
         #[command(flatten)]
         trust: TrustArgs,
-        #[command(flatten, next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID)")]
+        #[command(
+            flatten,
+            next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID, azure:disk/GROUP/NAME)"
+        )]
         cloud: CloudSourceArgs,
     },
     /// Print the allocation map of an image (like qemu-img map).
@@ -71,7 +74,10 @@ pub enum Command {
         output: OutputFormat,
         #[command(flatten)]
         trust: TrustArgs,
-        #[command(flatten, next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID)")]
+        #[command(
+            flatten,
+            next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID, azure:disk/GROUP/NAME)"
+        )]
         cloud: CloudSourceArgs,
     },
     /// Check an image's metadata. Exit 0 clean, 2 corruption, 3 leaked clusters only, 1 error, 63 no checks for
@@ -122,7 +128,10 @@ pub enum Command {
         progress: bool,
         #[command(flatten)]
         trust: TrustArgs,
-        #[command(flatten, next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID)")]
+        #[command(
+            flatten,
+            next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID, azure:disk/GROUP/NAME)"
+        )]
         cloud: CloudSourceArgs,
     },
     /// Inspect the guest inside an image (read-only): partitions, filesystems, OS, boot mode, boot drivers.
@@ -151,7 +160,10 @@ pub enum Command {
         stats: bool,
         #[command(flatten)]
         trust: TrustArgs,
-        #[command(flatten, next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID)")]
+        #[command(
+            flatten,
+            next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID, azure:disk/GROUP/NAME)"
+        )]
         cloud: CloudSourceArgs,
     },
     /// How large an output a conversion needs (as qemu-img measure): required and fully allocated size.
@@ -260,7 +272,10 @@ pub struct ConvertArgs {
     pub generalize: Option<String>,
     #[command(flatten)]
     pub trust: TrustArgs,
-    #[command(flatten, next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID)")]
+    #[command(
+        flatten,
+        next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID, azure:disk/GROUP/NAME)"
+    )]
     pub cloud: CloudSourceArgs,
 }
 
@@ -320,6 +335,19 @@ pub struct CloudSourceArgs {
     /// EBS/EC2 endpoint URL for an aws: source (also AWS_ENDPOINT_URL).
     #[arg(long = "endpoint-url", value_name = "URL")]
     pub endpoint_url: Option<String>,
+    /// Subscription of an azure: source.
+    #[arg(long, env = "AZURE_SUBSCRIPTION_ID", value_name = "ID")]
+    pub subscription: Option<String>,
+    /// Azure Resource Manager endpoint for an azure: source.
+    #[arg(
+        long = "arm-endpoint",
+        value_name = "URL",
+        default_value = "https://management.azure.com"
+    )]
+    pub arm_endpoint: String,
+    /// Extra CA certificates (PEM) to trust for an azure: source.
+    #[arg(long = "ca-bundle", value_name = "FILE", env = "IMGSHIFT_CA_BUNDLE")]
+    pub ca_bundle: Option<PathBuf>,
 }
 
 /// Where `migrate`'s cloud source is read from (its target's options keep their own names).
@@ -338,6 +366,28 @@ pub struct MigrateSourceArgs {
         value_name = "URL"
     )]
     pub endpoint_url: Option<String>,
+    /// Subscription of an azure: source (default: AZURE_SUBSCRIPTION_ID).
+    #[arg(
+        id = "source_subscription",
+        long = "source-subscription",
+        value_name = "ID"
+    )]
+    pub subscription: Option<String>,
+    /// Azure Resource Manager endpoint for an azure: source.
+    #[arg(
+        id = "source_arm_endpoint",
+        long = "source-arm-endpoint",
+        value_name = "URL",
+        default_value = "https://management.azure.com"
+    )]
+    pub arm_endpoint: String,
+    /// Extra CA certificates (PEM) to trust for an azure: source (default: IMGSHIFT_CA_BUNDLE).
+    #[arg(
+        id = "source_ca_bundle",
+        long = "source-ca-bundle",
+        value_name = "FILE"
+    )]
+    pub ca_bundle: Option<PathBuf>,
 }
 
 /// AWS connection options.
@@ -798,7 +848,7 @@ pub struct MigrateArgs {
     pub trust: TrustArgs,
     #[command(
         flatten,
-        next_help_heading = "Cloud source (SRC = aws:snap-ID or aws:ami-ID)"
+        next_help_heading = "Cloud source (SRC = aws:snap-ID, aws:ami-ID or azure:disk/GROUP/NAME)"
     )]
     pub source: MigrateSourceArgs,
 }

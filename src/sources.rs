@@ -1,8 +1,10 @@
 //! Sources by name: a local image (a path, as always), or a disk in a cloud read in place — `aws:snap-...` (an
-//! EBS snapshot), `aws:ami-...` (every EBS mapping of an AMI, boot disk first). A cloud source is read through
-//! its cloud's read API straight into the engine: nothing is written locally.
+//! EBS snapshot), `aws:ami-...` (every EBS mapping of an AMI, boot disk first), `azure:disk/GROUP/NAME` (a managed
+//! disk). A cloud source is read through its cloud's read API straight into the engine: nothing is written
+//! locally.
 //!
-//! A path keeps meaning a file: only a name that starts with `aws:` is a cloud source, so `./aws:x` is a file.
+//! A path keeps meaning a file: only a name that starts with `aws:` or `azure:` is a cloud source, so `./aws:x`
+//! is a file.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use imgshift_converters::DiskSource;
 use crate::open::{SourceDisks, open_disks, open_image};
 use crate::targets::aws::config::AwsTarget as AwsConn;
 use crate::targets::aws::source::AwsReader;
+use crate::targets::azure::source::{AzureDiskSource, AzureReadConn};
 
 /// A source the user named.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +26,13 @@ pub enum SourceRef {
     AwsSnapshot(String),
     /// An AMI: every EBS mapping.
     AwsImage(String),
+    /// A managed disk.
+    AzureDisk {
+        /// Its resource group.
+        group: String,
+        /// Its name.
+        name: String,
+    },
 }
 
 /// Longest cloud id accepted (EC2 ids are 21 characters).
@@ -34,6 +44,26 @@ impl SourceRef {
         let Some(text) = arg.to_str() else {
             return Ok(SourceRef::File(arg.to_path_buf()));
         };
+        if let Some(rest) = text.strip_prefix("azure:") {
+            let parts: Vec<&str> = rest.split('/').collect();
+            return match parts.as_slice() {
+                ["disk", group, name] => {
+                    if [group, name].iter().any(|p| p.chars().all(|c| c == '.')) {
+                        bail!("{text}: '.' and '..' are not Azure names");
+                    }
+                    crate::targets::azure::arm::check_name("the resource group", group)?;
+                    crate::targets::azure::arm::check_name("the disk", name)?;
+                    Ok(SourceRef::AzureDisk {
+                        group: group.to_string(),
+                        name: name.to_string(),
+                    })
+                }
+                _ => bail!(
+                    "{text}: an Azure source is azure:disk/RESOURCE-GROUP/NAME (a managed disk); a file whose name \
+                     starts with 'azure:' is ./{text}"
+                ),
+            };
+        }
         let Some(id) = text.strip_prefix("aws:") else {
             return Ok(SourceRef::File(arg.to_path_buf()));
         };
@@ -68,6 +98,8 @@ pub struct SourceConn {
     pub aws: AwsConn,
     /// Attempts per request for retryable failures.
     pub max_attempts: u32,
+    /// ARM endpoint, subscription, CA bundle.
+    pub azure: AzureReadConn,
 }
 
 /// What the source's cloud says about the guest (carried to the target).
@@ -101,6 +133,31 @@ pub fn open_all(
             disks: open_disks(&p, format, allow_dirs)?,
             facts: SourceFacts::default(),
         }),
+        SourceRef::AzureDisk { group, name } => {
+            if format.is_some() {
+                bail!(
+                    "-f names a local image's format; a cloud disk is read as the raw disk it is"
+                );
+            }
+            let d = AzureDiskSource::open(&conn.azure, &group, &name)?;
+            let facts = SourceFacts {
+                boot_mode: match d.hyper_v_generation.as_deref() {
+                    Some("V2") => Some("uefi".into()),
+                    Some("V1") => Some("legacy-bios".into()),
+                    _ => None,
+                },
+                architecture: None,
+                ena: None,
+            };
+            Ok(OpenedSource {
+                disks: SourceDisks {
+                    names: vec![name],
+                    disks: vec![Arc::new(d)],
+                    ova: false,
+                },
+                facts,
+            })
+        }
         r => {
             if format.is_some() {
                 bail!(
@@ -141,7 +198,9 @@ pub fn open_all(
                         },
                     })
                 }
-                SourceRef::File(_) => bail!("unreachable: a file is not a cloud source"),
+                SourceRef::File(_) | SourceRef::AzureDisk { .. } => {
+                    bail!("{}: not an AWS source", src.display())
+                }
             }
         }
     }
@@ -218,5 +277,16 @@ mod tests {
         assert!(p("aws:vol-1").is_err());
         assert!(p("aws:snap-").is_err());
         assert!(p("aws:snap-../x").is_err());
+        assert_eq!(
+            p("azure:disk/rg-1/web01-os").unwrap(),
+            SourceRef::AzureDisk {
+                group: "rg-1".into(),
+                name: "web01-os".into()
+            }
+        );
+        assert!(p("azure:disk/rg").is_err());
+        assert!(p("azure:disk/rg/a/b").is_err());
+        assert!(p("azure:disk/rg/../x").is_err());
+        assert!(p("azure:disk/../x").is_err());
     }
 }

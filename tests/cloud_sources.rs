@@ -164,3 +164,111 @@ fn a_two_disk_uefi_ami_becomes_azure_v2_os_and_data_disks_equal_to_the_source() 
     // Nothing was written locally but the job's journal (removed at the end).
     assert!(util::files_in(&d.join("state")).is_empty());
 }
+
+#[test]
+fn an_azure_disk_converts_in_place_and_migrates_to_aws_with_its_generation() {
+    let env = azure_util::Env::start("azsrc", &[], None);
+    let d = env.path();
+    let raw = disk(
+        d,
+        "az.raw",
+        40 * MIB,
+        &[(0, MIB), (30 * MIB, 2 * MIB + 4096)],
+    );
+    let r = env.upload(&raw, "azsrc-disk", &["--hyper-v-generation", "V2"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let src = format!("azure:disk/{}/azsrc-disk", azure_util::RG);
+
+    // convert: read through a read SAS straight into a VMDK.
+    let out = d.join("back.vmdk");
+    let mut c = env.cmd();
+    c.args(["convert", "-O", "vmdk", &src, s(&out)]).args([
+        "--subscription",
+        azure_util::SUB,
+        "--arm-endpoint",
+        &env.arm_url(),
+    ]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "vmdk", s(&raw), s(&out)])
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+
+    // migrate to AWS: a snapshot holding the same bytes, an AMI registered for UEFI (the disk is Hyper-V V2).
+    let name = format!("fromazure-{}", std::process::id());
+    let mut c = env.cmd();
+    c.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_SESSION_TOKEN", SESSION_TOKEN)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", d.join("no-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", d.join("no-credentials"));
+    c.args([
+        "migrate",
+        &src,
+        "--to",
+        "aws",
+        "--endpoint-url",
+        &moto_url(),
+    ])
+    .args(["--source-subscription", azure_util::SUB])
+    .args(["--source-arm-endpoint", &env.arm_url()])
+    .args(["--name", &name, "--state-dir", s(&d.join("state")), "--yes"])
+    .args(["--force", "--output", "json"]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let snap = v["outputs"]["snapshot_ids"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ami = v["outputs"]["image_id"].as_str().unwrap().to_string();
+    let boot = ec2_py(&format!(
+        "print(c.describe_images(ImageIds=['{ami}'])['Images'][0].get('BootMode'))"
+    ));
+    assert_eq!(boot.trim(), "uefi");
+    let back = d.join("snap.raw");
+    let r = imgshift_aws(
+        d,
+        &[
+            "convert",
+            "-O",
+            "raw",
+            &format!("aws:{snap}"),
+            s(&back),
+            "--endpoint-url",
+            &moto_url(),
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw", s(&raw), s(&back)])
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+
+    // Every read grant was ended (convert, migrate's inspect/upload/verify all read the disk).
+    let posts = |action: &str| {
+        env.records()
+            .iter()
+            .filter(|r| {
+                r["method"] == "POST"
+                    && r["path"].as_str().unwrap().contains("/disks/azsrc-disk/")
+                    && r["path"].as_str().unwrap().ends_with(action)
+            })
+            .count()
+    };
+    assert!(posts("beginGetAccess") >= 3, "{}", posts("beginGetAccess"));
+    assert_eq!(posts("beginGetAccess"), posts("endGetAccess"));
+}

@@ -75,6 +75,20 @@ fn source_conn(args: &MigrateArgs) -> SourceConn {
             endpoint_url: args.source.endpoint_url.clone(),
         },
         max_attempts: args.max_attempts,
+        azure: crate::targets::azure::source::AzureReadConn {
+            arm_endpoint: args.source.arm_endpoint.clone(),
+            ca_bundle: args
+                .source
+                .ca_bundle
+                .clone()
+                .or(env("IMGSHIFT_CA_BUNDLE").map(Into::into)),
+            subscription: args
+                .source
+                .subscription
+                .clone()
+                .or(env("AZURE_SUBSCRIPTION_ID")),
+            max_attempts: args.max_attempts,
+        },
     }
 }
 
@@ -83,6 +97,14 @@ fn source_conn(args: &MigrateArgs) -> SourceConn {
 fn source_key(args: &MigrateArgs) -> Result<String> {
     match SourceRef::parse(&args.src)? {
         SourceRef::File(p) => crate::journal::source_identity(&p),
+        r @ SourceRef::AzureDisk { .. } => Ok(format!(
+            "{r:?}\0{}\0{:?}",
+            args.source.arm_endpoint,
+            args.source
+                .subscription
+                .as_deref()
+                .or(env("AZURE_SUBSCRIPTION_ID").as_deref()),
+        )),
         r => Ok(format!(
             "{r:?}\0{:?}\0{:?}\0{:?}\0{:?}",
             args.source

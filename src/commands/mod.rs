@@ -164,6 +164,12 @@ fn set_source_conn(c: &crate::cli::CloudSourceArgs) {
             endpoint_url: c.endpoint_url.clone(),
         },
         max_attempts: 10,
+        azure: crate::targets::azure::source::AzureReadConn {
+            arm_endpoint: c.arm_endpoint.clone(),
+            ca_bundle: c.ca_bundle.clone(),
+            subscription: c.subscription.clone(),
+            max_attempts: 10,
+        },
     });
 }
 
