@@ -39,6 +39,32 @@ fn imgshift_aws(dir: &Path, args: &[&str]) -> util::Run {
     run(c)
 }
 
+/// Runs `c` under GNU time: its result, peak RSS (KiB) and the 512-byte blocks it wrote to local storage
+/// (rusage's block outputs, counted by the kernel as pages are dirtied).
+fn timed(c: &Command, dir: &Path) -> (util::Run, u64, u64) {
+    let out = dir.join("time.out");
+    let mut t = Command::new("/usr/bin/time");
+    t.env_clear()
+        .args(["-f", "%M %O", "-o", s(&out)])
+        .arg(c.get_program())
+        .args(c.get_args());
+    for (k, v) in c.get_envs() {
+        if let Some(v) = v {
+            t.env(k, v);
+        }
+    }
+    let r = run(t);
+    let text = std::fs::read_to_string(&out).unwrap();
+    let nums: Vec<u64> = text
+        .lines()
+        .last()
+        .unwrap()
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    (r, nums[0], nums[1])
+}
+
 fn disk(dir: &Path, name: &str, size: u64, data: &[(u64, u64)]) -> PathBuf {
     let raw = dir.join(name);
     make_raw(&raw, size, data, &[]);
@@ -151,10 +177,18 @@ fn a_two_disk_uefi_ami_becomes_azure_v2_os_and_data_disks_equal_to_the_source() 
             "--yes",
         ])
         .args(["--force", "--output", "json"]);
-    let r = run(c);
+    let (r, rss_kib, written_blocks) = timed(&c, d);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["outputs"]["hyper_v_generation"], "V2", "{v}");
+    // Cloud to cloud with no local disk: under 1 MiB written to local storage (the journal) for two 1 GiB disks;
+    // bounded memory.
+    assert!(
+        written_blocks * 512 < MIB,
+        "{} bytes written locally",
+        written_blocks * 512
+    );
+    assert!(rss_kib < 128 * 1024, "peak RSS {rss_kib} KiB");
     // The root mapping is the OS disk whatever its order in the AMI; the other is a data disk.
     let os = &env.bodies("PUT", "/disks/fromami-os")[0];
     assert_eq!(os["properties"]["hyperVGeneration"], "V2");
