@@ -306,3 +306,78 @@ fn an_azure_disk_converts_in_place_and_migrates_to_aws_with_its_generation() {
     assert!(posts("beginGetAccess") >= 3, "{}", posts("beginGetAccess"));
     assert_eq!(posts("beginGetAccess"), posts("endGetAccess"));
 }
+
+#[test]
+fn a_cloud_to_cloud_migrate_killed_mid_copy_resumes_into_one_disk() {
+    let env = azure_util::Env::start("c2cresume", &[], None);
+    let d = env.path();
+    let raw = disk(
+        d,
+        "src.raw",
+        64 * MIB,
+        &[(0, 8 * MIB), (40 * MIB, 12 * MIB)],
+    );
+    let snap = snapshot_of(d, &raw);
+    let cmd = || {
+        let mut c = env.cmd();
+        c.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env("AWS_SESSION_TOKEN", SESSION_TOKEN)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", d.join("no-config"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", d.join("no-credentials"));
+        c.args(["migrate", &format!("aws:{snap}"), "--to", "azure"])
+            .args(["--source-endpoint-url", &moto_url()])
+            .args([
+                "--subscription",
+                azure_util::SUB,
+                "--resource-group",
+                azure_util::RG,
+            ])
+            .args(["--location", "westeurope", "--arm-endpoint", &env.arm_url()])
+            .args(["--name", "c2c", "--state-dir", s(&d.join("state")), "--yes"])
+            .args(["--force", "--concurrency", "1", "--output", "json"]);
+        c
+    };
+    // Killed (SIGKILL) after the first windows were acknowledged and saved.
+    let mut child = cmd()
+        .env("IMGSHIFT_TEST_PAUSE_AT", "upload-saved")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("imgshift-test: paused at upload-saved") => break,
+            Some(Ok(_)) => {}
+            _ => panic!("the migrate ended before pausing mid-copy"),
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The rerun continues the same job into the same disk, and finishes.
+    let r = run(cmd());
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["resumed"], true, "{v}");
+    let (disks, resources) = env.held();
+    assert_eq!(disks, ["c2c-os"]);
+    assert_eq!(resources, ["images/c2c"]);
+    azure_util::check_blob(&env, "c2c-os", &raw_padded(d, &raw, 1 << 30), 1 << 30);
+}
+
+/// `raw` padded with zeros to `size` (an EBS snapshot is whole GiB).
+fn raw_padded(dir: &Path, raw: &Path, size: u64) -> PathBuf {
+    let out = dir.join("padded.raw");
+    std::fs::copy(raw, &out).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&out)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    out
+}
