@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use crate::target_kind::TargetKind;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Move virtual machine disks between formats and clouds.
@@ -145,9 +146,9 @@ pub enum Command {
         /// Image format (probed when absent).
         #[arg(short = 'f', long = "format", value_name = "FMT")]
         format: Option<String>,
-        /// Check the guest against a target's boot requirements: aws, azure, libvirt.
-        #[arg(long, value_name = "TARGET", value_parser = ["aws", "azure", "libvirt"])]
-        target: Option<String>,
+        /// Check the guest against a target's boot requirements.
+        #[arg(long, value_name = "TARGET", value_enum)]
+        target: Option<TargetKind>,
         /// With --target aws: the boot mode the AMI will be registered with (as `upload aws --boot-mode`).
         #[arg(long = "boot-mode", value_parser = ["legacy-bios", "uefi", "uefi-preferred"])]
         boot_mode: Option<String>,
@@ -782,17 +783,6 @@ pub enum JobsAction {
     },
 }
 
-/// Where `migrate` goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum MigrateTo {
-    /// An AMI (EBS direct APIs, no S3)
-    Aws,
-    /// An Azure managed image (and data disks), or a gallery image version
-    Azure,
-    /// libvirt storage volumes and a domain
-    Libvirt,
-}
-
 /// Arguments of `imgshift migrate`.
 #[derive(Debug, Clone, Args)]
 pub struct MigrateArgs {
@@ -800,7 +790,7 @@ pub struct MigrateArgs {
     pub src: PathBuf,
     /// Target
     #[arg(long, value_enum)]
-    pub to: MigrateTo,
+    pub to: TargetKind,
     /// Name of what is made: the AMI, the Azure image (disks NAME-os, NAME-data1, ...), the libvirt domain
     /// (volumes NAME.qcow2, NAME-data1.qcow2, ..., or .raw). Default: the source file's name without its extension
     #[arg(long)]

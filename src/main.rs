@@ -19,6 +19,7 @@ mod open;
 mod progress;
 mod runner;
 mod sources;
+mod target_kind;
 mod targets;
 
 use std::process::ExitCode;

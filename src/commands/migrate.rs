@@ -9,34 +9,34 @@ use anyhow::{Result, bail};
 use serde_json::json;
 
 use super::parse_tags;
-use super::targets::TargetKind;
-use crate::cli::{MigrateArgs, MigrateTo, OutputFormat};
+use crate::cli::{MigrateArgs, OutputFormat};
 use crate::guest::preflight::Level;
 use crate::journal::state_dir;
 use crate::progress::StageUi;
 use crate::runner::plan::{self, ReportInput};
 use crate::runner::{self, RunSpec, Stages};
 use crate::sources::{self, SourceConn, SourceRef};
+use crate::target_kind::TargetKind;
 
 /// The `--to` options given on the command line for another target than `to`, as a usage error's text
 /// (`--pool` belongs to `--to libvirt`). Options set by the environment (AZURE_SUBSCRIPTION_ID) are not counted.
-pub fn foreign_options(to: MigrateTo) -> Option<String> {
+pub fn foreign_options(to: TargetKind) -> Option<String> {
     use clap::{Args, CommandFactory};
     let matches = crate::cli::Cli::command()
         .try_get_matches_from(std::env::args_os())
         .ok()?;
     let (_, m) = matches.subcommand().filter(|(n, _)| *n == "migrate")?;
-    let groups: [(MigrateTo, clap::Command); 3] = [
+    let groups: [(TargetKind, clap::Command); 3] = [
         (
-            MigrateTo::Aws,
+            TargetKind::Aws,
             crate::cli::MigrateAwsArgs::augment_args(clap::Command::new("aws")),
         ),
         (
-            MigrateTo::Azure,
+            TargetKind::Azure,
             crate::cli::MigrateAzureArgs::augment_args(clap::Command::new("azure")),
         ),
         (
-            MigrateTo::Libvirt,
+            TargetKind::Libvirt,
             crate::cli::MigrateLibvirtArgs::augment_args(clap::Command::new("libvirt")),
         ),
     ];
@@ -50,7 +50,7 @@ pub fn foreign_options(to: MigrateTo) -> Option<String> {
                 let flag = a
                     .get_long()
                     .map_or_else(|| a.get_id().to_string(), |l| format!("--{l}"));
-                found.push(format!("{flag} (--to {})", TargetKind::from(*t).name()));
+                found.push(format!("{flag} (--to {})", t.name()));
             }
         }
     }
@@ -61,7 +61,7 @@ pub fn foreign_options(to: MigrateTo) -> Option<String> {
         "{} belong{} to another target than --to {}: remove {}",
         found.join(", "),
         if found.len() == 1 { "s" } else { "" },
-        TargetKind::from(to).name(),
+        to.name(),
         if found.len() == 1 { "it" } else { "them" }
     ))
 }
@@ -124,7 +124,7 @@ fn source_key(args: &MigrateArgs) -> Result<String> {
 /// Runs `migrate`.
 pub fn run(args: &MigrateArgs, quiet: bool) -> Result<u8> {
     let name = job_name(args)?;
-    let kind = TargetKind::from(args.to);
+    let kind = args.to;
     let to = kind.name();
     let cloud = SourceRef::parse(&args.src)?.is_cloud();
     if cloud && args.generalize.is_some() {
@@ -144,7 +144,7 @@ pub fn run(args: &MigrateArgs, quiet: bool) -> Result<u8> {
     let mut target = super::targets::for_migrate_from(args, &facts)?;
     // The boot mode the guest is registered with on AWS: the flag, else what the source's cloud says.
     let boot_mode = match args.to {
-        MigrateTo::Aws => args.aws.boot_mode.clone().or(facts.boot_mode.clone()),
+        TargetKind::Aws => args.aws.boot_mode.clone().or(facts.boot_mode.clone()),
         _ => None,
     };
 
@@ -216,7 +216,7 @@ pub fn run(args: &MigrateArgs, quiet: bool) -> Result<u8> {
         reopen_boot: Box::new(move || {
             crate::open::open_image(&src, format.as_deref(), &trust.allow_dirs)
         }),
-        generalize: args.generalize.clone().map(|g| (g, kind.generalize())),
+        generalize: args.generalize.clone().map(|g| (g, kind)),
         stages: Stages {
             inspect: true,
             register: true,
@@ -287,7 +287,7 @@ pub fn job_name(args: &MigrateArgs) -> Result<String> {
 /// so rerunning the command (or `resume`) continues it.
 pub fn job_id(args: &MigrateArgs) -> Result<String> {
     let place = match args.to {
-        MigrateTo::Aws => format!(
+        TargetKind::Aws => format!(
             "{:?}\0{:?}\0{:?}\0{:?}\0{}",
             args.aws.region.as_deref().or(env("AWS_REGION").as_deref()),
             args.aws.profile,
@@ -298,11 +298,11 @@ pub fn job_id(args: &MigrateArgs) -> Result<String> {
             args.aws.kms_key_id,
             args.aws.encrypted
         ),
-        MigrateTo::Azure => format!(
+        TargetKind::Azure => format!(
             "{}\0{:?}\0{:?}",
             args.azure.arm_endpoint, args.azure.subscription, args.azure.resource_group
         ),
-        MigrateTo::Libvirt => format!("{}\0{:?}", args.libvirt.connect, args.libvirt.pool),
+        TargetKind::Libvirt => format!("{}\0{:?}", args.libvirt.connect, args.libvirt.pool),
     };
     let key = format!(
         "migrate\0{}\0{:?}\0{}\0{place}\0{:?}\0{:?}",

@@ -106,7 +106,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             inspect::run(
                 &image,
                 format.as_deref(),
-                target.as_deref(),
+                target.map(crate::target_kind::TargetKind::name),
                 boot_mode.as_deref(),
                 output,
                 stats,
