@@ -381,3 +381,59 @@ fn raw_padded(dir: &Path, raw: &Path, size: u64) -> PathBuf {
         .unwrap();
     out
 }
+
+#[test]
+fn a_read_sas_that_expires_mid_copy_is_renewed() {
+    // The fake ARM's second grant (the convert's read SAS) lasts 3 s; every blob request of this disk is held
+    // 400 ms by the proxy in front of Azurite, so the copy (properties, page ranges, footer, 6 reads of 4 MiB)
+    // outlives its SAS.
+    let env = azure_util::Env::start(
+        "sasrenew",
+        &["--sas-ttl", "3600,3,3600"],
+        Some(&["--fault-path", "renew-disk", "--delay-ms", "400"]),
+    );
+    let d = env.path();
+    let raw = disk(d, "r.raw", 24 * MIB, &[(0, 4 * MIB), (16 * MIB, 8 * MIB)]);
+    let r = env.upload(&raw, "renew-disk", &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = d.join("back.qcow2");
+    let mut c = env.cmd();
+    c.args([
+        "convert",
+        "-O",
+        "qcow2",
+        &format!("azure:disk/{}/renew-disk", azure_util::RG),
+    ])
+    .arg(s(&out))
+    .args([
+        "--subscription",
+        azure_util::SUB,
+        "--arm-endpoint",
+        &env.arm_url(),
+    ]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2", s(&raw), s(&out)])
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    let posts = |action: &str| {
+        env.records()
+            .iter()
+            .filter(|r| {
+                r["method"] == "POST"
+                    && r["path"].as_str().unwrap().contains("/disks/renew-disk/")
+                    && r["path"].as_str().unwrap().ends_with(action)
+            })
+            .count()
+    };
+    // The upload's write grant, the convert's read grant and its renewal; endGetAccess ends every grant of the
+    // disk at once (the upload's, and the convert's at the end).
+    assert_eq!(posts("beginGetAccess"), 3);
+    assert_eq!(posts("endGetAccess"), 2);
+}

@@ -32,7 +32,7 @@ pub struct AzureReadConn {
 /// Ends the read grant of a disk when dropped.
 struct Grant {
     rt: Arc<tokio::runtime::Runtime>,
-    arm: Arm,
+    arm: Arc<Arm>,
     disk: String,
 }
 
@@ -90,16 +90,21 @@ impl AzureDiskSource {
         let sas = rt
             .block_on(arm.grant_read(name, READ_ACCESS_SECONDS))
             .with_context(|| format!("cannot read disk {name}"))?;
+        let arm = Arc::new(arm);
         let grant = Grant {
             rt: Arc::clone(&rt),
-            arm,
+            arm: Arc::clone(&arm),
             disk: name.to_string(),
         };
         let policy = Policy {
             max_attempts: conn.max_attempts.max(1),
             ..Policy::default()
         };
-        let blob = PageBlob::open(rt.handle().clone(), &sas, &transport, policy)?;
+        // A copy that outlives its SAS asks for a new one (the grant is the same disk's; endGetAccess ends all).
+        let (rt2, arm2, disk2) = (Arc::clone(&rt), Arc::clone(&arm), name.to_string());
+        let blob = PageBlob::open(rt.handle().clone(), &sas, &transport, policy)?.renewing(
+            Box::new(move || rt2.block_on(arm2.grant_read(&disk2, READ_ACCESS_SECONDS))),
+        );
         drop(sas);
         let size = blob.size();
         let Some(data_size) = size.checked_sub(FOOTER) else {
