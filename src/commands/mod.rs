@@ -12,7 +12,7 @@ mod map;
 mod migrate;
 mod upload;
 mod upload_azure;
-mod upload_libvirt;
+pub(crate) mod upload_libvirt;
 
 pub(crate) use upload::{parse_tags, runtime};
 

@@ -18,14 +18,16 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use imgshift_converters::{DiskSource, ExtentMap};
 use serde_json::json;
-use virt::connect::Connect;
-use virt::storage_pool::StoragePool;
 
 use super::{DiskInfo, Job, Target};
 use crate::cli::{LibvirtVolFormat, MigrateArgs};
+use crate::commands::upload_libvirt::{
+    bus_choice, firmware_choice, partition_firmware, type_choice,
+};
 use crate::journal::Resource;
 use crate::progress::Bar;
 use crate::targets::libvirt::plan::{self, DomainChoices, GuestHints};
+use crate::targets::libvirt::rpc::{Connect, StoragePool};
 use crate::targets::libvirt::xml::{DomainDisk, domain_xml};
 use crate::targets::libvirt::{
     Error as LvError, Firmware, VolFormat, conn as lv, download, fill, inuse, volume,
@@ -66,9 +68,9 @@ impl LibvirtTarget {
             );
         };
         let choices = DomainChoices {
-            firmware: a.firmware,
-            disk_bus: a.disk_bus,
-            domain_type: a.domain_type,
+            firmware: firmware_choice(a.firmware),
+            disk_bus: bus_choice(a.disk_bus),
+            domain_type: type_choice(a.domain_type),
             memory_mib: a.memory,
             vcpus: a.vcpus,
             network: a.network.clone(),
@@ -206,9 +208,8 @@ impl Target for LibvirtTarget {
         bar: Arc<Bar>,
     ) -> Result<u64> {
         let pool = self.pool()?;
-        let conn = self.conn()?;
         if disk == 0 && job.id_of("partition_firmware")?.is_none() {
-            let (fw, why) = plan::partition_firmware(src);
+            let (fw, why) = partition_firmware(src);
             job.set_id("partition_firmware_why", why)?;
             job.set_id("partition_firmware", plan::fw_name(fw))?;
         }
@@ -234,15 +235,7 @@ impl Target for LibvirtTarget {
             "created volume '{vol}' ({capacity} bytes) at {}",
             created.path
         ));
-        match fill::fill(
-            &conn,
-            &created,
-            self.format,
-            src,
-            Some(map),
-            bar.as_ref(),
-            None,
-        ) {
+        match fill::fill(&created, self.format, src, Some(map), bar.as_ref(), None) {
             Ok((sent, _)) => Ok(sent.bytes_sent),
             Err(f) => {
                 let e = anyhow::Error::new(f.error).context(format!(
@@ -332,7 +325,7 @@ impl Target for LibvirtTarget {
                     info.capacity
                 );
             }
-            let copy = download::open(&conn, &vol, &name, self.format)
+            let copy = download::open(&vol, &name, self.format)
                 .with_context(|| format!("cannot read volume '{name}' back"))?;
             let map = super::map_disk(src.as_ref(), &format!("disk {i}"))?;
             compared += super::verify::sample_compare(src.as_ref(), &map, copy.as_ref())

@@ -1,0 +1,443 @@
+//! One connection to a libvirt daemon. Calls and streams are told apart by serial: a reader thread reads every
+//! message the daemon sends and hands it to whoever registered that serial (a call waiting for its reply, or a
+//! stream), so a stream's error reaches its sender while it is still sending, and nothing the daemon sends
+//! blocks the connection. Writes are whole messages under a lock.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::packet::{self, Header, MsgType, Packet, Status};
+use super::proto::{self, PROGRAM, RemoteError, VERSION, procs};
+use super::uri::{Target, Transport};
+use super::xdr::{Decoder, Encoder};
+use super::{Error, Result};
+
+/// Messages a stream's queue holds before the reader waits for the stream's owner to take them (a bound on
+/// memory: at most this many messages of at most [`packet::MESSAGE_MAX`] bytes).
+const STREAM_QUEUE: usize = 16;
+/// How long closing the connection waits for the daemon's answer (a guard against a hung daemon; it answers
+/// at once).
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+/// Most of `ssh`'s standard error kept for messages.
+const STDERR_KEEP: usize = 4096;
+
+struct Route {
+    tx: SyncSender<Packet>,
+    /// A call's route is removed after its reply; a stream's stays until the stream is done.
+    stream: bool,
+}
+
+#[derive(Default)]
+struct State {
+    routes: HashMap<u32, Route>,
+    /// Set (with the reason) once the reader thread ended: nothing more will arrive.
+    closed: Option<String>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+}
+
+impl Shared {
+    fn closed_reason(&self) -> String {
+        self.state
+            .lock()
+            .ok()
+            .and_then(|s| s.closed.clone())
+            .unwrap_or_else(|| "the daemon closed the connection".into())
+    }
+}
+
+/// What closes the transport when the client goes.
+enum Closer {
+    Socket(UnixStream),
+    Child(Child),
+}
+
+/// A connection to a daemon.
+pub struct Client {
+    writer: Mutex<Option<Box<dyn Write + Send>>>,
+    shared: Arc<Shared>,
+    serial: AtomicU32,
+    closer: Mutex<Option<Closer>>,
+    /// `ssh`'s standard error (its last bytes), for messages.
+    stderr: Option<Arc<Mutex<Vec<u8>>>>,
+    stderr_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// What the transport is, for messages ("socket /run/libvirt/libvirt-sock", "ssh to host").
+    pub(crate) what: String,
+    opened: std::sync::atomic::AtomicBool,
+}
+
+fn reader_loop(mut r: Box<dyn Read + Send>, shared: Arc<Shared>) {
+    let reason = loop {
+        let p = match packet::read(&mut *r) {
+            Ok(p) => p,
+            Err(packet::PacketError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                break "the daemon closed the connection".to_string();
+            }
+            Err(e) => break e.to_string(),
+        };
+        // Events, keepalive probes (never asked for) and other programs are not ours.
+        if p.header.prog != PROGRAM
+            || !matches!(
+                p.header.kind,
+                MsgType::Reply | MsgType::ReplyWithFds | MsgType::Stream | MsgType::StreamHole
+            )
+        {
+            continue;
+        }
+        let serial = p.header.serial;
+        let (tx, stream) = {
+            let Ok(mut st) = shared.state.lock() else {
+                break "internal error: poisoned lock".into();
+            };
+            match st.routes.get(&serial) {
+                Some(r) if r.stream => (r.tx.clone(), true),
+                Some(_) => match st.routes.remove(&serial) {
+                    Some(r) => (r.tx, false),
+                    None => continue,
+                },
+                // Nobody waits for it (a late answer to an abandoned call): dropped.
+                None => continue,
+            }
+        };
+        if stream {
+            // Blocks while the stream's queue is full: the daemon is then held back by the socket.
+            if tx.send(p).is_err()
+                && let Ok(mut st) = shared.state.lock()
+            {
+                st.routes.remove(&serial);
+            }
+        } else if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(p) {
+            // The caller gave up waiting.
+        }
+    };
+    if let Ok(mut st) = shared.state.lock() {
+        st.closed = Some(reason);
+        // Dropping the senders wakes everyone waiting.
+        st.routes.clear();
+    }
+}
+
+impl Client {
+    /// Connects to `target`'s transport (no call made yet).
+    fn connect(target: &Target) -> Result<Client> {
+        match &target.transport {
+            Transport::Unix(path) => {
+                let what = format!("socket {}", path.display());
+                let s = UnixStream::connect(path)
+                    .map_err(|e| Error::Connect(format!("cannot connect to {what}: {e}")))?;
+                let clone = |s: &UnixStream| {
+                    s.try_clone()
+                        .map_err(|e| Error::Connect(format!("{what}: {e}")))
+                };
+                let (r, c) = (clone(&s)?, clone(&s)?);
+                Ok(Client::start(
+                    Box::new(r),
+                    Box::new(s),
+                    Closer::Socket(c),
+                    None,
+                    what,
+                ))
+            }
+            Transport::Ssh {
+                program,
+                args,
+                host,
+            } => {
+                let what = format!("ssh to {host} (`{program} {}`)", args.join(" "));
+                let mut child = Command::new(program)
+                    .args(args)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .map_err(|e| Error::Connect(format!("cannot run {what}: {e}")))?;
+                let (Some(stdin), Some(stdout), Some(stderr)) =
+                    (child.stdin.take(), child.stdout.take(), child.stderr.take())
+                else {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(Error::Connect(format!("{what}: no pipes")));
+                };
+                let kept = Arc::new(Mutex::new(Vec::new()));
+                let k = Arc::clone(&kept);
+                let t = std::thread::Builder::new()
+                    .name("imgshift-ssh-stderr".into())
+                    .spawn(move || keep_tail(stderr, &k))
+                    .ok();
+                let c = Client::start(
+                    Box::new(stdout),
+                    Box::new(stdin),
+                    Closer::Child(child),
+                    Some(kept),
+                    what,
+                );
+                if let Ok(mut slot) = c.stderr_thread.lock() {
+                    *slot = t;
+                }
+                Ok(c)
+            }
+        }
+    }
+
+    fn start(
+        r: Box<dyn Read + Send>,
+        w: Box<dyn Write + Send>,
+        closer: Closer,
+        stderr: Option<Arc<Mutex<Vec<u8>>>>,
+        what: String,
+    ) -> Client {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+        });
+        let s = Arc::clone(&shared);
+        let spawned = std::thread::Builder::new()
+            .name("imgshift-libvirt-rx".into())
+            .spawn(move || reader_loop(r, s));
+        if let Err(e) = spawned
+            && let Ok(mut st) = shared.state.lock()
+        {
+            st.closed = Some(format!("cannot start the reader thread: {e}"));
+        }
+        Client {
+            writer: Mutex::new(Some(w)),
+            shared,
+            serial: AtomicU32::new(1),
+            closer: Mutex::new(Some(closer)),
+            stderr,
+            stderr_thread: Mutex::new(None),
+            what,
+            opened: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Connects and opens `target`: authentication (none or polkit) and `REMOTE_PROC_CONNECT_OPEN`.
+    pub fn open(target: &Target) -> Result<Arc<Client>> {
+        let c = Arc::new(Client::connect(target)?);
+        c.handshake(&target.name).map_err(|e| c.connect_error(e))?;
+        c.opened.store(true, Ordering::Relaxed);
+        Ok(c)
+    }
+
+    fn handshake(&self, name: &str) -> Result<()> {
+        let types = match self.call(procs::AUTH_LIST, &[]) {
+            Ok(ret) => {
+                let mut d = Decoder::new(&ret);
+                let n = d.count(proto::auth::LIST_MAX, 4, "auth types")?;
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    v.push(d.i32("auth type")?);
+                }
+                d.finish()?;
+                v
+            }
+            // Daemons older than authentication answer "not supported": no authentication.
+            Err(e) if e.code() == Some(proto::codes::NO_SUPPORT) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        if !(types.is_empty() || types.contains(&proto::auth::NONE)) {
+            if types.contains(&proto::auth::POLKIT) {
+                let ret = self.call(procs::AUTH_POLKIT, &[])?;
+                let mut d = Decoder::new(&ret);
+                if d.i32("polkit complete")? == 0 {
+                    return Err(Error::Connect(
+                        "polkit authentication did not complete".into(),
+                    ));
+                }
+            } else {
+                return Err(Error::Connect(format!(
+                    "the daemon asks for authentication imgshift does not speak (types {types:?}; {} is SASL): \
+                     set auth_unix_rw = \"none\" or \"polkit\" in its configuration",
+                    proto::auth::SASL
+                )));
+            }
+        }
+        let mut e = Encoder::new();
+        e.opt_string(Some(name)).u32(0);
+        self.call(procs::CONNECT_OPEN, &e.into_bytes())?;
+        Ok(())
+    }
+
+    /// An error while connecting, with what was being connected to and (for ssh) what ssh said.
+    fn connect_error(&self, e: Error) -> Error {
+        if let Error::Remote(_) = e {
+            return e;
+        }
+        // ssh failed or is failing: stop it, so that all it said is read.
+        if let Ok(mut c) = self.closer.lock()
+            && let Some(Closer::Child(child)) = c.as_mut()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(t) = self.stderr_thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
+        let said = self
+            .stderr
+            .as_ref()
+            .and_then(|s| {
+                s.lock()
+                    .ok()
+                    .map(|b| String::from_utf8_lossy(&b).trim().replace('\n', "; "))
+            })
+            .filter(|s| !s.is_empty())
+            .map(|s| format!(" (ssh said: {s})"))
+            .unwrap_or_default();
+        Error::Connect(format!("{}: {e}{said}", self.what))
+    }
+
+    /// A new serial.
+    pub(crate) fn next_serial(&self) -> u32 {
+        self.serial.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers `serial` (a call when `stream` is false, or a stream) and returns where its messages arrive.
+    pub(crate) fn register(&self, serial: u32, stream: bool) -> Result<Receiver<Packet>> {
+        let (tx, rx) = sync_channel(if stream { STREAM_QUEUE } else { 1 });
+        let mut st = self
+            .shared
+            .state
+            .lock()
+            .map_err(|_| Error::Protocol("internal error: poisoned lock".into()))?;
+        if let Some(r) = &st.closed {
+            return Err(Error::Closed(r.clone()));
+        }
+        st.routes.insert(serial, Route { tx, stream });
+        Ok(rx)
+    }
+
+    /// Forgets `serial`: whatever arrives for it later is dropped.
+    pub(crate) fn unregister(&self, serial: u32) {
+        if let Ok(mut st) = self.shared.state.lock() {
+            st.routes.remove(&serial);
+        }
+    }
+
+    /// Why the connection ended.
+    pub(crate) fn closed(&self) -> Error {
+        Error::Closed(self.shared.closed_reason())
+    }
+
+    /// Sends one message of `kind`/`status` for procedure `proc_` and `serial`.
+    pub(crate) fn send(
+        &self,
+        proc_: i32,
+        kind: MsgType,
+        serial: u32,
+        status: Status,
+        payload: &[u8],
+    ) -> Result<()> {
+        let h = Header {
+            prog: PROGRAM,
+            vers: VERSION,
+            proc_,
+            kind,
+            serial,
+            status,
+        };
+        let b = packet::encode(&h, payload).map_err(|e| Error::Protocol(e.to_string()))?;
+        let mut w = self
+            .writer
+            .lock()
+            .map_err(|_| Error::Protocol("internal error: poisoned lock".into()))?;
+        let w = w
+            .as_mut()
+            .ok_or_else(|| Error::Closed("the connection was closed".into()))?;
+        w.write_all(&b)
+            .and_then(|()| w.flush())
+            .map_err(|e| Error::Closed(format!("{} ({e})", self.shared.closed_reason())))
+    }
+
+    /// Calls `proc_` with encoded `args` and returns the reply's payload.
+    pub fn call(&self, proc_: i32, args: &[u8]) -> Result<Vec<u8>> {
+        self.call_inner(proc_, args, None)
+    }
+
+    fn call_inner(&self, proc_: i32, args: &[u8], wait: Option<Duration>) -> Result<Vec<u8>> {
+        let serial = self.next_serial();
+        let rx = self.register(serial, false)?;
+        if let Err(e) = self.send(proc_, MsgType::Call, serial, Status::Ok, args) {
+            self.unregister(serial);
+            return Err(e);
+        }
+        let p = match wait {
+            None => rx.recv().map_err(|_| self.closed())?,
+            Some(d) => match rx.recv_timeout(d) {
+                Ok(p) => p,
+                Err(_) => {
+                    self.unregister(serial);
+                    return Err(Error::Closed(format!("no answer to call {proc_} in {d:?}")));
+                }
+            },
+        };
+        reply_payload(p)
+    }
+}
+
+/// The payload of a reply, or the error it carries.
+pub(crate) fn reply_payload(p: Packet) -> Result<Vec<u8>> {
+    if p.header.kind != MsgType::Reply {
+        return Err(Error::Protocol(format!(
+            "expected a reply, got a {:?} message",
+            p.header.kind
+        )));
+    }
+    match p.header.status {
+        Status::Ok => Ok(p.payload),
+        _ => Err(remote_error(&p.payload)),
+    }
+}
+
+/// The `remote_error` in `payload` (or why it could not be read).
+pub(crate) fn remote_error(payload: &[u8]) -> Error {
+    match RemoteError::decode(&mut Decoder::new(payload)) {
+        Ok(e) => Error::Remote(e),
+        Err(e) => Error::Protocol(format!("unreadable error from the daemon: {e}")),
+    }
+}
+
+fn keep_tail(mut r: impl Read, kept: &Mutex<Vec<u8>>) {
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = r.read(&mut buf) {
+        let Some(got) = buf.get(..n).filter(|g| !g.is_empty()) else {
+            break;
+        };
+        if let Ok(mut k) = kept.lock() {
+            k.extend_from_slice(got);
+            let excess = k.len().saturating_sub(STDERR_KEEP);
+            k.drain(..excess);
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if self.opened.load(Ordering::Relaxed) {
+            let _ = self.call_inner(procs::CONNECT_CLOSE, &[], Some(CLOSE_WAIT));
+        }
+        if let Ok(mut w) = self.writer.lock() {
+            w.take();
+        }
+        if let Ok(mut c) = self.closer.lock() {
+            match c.take() {
+                Some(Closer::Socket(s)) => {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+                Some(Closer::Child(mut child)) => {
+                    // ssh ends when its stdin closes; make sure of it.
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                None => {}
+            }
+        }
+    }
+}
