@@ -1,8 +1,11 @@
 //! Streams (`virStreamPtr` over RPC): after the call that opens it (`REMOTE_PROC_STORAGE_VOL_UPLOAD`,
-//! `…_DOWNLOAD`) is answered, data travels as `VIR_NET_STREAM` messages with the call's serial, holes of a
-//! sparse stream as `VIR_NET_STREAM_HOLE` messages, and either side ends it: status OK (finish, which the other
-//! side confirms with an empty OK) or ERROR (an abort from the client; a `remote_error` from the daemon).
+//! `…_DOWNLOAD`) is answered, data travels as `VIR_NET_STREAM` messages (status CONTINUE) with the call's
+//! serial, holes of a sparse stream as `VIR_NET_STREAM_HOLE` messages. The daemon marks the end of a download
+//! with an empty CONTINUE message. The client ends a stream with status OK (finish, which the daemon confirms
+//! with an empty OK message once everything is written) or ERROR (an abort); the daemon reports a failure as a
+//! `remote_error` with status ERROR.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::Duration;
@@ -12,6 +15,8 @@ use super::packet::{MsgType, Packet, STREAM_CHUNK, Status};
 use super::xdr::{Decoder, Encoder};
 use super::{Error, Result};
 
+/// Most stream messages kept while waiting for the reply that opens the stream.
+const EARLY_MAX: usize = 64;
 /// How long an abort waits for the daemon's confirmation (a guard against a hung daemon).
 const ABORT_WAIT: Duration = Duration::from_secs(60);
 
@@ -20,6 +25,9 @@ struct Open {
     proc_: i32,
     serial: u32,
     rx: Receiver<Packet>,
+    /// Stream messages that arrived before the reply to the opening call (the daemon may start sending a
+    /// download before it answers).
+    early: VecDeque<Packet>,
     /// Finished or aborted: nothing more to send.
     done: bool,
 }
@@ -34,12 +42,24 @@ impl Open {
             proc_,
             serial,
             rx,
+            early: VecDeque::new(),
             done: true,
         };
         s.client
             .send(proc_, MsgType::Call, serial, Status::Ok, args)?;
-        let p = s.rx.recv().map_err(|_| s.client.closed())?;
-        reply_payload(p)?;
+        loop {
+            let p = s.rx.recv().map_err(|_| s.client.closed())?;
+            if p.header.kind == MsgType::Reply {
+                reply_payload(p)?;
+                break;
+            }
+            if s.early.len() >= EARLY_MAX {
+                return Err(Error::Protocol(format!(
+                    "more than {EARLY_MAX} stream messages before the reply"
+                )));
+            }
+            s.early.push_back(p);
+        }
         s.done = false;
         Ok(s)
     }
@@ -49,8 +69,11 @@ impl Open {
             .send(self.proc_, kind, self.serial, status, payload)
     }
 
-    fn recv(&self) -> Result<Packet> {
-        self.rx.recv().map_err(|_| self.client.closed())
+    fn recv(&mut self) -> Result<Packet> {
+        match self.early.pop_front() {
+            Some(p) => Ok(p),
+            None => self.rx.recv().map_err(|_| self.client.closed()),
+        }
     }
 
     /// Sends the finish message and waits for the daemon's confirmation (or its error).
@@ -119,7 +142,11 @@ impl Upload {
     /// An error the daemon already sent (it stops writing at the first one).
     fn check(&mut self) -> Result<()> {
         loop {
-            match self.s.rx.try_recv() {
+            let next = match self.s.early.pop_front() {
+                Some(p) => Ok(p),
+                None => self.s.rx.try_recv(),
+            };
+            match next {
                 Ok(p) if p.header.status == Status::Error => {
                     // The daemon ended the stream: nothing to abort.
                     self.s.done = true;
@@ -216,11 +243,12 @@ impl Download {
                 self.s.done = true;
                 Err(remote_error(&p.payload))
             }
-            (MsgType::Stream, Status::Continue) => Ok(Chunk::Data(p.payload)),
-            (MsgType::Stream, Status::Ok) => {
+            // The end of the data is an empty data message (an OK message is the answer to our finish).
+            (MsgType::Stream, Status::Continue) if p.payload.is_empty() => {
                 self.ended = true;
                 Ok(Chunk::End)
             }
+            (MsgType::Stream, Status::Continue) => Ok(Chunk::Data(p.payload)),
             (MsgType::StreamHole, Status::Continue) if self.sparse => {
                 let mut d = Decoder::new(&p.payload);
                 let len = d.i64("hole length")?;
