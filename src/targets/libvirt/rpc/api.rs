@@ -2,12 +2,12 @@
 
 use std::sync::Arc;
 
+use super::Result;
 use super::client::Client;
 use super::proto::{DOMAIN_LIST_MAX, DomainRef, PoolRef, VolInfo, VolRef, procs};
 use super::stream::{Download, Upload};
 use super::uri::{self, Env};
 use super::xdr::{Decoder, Encoder};
-use super::{Error, Result};
 
 /// `VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM` / `VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM`.
 pub const SPARSE_STREAM: u32 = 1;
@@ -274,10 +274,18 @@ impl std::fmt::Debug for Connect {
     }
 }
 
-#[allow(dead_code)]
-fn _assert_send_sync() {
-    fn is<T: Send + Sync>() {}
-    is::<Connect>();
-    is::<StorageVol>();
-    let _ = Error::Protocol(String::new());
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::targets::libvirt::rpc::Error;
+
+    #[test]
+    fn handles_can_cross_threads() {
+        fn is<T: Send + Sync>() {}
+        is::<Connect>();
+        is::<StoragePool>();
+        is::<StorageVol>();
+        is::<Domain>();
+        is::<Error>();
+    }
 }
