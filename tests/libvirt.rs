@@ -347,7 +347,8 @@ struct SessionDaemon {
 }
 
 impl SessionDaemon {
-    fn start() -> SessionDaemon {
+    /// The folders of a session daemon (owned by `nobody`), none started yet.
+    fn folders() -> SessionDaemon {
         let dir = tempfile::Builder::new()
             .prefix("imgshift-session")
             .tempdir_in("/var/tmp")
@@ -364,6 +365,25 @@ impl SessionDaemon {
             st.success(),
             "chown nobody (the test runs as root, like CI)"
         );
+        SessionDaemon { dir }
+    }
+
+    /// `runuser -u nobody -- env HOME=… XDG_…=… PROGRAM`: a command run as the session's user.
+    fn as_user(&self, program: &str) -> Command {
+        let p = self.dir.path();
+        let mut c = Command::new("runuser");
+        c.args(["-u", "nobody", "--", "env"])
+            .arg(format!("HOME={}", s(p)))
+            .arg(format!("XDG_RUNTIME_DIR={}", s(&p.join("run"))))
+            .arg(format!("XDG_CONFIG_HOME={}", s(&p.join("config"))))
+            .arg(format!("XDG_CACHE_HOME={}", s(&p.join("cache"))))
+            .arg(program);
+        c
+    }
+
+    fn start() -> SessionDaemon {
+        let daemon = SessionDaemon::folders();
+        let dir = &daemon.dir;
         let p = dir.path();
         let out = Command::new("runuser")
             .args(["-u", "nobody", "--", "env"])
@@ -379,7 +399,7 @@ impl SessionDaemon {
             "session libvirtd did not start: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        SessionDaemon { dir }
+        daemon
     }
 
     fn uri(&self) -> String {
@@ -1150,5 +1170,42 @@ fn ssh_failure_names_ssh_and_what_it_said() {
                 .contains("Could not resolve hostname nohost.invalid"),
         "{}",
         r.stderr
+    );
+}
+
+/// `qemu:///session` with no session daemon running: imgshift starts one (`libvirtd --timeout=120`, as
+/// libvirt's own client does) under the user's runtime folder, and reaches it.
+#[test]
+fn starts_a_session_daemon_when_none_runs() {
+    let daemon = SessionDaemon::folders();
+    let sock = daemon.dir.path().join("run/libvirt/libvirt-sock");
+    assert!(!sock.exists());
+    let raw = daemon.dir.path().join("source.raw");
+    make_raw(&raw, 4 * MIB, &[(0, MIB)], &[]);
+    let out = daemon
+        .as_user(s(&imgshift_bin()))
+        .args([
+            "upload",
+            "libvirt",
+            s(&raw),
+            "--connect",
+            "qemu:///session",
+            "--pool",
+            "imgshift-no-such-pool",
+            "--volume",
+            "v.raw",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The daemon answered: the pool lookup is what failed.
+    assert!(
+        stderr.contains("storage pool 'imgshift-no-such-pool' not found at qemu:///session"),
+        "{stderr}"
+    );
+    assert!(sock.exists(), "no session socket at {}", sock.display());
+    assert!(
+        daemon.dir.path().join("run/libvirt/libvirtd.pid").exists(),
+        "the daemon's pid file (for the clean-up)"
     );
 }

@@ -131,8 +131,22 @@ impl Client {
         match &target.transport {
             Transport::Unix(path) => {
                 let what = format!("socket {}", path.display());
-                let s = UnixStream::connect(path)
-                    .map_err(|e| Error::Connect(format!("cannot connect to {what}: {e}")))?;
+                let s = match UnixStream::connect(path) {
+                    Ok(s) => s,
+                    Err(e)
+                        if target.autostart
+                            && matches!(
+                                e.kind(),
+                                std::io::ErrorKind::NotFound
+                                    | std::io::ErrorKind::ConnectionRefused
+                            ) =>
+                    {
+                        start_session_daemon(path).map_err(|m| {
+                            Error::Connect(format!("cannot connect to {what}: {e}; {m}"))
+                        })?
+                    }
+                    Err(e) => return Err(Error::Connect(format!("cannot connect to {what}: {e}"))),
+                };
                 let clone = |s: &UnixStream| {
                     s.try_clone()
                         .map_err(|e| Error::Connect(format!("{what}: {e}")))
@@ -401,6 +415,58 @@ pub(crate) fn remote_error(payload: &[u8]) -> Error {
     match RemoteError::decode(&mut Decoder::new(payload)) {
         Ok(e) => Error::Remote(e),
         Err(e) => Error::Protocol(format!("unreadable error from the daemon: {e}")),
+    }
+}
+
+/// How long a session daemon this process started may take to open its socket (a hang guard: it takes
+/// well under a second).
+const SPAWN_WAIT: Duration = Duration::from_secs(30);
+
+/// Starts the per-user daemon (`virtqemud`, else `libvirtd`, with `--timeout=120`: it exits after two idle
+/// minutes) and connects to its socket `path` once it listens. The daemon runs in its own process group, so a
+/// Ctrl-C of imgshift does not stop it, and outlives imgshift as libvirt's own client leaves it.
+fn start_session_daemon(path: &std::path::Path) -> std::result::Result<UnixStream, String> {
+    let found = ["virtqemud", "libvirtd"].iter().find_map(|name| {
+        std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths)
+            .chain(["/usr/sbin".into(), "/usr/local/sbin".into()])
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    let Some(bin) = found else {
+        return Err(
+            "no session daemon runs, and neither virtqemud nor libvirtd was found to start one"
+                .into(),
+        );
+    };
+    use std::os::unix::process::CommandExt;
+    let mut child = Command::new(&bin)
+        .arg("--timeout=120")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+    let deadline = std::time::Instant::now() + SPAWN_WAIT;
+    loop {
+        if let Ok(s) = UnixStream::connect(path) {
+            return Ok(s);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "{} --timeout=120 exited ({status}) without opening the socket",
+                bin.display()
+            ));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "{} --timeout=120 did not open the socket within {SPAWN_WAIT:?}",
+                bin.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -36,6 +36,9 @@ pub struct Target {
     pub name: String,
     /// How to reach it.
     pub transport: Transport,
+    /// A per-user session daemon that is not running may be started (as libvirt's own client does:
+    /// `virtqemud` or `libvirtd` with `--timeout=120`, which exits when idle).
+    pub autostart: bool,
 }
 
 /// The environment a URI is resolved in (tests give their own).
@@ -144,6 +147,7 @@ pub fn parse(uri: &str, env: &Env, exists: &dyn Fn(&Path) -> bool) -> Result<Tar
                      qemu+ssh://HOST/system",
                 ));
             }
+            let autostart = socket.is_none() && path == "/session" && !env.root;
             let path = match socket {
                 Some(s) => PathBuf::from(s),
                 None => local_socket(uri, driver, path, env, exists)?,
@@ -151,6 +155,7 @@ pub fn parse(uri: &str, env: &Env, exists: &dyn Fn(&Path) -> bool) -> Result<Tar
             Ok(Target {
                 name,
                 transport: Transport::Unix(path),
+                autostart,
             })
         }
         Some("ssh") => {
@@ -211,6 +216,7 @@ pub fn parse(uri: &str, env: &Env, exists: &dyn Fn(&Path) -> bool) -> Result<Tar
                     args,
                     host: host.to_string(),
                 },
+                autostart: false,
             })
         }
         Some(t) => Err(bad(
@@ -296,6 +302,13 @@ mod tests {
         let t = parse("qemu:///session", &env(), &none).unwrap();
         assert_eq!(t.name, "qemu:///session");
         assert_eq!(unix(&t), Path::new("/run/user/1000/libvirt/libvirt-sock"));
+        assert!(t.autostart, "a session daemon is started when none runs");
+        assert!(!parse("qemu:///system", &env(), &none).unwrap().autostart);
+        assert!(
+            !parse("qemu:///session?socket=/s", &env(), &none)
+                .unwrap()
+                .autostart
+        );
         let root = Env {
             root: true,
             ..env()
