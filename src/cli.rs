@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Move virtual machine disks between formats and clouds.
 #[derive(Debug, Parser)]
-#[command(name = "imgshift", version, about, max_term_width = 100)]
+#[command(name = "imgshift", version = env!("IMGSHIFT_VERSION"), about, max_term_width = 100)]
 pub struct Cli {
     /// Print no progress bars.
     #[arg(long, short = 'q', global = true)]
@@ -217,6 +217,15 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t, global = true)]
         output: OutputFormat,
     },
+    /// Print a shell completion script on standard output (e.g. `imgshift completions bash >
+    /// /etc/bash_completion.d/imgshift`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on standard output (`imgshift man | man -l -`).
+    Man,
 }
 
 /// `imgshift convert`.

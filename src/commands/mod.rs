@@ -2,6 +2,7 @@
 
 mod check;
 mod compare;
+mod completions;
 mod convert;
 mod download;
 mod generalize;
@@ -13,7 +14,7 @@ mod measure;
 mod migrate;
 mod targets;
 mod upload;
-mod upload_libvirt;
+pub(crate) mod upload_libvirt;
 
 pub(crate) use crate::targets::parse_tags;
 
@@ -147,6 +148,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             None => jobs::list(state_dir.as_deref(), output),
             Some(JobsAction::Cancel { job }) => jobs::cancel(&job, state_dir.as_deref(), output),
         },
+        Command::Completions { shell } => completions::completions(shell),
+        Command::Man => completions::man(),
     }
 }
 

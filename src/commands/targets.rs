@@ -168,6 +168,42 @@ pub fn for_saved_command(cmd: Command) -> Result<Box<dyn Target>> {
     }
 }
 
+/// `migrate --to libvirt`.
+pub fn libvirt_for_migrate(
+    args: &MigrateArgs,
+) -> Result<crate::targets::libvirt::lifecycle::LibvirtTarget> {
+    use super::upload_libvirt::{bus_choice, firmware_choice, type_choice};
+    use crate::cli::LibvirtVolFormat;
+    use crate::targets::libvirt::VolFormat;
+    let a = &args.libvirt;
+    let Some(pool) = a.pool.clone().filter(|p| !p.is_empty()) else {
+        bail!(
+            "--to libvirt needs --pool: the running storage pool that receives the volumes (`virsh pool-list` \
+             lists them)"
+        );
+    };
+    crate::targets::libvirt::lifecycle::LibvirtTarget::new(
+        crate::targets::libvirt::lifecycle::LibvirtSettings {
+            uri: a.connect.clone(),
+            pool,
+            format: match a.volume_format {
+                LibvirtVolFormat::Qcow2 => VolFormat::Qcow2,
+                LibvirtVolFormat::Raw => VolFormat::Raw,
+            },
+            choices: crate::targets::libvirt::plan::DomainChoices {
+                firmware: firmware_choice(a.firmware),
+                disk_bus: bus_choice(a.disk_bus),
+                domain_type: type_choice(a.domain_type),
+                memory_mib: a.memory,
+                vcpus: a.vcpus,
+                network: a.network.clone(),
+                serial_log: a.serial_log.clone(),
+            },
+            start: a.start,
+        },
+    )
+}
+
 /// The target of a `migrate` command whose source's cloud says `facts` about the guest: what the target's
 /// flags leave open (`auto`, unset) follows them — an AMI's boot mode picks the Azure Hyper-V generation
 /// (legacy-bios → V1, uefi → V2) and the AWS boot mode; its ENA flag and architecture carry over to an AMI.
@@ -203,9 +239,7 @@ pub fn for_migrate(args: &MigrateArgs) -> Result<Box<dyn Target>> {
     Ok(match args.to {
         TargetKind::Aws => Box::new(aws_for_migrate(args, &name)?),
         TargetKind::Azure => Box::new(azure_for_migrate(args, &name)?),
-        TargetKind::Libvirt => Box::new(crate::targets::libvirt::lifecycle::LibvirtTarget::new(
-            args,
-        )?),
+        TargetKind::Libvirt => Box::new(libvirt_for_migrate(args)?),
     })
 }
 
