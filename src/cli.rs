@@ -59,7 +59,7 @@ pub enum Command {
         trust: TrustArgs,
         #[command(
             flatten,
-            next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID, azure:disk/GROUP/NAME)"
+            next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID, azure:disk/GROUP/NAME, libvirt:POOL/VOLUME)"
         )]
         cloud: CloudSourceArgs,
     },
@@ -77,7 +77,7 @@ pub enum Command {
         trust: TrustArgs,
         #[command(
             flatten,
-            next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID, azure:disk/GROUP/NAME)"
+            next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID, azure:disk/GROUP/NAME, libvirt:POOL/VOLUME)"
         )]
         cloud: CloudSourceArgs,
     },
@@ -131,7 +131,7 @@ pub enum Command {
         trust: TrustArgs,
         #[command(
             flatten,
-            next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID, azure:disk/GROUP/NAME)"
+            next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID, azure:disk/GROUP/NAME, libvirt:POOL/VOLUME)"
         )]
         cloud: CloudSourceArgs,
     },
@@ -163,7 +163,7 @@ pub enum Command {
         trust: TrustArgs,
         #[command(
             flatten,
-            next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID, azure:disk/GROUP/NAME)"
+            next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID, azure:disk/GROUP/NAME, libvirt:POOL/VOLUME)"
         )]
         cloud: CloudSourceArgs,
     },
@@ -284,7 +284,7 @@ pub struct ConvertArgs {
     pub trust: TrustArgs,
     #[command(
         flatten,
-        next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID, azure:disk/GROUP/NAME)"
+        next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID, azure:disk/GROUP/NAME, libvirt:POOL/VOLUME)"
     )]
     pub cloud: CloudSourceArgs,
 }
@@ -358,6 +358,14 @@ pub struct CloudSourceArgs {
     /// Extra CA certificates (PEM) to trust for an azure: source.
     #[arg(long = "ca-bundle", value_name = "FILE", env = "IMGSHIFT_CA_BUNDLE")]
     pub ca_bundle: Option<PathBuf>,
+    /// libvirt connection URI for a libvirt: source.
+    #[arg(
+        long = "connect",
+        env = "LIBVIRT_DEFAULT_URI",
+        default_value = "qemu:///system",
+        value_name = "URI"
+    )]
+    pub connect: String,
 }
 
 /// Where `migrate`'s cloud source is read from (its target's options keep their own names).
@@ -398,6 +406,9 @@ pub struct MigrateSourceArgs {
         value_name = "FILE"
     )]
     pub ca_bundle: Option<PathBuf>,
+    /// libvirt connection URI for a libvirt: source (default: LIBVIRT_DEFAULT_URI, else qemu:///system).
+    #[arg(id = "source_connect", long = "source-connect", value_name = "URI")]
+    pub connect: Option<String>,
 }
 
 /// AWS connection options.
@@ -847,7 +858,7 @@ pub struct MigrateArgs {
     pub trust: TrustArgs,
     #[command(
         flatten,
-        next_help_heading = "Cloud source (SRC = aws:snap-ID, aws:ami-ID or azure:disk/GROUP/NAME)"
+        next_help_heading = "Cloud source (SRC = aws:snap-ID, aws:ami-ID, azure:disk/GROUP/NAME or libvirt:POOL/VOLUME)"
     )]
     pub source: MigrateSourceArgs,
 }

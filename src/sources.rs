@@ -1,10 +1,10 @@
 //! Sources by name: a local image (a path, as always), or a disk in a cloud read in place — `aws:snap-...` (an
 //! EBS snapshot), `aws:ami-...` (every EBS mapping of an AMI, boot disk first), `azure:disk/GROUP/NAME` (a managed
-//! disk). A cloud source is read through its cloud's read API straight into the engine: nothing is written
+//! disk), `libvirt:POOL/VOLUME` (a storage volume). A cloud source is read through its cloud's read API straight into the engine: nothing is written
 //! locally.
 //!
-//! A path keeps meaning a file: only a name that starts with `aws:` or `azure:` is a cloud source, so `./aws:x`
-//! is a file.
+//! A path keeps meaning a file: only a name that starts with `aws:`, `azure:` or `libvirt:` is a cloud source, so
+//! `./aws:x` is a file.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,6 +26,13 @@ pub enum SourceRef {
     AwsSnapshot(String),
     /// An AMI: every EBS mapping.
     AwsImage(String),
+    /// A libvirt storage volume.
+    LibvirtVolume {
+        /// Its pool.
+        pool: String,
+        /// Its name.
+        volume: String,
+    },
     /// A managed disk.
     AzureDisk {
         /// Its resource group.
@@ -44,6 +51,25 @@ impl SourceRef {
         let Some(text) = arg.to_str() else {
             return Ok(SourceRef::File(arg.to_path_buf()));
         };
+        if let Some(rest) = text.strip_prefix("libvirt:") {
+            let parts: Vec<&str> = rest.split('/').collect();
+            return match parts.as_slice() {
+                [pool, volume]
+                    if [pool, volume].iter().all(|p| {
+                        !p.is_empty() && !p.chars().all(|c| c == '.') && !p.contains('\0')
+                    }) =>
+                {
+                    Ok(SourceRef::LibvirtVolume {
+                        pool: pool.to_string(),
+                        volume: volume.to_string(),
+                    })
+                }
+                _ => bail!(
+                    "{text}: a libvirt source is libvirt:POOL/VOLUME (a storage volume); a file whose name starts \
+                     with 'libvirt:' is ./{text}"
+                ),
+            };
+        }
         if let Some(rest) = text.strip_prefix("azure:") {
             let parts: Vec<&str> = rest.split('/').collect();
             return match parts.as_slice() {
@@ -100,6 +126,8 @@ pub struct SourceConn {
     pub max_attempts: u32,
     /// ARM endpoint, subscription, CA bundle.
     pub azure: AzureReadConn,
+    /// libvirt connection URI.
+    pub libvirt_uri: String,
 }
 
 /// What the source's cloud says about the guest (carried to the target).
@@ -133,6 +161,21 @@ pub fn open_all(
             disks: open_disks(&p, format, allow_dirs)?,
             facts: SourceFacts::default(),
         }),
+        SourceRef::LibvirtVolume { pool, volume } => {
+            if format.is_some() {
+                bail!("-f names a local image's format; a volume's format comes from libvirt");
+            }
+            let d =
+                crate::targets::libvirt::source::open_volume(&conn.libvirt_uri, &pool, &volume)?;
+            Ok(OpenedSource {
+                disks: SourceDisks {
+                    names: vec![format!("{pool}/{volume}")],
+                    disks: vec![Arc::from(d)],
+                    ova: false,
+                },
+                facts: SourceFacts::default(),
+            })
+        }
         SourceRef::AzureDisk { group, name } => {
             if format.is_some() {
                 bail!(
@@ -198,7 +241,9 @@ pub fn open_all(
                         },
                     })
                 }
-                SourceRef::File(_) | SourceRef::AzureDisk { .. } => {
+                SourceRef::File(_)
+                | SourceRef::AzureDisk { .. }
+                | SourceRef::LibvirtVolume { .. } => {
                     bail!("{}: not an AWS source", src.display())
                 }
             }
@@ -288,5 +333,14 @@ mod tests {
         assert!(p("azure:disk/rg/a/b").is_err());
         assert!(p("azure:disk/rg/../x").is_err());
         assert!(p("azure:disk/../x").is_err());
+        assert_eq!(
+            p("libvirt:default/web01.qcow2").unwrap(),
+            SourceRef::LibvirtVolume {
+                pool: "default".into(),
+                volume: "web01.qcow2".into()
+            }
+        );
+        assert!(p("libvirt:default").is_err());
+        assert!(p("libvirt:../x").is_err());
     }
 }

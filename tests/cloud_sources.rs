@@ -437,3 +437,153 @@ fn a_read_sas_that_expires_mid_copy_is_renewed() {
     assert_eq!(posts("beginGetAccess"), 3);
     assert_eq!(posts("endGetAccess"), 2);
 }
+
+/// The README's cloud-to-cloud example, against the stand-ins: a UEFI test guest's AMI to an Azure image, human
+/// report on standard output. Run by hand (`cargo test --test cloud_sources readme -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn readme_example_ami_to_azure() {
+    let env = azure_util::Env::start("readme", &[], None);
+    let d = env.path();
+    let guest = d.join("web01.raw");
+    let mk = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests/mkguest.sh"))
+        .args(["uefi", s(&guest), "1024"])
+        .output()
+        .unwrap();
+    assert!(
+        mk.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mk.stderr)
+    );
+    let snap = snapshot_of(d, &guest);
+    let ami = ec2_py(&format!(
+        "print(c.register_image(Name='web01-{}',RootDeviceName='/dev/xvda',Architecture='x86_64',BootMode='uefi',\
+         EnaSupport=True,BlockDeviceMappings=[{{'DeviceName':'/dev/xvda','Ebs':{{'SnapshotId':'{snap}'}}}}])['ImageId'])",
+        std::process::id()
+    ))
+    .trim()
+    .to_string();
+    let mut c = env.cmd();
+    c.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    c.args(["migrate", &format!("aws:{ami}"), "--to", "azure"])
+        .args(["--source-endpoint-url", &moto_url()])
+        .args([
+            "--subscription",
+            azure_util::SUB,
+            "-g",
+            azure_util::RG,
+            "-l",
+            "westeurope",
+        ])
+        .args(["--arm-endpoint", &env.arm_url(), "--name", "web01"])
+        .args(["--state-dir", s(&d.join("state")), "--yes"]);
+    let r = run(c);
+    println!("{}", r.stdout);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+#[test]
+fn a_libvirt_volume_is_read_in_place_and_migrates_to_aws() {
+    let d = tmpdir();
+    let pool = util::libvirt::Pool::new();
+    let raw = disk(
+        d.path(),
+        "lv.raw",
+        48 * MIB,
+        &[(0, 2 * MIB), (33 * MIB, 5 * MIB)],
+    );
+    let r = pool.upload(&raw, "lvsrc.qcow2", &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let src = format!("libvirt:{}/lvsrc.qcow2", pool.name);
+    let uri = util::libvirt::uri();
+
+    // convert: the qcow2 volume read over download streams under imgshift's own qcow2 reader.
+    let out = d.path().join("back.vmdk");
+    let r = imgshift_aws(
+        d.path(),
+        &["convert", "-O", "vmdk", &src, s(&out), "--connect", &uri],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "vmdk", s(&raw), s(&out)])
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+
+    // migrate to AWS: the snapshot holds the same bytes.
+    let name = format!("fromlibvirt-{}", std::process::id());
+    let r = imgshift_aws(
+        d.path(),
+        &[
+            "migrate",
+            &src,
+            "--to",
+            "aws",
+            "--source-connect",
+            &uri,
+            "--endpoint-url",
+            &moto_url(),
+            "--name",
+            &name,
+            "--state-dir",
+            s(&d.path().join("state")),
+            "--yes",
+            "--force",
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let snap = v["outputs"]["snapshot_ids"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let back = d.path().join("snap.raw");
+    let r = imgshift_aws(
+        d.path(),
+        &[
+            "convert",
+            "-O",
+            "raw",
+            &format!("aws:{snap}"),
+            s(&back),
+            "--endpoint-url",
+            &moto_url(),
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw", s(&raw), s(&back)])
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+
+    // A volume that is not there, and a malformed name, are one-line errors.
+    let r = imgshift_aws(
+        d.path(),
+        &[
+            "info",
+            &format!("libvirt:{}/nope.qcow2", pool.name),
+            "--connect",
+            &uri,
+        ],
+    );
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("no volume 'nope.qcow2'"), "{}", r.stderr);
+    let r = imgshift_aws(d.path(), &["info", "libvirt:justapool"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("libvirt:POOL/VOLUME"), "{}", r.stderr);
+}

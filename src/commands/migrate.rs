@@ -89,6 +89,12 @@ fn source_conn(args: &MigrateArgs) -> SourceConn {
                 .or(env("AZURE_SUBSCRIPTION_ID")),
             max_attempts: args.max_attempts,
         },
+        libvirt_uri: args
+            .source
+            .connect
+            .clone()
+            .or(env("LIBVIRT_DEFAULT_URI"))
+            .unwrap_or_else(|| "qemu:///system".into()),
     }
 }
 
@@ -97,6 +103,13 @@ fn source_conn(args: &MigrateArgs) -> SourceConn {
 fn source_key(args: &MigrateArgs) -> Result<String> {
     match SourceRef::parse(&args.src)? {
         SourceRef::File(p) => crate::journal::source_identity(&p),
+        r @ SourceRef::LibvirtVolume { .. } => Ok(format!(
+            "{r:?}\0{:?}",
+            args.source
+                .connect
+                .as_deref()
+                .or(env("LIBVIRT_DEFAULT_URI").as_deref())
+        )),
         r @ SourceRef::AzureDisk { .. } => Ok(format!(
             "{r:?}\0{}\0{:?}",
             args.source.arm_endpoint,

@@ -173,6 +173,7 @@ fn set_source_conn(c: &crate::cli::CloudSourceArgs) {
             subscription: c.subscription.clone(),
             max_attempts: 10,
         },
+        libvirt_uri: c.connect.clone(),
     });
 }
 

@@ -127,6 +127,11 @@ impl StageUi {
         ));
     }
 
+    /// Whether each stage's line is shown (`migrate`; an upload's only with `--verbose`).
+    pub fn stage_lines(&self) -> bool {
+        self.lines
+    }
+
     /// A line of text above the bars.
     pub fn note(&self, msg: &str) {
         if self.quiet || !self.lines {

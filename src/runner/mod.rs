@@ -325,6 +325,12 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
             })
             .map_err(|e| stopped(e, "generalize"))?,
         };
+        // An upload shows no stage lines, but what generalisation removed is worth saying.
+        if !ui.stage_lines()
+            && let Some(o) = &g.outcome
+        {
+            ui.say(&crate::generalize::summary(o));
+        }
         sources[0] = Arc::from(g.source);
         if let Some(m) = maps.first_mut() {
             *m = map_disk(sources[0].as_ref(), "the generalised disk")?;

@@ -19,9 +19,8 @@ from moto.server import main
 
 def _mappings(resp):
     """RegisterImage's BlockDeviceMapping.N.* parameters as the API reference names them."""
-    parsed = resp._get_param("BlockDeviceMappings")
-    if parsed is None:
-        parsed = resp._get_multi_param("BlockDeviceMapping")
+    # moto 5 parses the query into the botocore shape's member names; an empty list is simply absent.
+    parsed = resp._get_param("BlockDeviceMappings") or []
     out = []
     for m in parsed or []:
         ebs = m.get("Ebs") or {}

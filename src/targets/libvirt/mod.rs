@@ -25,6 +25,7 @@ pub mod lifecycle;
 pub mod plan;
 pub mod rpc;
 pub mod sink;
+pub mod source;
 pub mod volume;
 pub mod xml;
 

@@ -157,6 +157,14 @@ impl StorageVol {
         e
     }
 
+    /// Its XML (`remote_storage_vol_get_xml_desc_args`: the volume and flags; the reply: the XML).
+    pub fn xml_desc(&self) -> Result<String> {
+        let mut e = self.args();
+        e.u32(0);
+        let ret = self.conn.call(procs::STORAGE_VOL_GET_XML_DESC, e)?;
+        decode(&ret, |d| d.string("volume XML"))
+    }
+
     /// Its path on the daemon's host.
     pub fn path(&self) -> Result<String> {
         let ret = self.conn.call(procs::STORAGE_VOL_GET_PATH, self.args())?;
