@@ -5,6 +5,7 @@ mod compare;
 mod convert;
 mod download;
 mod generalize;
+mod images;
 mod info;
 mod inspect;
 mod jobs;
@@ -119,6 +120,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             }
             migrate::run(&args, quiet)
         }
+        Command::Images { action } => images::run(&action),
         Command::Resume { job, state_dir } => jobs::resume(&job, state_dir.as_deref(), quiet),
         Command::Jobs {
             action,
