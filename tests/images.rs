@@ -442,6 +442,33 @@ fn copy_to_two_regions_makes_one_copy_each() {
     for region in regions {
         assert_eq!(find(region).as_array().unwrap().len(), 1);
     }
+
+    // A copy is deleted in its own region.
+    for c in copies {
+        let (region, id) = (
+            c["region"].as_str().unwrap(),
+            c["image_id"].as_str().unwrap(),
+        );
+        let mut cmd = aws_cmd(d.path());
+        cmd.args([
+            "images",
+            "delete",
+            id,
+            "--on",
+            "aws",
+            "--region",
+            region,
+            "--endpoint-url",
+            &moto_url(),
+        ]);
+        let r = run(cmd).ok();
+        assert!(
+            r.stdout.contains(&format!("deregistered AMI {id}")),
+            "{}",
+            r.stdout
+        );
+        assert_eq!(find(region).as_array().unwrap().len(), 0);
+    }
 }
 
 #[test]
