@@ -494,3 +494,29 @@ fn usage_errors_exit_2() {
         assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
     }
 }
+
+#[test]
+fn share_with_an_organization_leaves_the_snapshots_private() {
+    let d = tempfile::tempdir().unwrap();
+    let snap = py_snapshot(false);
+    let ami = py_ami(&unique("org"), &[&snap]);
+    let org = "arn:aws:organizations::123456789012:organization/o-abcde12345";
+    let r = images(
+        d.path(),
+        &moto_url(),
+        &["share", &ami, "--org", org, "--output", "json"],
+    )
+    .ok();
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["launch_permissions"], serde_json::json!([org]));
+    assert_eq!(v["snapshot_ids"], serde_json::json!([]));
+    assert_eq!(
+        launch_permissions(&ami),
+        serde_json::json!([{"OrganizationArn": org}])
+    );
+    assert_eq!(volume_permissions(&snap), serde_json::json!([]));
+    images(d.path(), &moto_url(), &["unshare", &ami, "--org", org]).ok();
+    assert_eq!(launch_permissions(&ami), serde_json::json!([]));
+    images(d.path(), &moto_url(), &["delete", &ami]).ok();
+    assert!(!image_exists(&ami) && !snapshot_exists(&snap));
+}
