@@ -905,6 +905,35 @@ pub struct MigrateLibvirtArgs {
 pub enum ImagesOn {
     /// AMIs and their EBS snapshots
     Aws,
+    /// Managed images and gallery image versions, and their managed disks (`delete` only)
+    Azure,
+}
+
+/// Azure options of the `images` commands.
+#[derive(Debug, Clone, Args, Default)]
+pub struct ImagesAzureArgs {
+    /// Subscription id
+    #[arg(long, env = "AZURE_SUBSCRIPTION_ID")]
+    pub subscription: Option<String>,
+    /// Resource group
+    #[arg(long = "resource-group", short = 'g')]
+    pub resource_group: Option<String>,
+    /// The image is a version of this gallery's image definition --gallery-image
+    #[arg(long, requires = "gallery_image")]
+    pub gallery: Option<String>,
+    /// Gallery image definition (with --gallery)
+    #[arg(long = "gallery-image", requires = "gallery")]
+    pub gallery_image: Option<String>,
+    /// Azure Resource Manager endpoint
+    #[arg(
+        long = "arm-endpoint",
+        value_name = "URL",
+        default_value = "https://management.azure.com"
+    )]
+    pub arm_endpoint: String,
+    /// Extra CA certificates (PEM) to trust
+    #[arg(long = "ca-bundle", value_name = "FILE", env = "IMGSHIFT_CA_BUNDLE")]
+    pub ca_bundle: Option<PathBuf>,
 }
 
 /// Options every `images` command takes.
@@ -916,6 +945,9 @@ pub struct ImagesCommon {
     /// AWS connection
     #[command(flatten)]
     pub aws: AwsConnArgs,
+    /// Azure connection and gallery
+    #[command(flatten)]
+    pub azure: ImagesAzureArgs,
     /// Output format
     #[arg(long, value_enum, default_value_t)]
     pub output: OutputFormat,

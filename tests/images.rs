@@ -3,6 +3,7 @@
 //! start`), through the recording proxy where what imgshift *sent* matters (moto ignores CopyImage's token,
 //! encryption and tag parameters).
 
+mod azure_util;
 mod util;
 use std::path::Path;
 
@@ -519,4 +520,186 @@ fn share_with_an_organization_leaves_the_snapshots_private() {
     assert_eq!(launch_permissions(&ami), serde_json::json!([]));
     images(d.path(), &moto_url(), &["delete", &ami]).ok();
     assert!(!image_exists(&ami) && !snapshot_exists(&snap));
+}
+
+/// An Azure image (and, with `gallery`, a gallery image version) made by `imgshift migrate --to azure` from a
+/// small VHDX, in a fresh fake ARM.
+fn azure_migrated(tag: &str, name: &str, gallery: bool) -> azure_util::Env {
+    let env = azure_util::Env::start(tag, &[], None);
+    let vhdx = env.path().join("guest.vhdx");
+    qemu_img(&["create", "-q", "-f", "vhdx", s(&vhdx), "32M"]);
+    let mut c = env.cmd();
+    c.args([
+        "migrate",
+        s(&vhdx),
+        "--to",
+        "azure",
+        "--subscription",
+        azure_util::SUB,
+    ])
+    .args([
+        "--resource-group",
+        azure_util::RG,
+        "--location",
+        "westeurope",
+    ])
+    .args([
+        "--arm-endpoint",
+        &env.arm_url(),
+        "--name",
+        name,
+        "--force",
+        "--yes",
+    ])
+    .args(["--state-dir", s(&env.path().join("state"))]);
+    if gallery {
+        c.args([
+            "--gallery",
+            "gal",
+            "--gallery-image",
+            "def",
+            "--gallery-version",
+            "1.0.0",
+        ]);
+    }
+    run(c).ok();
+    env
+}
+
+fn azure_images(env: &azure_util::Env, args: &[&str]) -> Run {
+    let mut c = env.cmd();
+    c.arg("images").args(args).args([
+        "--on",
+        "azure",
+        "--subscription",
+        azure_util::SUB,
+        "-g",
+        azure_util::RG,
+        "--arm-endpoint",
+        &env.arm_url(),
+        "--max-attempts",
+        "1",
+    ]);
+    run(c)
+}
+
+#[test]
+fn azure_delete_removes_the_image_and_its_disk() {
+    let env = azure_migrated("imgdel", "img-a", false);
+    assert_eq!(
+        env.held(),
+        (
+            vec!["img-a-os".to_string()],
+            vec!["images/img-a".to_string()]
+        )
+    );
+
+    let dry = azure_images(&env, &["delete", "img-a", "--dry-run", "--output", "json"]).ok();
+    let v: Value = serde_json::from_str(&dry.stdout).unwrap();
+    assert_eq!(v["plan"]["kind"], "image");
+    assert!(
+        v["plan"]["id"]
+            .as_str()
+            .unwrap()
+            .ends_with("/providers/Microsoft.Compute/images/img-a")
+    );
+    assert_eq!(v["plan"]["delete_disks"], serde_json::json!(["img-a-os"]));
+    assert_eq!(
+        env.held().0.len() + env.held().1.len(),
+        2,
+        "a dry run deleted something"
+    );
+    assert!(!env.records().iter().any(|r| r["method"] == "DELETE"));
+
+    let r = azure_images(&env, &["delete", "img-a"]).ok();
+    assert!(
+        r.stdout.contains("deleted image /subscriptions/"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("deleted disk img-a-os"), "{}", r.stdout);
+    assert_eq!(env.held(), (vec![], vec![]));
+    assert!(env.blobs().is_empty(), "{:?}", env.blobs());
+    // The image went before its disk.
+    let deletes: Vec<String> = env
+        .records()
+        .iter()
+        .filter(|r| r["method"] == "DELETE")
+        .map(|r| {
+            r["path"]
+                .as_str()
+                .unwrap()
+                .rsplit('/')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(deletes, ["img-a", "img-a-os"]);
+
+    let gone = azure_images(&env, &["delete", "img-a"]);
+    one_line_error(&gone);
+    assert!(gone.stderr.contains("no image img-a"), "{}", gone.stderr);
+}
+
+#[test]
+fn azure_delete_of_a_gallery_version_then_its_image_leaves_nothing() {
+    let env = azure_migrated("imggal", "img-g", true);
+    let (disks, resources) = env.held();
+    assert_eq!(disks, ["img-g-os"]);
+    assert_eq!(
+        resources,
+        ["galleries/gal/images/def/versions/1.0.0", "images/img-g"]
+    );
+
+    let r = azure_images(
+        &env,
+        &[
+            "delete",
+            "1.0.0",
+            "--gallery",
+            "gal",
+            "--gallery-image",
+            "def",
+            "--output",
+            "json",
+        ],
+    )
+    .ok();
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert!(
+        v["deleted_id"]
+            .as_str()
+            .unwrap()
+            .ends_with("/galleries/gal/images/def/versions/1.0.0")
+    );
+    assert_eq!(v["deleted_disks"], serde_json::json!(["img-g-os"]));
+    assert_eq!(env.held(), (vec![], vec!["images/img-g".to_string()]));
+
+    let r = azure_images(&env, &["delete", "img-g"]).ok();
+    assert!(
+        r.stdout.contains("disk img-g-os was already gone"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(env.held(), (vec![], vec![]));
+}
+
+#[test]
+fn azure_only_deletes_for_now() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = aws_cmd(d.path());
+    c.args([
+        "images",
+        "list",
+        "--on",
+        "azure",
+        "--subscription",
+        "s",
+        "-g",
+        "rg",
+    ]);
+    let r = run(c);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--on aws only"), "{}", r.stderr);
 }

@@ -6,6 +6,7 @@ use serde_json::json;
 use super::targets::aws_conn_args;
 use crate::cli::{ImagesAction, ImagesCommon, ImagesOn, OutputFormat, ShareWith};
 use crate::targets::aws::images::{AwsImages, CopySettings, Grantees};
+use crate::targets::azure::images::{AzureImages, AzureImagesSettings};
 
 /// A usage error: one line, exit 2.
 fn usage(msg: &str) -> Result<u8> {
@@ -14,9 +15,13 @@ fn usage(msg: &str) -> Result<u8> {
 }
 
 fn connect(c: &ImagesCommon) -> Result<AwsImages> {
-    match c.on {
-        ImagesOn::Aws => AwsImages::connect(&aws_conn_args(&c.aws), c.aws.max_attempts),
-    }
+    AwsImages::connect(&aws_conn_args(&c.aws), c.aws.max_attempts)
+}
+
+/// Why `action` cannot run `--on` that cloud yet (a usage error), if it cannot.
+fn aws_only(action: &str, c: &ImagesCommon) -> Option<String> {
+    (c.on != ImagesOn::Aws)
+        .then(|| format!("images {action} works --on aws only for now (on Azure: images delete)"))
 }
 
 fn print_json(v: &serde_json::Value) -> Result<()> {
@@ -69,8 +74,25 @@ fn check_ami(image: &str) -> Option<String> {
 
 /// Runs an `images` action; returns the exit code.
 pub fn run(action: &ImagesAction) -> Result<u8> {
+    let (name, common) = match action {
+        ImagesAction::List { common, .. } => ("list", common),
+        ImagesAction::Delete { common, .. } => ("delete", common),
+        ImagesAction::Share { common, .. } => ("share", common),
+        ImagesAction::Unshare { common, .. } => ("unshare", common),
+        ImagesAction::Copy { common, .. } => ("copy", common),
+    };
+    if name != "delete"
+        && let Some(m) = aws_only(name, common)
+    {
+        return usage(&m);
+    }
     match action {
         ImagesAction::List { all, common } => list(*all, common),
+        ImagesAction::Delete {
+            image,
+            dry_run,
+            common,
+        } if common.on == ImagesOn::Azure => delete_azure(image, *dry_run, common),
         ImagesAction::Delete {
             image,
             dry_run,
@@ -257,6 +279,53 @@ fn copy(image: &str, s: &CopySettings, common: &ImagesCommon) -> Result<u8> {
         print_json(
             &json!({ "source_image_id": image, "source_region": c.region(), "copies": copies }),
         )?;
+    }
+    Ok(0)
+}
+
+fn delete_azure(name: &str, dry_run: bool, common: &ImagesCommon) -> Result<u8> {
+    let a = &common.azure;
+    let (Some(subscription), Some(resource_group)) = (&a.subscription, &a.resource_group) else {
+        return usage(
+            "images delete --on azure needs --subscription (or AZURE_SUBSCRIPTION_ID) and --resource-group",
+        );
+    };
+    let c = AzureImages::connect(&AzureImagesSettings {
+        arm_endpoint: a.arm_endpoint.clone(),
+        ca_bundle: a.ca_bundle.clone(),
+        subscription: subscription.clone(),
+        resource_group: resource_group.clone(),
+        max_attempts: common.aws.max_attempts,
+    })?;
+    let gallery = a.gallery.as_deref().zip(a.gallery_image.as_deref());
+    let plan = c.delete_plan(name, gallery)?;
+    let json_out = common.output == OutputFormat::Json;
+    if dry_run {
+        if json_out {
+            print_json(&json!({ "dry_run": true, "plan": plan }))?;
+        } else {
+            println!("would delete {} {}", plan.kind, plan.id);
+            for d in &plan.delete_disks {
+                println!("would delete disk {d}");
+            }
+            for k in &plan.kept_disks {
+                println!("would keep disk {k}: not in resource group {resource_group}");
+            }
+        }
+        return Ok(0);
+    }
+    let done = c.delete(&plan)?;
+    if json_out {
+        print_json(&json!({
+            "dry_run": false,
+            "deleted_id": plan.id,
+            "deleted_disks": plan.delete_disks,
+            "kept_disks": plan.kept_disks,
+        }))?;
+    } else {
+        for d in done {
+            println!("{d}");
+        }
     }
     Ok(0)
 }
