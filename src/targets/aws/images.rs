@@ -312,12 +312,44 @@ impl AwsImages {
             .collect())
     }
 
-    fn info(&self, img: &Image) -> Result<ImageInfo> {
+    /// Whether AMI `id` is still registered here.
+    fn still_there(&self, id: &str) -> Result<bool> {
+        let res = self.rt.block_on(retry::with_retry(
+            &self.policy,
+            "DescribeImages",
+            |_| {},
+            || self.ec2.describe_images().image_ids(id).send(),
+        ));
+        match res {
+            Ok(o) => Ok(o.images().iter().any(|i| {
+                i.image_id() == Some(id) && i.state().is_some_and(|s| s.as_str() != "deregistered")
+            })),
+            Err(e) if has_code(&e, &["InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"]) => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The AMI as listed; `None` when it was deregistered while being listed.
+    fn info(&self, img: &Image) -> Result<Option<ImageInfo>> {
         let id = img
             .image_id()
             .context("DescribeImages returned an image without an id")?;
+        let launch_permissions = match self.launch_permissions(id) {
+            Ok(p) => p,
+            // Gone since DescribeImages (decided by asking again, not by the failure's text)?
+            Err(e) => {
+                if self.still_there(id)? {
+                    return Err(
+                        e.context(format!("cannot read the launch permissions of AMI {id}"))
+                    );
+                }
+                return Ok(None);
+            }
+        };
         let tags = tags_of(img.tags());
-        Ok(ImageInfo {
+        Ok(Some(ImageInfo {
             image_id: id.to_string(),
             name: img.name().unwrap_or("").to_string(),
             region: self.region.clone(),
@@ -331,11 +363,11 @@ impl AwsImages {
                 .iter()
                 .any(|m| m.ebs().and_then(|e| e.encrypted()) == Some(true)),
             public: img.public() == Some(true),
-            launch_permissions: self.launch_permissions(id)?,
+            launch_permissions,
             job: tags.get(JOB_TAG).cloned(),
             copy_of: tags.get(COPY_OF_TAG).cloned(),
             tags,
-        })
+        }))
     }
 
     /// The AMIs imgshift made in this region (tagged [`JOB_TAG`] or [`COPY_OF_TAG`]); with `all`, every AMI the
@@ -355,10 +387,10 @@ impl AwsImages {
             }
             found
         };
-        let mut out = images
-            .iter()
-            .map(|i| self.info(i))
-            .collect::<Result<Vec<_>>>()?;
+        let mut out = Vec::new();
+        for i in &images {
+            out.extend(self.info(i)?);
+        }
         out.sort_by(|a, b| {
             a.name
                 .cmp(&b.name)
