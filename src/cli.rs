@@ -995,6 +995,8 @@ pub enum ImagesOn {
     Aws,
     /// Managed images and gallery image versions, and their managed disks (`delete` only)
     Azure,
+    /// A domain and its storage volumes (`delete` only)
+    Libvirt,
 }
 
 /// Azure options of the `images` commands.
@@ -1036,6 +1038,15 @@ pub struct ImagesCommon {
     /// Azure connection and gallery
     #[command(flatten)]
     pub azure: ImagesAzureArgs,
+    /// libvirt connection URI (with --on libvirt)
+    #[arg(
+        short = 'c',
+        long,
+        env = "LIBVIRT_DEFAULT_URI",
+        default_value = "qemu:///system",
+        value_name = "URI"
+    )]
+    pub connect: String,
     /// Output format
     #[arg(long, value_enum, default_value_t)]
     pub output: OutputFormat,

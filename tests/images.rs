@@ -703,3 +703,119 @@ fn azure_only_deletes_for_now() {
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("--on aws only"), "{}", r.stderr);
 }
+
+fn libvirt_images(args: &[&str]) -> Run {
+    let u = util::libvirt::uri();
+    let mut a = vec!["images"];
+    a.extend_from_slice(args);
+    a.extend_from_slice(&["--on", "libvirt", "--connect", &u]);
+    imgshift(&a)
+}
+
+fn domains() -> Vec<String> {
+    util::libvirt::virsh_ok(&["list", "--all", "--name"])
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+#[test]
+fn libvirt_delete_removes_what_migrate_made() {
+    let mut pool = util::libvirt::Pool::new();
+    let dom = pool.domain();
+    let state = tempfile::tempdir().unwrap();
+    let raw = state.path().join("src.raw");
+    make_raw(&raw, 16 << 20, &[(0, 1 << 20)], &[]);
+    let u = util::libvirt::uri();
+    imgshift(&[
+        "migrate",
+        s(&raw),
+        "--to",
+        "libvirt",
+        "--connect",
+        &u,
+        "--pool",
+        &pool.name,
+        "--name",
+        &dom,
+        "--domain-type",
+        "qemu",
+        "--force",
+        "--yes",
+        "--state-dir",
+        s(state.path()),
+    ])
+    .ok();
+    let vol = format!("{dom}.qcow2");
+    assert_eq!(pool.volumes(), std::slice::from_ref(&vol));
+
+    let dry = libvirt_images(&["delete", &dom, "--dry-run", "--output", "json"]).ok();
+    let v: Value = serde_json::from_str(&dry.stdout).unwrap();
+    assert_eq!(
+        v["plan"]["delete_volumes"],
+        serde_json::json!([{"pool": pool.name, "volume": vol}])
+    );
+    assert!(domains().contains(&dom) && pool.volumes() == [vol.clone()]);
+
+    let r = libvirt_images(&["delete", &dom]).ok();
+    assert!(
+        r.stdout.contains(&format!("undefined domain '{dom}'")),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains(&format!("deleted volume '{vol}'")),
+        "{}",
+        r.stdout
+    );
+    assert!(!domains().contains(&dom));
+    assert!(pool.volumes().is_empty(), "{:?}", pool.volumes());
+
+    let gone = libvirt_images(&["delete", &dom]);
+    one_line_error(&gone);
+}
+
+#[test]
+fn libvirt_delete_keeps_a_volume_another_domain_uses() {
+    let mut pool = util::libvirt::Pool::new();
+    for v in ["own.qcow2", "shared.qcow2"] {
+        util::libvirt::virsh_ok(&["vol-create-as", &pool.name, v, "16M", "--format", "qcow2"]);
+    }
+    let (a, b) = (pool.domain(), pool.domain());
+    let tmp = tempfile::tempdir().unwrap();
+    let define = |name: &str, vols: &[&str]| {
+        let disks: String = vols
+            .iter()
+            .zip(["vda", "vdb"])
+            .map(|(v, dev)| {
+                format!(
+                    "<disk type='volume' device='disk'><driver name='qemu' type='qcow2'/><source pool='{}' volume='{v}'/><target dev='{dev}' bus='virtio'/></disk>",
+                    pool.name
+                )
+            })
+            .collect();
+        let xml = format!(
+            "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os><devices>{disks}</devices></domain>"
+        );
+        let f = tmp.path().join(format!("{name}.xml"));
+        std::fs::write(&f, xml).unwrap();
+        util::libvirt::virsh_ok(&["define", s(&f)]);
+    };
+    define(&a, &["own.qcow2", "shared.qcow2"]);
+    define(&b, &["shared.qcow2"]);
+
+    let r = libvirt_images(&["delete", &a, "--output", "json"]).ok();
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        v["deleted_volumes"],
+        serde_json::json!([{"pool": pool.name, "volume": "own.qcow2"}])
+    );
+    assert_eq!(
+        v["kept_volumes"],
+        serde_json::json!([{"pool": pool.name, "volume": "shared.qcow2", "used_by": [b]}])
+    );
+    assert_eq!(pool.volumes(), ["shared.qcow2"]);
+    let all = domains();
+    assert!(!all.contains(&a) && all.contains(&b));
+}

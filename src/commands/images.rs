@@ -20,8 +20,9 @@ fn connect(c: &ImagesCommon) -> Result<AwsImages> {
 
 /// Why `action` cannot run `--on` that cloud yet (a usage error), if it cannot.
 fn aws_only(action: &str, c: &ImagesCommon) -> Option<String> {
-    (c.on != ImagesOn::Aws)
-        .then(|| format!("images {action} works --on aws only for now (on Azure: images delete)"))
+    (c.on != ImagesOn::Aws).then(|| {
+        format!("images {action} works --on aws only for now (on Azure and libvirt: images delete)")
+    })
 }
 
 fn print_json(v: &serde_json::Value) -> Result<()> {
@@ -93,6 +94,11 @@ pub fn run(action: &ImagesAction) -> Result<u8> {
             dry_run,
             common,
         } if common.on == ImagesOn::Azure => delete_azure(image, *dry_run, common),
+        ImagesAction::Delete {
+            image,
+            dry_run,
+            common,
+        } if common.on == ImagesOn::Libvirt => delete_libvirt(image, *dry_run, common),
         ImagesAction::Delete {
             image,
             dry_run,
@@ -321,6 +327,50 @@ fn delete_azure(name: &str, dry_run: bool, common: &ImagesCommon) -> Result<u8> 
             "deleted_id": plan.id,
             "deleted_disks": plan.delete_disks,
             "kept_disks": plan.kept_disks,
+        }))?;
+    } else {
+        for d in done {
+            println!("{d}");
+        }
+    }
+    Ok(0)
+}
+
+fn delete_libvirt(domain: &str, dry_run: bool, common: &ImagesCommon) -> Result<u8> {
+    use crate::targets::libvirt::images as lvi;
+    let uri = &common.connect;
+    let plan = lvi::delete_plan(uri, domain)?;
+    let json_out = common.output == OutputFormat::Json;
+    if dry_run {
+        if json_out {
+            print_json(&json!({ "dry_run": true, "plan": plan }))?;
+        } else {
+            println!("would undefine domain '{}'", plan.domain);
+            for v in &plan.delete_volumes {
+                println!("would delete volume '{}' from pool '{}'", v.volume, v.pool);
+            }
+            for k in &plan.kept_volumes {
+                println!(
+                    "would keep volume '{}' of pool '{}': still used by {}",
+                    k.volume,
+                    k.pool,
+                    k.used_by.join(", ")
+                );
+            }
+            for o in &plan.other_disks {
+                println!("would leave disk {o} alone: not a storage volume");
+            }
+        }
+        return Ok(0);
+    }
+    let done = lvi::delete(uri, &plan)?;
+    if json_out {
+        print_json(&json!({
+            "dry_run": false,
+            "undefined_domain": plan.domain,
+            "deleted_volumes": plan.delete_volumes,
+            "kept_volumes": plan.kept_volumes,
+            "other_disks": plan.other_disks,
         }))?;
     } else {
         for d in done {
