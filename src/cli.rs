@@ -206,6 +206,15 @@ pub enum Command {
         #[arg(long = "state-dir", value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// After migration: list, share, copy to other regions and delete the images imgshift made
+    #[command(
+        after_help = "Examples:\n  imgshift images list --on aws\n  imgshift images share ami-0abc --on aws --accounts 111122223333\n  imgshift images copy ami-0abc --on aws --to-regions eu-west-1,us-west-2\n  imgshift images delete ami-0abc --on aws --dry-run"
+    )]
+    Images {
+        /// What to do
+        #[command(subcommand)]
+        action: ImagesAction,
+    },
     /// List unfinished jobs with their stage and progress; `jobs cancel JOB` removes what a job created
     Jobs {
         #[command(subcommand)]
@@ -997,6 +1006,139 @@ pub struct MigrateLibvirtArgs {
     /// Start the domain once defined
     #[arg(long)]
     pub start: bool,
+}
+
+/// Azure options of the `images` commands.
+#[derive(Debug, Clone, Args, Default)]
+pub struct ImagesAzureArgs {
+    /// Subscription id
+    #[arg(long, env = "AZURE_SUBSCRIPTION_ID")]
+    pub subscription: Option<String>,
+    /// Resource group
+    #[arg(long = "resource-group", short = 'g')]
+    pub resource_group: Option<String>,
+    /// The image is a version of this gallery's image definition --gallery-image
+    #[arg(long, requires = "gallery_image")]
+    pub gallery: Option<String>,
+    /// Gallery image definition (with --gallery)
+    #[arg(long = "gallery-image", requires = "gallery")]
+    pub gallery_image: Option<String>,
+    /// Azure Resource Manager endpoint
+    #[arg(
+        long = "arm-endpoint",
+        value_name = "URL",
+        default_value = "https://management.azure.com"
+    )]
+    pub arm_endpoint: String,
+    /// Extra CA certificates (PEM) to trust
+    #[arg(long = "ca-bundle", value_name = "FILE", env = "IMGSHIFT_CA_BUNDLE")]
+    pub ca_bundle: Option<PathBuf>,
+}
+
+/// Options every `images` command takes.
+#[derive(Debug, Clone, Args)]
+pub struct ImagesCommon {
+    /// The cloud
+    #[arg(long, value_enum)]
+    pub on: TargetKind,
+    /// AWS connection
+    #[command(flatten)]
+    pub aws: AwsConnArgs,
+    /// Azure connection and gallery
+    #[command(flatten)]
+    pub azure: ImagesAzureArgs,
+    /// libvirt connection URI (with --on libvirt)
+    #[arg(
+        short = 'c',
+        long,
+        env = "LIBVIRT_DEFAULT_URI",
+        default_value = "qemu:///system",
+        value_name = "URI"
+    )]
+    pub connect: String,
+    /// Output format
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+/// Whom `images share`/`unshare` is about (exactly one).
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct ShareWith {
+    /// AWS account ids (12 digits), comma-separated
+    #[arg(long, value_delimiter = ',', value_name = "ID,...")]
+    pub accounts: Vec<String>,
+    /// An AWS Organizations organization ARN
+    #[arg(long, value_name = "ARN")]
+    pub org: Option<String>,
+    /// An organizational unit ARN
+    #[arg(long, value_name = "ARN")]
+    pub ou: Option<String>,
+    /// Everyone (checks image block public access first)
+    #[arg(long)]
+    pub public: bool,
+}
+
+/// `imgshift images` actions.
+#[derive(Debug, Subcommand)]
+pub enum ImagesAction {
+    /// The images imgshift made (tagged imgshift:job), with their snapshots, region and sharing
+    List {
+        /// Every image the account owns, not only imgshift's
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        common: ImagesCommon,
+    },
+    /// Deregister an AMI, then delete each of its snapshots no other AMI uses
+    Delete {
+        /// The AMI id
+        image: String,
+        /// Print exactly what would be removed; remove nothing
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        common: ImagesCommon,
+    },
+    /// Let other accounts, an organization or OU, or everyone launch an AMI (its snapshots too, for accounts)
+    Share {
+        /// The AMI id
+        image: String,
+        #[command(flatten)]
+        with: ShareWith,
+        #[command(flatten)]
+        common: ImagesCommon,
+    },
+    /// Remove what `images share` granted
+    Unshare {
+        /// The AMI id
+        image: String,
+        #[command(flatten)]
+        with: ShareWith,
+        #[command(flatten)]
+        common: ImagesCommon,
+    },
+    /// Copy an AMI to other regions (one copy per region, however often it is run), wait, copy its tags
+    Copy {
+        /// The AMI id
+        image: String,
+        /// Destination regions, comma-separated
+        #[arg(
+            long = "to-regions",
+            value_delimiter = ',',
+            required = true,
+            value_name = "R1,R2"
+        )]
+        to_regions: Vec<String>,
+        /// Encrypt the copies (with --kms-key-id, else the account's default EBS key)
+        #[arg(long)]
+        encrypted: bool,
+        /// KMS key for the copies
+        #[arg(long = "kms-key-id", value_name = "KEY")]
+        kms_key_id: Option<String>,
+        #[command(flatten)]
+        common: ImagesCommon,
+    },
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ mod completions;
 mod convert;
 mod download;
 mod generalize;
+mod images;
 mod info;
 mod inspect;
 mod jobs;
@@ -139,6 +140,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             }
             migrate::run(&args, quiet)
         }
+        Command::Images { action } => images::run(&action),
         Command::Resume { job, state_dir } => jobs::resume(&job, state_dir.as_deref(), quiet),
         Command::Jobs {
             action,

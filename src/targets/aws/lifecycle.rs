@@ -370,6 +370,12 @@ impl Target for AwsTarget {
         if spec.boot_mode.is_none() {
             spec.boot_mode = job.settings.get("boot_mode").cloned();
         }
+        // What `imgshift images list` finds imgshift's AMIs (and their snapshots) by.
+        spec.tags.extend(super::images::origin_tags(
+            &job.id,
+            job.disks.first().map(|d| d.name.as_str()),
+            &spec.tags,
+        ));
         let ami = match job.id_of(JobKey::Image)? {
             Some(a) => a,
             None => match self.find_image(&spec.name)? {

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod download;
+pub mod images;
 pub mod lifecycle;
 pub mod register;
 pub mod retry;

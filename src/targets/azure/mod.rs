@@ -15,6 +15,7 @@ pub mod arm;
 pub mod credential;
 pub mod http;
 pub mod hyperv;
+pub mod images;
 pub mod lifecycle;
 pub mod lro;
 pub mod pages;

@@ -20,6 +20,7 @@ pub mod caps;
 pub mod conn;
 pub mod download;
 pub mod fill;
+pub mod images;
 pub mod inuse;
 pub mod lifecycle;
 pub mod plan;
