@@ -588,3 +588,55 @@ fn unreadable_hives_are_named_and_the_verdict_says_the_drivers_are_unknown() {
         "azure-windows-registry"
     );
 }
+
+#[test]
+fn bitlocker_volumes_and_dynamic_disks_are_named() {
+    let dir = tmpdir();
+    // BitLocker: the volume header's OEM id is "-FVE-FS-" (the Windows volume starts at 34 MiB).
+    let img = dir.path().join("bitlocker.raw");
+    let mut bytes = std::fs::read(disk("server2019")).unwrap();
+    let at = (34 << 20) + 3;
+    bytes[at..at + 8].copy_from_slice(b"-FVE-FS-");
+    std::fs::write(&img, &bytes).unwrap();
+    let (code, v) = inspect(&img, &["--target", "libvirt"]);
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(v["filesystems"]["/dev/sda1"]["type"], "BitLocker", "{v:#}");
+    assert_eq!(v["filesystems"]["/dev/sda1"]["inspectable"], false);
+    assert!(v.get("windows").is_none(), "{v:#}");
+    assert!(
+        v["problems"]
+            .to_string()
+            .contains("/dev/sda1: BitLocker-encrypted volume"),
+        "{v:#}"
+    );
+    assert_eq!(
+        v["preflight"]["findings"][0]["id"],
+        "libvirt-drivers-unknown"
+    );
+    let ov = dir.path().join("o.qcow2");
+    let r = imgshift(&["generalize", s(&img), "--overlay", s(&ov)]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr
+            .contains("/dev/sda1 is a BitLocker-encrypted volume"),
+        "{}",
+        r.stderr
+    );
+    assert!(!ov.exists());
+
+    // A dynamic disk: MBR partition type 0x42 (Logical Disk Manager).
+    let img = dir.path().join("dynamic.raw");
+    let mut bytes = std::fs::read(disk("server2016")).unwrap();
+    bytes[446 + 4] = 0x42;
+    std::fs::write(&img, &bytes).unwrap();
+    let (code, v) = inspect(&img, &[]);
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(
+        v["partition_table"]["partitions"][0]["type_name"],
+        "windows-ldm"
+    );
+    assert!(
+        v["problems"].to_string().contains("Windows dynamic disk"),
+        "{v:#}"
+    );
+}

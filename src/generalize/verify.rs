@@ -59,6 +59,7 @@ pub fn refuse_unsupported(report: &Report) -> Result<()> {
             "{dev} is an encrypted (LUKS) volume: imgshift does not generalise encrypted guests (nothing was changed)"
         );
     }
+    refuse_bitlocker(report)?;
     if let Some(w) = report.windows.first() {
         bail!("{}", windows_refusal(w));
     }
@@ -87,6 +88,19 @@ pub fn refuse_unsupported(report: &Report) -> Result<()> {
     Ok(())
 }
 
+fn refuse_bitlocker(report: &Report) -> Result<()> {
+    if let Some((dev, _)) = report
+        .filesystems
+        .iter()
+        .find(|(_, f)| f.fs_type == "BitLocker")
+    {
+        bail!(
+            "{dev} is a BitLocker-encrypted volume: imgshift does not write to encrypted guests (nothing was changed)"
+        );
+    }
+    Ok(())
+}
+
 /// Why a Windows guest is not generalised here: imgshift cannot run sysprep offline, and does not pretend to.
 pub fn windows_refusal(w: &crate::guest::windows::WindowsInstall) -> String {
     let state = match (w.generalized, &w.image_state) {
@@ -109,6 +123,7 @@ pub fn windows_refusal(w: &crate::guest::windows::WindowsInstall) -> String {
 pub fn windows_state(src: Arc<dyn DiskSource>) -> Result<Option<String>> {
     let disk = Window::whole(src, Arc::new(AtomicU64::new(0)));
     let report = report::inspect(&disk);
+    refuse_bitlocker(&report)?;
     let Some(w) = report.windows.first() else {
         return Ok(None);
     };

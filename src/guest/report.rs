@@ -82,7 +82,26 @@ pub fn inspect(disk: &Window) -> Report {
             type_name: p.type_name.clone(),
         });
     }
+    if table
+        .partitions
+        .iter()
+        .any(|p| p.type_name.starts_with("windows-ldm"))
+    {
+        problems.push(
+            "the disk is a Windows dynamic disk (Logical Disk Manager): its volumes are not read; convert it to a \
+             basic disk in the guest (Disk Management) before migrating"
+                .into(),
+        );
+    }
     for f in &found {
+        if f.info.fs_type == "BitLocker" {
+            problems.push(format!(
+                "{}: BitLocker-encrypted volume: not read, and imgshift refuses to write to it (generalisation \
+                 included); suspend or decrypt BitLocker in the guest (manage-bde -off) before migrating",
+                f.device
+            ));
+            continue;
+        }
         if !f.info.inspectable && f.info.fs_type != "swap" && f.info.fs_type != "unknown" {
             problems.push(format!(
                 "{}: {} is present but not inspectable (imgshift reads ext2/3/4 and FAT)",
