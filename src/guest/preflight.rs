@@ -828,6 +828,108 @@ mod tests {
         );
     }
 
+    fn windows(drivers: &[(&str, u32)], generalized: bool) -> Facts {
+        use crate::guest::windows::{Driver, start_type};
+        Facts {
+            boot_mode: "bios".into(),
+            arch: Some("x86_64".into()),
+            size: 64 << 20,
+            windows: Some(WindowsInstall {
+                root: "/dev/sda1".into(),
+                arch: Some("x86_64".into()),
+                product_name: Some("Windows Server 2019 Datacenter".into()),
+                product_variant: Some("Server".into()),
+                major_version: Some(10),
+                minor_version: Some(0),
+                generalized: Some(generalized),
+                registry_read: true,
+                drivers: drivers
+                    .iter()
+                    .map(|&(n, st)| Driver {
+                        name: n.into(),
+                        start: Some(st),
+                        start_type: start_type(Some(st)).into(),
+                        image_path: None,
+                        file_present: true,
+                    })
+                    .collect(),
+                ..WindowsInstall::default()
+            }),
+            ..Facts::default()
+        }
+    }
+
+    #[test]
+    fn windows_rules() {
+        let all = [
+            ("viostor", 0),
+            ("netkvm", 3),
+            ("AWSNVMe", 0),
+            ("ena", 3),
+            ("storvsc", 0),
+            ("vmbus", 0),
+            ("netvsc", 3),
+            ("storahci", 0),
+        ];
+        let f = windows(&all, true);
+        assert_eq!(ids(&evaluate("aws", AWS, &f)), ["aws-windows-license"]);
+        assert_eq!(evaluate("azure", AZURE, &f).verdict, Level::Ok);
+        assert_eq!(evaluate("libvirt", LIBVIRT, &f).verdict, Level::Ok);
+        // stornvme on demand does not count; in-box SATA on demand leaves IDE, then nothing.
+        let f = windows(&[("stornvme", 3), ("storahci", 3), ("pciide", 0)], false);
+        let aws = evaluate("aws", AWS, &f);
+        assert_eq!(
+            ids(&aws),
+            ["aws-windows-nvme", "aws-windows-ena", "aws-windows-license"]
+        );
+        assert!(aws.findings[0].reason.contains("stornvme start demand"));
+        let lv = evaluate("libvirt", LIBVIRT, &f);
+        assert_eq!(ids(&lv), ["libvirt-windows-ide", "libvirt-windows-nic"]);
+        assert_eq!(lv.settings["bus"], "ide");
+        assert_eq!(lv.settings["nic_model"], "e1000e");
+        let az = evaluate("azure", AZURE, &f);
+        assert_eq!(
+            ids(&az),
+            [
+                "azure-windows-hv-storage",
+                "azure-windows-hv-net",
+                "azure-windows-specialized"
+            ]
+        );
+        let f = windows(&[("vioscsi", 0)], true);
+        assert_eq!(evaluate("libvirt", LIBVIRT, &f).settings["bus"], "scsi");
+        let f = windows(&[], true);
+        assert_eq!(
+            evaluate("libvirt", LIBVIRT, &f).verdict,
+            Level::Fail,
+            "no storage driver at all"
+        );
+        // A driver whose file is gone does not count.
+        let mut f = windows(&[("viostor", 0), ("storahci", 0)], true);
+        if let Some(w) = f.windows.as_mut() {
+            w.drivers[0].file_present = false;
+        }
+        assert_eq!(evaluate("libvirt", LIBVIRT, &f).settings["bus"], "sata");
+        // Generation 2: 64-bit Server 2012 (6.2) or later, or Windows 10/11.
+        let mut f = windows(&all, true);
+        f.boot_mode = "uefi".into();
+        f.gpt_esp = true;
+        assert_eq!(evaluate("azure", AZURE, &f).verdict, Level::Ok);
+        if let Some(w) = f.windows.as_mut() {
+            (w.major_version, w.minor_version) = (Some(6), Some(1));
+        }
+        assert_eq!(ids(&evaluate("azure", AZURE, &f)), ["azure-windows-gen2"]);
+        // Registry unread: one warning, no driver rules.
+        let mut f = windows(&[], false);
+        if let Some(w) = f.windows.as_mut() {
+            w.registry_read = false;
+        }
+        assert_eq!(
+            ids(&evaluate("aws", AWS, &f)),
+            ["aws-windows-registry", "aws-windows-license"]
+        );
+    }
+
     #[test]
     fn unknown_drivers() {
         let mut f = facts(ALL);
