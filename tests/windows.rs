@@ -44,7 +44,7 @@ fn disks() -> &'static Path {
         let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("windows-guests");
         std::fs::create_dir_all(&base).unwrap();
         let dir = base.join(tag());
-        if dir.join("server2008.raw").exists() {
+        if dir.join("sysreserved.raw").exists() {
             return dir;
         }
         let tmp = base.join(format!("building-{}", std::process::id()));
@@ -207,6 +207,18 @@ fn inspect_reads_the_registry_of_every_variant() {
             "uefi",
             false,
         ),
+        (
+            "sysreserved",
+            "Windows Server 2019 Datacenter",
+            "ServerDatacenter",
+            "17763",
+            (10, 0),
+            "WIN2019",
+            "ControlSet001",
+            "bios",
+            "bios",
+            false,
+        ),
     ];
     for &(variant, product, edition, build, (major, minor), host, cs, mode, loader, gen_) in rows {
         let (code, v) = inspect(&disk(variant), &[]);
@@ -233,6 +245,13 @@ fn inspect_reads_the_registry_of_every_variant() {
     let w = windows(&inspect(&disk("sysprep"), &[]).1).clone();
     assert_eq!(w["image_state"], "IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE");
     assert_eq!(w["setup_cmdline"], "oobe\\windeploy.exe");
+    // bootmgr on the active "System Reserved" partition, Windows on the next one.
+    let w = windows(&inspect(&disk("sysreserved"), &[]).1).clone();
+    assert_eq!(w["root"], "/dev/sda2");
+    assert_eq!(
+        w["boot_store"],
+        "/dev/sda1:\\bootmgr, \\Boot\\BCD (active partition)"
+    );
     let w = windows(&inspect(&disk("win11"), &[]).1).clone();
     assert_eq!(w["display_version"], "23H2");
     assert_eq!(w["product_variant"], "Client");
@@ -432,6 +451,20 @@ const TABLE: &[Expected] = &[
         "warn",
         &["libvirt-windows-sata", "libvirt-windows-nic"],
         &[("bus", "sata"), ("firmware", "efi")],
+    ),
+    (
+        "sysreserved",
+        "libvirt",
+        "ok",
+        &[],
+        &[("bus", "virtio"), ("firmware", "bios")],
+    ),
+    (
+        "sysreserved",
+        "aws",
+        "warn",
+        &["aws-windows-license"],
+        &[("boot_mode", "legacy-bios")],
     ),
 ];
 

@@ -163,11 +163,22 @@ fn windows_boot(
             w.boot_store = Some(format!("{dev}:\\EFI\\Microsoft\\Boot\\BCD"));
             continue;
         }
-        let active = table.scheme == "mbr"
-            && table
-                .partitions
+        let active_dev = (table.scheme == "mbr")
+            .then(|| table.partitions.iter().find(|p| p.bootable))
+            .flatten()
+            .map(|p| format!("/dev/sda{}", p.number));
+        // Windows Setup on BIOS puts bootmgr on a separate active "System Reserved" partition.
+        if let Some(dev) = active_dev.as_ref().filter(|d| **d != w.root)
+            && let Some(f) = found
                 .iter()
-                .any(|p| p.bootable && format!("/dev/sda{}", p.number) == w.root);
+                .find(|f| &f.device == dev && f.info.fs_type == "ntfs")
+            && super::windows::bootmgr(&f.window)
+        {
+            w.boot_loader = Some("bios".into());
+            w.boot_store = Some(format!("{dev}:\\bootmgr, \\Boot\\BCD (active partition)"));
+            continue;
+        }
+        let active = active_dev.as_deref() == Some(w.root.as_str());
         match (&w.boot_store, active) {
             (Some(s), true) => {
                 w.boot_loader = Some("bios".into());

@@ -441,6 +441,25 @@ fn read_all<T: Read + Seek>(r: &mut T, file: &NtfsFile<'_>, cap: u64) -> Result<
     Ok(out)
 }
 
+/// Whether the NTFS volume `part` holds `\bootmgr` and `\Boot\BCD` (a "System Reserved" partition, or the
+/// Windows volume itself).
+pub fn bootmgr(part: &Window) -> bool {
+    let look = || -> Result<bool, ntfs::NtfsError> {
+        let mut r = part.clone();
+        let mut fs = Ntfs::new(&mut r)?;
+        fs.read_upcase_table(&mut r)?;
+        let root = fs.root_directory(&mut r)?;
+        if child(&fs, &mut r, &root, "bootmgr")?.is_none() {
+            return Ok(false);
+        }
+        let Some(boot) = child(&fs, &mut r, &root, "Boot")? else {
+            return Ok(false);
+        };
+        Ok(child(&fs, &mut r, &boot, "BCD")?.is_some())
+    };
+    super::no_panic(look).is_some_and(|r| r.unwrap_or(false))
+}
+
 /// Whether the FAT ESP `part` holds Windows Boot Manager's BCD store (`\EFI\Microsoft\Boot\BCD`).
 pub fn esp_bcd(part: &Window) -> bool {
     super::no_panic(|| {

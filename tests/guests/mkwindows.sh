@@ -24,6 +24,8 @@
 #   controlset2  SYSTEM\Select\Current=2: ControlSet001 (computer name OLD-NAME) has viostor at boot,
 #                ControlSet002 (WIN-CS2) does not (storahci only); SOFTWARE as server2019
 #   server2008   Windows Server 2008 R2 Datacenter 6.1.7601, UEFI only; storvsc/vmbus/netvsc, storahci
+#   sysreserved  as server2019, laid out as Windows Setup does on BIOS: an 8 MiB "System Reserved" NTFS partition
+#                (sda1, active) holds \bootmgr and \Boot\BCD; Windows (sda2) has neither
 set -euo pipefail
 
 out=${1:?usage: mkwindows.sh OUTDIR}
@@ -43,7 +45,7 @@ mkdir -p "$out"
 work=$(mktemp -d "${TMPDIR:-/tmp}/mkwindows.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
-variants=(server2019 server2016 win11 sysprep controlset2 server2008)
+variants=(server2019 server2016 win11 sysprep controlset2 server2008 sysreserved)
 DISK_MIB=64
 NTFS_START_MIB=34   # after the ESP on GPT; the MBR variants use the same offset
 NTFS_MIB=28
@@ -58,7 +60,7 @@ pe() {
 reg_software() {
   local product edition type major minor build display="" state=IMAGE_STATE_COMPLETE cv=6.3
   case $1 in
-    server2019|controlset2|sysprep) product="Windows Server 2019 Datacenter" edition=ServerDatacenter type=Server major=10 minor=0 build=17763 ;;
+    server2019|controlset2|sysprep|sysreserved) product="Windows Server 2019 Datacenter" edition=ServerDatacenter type=Server major=10 minor=0 build=17763 ;;
     server2016) product="Windows Server 2016 Standard" edition=ServerStandard type=Server major=10 minor=0 build=14393 ;;
     win11) product="Windows 11 Pro" edition=Professional type=Client major=10 minor=0 build=22631 display=23H2 ;;
     server2008) product="Windows Server 2008 R2 Datacenter" edition=ServerDatacenter type=Server major="" minor="" build=7601 cv=6.1 ;;
@@ -98,7 +100,7 @@ EOF
 # drivers_of VARIANT SET: "name:start" pairs installed in that control set
 drivers_of() {
   case $1:$2 in
-    server2019:1|sysprep:1|controlset2:1)
+    server2019:1|sysprep:1|controlset2:1|sysreserved:1)
       echo "viostor:0 vioscsi:0 netkvm:3 AWSNVMe:0 stornvme:3 ena:3 AWSPVStorage:0 xenvbd:4 storvsc:0 vmbus:0 netvsc:3 storahci:0 pciide:3 atapi:3" ;;
     controlset2:2) echo "stornvme:3 storvsc:0 vmbus:0 netvsc:3 storahci:0 pciide:3 atapi:3" ;;
     server2016:1) echo "stornvme:3 storvsc:0 vmbus:0 netvsc:3 storahci:0 pciide:3 atapi:3" ;;
@@ -109,7 +111,7 @@ drivers_of() {
 
 hostname_of() {
   case $1:$2 in
-    server2019:*|sysprep:*) echo WIN2019 ;;
+    server2019:*|sysprep:*|sysreserved:*) echo WIN2019 ;;
     server2016:*) echo WIN2016 ;;
     win11:*) echo DESKTOP-W11 ;;
     controlset2:1) echo OLD-NAME ;;
@@ -187,7 +189,7 @@ for v in "${variants[@]}"; do
         echo "write /Windows/System32/drivers/${dr%%:*}.sys \"driver ${dr%%:*}\""
       done
     done
-    if ! uefi "$v"; then
+    if ! uefi "$v" && [ "$v" != sysreserved ]; then
       echo "upload $work/bootmgr /bootmgr"
       echo "mkdir-p /Boot"
       echo "upload $work/BCD /Boot/BCD"
@@ -195,6 +197,19 @@ for v in "${variants[@]}"; do
     echo "umount /"
   } >>"$work/gf.script"
   i=$((i + 1))
+  if [ "$v" = sysreserved ]; then
+    truncate -s 8M "$d/sr.img"
+    mkntfs -q -F -Q -s 512 -p 2048 -H 255 -S 63 -L "System Reserved" "$d/sr.img" >/dev/null 2>&1
+    add+=(-a "$d/sr.img")
+    {
+      echo "mount /dev/sd${letters[$i]} /"
+      echo "upload $work/bootmgr /bootmgr"
+      echo "mkdir-p /Boot"
+      echo "upload $work/BCD /Boot/BCD"
+      echo "umount /"
+    } >>"$work/gf.script"
+    i=$((i + 1))
+  fi
 done
 guestfish --format=raw "${add[@]}" -f "$work/gf.script"
 
@@ -215,6 +230,14 @@ EOF
     mcopy -i "$m" "$work/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
     mcopy -i "$m" "$work/BOOTX64.EFI" ::/EFI/Microsoft/Boot/bootmgfw.efi
     mcopy -i "$m" "$work/BCD" ::/EFI/Microsoft/Boot/BCD
+  elif [ "$v" = sysreserved ]; then
+    sfdisk -q "$img" <<EOF
+label: dos
+start=2048, size=$((8 * 2048)), type=7, bootable
+start=$((NTFS_START_MIB * 2048)), size=$((NTFS_MIB * 2048)), type=7
+EOF
+    printf 'imgshift test: Windows MBR boot code stand-in' | dd of="$img" conv=notrunc status=none
+    dd if="$d/sr.img" of="$img" bs=1M seek=1 conv=notrunc,sparse status=none
   else
     sfdisk -q "$img" <<EOF
 label: dos
