@@ -2,11 +2,12 @@
 
 use std::path::PathBuf;
 
+use crate::target_kind::TargetKind;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Move virtual machine disks between formats and clouds.
 #[derive(Debug, Parser)]
-#[command(name = "imgshift", version, about, max_term_width = 100)]
+#[command(name = "imgshift", version = env!("IMGSHIFT_VERSION"), about, max_term_width = 100)]
 pub struct Cli {
     /// Print no progress bars.
     #[arg(long, short = 'q', global = true)]
@@ -56,6 +57,11 @@ pub enum Command {
         output: OutputFormat,
         #[command(flatten)]
         trust: TrustArgs,
+        #[command(
+            flatten,
+            next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID, azure:disk/GROUP/NAME)"
+        )]
+        cloud: CloudSourceArgs,
     },
     /// Print the allocation map of an image (like qemu-img map).
     Map {
@@ -69,6 +75,11 @@ pub enum Command {
         output: OutputFormat,
         #[command(flatten)]
         trust: TrustArgs,
+        #[command(
+            flatten,
+            next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID, azure:disk/GROUP/NAME)"
+        )]
+        cloud: CloudSourceArgs,
     },
     /// Check an image's metadata. Exit 0 clean, 2 corruption, 3 leaked clusters only, 1 error, 63 no checks for
     /// this format.
@@ -118,6 +129,11 @@ pub enum Command {
         progress: bool,
         #[command(flatten)]
         trust: TrustArgs,
+        #[command(
+            flatten,
+            next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID, azure:disk/GROUP/NAME)"
+        )]
+        cloud: CloudSourceArgs,
     },
     /// Inspect the guest inside an image (read-only): partitions, filesystems, OS, boot mode, boot drivers.
     /// With --target, a preflight verdict: exit 0 ok or warn, 1 fail or error.
@@ -130,9 +146,9 @@ pub enum Command {
         /// Image format (probed when absent).
         #[arg(short = 'f', long = "format", value_name = "FMT")]
         format: Option<String>,
-        /// Check the guest against a target's boot requirements: aws, azure, libvirt.
-        #[arg(long, value_name = "TARGET", value_parser = ["aws", "azure", "libvirt"])]
-        target: Option<String>,
+        /// Check the guest against a target's boot requirements.
+        #[arg(long, value_name = "TARGET", value_enum)]
+        target: Option<TargetKind>,
         /// With --target aws: the boot mode the AMI will be registered with (as `upload aws --boot-mode`).
         #[arg(long = "boot-mode", value_parser = ["legacy-bios", "uefi", "uefi-preferred"])]
         boot_mode: Option<String>,
@@ -145,6 +161,11 @@ pub enum Command {
         stats: bool,
         #[command(flatten)]
         trust: TrustArgs,
+        #[command(
+            flatten,
+            next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID, azure:disk/GROUP/NAME)"
+        )]
+        cloud: CloudSourceArgs,
     },
     /// How large an output a conversion needs (as qemu-img measure): required and fully allocated size.
     #[command(
@@ -196,6 +217,15 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t, global = true)]
         output: OutputFormat,
     },
+    /// Print a shell completion script on standard output (e.g. `imgshift completions bash >
+    /// /etc/bash_completion.d/imgshift`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on standard output (`imgshift man | man -l -`).
+    Man,
 }
 
 /// `imgshift convert`.
@@ -252,6 +282,11 @@ pub struct ConvertArgs {
     pub generalize: Option<String>,
     #[command(flatten)]
     pub trust: TrustArgs,
+    #[command(
+        flatten,
+        next_help_heading = "Cloud sources (aws:snap-ID, aws:ami-ID, azure:disk/GROUP/NAME)"
+    )]
+    pub cloud: CloudSourceArgs,
 }
 
 /// `imgshift measure`.
@@ -295,6 +330,74 @@ pub enum UploadTarget {
 pub enum DownloadTarget {
     /// Read an EBS snapshot back into a local image of any format.
     Aws(AwsDownloadArgs),
+}
+
+/// Where a cloud source is read from, for the commands that only read (`info`, `map`, `inspect`, `compare`,
+/// `convert`). SRC `aws:snap-ID` is an EBS snapshot, `aws:ami-ID` an AMI's boot disk; a path is a local image.
+#[derive(Debug, Clone, Args, Default)]
+pub struct CloudSourceArgs {
+    /// AWS region of an aws: source (default: from the environment or profile).
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
+    /// AWS profile for an aws: source.
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
+    /// EBS/EC2 endpoint URL for an aws: source (also AWS_ENDPOINT_URL).
+    #[arg(long = "endpoint-url", value_name = "URL")]
+    pub endpoint_url: Option<String>,
+    /// Subscription of an azure: source.
+    #[arg(long, env = "AZURE_SUBSCRIPTION_ID", value_name = "ID")]
+    pub subscription: Option<String>,
+    /// Azure Resource Manager endpoint for an azure: source.
+    #[arg(
+        long = "arm-endpoint",
+        value_name = "URL",
+        default_value = "https://management.azure.com"
+    )]
+    pub arm_endpoint: String,
+    /// Extra CA certificates (PEM) to trust for an azure: source.
+    #[arg(long = "ca-bundle", value_name = "FILE", env = "IMGSHIFT_CA_BUNDLE")]
+    pub ca_bundle: Option<PathBuf>,
+}
+
+/// Where `migrate`'s cloud source is read from (its target's options keep their own names).
+#[derive(Debug, Clone, Args, Default)]
+pub struct MigrateSourceArgs {
+    /// AWS region of an aws: source (default: from the environment or profile).
+    #[arg(id = "source_region", long = "source-region", value_name = "REGION")]
+    pub region: Option<String>,
+    /// AWS profile for an aws: source.
+    #[arg(id = "source_profile", long = "source-profile", value_name = "NAME")]
+    pub profile: Option<String>,
+    /// EBS/EC2 endpoint URL for an aws: source (default: AWS_ENDPOINT_URL).
+    #[arg(
+        id = "source_endpoint_url",
+        long = "source-endpoint-url",
+        value_name = "URL"
+    )]
+    pub endpoint_url: Option<String>,
+    /// Subscription of an azure: source (default: AZURE_SUBSCRIPTION_ID).
+    #[arg(
+        id = "source_subscription",
+        long = "source-subscription",
+        value_name = "ID"
+    )]
+    pub subscription: Option<String>,
+    /// Azure Resource Manager endpoint for an azure: source.
+    #[arg(
+        id = "source_arm_endpoint",
+        long = "source-arm-endpoint",
+        value_name = "URL",
+        default_value = "https://management.azure.com"
+    )]
+    pub arm_endpoint: String,
+    /// Extra CA certificates (PEM) to trust for an azure: source (default: IMGSHIFT_CA_BUNDLE).
+    #[arg(
+        id = "source_ca_bundle",
+        long = "source-ca-bundle",
+        value_name = "FILE"
+    )]
+    pub ca_bundle: Option<PathBuf>,
 }
 
 /// AWS connection options.
@@ -689,25 +792,14 @@ pub enum JobsAction {
     },
 }
 
-/// Where `migrate` goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum MigrateTo {
-    /// An AMI (EBS direct APIs, no S3)
-    Aws,
-    /// An Azure managed image (and data disks), or a gallery image version
-    Azure,
-    /// libvirt storage volumes and a domain
-    Libvirt,
-}
-
 /// Arguments of `imgshift migrate`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct MigrateArgs {
     /// Source image (any supported format, or an OVA with one or more disks)
     pub src: PathBuf,
     /// Target
     #[arg(long, value_enum)]
-    pub to: MigrateTo,
+    pub to: TargetKind,
     /// Name of what is made: the AMI, the Azure image (disks NAME-os, NAME-data1, ...), the libvirt domain
     /// (volumes NAME.qcow2, NAME-data1.qcow2, ..., or .raw). Default: the source file's name without its extension
     #[arg(long)]
@@ -753,6 +845,11 @@ pub struct MigrateArgs {
     pub libvirt: MigrateLibvirtArgs,
     #[command(flatten, next_help_heading = "Files named inside images")]
     pub trust: TrustArgs,
+    #[command(
+        flatten,
+        next_help_heading = "Cloud source (SRC = aws:snap-ID, aws:ami-ID or azure:disk/GROUP/NAME)"
+    )]
+    pub source: MigrateSourceArgs,
 }
 
 /// `migrate --to aws` options (as in `upload aws`).
@@ -889,4 +986,16 @@ pub struct MigrateLibvirtArgs {
     /// Start the domain once defined
     #[arg(long)]
     pub start: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every subcommand's arguments are consistent (unique ids and names, valid defaults): clap checks this
+    /// only when a subcommand is first used, so a clash would otherwise surface as a panic at run time.
+    #[test]
+    fn every_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -18,6 +18,8 @@ mod journal;
 mod open;
 mod progress;
 mod runner;
+mod sources;
+mod target_kind;
 mod targets;
 
 use std::process::ExitCode;

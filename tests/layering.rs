@@ -112,14 +112,7 @@ const RULES: &[Rule] = &[
 
 /// Violations known and being fixed elsewhere: (file, path prefix named). Each entry must still be violated
 /// (a stale entry fails the test, so the list only shrinks).
-const KNOWN_EXCEPTIONS: &[(&str, &str)] = &[
-    // The libvirt target is being rewritten (issue 20: libvirt over its RPC protocol); its plan takes the CLI's
-    // argument types today. The lead removes these entries after merging that work.
-    ("src/targets/libvirt/plan.rs", "imgshift::cli"),
-    // It also asks Azure's Hyper-V rule for the firmware; the guest fact it needs is
-    // `guest::partitions::PartitionTable::gpt_with_esp` (`partitions::read_source` for a borrowed disk).
-    ("src/targets/libvirt/plan.rs", "imgshift::targets::azure"),
-];
+const KNOWN_EXCEPTIONS: &[(&str, &str)] = &[];
 
 /// A path named in a file, at a line.
 #[derive(Debug)]

@@ -118,14 +118,16 @@ fn uploads_three_source_formats_as_qcow2_and_raw() {
             if out == "qcow2" {
                 assert_check_clean(&back, "qcow2");
             } else {
-                // Holes stay holes: the gaps of 1 MiB or more were skipped, not sent, and are not allocated.
+                // Holes stay holes: the gaps went over one sparse stream as hole messages, not as data, and are
+                // not allocated in the volume's file.
                 let blocks = std::fs::metadata(pool.path(&vol)).unwrap().blocks() * 512;
                 assert!(
                     blocks < 10 * MIB,
                     "{vol}: {blocks} bytes allocated of 24 MiB ({})",
                     r.stdout
                 );
-                assert!(sent["streams"].as_u64().unwrap() >= 3, "{}", r.stdout);
+                assert_eq!(sent["streams"], 1, "{}", r.stdout);
+                assert!(sent["holes"].as_u64().unwrap() >= 2, "{}", r.stdout);
                 assert!(
                     sent["skipped_bytes"].as_u64().unwrap() >= 15 * MIB,
                     "{}",
@@ -345,7 +347,8 @@ struct SessionDaemon {
 }
 
 impl SessionDaemon {
-    fn start() -> SessionDaemon {
+    /// The folders of a session daemon (owned by `nobody`), none started yet.
+    fn folders() -> SessionDaemon {
         let dir = tempfile::Builder::new()
             .prefix("imgshift-session")
             .tempdir_in("/var/tmp")
@@ -362,6 +365,25 @@ impl SessionDaemon {
             st.success(),
             "chown nobody (the test runs as root, like CI)"
         );
+        SessionDaemon { dir }
+    }
+
+    /// `runuser -u nobody -- env HOME=… XDG_…=… PROGRAM`: a command run as the session's user.
+    fn as_user(&self, program: &str) -> Command {
+        let p = self.dir.path();
+        let mut c = Command::new("runuser");
+        c.args(["-u", "nobody", "--", "env"])
+            .arg(format!("HOME={}", s(p)))
+            .arg(format!("XDG_RUNTIME_DIR={}", s(&p.join("run"))))
+            .arg(format!("XDG_CONFIG_HOME={}", s(&p.join("config"))))
+            .arg(format!("XDG_CACHE_HOME={}", s(&p.join("cache"))))
+            .arg(program);
+        c
+    }
+
+    fn start() -> SessionDaemon {
+        let daemon = SessionDaemon::folders();
+        let dir = &daemon.dir;
         let p = dir.path();
         let out = Command::new("runuser")
             .args(["-u", "nobody", "--", "env"])
@@ -377,7 +399,7 @@ impl SessionDaemon {
             "session libvirtd did not start: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        SessionDaemon { dir }
+        daemon
     }
 
     fn uri(&self) -> String {
@@ -958,4 +980,232 @@ fn defined_uefi_guest_boots_under_tcg() {
 fn defined_guest_without_virtio_gets_sata_and_boots() {
     let j = boot_contract_guest("novirtio", &[]);
     assert_eq!(j["domain"]["disk_bus"], "sata");
+}
+
+/// Capacity and allocation of a volume, from `virsh vol-info --bytes`.
+fn vol_info(pool: &Pool, vol: &str) -> (u64, u64) {
+    let out = virsh_ok(&["vol-info", "--bytes", "--pool", &pool.name, vol]);
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in vol-info: {out}"))
+    };
+    (field("Capacity:"), field("Allocation:"))
+}
+
+/// Holes reach the volume as holes: a 1 GiB disk with 3 MiB of data becomes a raw volume whose allocation is
+/// about the data, not the virtual size; only the data crossed the connection, over one sparse stream.
+#[test]
+fn raw_volume_allocation_is_the_data_not_the_virtual_size() {
+    const GIB: u64 = 1 << 30;
+    let d = tmpdir();
+    let pool = Pool::new();
+    let raw = d.path().join("sparse.raw");
+    make_raw(
+        &raw,
+        GIB,
+        &[(0, MIB), (GIB / 2 + 4096, MIB), (GIB - MIB, MIB)],
+        &[],
+    );
+    let src = source_in(d.path(), &raw, "qcow2");
+    let r = pool
+        .upload(&src, "sparse.raw", &["-O", "raw", "--output", "json"])
+        .ok();
+    let j = json(&r);
+    let (capacity, allocation) = vol_info(&pool, "sparse.raw");
+    assert_eq!(capacity, GIB, "{}", r.stdout);
+    assert!(
+        allocation <= 8 * MIB,
+        "allocation {allocation} of a 1 GiB volume holding 3 MiB of data ({})",
+        r.stdout
+    );
+    let sent = &j["sent"];
+    assert_eq!(sent["streams"], 1, "{}", r.stdout);
+    assert!(sent["holes"].as_u64().unwrap() >= 2, "{}", r.stdout);
+    assert!(
+        sent["bytes_sent"].as_u64().unwrap() <= 4 * MIB,
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        sent["bytes_sent"].as_u64().unwrap() + sent["skipped_bytes"].as_u64().unwrap(),
+        GIB,
+        "data and holes cover the disk: {}",
+        r.stdout
+    );
+    let back = d.path().join("back.raw");
+    virsh_ok(&[
+        "vol-download",
+        "--sparse",
+        "--pool",
+        &pool.name,
+        "sparse.raw",
+        s(&back),
+    ]);
+    assert_same(&raw, "raw", &back, "raw");
+}
+
+/// The daemon's socket, from the test URI's `socket=` (the system socket without one).
+fn daemon_socket() -> String {
+    let u = uri();
+    u.split_once("socket=")
+        .map(|(_, p)| p.split('&').next().unwrap_or(p).to_string())
+        .unwrap_or_else(|| "/run/libvirt/libvirt-sock".into())
+}
+
+/// An `ssh` stand-in: records its arguments, then carries stdin/stdout to the daemon's socket as
+/// `virt-ssh-helper` on the far host would.
+fn fake_ssh(dir: &Path) -> (PathBuf, PathBuf) {
+    let args_log = dir.join("ssh-args");
+    let script = dir.join("fake-ssh");
+    std::fs::write(
+        &script,
+        format!(
+            r#"#!/usr/bin/env python3
+import os, socket, sys, threading
+open({log:?}, "w").write("\n".join(sys.argv[1:]))
+s = socket.socket(socket.AF_UNIX)
+s.connect({sock:?})
+def up():
+    while True:
+        b = os.read(0, 65536)
+        if not b:
+            s.shutdown(socket.SHUT_WR)
+            return
+        s.sendall(b)
+threading.Thread(target=up, daemon=True).start()
+while True:
+    b = s.recv(65536)
+    if not b:
+        break
+    sys.stdout.buffer.write(b)
+    sys.stdout.buffer.flush()
+"#,
+            log = s(&args_log),
+            sock = daemon_socket()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (script, args_log)
+}
+
+/// `qemu+ssh://`: the protocol goes over `ssh HOST virt-ssh-helper qemu:///system`'s stdin and stdout.
+#[test]
+fn uploads_over_the_ssh_transport() {
+    let d = tmpdir();
+    let pool = Pool::new();
+    let (ssh, args_log) = fake_ssh(d.path());
+    let raw = test_raw(d.path(), "source.raw", MIB);
+    let u = format!(
+        "qemu+ssh://tester@imgshift-test-host:2222/system?command={}",
+        s(&ssh)
+    );
+    let r = imgshift(&[
+        "upload",
+        "libvirt",
+        s(&raw),
+        "--connect",
+        &u,
+        "--pool",
+        &pool.name,
+        "--volume",
+        "over-ssh.raw",
+        "-O",
+        "raw",
+    ])
+    .ok();
+    assert_eq!(r.stdout.trim(), s(&pool.path("over-ssh.raw")));
+    let args = std::fs::read_to_string(&args_log).unwrap();
+    let args: Vec<&str> = args.lines().collect();
+    assert_eq!(
+        args,
+        [
+            "-p",
+            "2222",
+            "-l",
+            "tester",
+            "-T",
+            "-e",
+            "none",
+            "--",
+            "imgshift-test-host",
+            "virt-ssh-helper",
+            "qemu:///system"
+        ]
+    );
+    assert_same(&raw, "raw", &pool.path("over-ssh.raw"), "raw");
+}
+
+/// A failing `ssh` is named, with what it said, on one line.
+#[test]
+fn ssh_failure_names_ssh_and_what_it_said() {
+    let d = tmpdir();
+    let ssh = d.path().join("failing-ssh");
+    std::fs::write(
+        &ssh,
+        "#!/bin/sh\necho 'ssh: Could not resolve hostname nohost.invalid: Name or service not known' >&2\nexit 255\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let raw = test_raw(d.path(), "source.raw", MIB);
+    let u = format!("qemu+ssh://nohost.invalid/system?command={}", s(&ssh));
+    let r = imgshift(&[
+        "upload",
+        "libvirt",
+        s(&raw),
+        "--connect",
+        &u,
+        "--pool",
+        "p",
+        "--volume",
+        "v",
+    ]);
+    one_line_error(&r);
+    assert!(
+        r.stderr.contains("ssh to nohost.invalid")
+            && r.stderr
+                .contains("Could not resolve hostname nohost.invalid"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// `qemu:///session` with no session daemon running: imgshift starts one (`libvirtd --timeout=120`, as
+/// libvirt's own client does) under the user's runtime folder, and reaches it.
+#[test]
+fn starts_a_session_daemon_when_none_runs() {
+    let daemon = SessionDaemon::folders();
+    let sock = daemon.dir.path().join("run/libvirt/libvirt-sock");
+    assert!(!sock.exists());
+    let raw = daemon.dir.path().join("source.raw");
+    make_raw(&raw, 4 * MIB, &[(0, MIB)], &[]);
+    let out = daemon
+        .as_user(s(&imgshift_bin()))
+        .args([
+            "upload",
+            "libvirt",
+            s(&raw),
+            "--connect",
+            "qemu:///session",
+            "--pool",
+            "imgshift-no-such-pool",
+            "--volume",
+            "v.raw",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The daemon answered: the pool lookup is what failed.
+    assert!(
+        stderr.contains("storage pool 'imgshift-no-such-pool' not found at qemu:///session"),
+        "{stderr}"
+    );
+    assert!(sock.exists(), "no session socket at {}", sock.display());
+    assert!(
+        daemon.dir.path().join("run/libvirt/libvirtd.pid").exists(),
+        "the daemon's pid file (for the clean-up)"
+    );
 }

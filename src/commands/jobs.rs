@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::cli::{Cli, Command, OutputFormat, UploadTarget};
 use crate::journal::{JobState, Journal, SavedCommand, is_running, peek, state_dir};
+use crate::target_kind::TargetKind;
 
 /// Units done and in total over the job's disks.
 fn progress(s: &JobState) -> (u64, u64) {
@@ -141,9 +142,13 @@ fn saved_cli(state: &JobState) -> Result<Cli> {
 
 /// The saved environment as flags of the job's command, for variables its flags did not already override.
 fn env_flags(kind: &str, cmd: &SavedCommand) -> Vec<String> {
-    let aws = kind == "aws-upload" || kind == "migrate-aws";
-    let azure = kind == "azure-upload" || kind == "migrate-azure";
-    let libvirt = kind == "migrate-libvirt";
+    let target = kind
+        .strip_prefix("migrate-")
+        .or_else(|| kind.strip_suffix("-upload"))
+        .and_then(TargetKind::from_name);
+    let aws = target == Some(TargetKind::Aws);
+    let azure = target == Some(TargetKind::Azure);
+    let libvirt = target == Some(TargetKind::Libvirt);
     let table: [(&str, &str, bool); 7] = [
         ("AWS_REGION", "--region", aws),
         ("AWS_DEFAULT_REGION", "--region", aws),

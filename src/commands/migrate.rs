@@ -9,33 +9,34 @@ use anyhow::{Result, bail};
 use serde_json::json;
 
 use super::parse_tags;
-use super::targets::TargetKind;
-use crate::cli::{MigrateArgs, MigrateTo, OutputFormat};
+use crate::cli::{MigrateArgs, OutputFormat};
 use crate::guest::preflight::Level;
 use crate::journal::state_dir;
 use crate::progress::StageUi;
 use crate::runner::plan::{self, ReportInput};
 use crate::runner::{self, RunSpec, Stages};
+use crate::sources::{self, SourceConn, SourceRef};
+use crate::target_kind::TargetKind;
 
 /// The `--to` options given on the command line for another target than `to`, as a usage error's text
 /// (`--pool` belongs to `--to libvirt`). Options set by the environment (AZURE_SUBSCRIPTION_ID) are not counted.
-pub fn foreign_options(to: MigrateTo) -> Option<String> {
+pub fn foreign_options(to: TargetKind) -> Option<String> {
     use clap::{Args, CommandFactory};
     let matches = crate::cli::Cli::command()
         .try_get_matches_from(std::env::args_os())
         .ok()?;
     let (_, m) = matches.subcommand().filter(|(n, _)| *n == "migrate")?;
-    let groups: [(MigrateTo, clap::Command); 3] = [
+    let groups: [(TargetKind, clap::Command); 3] = [
         (
-            MigrateTo::Aws,
+            TargetKind::Aws,
             crate::cli::MigrateAwsArgs::augment_args(clap::Command::new("aws")),
         ),
         (
-            MigrateTo::Azure,
+            TargetKind::Azure,
             crate::cli::MigrateAzureArgs::augment_args(clap::Command::new("azure")),
         ),
         (
-            MigrateTo::Libvirt,
+            TargetKind::Libvirt,
             crate::cli::MigrateLibvirtArgs::augment_args(clap::Command::new("libvirt")),
         ),
     ];
@@ -49,7 +50,7 @@ pub fn foreign_options(to: MigrateTo) -> Option<String> {
                 let flag = a
                     .get_long()
                     .map_or_else(|| a.get_id().to_string(), |l| format!("--{l}"));
-                found.push(format!("{flag} (--to {})", TargetKind::from(*t).name()));
+                found.push(format!("{flag} (--to {})", t.name()));
             }
         }
     }
@@ -60,20 +61,90 @@ pub fn foreign_options(to: MigrateTo) -> Option<String> {
         "{} belong{} to another target than --to {}: remove {}",
         found.join(", "),
         if found.len() == 1 { "s" } else { "" },
-        TargetKind::from(to).name(),
+        to.name(),
         if found.len() == 1 { "it" } else { "them" }
     ))
+}
+
+/// Where `migrate`'s cloud source is read from: its `--source-*` options (the environment serves both sides).
+fn source_conn(args: &MigrateArgs) -> SourceConn {
+    SourceConn {
+        aws: crate::targets::aws::config::AwsTarget {
+            region: args.source.region.clone(),
+            profile: args.source.profile.clone(),
+            endpoint_url: args.source.endpoint_url.clone(),
+        },
+        max_attempts: args.max_attempts,
+        azure: crate::targets::azure::source::AzureReadConn {
+            arm_endpoint: args.source.arm_endpoint.clone(),
+            ca_bundle: args
+                .source
+                .ca_bundle
+                .clone()
+                .or(env("IMGSHIFT_CA_BUNDLE").map(Into::into)),
+            subscription: args
+                .source
+                .subscription
+                .clone()
+                .or(env("AZURE_SUBSCRIPTION_ID")),
+            max_attempts: args.max_attempts,
+        },
+    }
+}
+
+/// What identifies the source for the job id: a local file's path, size and modification time; a cloud disk's
+/// name and where it is read from.
+fn source_key(args: &MigrateArgs) -> Result<String> {
+    match SourceRef::parse(&args.src)? {
+        SourceRef::File(p) => crate::journal::source_identity(&p),
+        r @ SourceRef::AzureDisk { .. } => Ok(format!(
+            "{r:?}\0{}\0{:?}",
+            args.source.arm_endpoint,
+            args.source
+                .subscription
+                .as_deref()
+                .or(env("AZURE_SUBSCRIPTION_ID").as_deref()),
+        )),
+        r => Ok(format!(
+            "{r:?}\0{:?}\0{:?}\0{:?}\0{:?}",
+            args.source
+                .region
+                .as_deref()
+                .or(env("AWS_REGION").as_deref()),
+            args.source.profile,
+            args.source
+                .endpoint_url
+                .as_deref()
+                .or(env("AWS_ENDPOINT_URL").as_deref()),
+            env("AWS_PROFILE"),
+        )),
+    }
 }
 
 /// Runs `migrate`.
 pub fn run(args: &MigrateArgs, quiet: bool) -> Result<u8> {
     let name = job_name(args)?;
-    let kind = TargetKind::from(args.to);
+    let kind = args.to;
     let to = kind.name();
-    let mut target = super::targets::for_migrate(args)?;
-    let srcs = crate::open::open_disks(&args.src, args.format.as_deref(), &args.trust.allow_dirs)?;
+    let cloud = SourceRef::parse(&args.src)?.is_cloud();
+    if cloud && args.generalize.is_some() {
+        bail!(
+            "--generalize works on a local image (libguestfs writes an overlay over it); a cloud disk is read \
+             as it is"
+        );
+    }
+    let opened = sources::open_all(
+        &args.src,
+        args.format.as_deref(),
+        &args.trust.allow_dirs,
+        &source_conn(args),
+    )?;
+    let facts = opened.facts;
+    let srcs = opened.disks;
+    let mut target = super::targets::for_migrate_from(args, &facts)?;
+    // The boot mode the guest is registered with on AWS: the flag, else what the source's cloud says.
     let boot_mode = match args.to {
-        MigrateTo::Aws => args.aws.boot_mode.clone(),
+        TargetKind::Aws => args.aws.boot_mode.clone().or(facts.boot_mode.clone()),
         _ => None,
     };
 
@@ -142,8 +213,10 @@ pub fn run(args: &MigrateArgs, quiet: bool) -> Result<u8> {
         source_label: args.src.display().to_string(),
         sources: srcs,
         boot_path: args.src.clone(),
-        reopen_boot: Box::new(move || super::open_image(&src, format.as_deref(), &trust)),
-        generalize: args.generalize.clone().map(|g| (g, kind.generalize())),
+        reopen_boot: Box::new(move || {
+            crate::open::open_image(&src, format.as_deref(), &trust.allow_dirs)
+        }),
+        generalize: args.generalize.clone().map(|g| (g, kind)),
         stages: Stages {
             inspect: true,
             register: true,
@@ -214,7 +287,7 @@ pub fn job_name(args: &MigrateArgs) -> Result<String> {
 /// so rerunning the command (or `resume`) continues it.
 pub fn job_id(args: &MigrateArgs) -> Result<String> {
     let place = match args.to {
-        MigrateTo::Aws => format!(
+        TargetKind::Aws => format!(
             "{:?}\0{:?}\0{:?}\0{:?}\0{}",
             args.aws.region.as_deref().or(env("AWS_REGION").as_deref()),
             args.aws.profile,
@@ -225,15 +298,15 @@ pub fn job_id(args: &MigrateArgs) -> Result<String> {
             args.aws.kms_key_id,
             args.aws.encrypted
         ),
-        MigrateTo::Azure => format!(
+        TargetKind::Azure => format!(
             "{}\0{:?}\0{:?}",
             args.azure.arm_endpoint, args.azure.subscription, args.azure.resource_group
         ),
-        MigrateTo::Libvirt => format!("{}\0{:?}", args.libvirt.connect, args.libvirt.pool),
+        TargetKind::Libvirt => format!("{}\0{:?}", args.libvirt.connect, args.libvirt.pool),
     };
     let key = format!(
         "migrate\0{}\0{:?}\0{}\0{place}\0{:?}\0{:?}",
-        crate::journal::source_identity(&args.src)?,
+        source_key(args)?,
         args.to,
         job_name(args)?,
         args.generalize,

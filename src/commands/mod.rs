@@ -2,6 +2,7 @@
 
 mod check;
 mod compare;
+mod completions;
 mod convert;
 mod download;
 mod generalize;
@@ -13,7 +14,7 @@ mod measure;
 mod migrate;
 mod targets;
 mod upload;
-mod upload_libvirt;
+pub(crate) mod upload_libvirt;
 
 pub(crate) use crate::targets::parse_tags;
 
@@ -44,13 +45,21 @@ pub fn run(cli: Cli) -> Result<u8> {
             backing_chain,
             output,
             trust,
-        } => info::run(&image, format.as_deref(), backing_chain, output, &trust),
+            cloud,
+        } => {
+            set_source_conn(&cloud);
+            info::run(&image, format.as_deref(), backing_chain, output, &trust)
+        }
         Command::Map {
             image,
             format,
             output,
             trust,
-        } => map::run(&image, format.as_deref(), output, &trust),
+            cloud,
+        } => {
+            set_source_conn(&cloud);
+            map::run(&image, format.as_deref(), output, &trust)
+        }
         Command::Check {
             image,
             format,
@@ -71,15 +80,19 @@ pub fn run(cli: Cli) -> Result<u8> {
             strict,
             progress,
             trust,
-        } => compare::run(
-            &a,
-            &b,
-            format_a.as_deref(),
-            format_b.as_deref(),
-            strict,
-            progress && !quiet,
-            &trust,
-        ),
+            cloud,
+        } => {
+            set_source_conn(&cloud);
+            compare::run(
+                &a,
+                &b,
+                format_a.as_deref(),
+                format_b.as_deref(),
+                strict,
+                progress && !quiet,
+                &trust,
+            )
+        }
         Command::Inspect {
             image,
             format,
@@ -88,17 +101,24 @@ pub fn run(cli: Cli) -> Result<u8> {
             output,
             stats,
             trust,
-        } => inspect::run(
-            &image,
-            format.as_deref(),
-            target.as_deref(),
-            boot_mode.as_deref(),
-            output,
-            stats,
-            &trust,
-        ),
+            cloud,
+        } => {
+            set_source_conn(&cloud);
+            inspect::run(
+                &image,
+                format.as_deref(),
+                target.map(crate::target_kind::TargetKind::name),
+                boot_mode.as_deref(),
+                output,
+                stats,
+                &trust,
+            )
+        }
         Command::Measure(args) => measure::run(&args),
-        Command::Convert(args) => convert::run(&args, quiet),
+        Command::Convert(args) => {
+            set_source_conn(&args.cloud);
+            convert::run(&args, quiet)
+        }
         Command::Generalize(args) => generalize::run(&args),
         Command::Upload {
             target: UploadTarget::Aws(args),
@@ -128,10 +148,44 @@ pub fn run(cli: Cli) -> Result<u8> {
             None => jobs::list(state_dir.as_deref(), output),
             Some(JobsAction::Cancel { job }) => jobs::cancel(&job, state_dir.as_deref(), output),
         },
+        Command::Completions { shell } => completions::completions(shell),
+        Command::Man => completions::man(),
     }
 }
 
-pub use crate::open::{naming, open_ova};
+pub use crate::open::naming;
+
+/// Where the cloud sources of a read-only command are read from (set once from its `CloudSourceArgs`).
+static SOURCE_CONN: std::sync::OnceLock<crate::sources::SourceConn> = std::sync::OnceLock::new();
+
+/// Keeps a read-only command's cloud source options for [`open_image`].
+fn set_source_conn(c: &crate::cli::CloudSourceArgs) {
+    let _ = SOURCE_CONN.set(crate::sources::SourceConn {
+        aws: crate::targets::aws::config::AwsTarget {
+            region: c.region.clone(),
+            profile: c.profile.clone(),
+            endpoint_url: c.endpoint_url.clone(),
+        },
+        max_attempts: 10,
+        azure: crate::targets::azure::source::AzureReadConn {
+            arm_endpoint: c.arm_endpoint.clone(),
+            ca_bundle: c.ca_bundle.clone(),
+            subscription: c.subscription.clone(),
+            max_attempts: 10,
+        },
+    });
+}
+
+/// The OVA package at `path` when it is one; `None` for a cloud source and every other format.
+pub fn open_ova(
+    path: &std::path::Path,
+    format: Option<&str>,
+) -> Result<Option<imgshift_converters::formats::ova::OvaPackage>> {
+    if crate::sources::SourceRef::parse(path)?.is_cloud() {
+        return Ok(None);
+    }
+    crate::open::open_ova(path, format)
+}
 
 /// The open gate the user's `--allow-dir` flags describe.
 pub fn gate(trust: &TrustArgs) -> Result<OpenGate> {
@@ -144,7 +198,8 @@ pub fn open_image(
     format: Option<&str>,
     trust: &TrustArgs,
 ) -> Result<Box<dyn imgshift_converters::DiskSource>> {
-    crate::open::open_image(path, format, &trust.allow_dirs)
+    let conn = SOURCE_CONN.get().cloned().unwrap_or_default();
+    crate::sources::open_one(path, format, &trust.allow_dirs, &conn)
 }
 
 /// Formats a byte count like qemu-img ("16 GiB").

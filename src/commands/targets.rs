@@ -1,59 +1,16 @@
-//! The one place that maps command-line options to targets: which targets exist ([`TargetKind`]), their
+//! The one place that maps command-line options to targets ([`crate::target_kind::TargetKind`] names them): their
 //! settings from `migrate`'s and `upload`'s flags, and the target a saved job's command line names (for `resume`
 //! and `jobs cancel`).
 
 use anyhow::{Result, bail};
 
-use crate::cli::{
-    AwsConnArgs, AwsUploadArgs, AzureUploadArgs, Command, MigrateArgs, MigrateTo, UploadTarget,
-};
-use crate::generalize::operations::Target as GenTarget;
+use crate::cli::{AwsConnArgs, AwsUploadArgs, AzureUploadArgs, Command, MigrateArgs, UploadTarget};
 use crate::job::Target;
+use crate::target_kind::TargetKind;
 use crate::targets::aws::config::AwsTarget as AwsConn;
 use crate::targets::aws::lifecycle::{self as aws, AwsSettings, AwsTarget};
 use crate::targets::aws::register::ImageSpec;
 use crate::targets::azure::lifecycle::{self as azure, AzureSettings, AzureTarget};
-
-/// A target imgshift can make things on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TargetKind {
-    /// EBS snapshots and an AMI.
-    Aws,
-    /// Managed disks and an image.
-    Azure,
-    /// Volumes and a domain.
-    Libvirt,
-}
-
-impl TargetKind {
-    /// Its name on the command line and in reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            TargetKind::Aws => "aws",
-            TargetKind::Azure => "azure",
-            TargetKind::Libvirt => "libvirt",
-        }
-    }
-
-    /// The generalisation operations' target.
-    pub fn generalize(self) -> GenTarget {
-        match self {
-            TargetKind::Aws => GenTarget::Aws,
-            TargetKind::Azure => GenTarget::Azure,
-            TargetKind::Libvirt => GenTarget::Libvirt,
-        }
-    }
-}
-
-impl From<MigrateTo> for TargetKind {
-    fn from(t: MigrateTo) -> TargetKind {
-        match t {
-            MigrateTo::Aws => TargetKind::Aws,
-            MigrateTo::Azure => TargetKind::Azure,
-            MigrateTo::Libvirt => TargetKind::Libvirt,
-        }
-    }
-}
 
 fn aws_conn(
     region: &Option<String>,
@@ -211,15 +168,78 @@ pub fn for_saved_command(cmd: Command) -> Result<Box<dyn Target>> {
     }
 }
 
+/// `migrate --to libvirt`.
+pub fn libvirt_for_migrate(
+    args: &MigrateArgs,
+) -> Result<crate::targets::libvirt::lifecycle::LibvirtTarget> {
+    use super::upload_libvirt::{bus_choice, firmware_choice, type_choice};
+    use crate::cli::LibvirtVolFormat;
+    use crate::targets::libvirt::VolFormat;
+    let a = &args.libvirt;
+    let Some(pool) = a.pool.clone().filter(|p| !p.is_empty()) else {
+        bail!(
+            "--to libvirt needs --pool: the running storage pool that receives the volumes (`virsh pool-list` \
+             lists them)"
+        );
+    };
+    crate::targets::libvirt::lifecycle::LibvirtTarget::new(
+        crate::targets::libvirt::lifecycle::LibvirtSettings {
+            uri: a.connect.clone(),
+            pool,
+            format: match a.volume_format {
+                LibvirtVolFormat::Qcow2 => VolFormat::Qcow2,
+                LibvirtVolFormat::Raw => VolFormat::Raw,
+            },
+            choices: crate::targets::libvirt::plan::DomainChoices {
+                firmware: firmware_choice(a.firmware),
+                disk_bus: bus_choice(a.disk_bus),
+                domain_type: type_choice(a.domain_type),
+                memory_mib: a.memory,
+                vcpus: a.vcpus,
+                network: a.network.clone(),
+                serial_log: a.serial_log.clone(),
+            },
+            start: a.start,
+        },
+    )
+}
+
+/// The target of a `migrate` command whose source's cloud says `facts` about the guest: what the target's
+/// flags leave open (`auto`, unset) follows them — an AMI's boot mode picks the Azure Hyper-V generation
+/// (legacy-bios → V1, uefi → V2) and the AWS boot mode; its ENA flag and architecture carry over to an AMI.
+pub fn for_migrate_from(
+    args: &MigrateArgs,
+    facts: &crate::sources::SourceFacts,
+) -> Result<Box<dyn Target>> {
+    let mut args = args.clone();
+    if args.aws.boot_mode.is_none() {
+        args.aws.boot_mode = facts.boot_mode.clone();
+    }
+    if facts.ena == Some(false) {
+        args.aws.no_ena = true;
+    }
+    if let Some(a) = &facts.architecture
+        && a == "arm64"
+    {
+        args.aws.architecture = a.clone();
+    }
+    if args.azure.hyper_v_generation == "auto" {
+        match facts.boot_mode.as_deref() {
+            Some("uefi") => args.azure.hyper_v_generation = "V2".into(),
+            Some("legacy-bios") => args.azure.hyper_v_generation = "V1".into(),
+            _ => {}
+        }
+    }
+    for_migrate(&args)
+}
+
 /// The target of a `migrate` command.
 pub fn for_migrate(args: &MigrateArgs) -> Result<Box<dyn Target>> {
     let name = super::migrate::job_name(args)?;
     Ok(match args.to {
-        MigrateTo::Aws => Box::new(aws_for_migrate(args, &name)?),
-        MigrateTo::Azure => Box::new(azure_for_migrate(args, &name)?),
-        MigrateTo::Libvirt => Box::new(crate::targets::libvirt::lifecycle::LibvirtTarget::new(
-            args,
-        )?),
+        TargetKind::Aws => Box::new(aws_for_migrate(args, &name)?),
+        TargetKind::Azure => Box::new(azure_for_migrate(args, &name)?),
+        TargetKind::Libvirt => Box::new(libvirt_for_migrate(args)?),
     })
 }
 

@@ -8,12 +8,13 @@ use serde_json::json;
 
 pub(crate) use crate::targets::{parse_tags, runtime};
 
-use super::targets::{self, TargetKind};
+use super::targets;
 use crate::cli::{AwsConnArgs, AwsUploadArgs, AzureUploadArgs, OutputFormat, TrustArgs};
 use crate::job::Target;
 use crate::journal::state_dir;
 use crate::progress::StageUi;
 use crate::runner::{self, RunOutcome, RunSpec, Stages};
+use crate::target_kind::TargetKind;
 use crate::targets::aws::config;
 use crate::targets::aws::retry::Policy;
 use crate::targets::aws::volume_gib;
@@ -87,7 +88,7 @@ fn run_upload(u: Upload<'_>, target: &mut dyn Target, quiet: bool) -> Result<Run
         sources,
         boot_path: u.src.to_path_buf(),
         reopen_boot: Box::new(move || super::open_image(&src, format.as_deref(), &trust)),
-        generalize: u.generalize.map(|g| (g, u.target.generalize())),
+        generalize: u.generalize.map(|g| (g, u.target)),
         stages: Stages {
             inspect: false,
             register: u.register,

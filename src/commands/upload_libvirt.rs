@@ -11,14 +11,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Result;
 use imgshift_converters::{ConvertStats, DiskSource};
 use serde_json::json;
-use virt::connect::Connect;
-use virt::domain::Domain;
-use virt::storage_pool::StoragePool;
 
 use super::{gate, naming, open_image, open_ova};
-use crate::cli::{LibvirtUploadArgs, LibvirtVolFormat, OutputFormat};
+use crate::cli::{
+    DiskBusArg, DomainTypeArg, FirmwareArg, LibvirtUploadArgs, LibvirtVolFormat, OutputFormat,
+};
 use crate::progress::Bar;
-use crate::targets::libvirt::plan::{DomainChoices, DomainPlan, GuestHints};
+use crate::targets::libvirt::Firmware;
+use crate::targets::libvirt::plan::{
+    BusChoice, DomainChoices, DomainPlan, FirmwareChoice, GuestHints, TypeChoice,
+};
+use crate::targets::libvirt::rpc::{Connect, Domain, StoragePool};
 use crate::targets::libvirt::sink::SentCounts;
 use crate::targets::libvirt::xml::{DomainDisk, domain_xml};
 use crate::targets::libvirt::{Error as LvError, VolFormat, conn as lv, fill, inuse, volume};
@@ -61,7 +64,7 @@ pub fn run(args: &LibvirtUploadArgs, quiet: bool) -> Result<u8> {
         }
     };
 
-    let (sent, stats) = match upload(args, &conn, &created, vol_format, src.as_ref(), quiet) {
+    let (sent, stats) = match upload(args, &created, vol_format, src.as_ref(), quiet) {
         Ok(v) => v,
         Err(e) => return Err(rollback(e, None)),
     };
@@ -201,15 +204,15 @@ fn plan_domain(
         anyhow::bail!("--define needs a domain name");
     }
     let choices = DomainChoices {
-        firmware: args.firmware,
-        disk_bus: args.disk_bus,
-        domain_type: args.domain_type,
+        firmware: firmware_choice(args.firmware),
+        disk_bus: bus_choice(args.disk_bus),
+        domain_type: type_choice(args.domain_type),
         memory_mib: args.memory,
         vcpus: args.vcpus,
         network: args.network.clone(),
         serial_log: args.serial_log.clone(),
     };
-    let guest = choices.needs_guest().then(|| GuestHints::inspect(src));
+    let guest = choices.needs_guest().then(|| inspect_guest(src));
     let disks = vec![DomainDisk {
         pool: args.pool.clone(),
         volume: args.volume.clone(),
@@ -218,25 +221,76 @@ fn plan_domain(
     crate::targets::libvirt::plan::plan_domain(name, &choices, disks, guest.as_ref(), conn)
 }
 
+/// `--firmware` as the libvirt target's choice.
+pub(crate) fn firmware_choice(a: FirmwareArg) -> FirmwareChoice {
+    match a {
+        FirmwareArg::Auto => FirmwareChoice::Auto,
+        FirmwareArg::Bios => FirmwareChoice::Bios,
+        FirmwareArg::Uefi => FirmwareChoice::Uefi,
+    }
+}
+
+/// `--disk-bus` as the libvirt target's choice.
+pub(crate) fn bus_choice(a: DiskBusArg) -> BusChoice {
+    match a {
+        DiskBusArg::Auto => BusChoice::Auto,
+        DiskBusArg::Virtio => BusChoice::Virtio,
+        DiskBusArg::Sata => BusChoice::Sata,
+        DiskBusArg::Scsi => BusChoice::Scsi,
+    }
+}
+
+/// `--domain-type` as the libvirt target's choice.
+pub(crate) fn type_choice(a: DomainTypeArg) -> TypeChoice {
+    match a {
+        DomainTypeArg::Auto => TypeChoice::Auto,
+        DomainTypeArg::Kvm => TypeChoice::Kvm,
+        DomainTypeArg::Qemu => TypeChoice::Qemu,
+    }
+}
+
+/// What imgshift's own offline inspection of `src` tells the `auto` choices: the libvirt preflight rules'
+/// settings, whether a Linux root was read, and the firmware the partition table suggests.
+pub(crate) fn inspect_guest(src: &Arc<dyn DiskSource>) -> GuestHints {
+    let disk = crate::guest::Window::whole(
+        Arc::clone(src),
+        Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    );
+    let report = crate::guest::report::inspect(&disk);
+    let facts = report.facts(None);
+    let settings = crate::guest::preflight::table("libvirt")
+        .map(|rules| crate::guest::preflight::evaluate("libvirt", rules, &facts).settings)
+        .unwrap_or_default();
+    let (fw, why) = partition_firmware(src.as_ref());
+    GuestHints {
+        linux: facts.linux_root,
+        settings,
+        partition_firmware: Some((fw, why.to_string())),
+    }
+}
+
+/// The firmware a disk's partition table suggests: UEFI for a GPT with an EFI system partition (Azure's rule for
+/// Hyper-V generation 2), else BIOS; and why.
+pub(crate) fn partition_firmware(src: &dyn DiskSource) -> (Firmware, &'static str) {
+    let (generation, why) = crate::targets::azure::hyperv::detect(src);
+    let fw = if generation == "V2" {
+        Firmware::Uefi
+    } else {
+        Firmware::Bios
+    };
+    (fw, why)
+}
+
 /// Converts `src` straight into the new volume.
 fn upload(
     args: &LibvirtUploadArgs,
-    conn: &Connect,
     created: &volume::Created,
     format: VolFormat,
     src: &dyn DiskSource,
     quiet: bool,
 ) -> Result<(SentCounts, ConvertStats)> {
     let bar = Bar::new("upload", args.progress, quiet);
-    let r = fill::fill(
-        conn,
-        created,
-        format,
-        src,
-        None,
-        &bar,
-        Some(interrupt_flag()),
-    );
+    let r = fill::fill(created, format, src, None, &bar, Some(interrupt_flag()));
     bar.finish();
     r.map_err(|f| {
         let sent = f.sent.bytes_sent;

@@ -4,15 +4,7 @@
 use std::collections::BTreeSet;
 
 /// Where an imported disk is going; some operations only matter for one target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target {
-    /// An AWS AMI.
-    Aws,
-    /// An Azure image.
-    Azure,
-    /// A libvirt domain.
-    Libvirt,
-}
+pub use crate::target_kind::TargetKind as Target;
 
 /// What an operation does to the paths it names, for the before/after report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,6 +20,8 @@ const LIST_PAGE: i32 = 10_000;
 /// A completed EBS snapshot read through the EBS direct APIs.
 pub struct EbsSnapshotSource {
     rt: Handle,
+    /// The runtime `rt` belongs to, when this source owns it (a source opened on its own, not by a target).
+    _owner: Option<std::sync::Arc<tokio::runtime::Runtime>>,
     client: aws_sdk_ebs::Client,
     policy: Policy,
     snapshot_id: String,
@@ -47,6 +49,7 @@ impl EbsSnapshotSource {
         }
         Ok(EbsSnapshotSource {
             rt,
+            _owner: None,
             client,
             policy,
             snapshot_id: snapshot_id.to_string(),
@@ -54,6 +57,12 @@ impl EbsSnapshotSource {
             blocks,
             tokens: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// This source, keeping `rt` (the runtime its handle belongs to) alive as long as it lives.
+    pub fn owning(mut self, rt: std::sync::Arc<tokio::runtime::Runtime>) -> Self {
+        self._owner = Some(rt);
+        self
     }
 
     /// Blocks the snapshot lists (ListSnapshotBlocks).

@@ -10,6 +10,7 @@ pub mod download;
 pub mod lifecycle;
 pub mod register;
 pub mod retry;
+pub mod source;
 pub mod upload;
 
 /// EBS direct API block size: fixed by the API, never taken from a server's reply (moto says 512 bytes).

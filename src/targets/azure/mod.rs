@@ -21,6 +21,7 @@ pub mod pages;
 pub mod readback;
 pub mod redact;
 pub mod retry;
+pub mod source;
 pub mod upload;
 pub mod vhd;
 

@@ -24,9 +24,35 @@ const MAX_LIST_PAGES: usize = 100_000;
 /// A page blob behind a read SAS.
 pub struct PageBlob {
     rt: Handle,
-    client: BlobClient,
+    /// The client and how many times its SAS was renewed.
+    client: std::sync::Mutex<(std::sync::Arc<BlobClient>, u64)>,
     policy: Policy,
     size: u64,
+    transport: Transport,
+    renew: Option<Renew>,
+}
+
+/// Asks for a new read SAS of the same disk (for a copy that outlives its SAS).
+pub type Renew = Box<dyn Fn() -> Result<String> + Send + Sync>;
+
+/// A blob client for `sas_url`.
+fn blob_client(sas_url: &str, transport: &Transport) -> Result<BlobClient> {
+    let url = Url::parse(sas_url).map_err(|_| {
+        anyhow::anyhow!(
+            "the disk's read SAS URL is not a URL ({})",
+            redact(&url_without_query(sas_url))
+        )
+    })?;
+    let opts = BlobClientOptions {
+        client_options: super::http::options_no_retry(transport),
+        ..BlobClientOptions::default()
+    };
+    BlobClient::new(url, None, Some(opts)).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot use the disk's read SAS URL: {}",
+            retry::describe(&e)
+        )
+    })
 }
 
 impl PageBlob {
@@ -37,22 +63,7 @@ impl PageBlob {
         transport: &Transport,
         policy: Policy,
     ) -> Result<PageBlob> {
-        let url = Url::parse(sas_url).map_err(|_| {
-            anyhow::anyhow!(
-                "the disk's read SAS URL is not a URL ({})",
-                redact(&url_without_query(sas_url))
-            )
-        })?;
-        let opts = BlobClientOptions {
-            client_options: super::http::options_no_retry(transport),
-            ..BlobClientOptions::default()
-        };
-        let client = BlobClient::new(url, None, Some(opts)).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot use the disk's read SAS URL: {}",
-                retry::describe(&e)
-            )
-        })?;
+        let client = blob_client(sas_url, transport)?;
         let props = rt.block_on(retry::with_retry(
             &policy,
             "Get Blob Properties",
@@ -65,10 +76,50 @@ impl PageBlob {
             .context("the blob's properties hold no Content-Length")?;
         Ok(PageBlob {
             rt,
-            client,
+            client: std::sync::Mutex::new((std::sync::Arc::new(client), 0)),
             policy,
             size,
+            transport: transport.clone(),
+            renew: None,
         })
+    }
+
+    /// With `renew`: a read refused because the SAS expired (HTTP 403) asks for a new SAS and is tried again.
+    pub fn renewing(mut self, renew: Renew) -> PageBlob {
+        self.renew = Some(renew);
+        self
+    }
+
+    fn client(&self) -> Result<std::sync::Arc<BlobClient>> {
+        Ok(self.versioned_client()?.0)
+    }
+
+    /// The client and its SAS generation.
+    fn versioned_client(&self) -> Result<(std::sync::Arc<BlobClient>, u64)> {
+        self.client
+            .lock()
+            .map(|c| (std::sync::Arc::clone(&c.0), c.1))
+            .map_err(|_| anyhow::anyhow!("blob client lock poisoned"))
+    }
+
+    /// Replaces the client of SAS generation `seen` with one on a fresh SAS (a reader that finds it already
+    /// replaced by another just uses the new one); false when there is no way to renew.
+    fn renew(&self, seen: u64) -> Result<bool> {
+        let Some(renew) = &self.renew else {
+            return Ok(false);
+        };
+        let mut c = self
+            .client
+            .lock()
+            .map_err(|_| anyhow::anyhow!("blob client lock poisoned"))?;
+        if c.1 == seen {
+            let sas = renew().context("cannot renew the disk's read SAS")?;
+            *c = (
+                std::sync::Arc::new(blob_client(&sas, &self.transport)?),
+                seen + 1,
+            );
+        }
+        Ok(true)
     }
 
     /// The blob's size in bytes.
@@ -78,7 +129,7 @@ impl PageBlob {
 
     /// The written page ranges, as `[start, end)` byte ranges, sorted and merged where adjacent.
     pub fn page_ranges(&self) -> Result<Vec<(u64, u64)>> {
-        let pbc = self.client.page_blob_client();
+        let pbc = self.client()?.page_blob_client();
         self.rt.block_on(async {
             let mut out: Vec<(u64, u64)> = Vec::new();
             let mut pages = pbc
@@ -142,15 +193,25 @@ impl PageBlob {
                 parallel: std::num::NonZero::new(1),
                 ..BlobClientDownloadOptions::default()
             };
-            let data = self.rt.block_on(retry::with_retry(
-                &self.policy,
-                &what,
-                |_| {},
-                || async {
-                    let r = self.client.download(Some(opts.clone())).await?;
-                    r.body.collect().await
-                },
-            ))?;
+            let attempt = |client: std::sync::Arc<BlobClient>| {
+                self.rt.block_on(retry::with_retry(
+                    &self.policy,
+                    &what,
+                    |_| {},
+                    || async {
+                        let r = client.download(Some(opts.clone())).await?;
+                        r.body.collect().await
+                    },
+                ))
+            };
+            let (client, seen) = self.versioned_client()?;
+            let data = match attempt(client) {
+                // The SAS expired during a long copy: a new one, and the same read again (once).
+                Err(e) if retry::has_status(&e, 403) && self.renew(seen)? => {
+                    attempt(self.client()?)?
+                }
+                r => r?,
+            };
             if data.len() as u64 != len {
                 bail!("{what}: got {} bytes", data.len());
             }

@@ -57,6 +57,28 @@ pub fn describe(err: &azure_core::Error) -> String {
 }
 
 /// Runs `op` until it succeeds, fails fatally, or runs out of attempts; `on_class` sees every failure's class.
+/// A failed Azure call after its retries, with the HTTP status kept as data: callers decide on `status`, never
+/// on the message text.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} failed{tries}: {detail}", tries = if *.attempts > 1 { format!(" after {} attempts", .attempts) } else { String::new() })]
+pub struct CallError {
+    /// What was being done.
+    pub what: String,
+    /// The HTTP status, when there was a response.
+    pub status: Option<u16>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// One line: status, error code (secrets redacted).
+    pub detail: String,
+}
+
+/// Whether `e` is an Azure call refused with HTTP `status`.
+pub fn has_status(e: &anyhow::Error, status: u16) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<CallError>())
+        .any(|c| c.status == Some(status))
+}
+
 pub async fn with_retry<T, F, Fut>(
     policy: &Policy,
     what: &str,
@@ -76,12 +98,17 @@ where
                 let class = classify(&e);
                 on_class(class);
                 if class == Class::Fatal || attempt >= policy.max_attempts.max(1) {
-                    let tries = if attempt > 1 {
-                        format!(" after {attempt} attempts")
-                    } else {
-                        String::new()
+                    let status = match e.kind() {
+                        ErrorKind::HttpResponse { status, .. } => Some(u16::from(*status)),
+                        _ => None,
                     };
-                    anyhow::bail!("{what} failed{tries}: {}", describe(&e));
+                    return Err(CallError {
+                        what: what.to_string(),
+                        status,
+                        attempts: attempt,
+                        detail: describe(&e),
+                    }
+                    .into());
                 }
                 tokio::time::sleep(policy.backoff(attempt)).await;
             }

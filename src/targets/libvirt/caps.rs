@@ -3,8 +3,8 @@
 
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::{Reader, XmlVersion};
-use virt::connect::Connect;
 
+use super::rpc::Connect;
 use super::{DomainType, Error, Result};
 
 /// The domain type `--domain-type auto` picks: `kvm` when the host offers KVM for x86_64 guests, else `qemu`

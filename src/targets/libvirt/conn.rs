@@ -1,19 +1,13 @@
 //! Connecting to libvirt and looking up the objects an upload works with.
 
-use virt::connect::Connect;
-use virt::domain::Domain;
-use virt::storage_pool::StoragePool;
-use virt::storage_vol::StorageVol;
+use super::rpc::{Connect, Domain, StoragePool, StorageVol};
 
 use super::{Error, Result, is_not_found, msg};
 
-/// Opens a connection to `uri` (`qemu:///system`, `qemu:///session`, `qemu:///system?socket=PATH`, …).
-///
-/// libvirt's default error handler prints every failed call (lookups of names that do not exist included) on
-/// standard error; it is switched off first so that errors reach the user once, as one line.
+/// Opens a connection to `uri` (`qemu:///system`, `qemu:///session`, `qemu:///system?socket=PATH`,
+/// `qemu+ssh://[USER@]HOST/system`).
 pub fn connect(uri: &str) -> Result<Connect> {
-    virt::error::clear_error_callback();
-    Connect::open(Some(uri)).map_err(|e| Error::Connect {
+    Connect::open(uri).map_err(|e| Error::Connect {
         uri: uri.to_string(),
         message: msg(&e),
     })

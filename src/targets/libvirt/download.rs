@@ -1,16 +1,15 @@
-//! Reading a volume back through libvirt (`virStorageVolDownload` of byte ranges), for `migrate`'s verify
+//! Reading a volume back through libvirt (sparse download streams of byte ranges), for `migrate`'s verify
 //! stage: [`VolumeStorage`] is a read-only [`Storage`] over the volume's bytes (its file, for a qcow2 volume the
 //! qcow2 container), and [`open`] puts imgshift's own reader of the volume's format on top of it, which gives
 //! the guest's bytes. Nothing is copied to a local file.
 
 use std::sync::{Arc, Mutex};
 
-use imgshift_converters::{DiskSource, Error as ConvError, Format, OpenGate, Storage};
-use virt::connect::Connect;
-use virt::storage_vol::StorageVol;
-use virt::stream::Stream;
-
+use super::rpc::api::SPARSE_STREAM;
+use super::rpc::stream::Chunk;
+use super::rpc::{Error as RpcError, StorageVol};
 use super::{Error, Result, VolFormat, msg};
+use imgshift_converters::{DiskSource, Error as ConvError, Format, OpenGate, Storage};
 
 /// Reads are made in aligned pieces of this size and the last few are kept: the qcow2 reader asks for its
 /// header, tables and clusters in small reads, each of which would otherwise be a download stream of its own.
@@ -22,7 +21,6 @@ const VOL_GET_PHYSICAL: u32 = 1;
 
 /// A volume's bytes, read over libvirt download streams.
 pub struct VolumeStorage {
-    conn: Connect,
     vol: StorageVol,
     name: String,
     len: u64,
@@ -32,7 +30,7 @@ pub struct VolumeStorage {
 impl VolumeStorage {
     /// The bytes of `vol` (named `name` in messages): its capacity for a raw volume, its file's length for a
     /// qcow2 one.
-    pub fn new(conn: &Connect, vol: &StorageVol, name: &str, format: VolFormat) -> Result<Self> {
+    pub fn new(vol: &StorageVol, name: &str, format: VolFormat) -> Result<Self> {
         let len = match format {
             VolFormat::Raw => {
                 vol.info()
@@ -46,7 +44,6 @@ impl VolumeStorage {
             }
         };
         Ok(VolumeStorage {
-            conn: conn.clone(),
             vol: vol.clone(),
             name: name.to_string(),
             len,
@@ -54,46 +51,43 @@ impl VolumeStorage {
         })
     }
 
-    /// Downloads `buf.len()` bytes at `offset` in one stream.
+    /// Downloads `buf.len()` bytes at `offset` in one stream; holes come as holes and are zeros here.
     fn download(&self, buf: &mut [u8], offset: u64) -> imgshift_converters::Result<()> {
-        let err = |what: &str, e: &virt::error::Error| {
+        let err = |what: &str, e: &RpcError| {
             ConvError::io_plain(
                 &format!("volume '{}': {what}", self.name),
                 std::io::Error::other(msg(e)),
             )
         };
-        let s = Stream::new(&self.conn, 0).map_err(|e| err("cannot open a stream", &e))?;
-        self.vol
-            .download(&s, offset, buf.len() as u64, 0)
+        let asked = buf.len();
+        let over = |done: usize| {
+            ConvError::input(format!(
+                "volume '{}': the daemon sent more than the {asked} bytes asked for at offset {offset} ({done})",
+                self.name
+            ))
+        };
+        let mut s = self
+            .vol
+            .download(offset, buf.len() as u64, SPARSE_STREAM)
             .map_err(|e| err(&format!("cannot download from offset {offset}"), &e))?;
         let mut done = 0usize;
-        let mut rest = [0u8; 1];
         loop {
-            let target = match buf.get_mut(done..) {
-                Some(t) if !t.is_empty() => t,
-                // Everything asked for is in: the daemon ends the stream next.
-                _ => &mut rest[..],
+            let chunk = s.next_chunk().map_err(|e| err("the download failed", &e))?;
+            let n = match &chunk {
+                Chunk::Data(d) => d.len(),
+                Chunk::Hole(h) => usize::try_from(*h).unwrap_or(usize::MAX),
+                Chunk::End => break,
             };
-            let n = match s.recv(target) {
-                Ok(n) => n,
-                Err(e) => {
-                    let _ = s.abort();
-                    return Err(err("the download failed", &e));
-                }
+            let end = done.checked_add(n).ok_or_else(|| over(usize::MAX))?;
+            let Some(dst) = buf.get_mut(done..end) else {
+                s.abort();
+                return Err(over(end));
             };
-            let n = usize::try_from(n).unwrap_or(0);
-            if n == 0 {
-                break;
+            match chunk {
+                Chunk::Data(d) => dst.copy_from_slice(&d),
+                _ => dst.fill(0),
             }
-            if done >= buf.len() {
-                let _ = s.abort();
-                return Err(ConvError::input(format!(
-                    "volume '{}': the daemon sent more than the {} bytes asked for at offset {offset}",
-                    self.name,
-                    buf.len()
-                )));
-            }
-            done += n;
+            done = end;
         }
         s.finish()
             .map_err(|e| err("the download did not finish", &e))?;
@@ -180,12 +174,11 @@ impl Storage for VolumeStorage {
 /// The guest's view of volume `vol` of `format`: imgshift's reader of that format over [`VolumeStorage`]. No
 /// file the volume names (a qcow2 backing file) is opened.
 pub fn open(
-    conn: &Connect,
     vol: &StorageVol,
     name: &str,
     format: VolFormat,
 ) -> anyhow::Result<Box<dyn DiskSource>> {
-    let storage: Arc<dyn Storage> = Arc::new(VolumeStorage::new(conn, vol, name, format)?);
+    let storage: Arc<dyn Storage> = Arc::new(VolumeStorage::new(vol, name, format)?);
     let fmt = Format::from_name(format.name())?;
     Ok(imgshift_converters::open(
         storage,

@@ -36,11 +36,10 @@ pub struct FillError {
     pub sent: SentCounts,
 }
 
-/// Converts `src` (its extent map when already known) into the volume `created`, whose format `format` is. The
-/// sink skips what the fresh volume already reads as zeros. `cancel`, when set from outside, fails the next
+/// Converts `src` (its extent map when already known) into the volume `created`, whose format `format` is. Gaps
+/// in the output travel as holes. `cancel`, when set from outside, fails the next
 /// write. On failure the stream is aborted; deleting the volume is the caller's business.
 pub fn fill(
-    conn: &virt::connect::Connect,
     created: &Created,
     format: VolFormat,
     src: &dyn DiskSource,
@@ -61,15 +60,12 @@ pub fn fill(
             &owned
         }
     };
-    let (zero_from, min_end) = match (created.reads_zero, format) {
-        // A fresh sparse file: zeros everywhere.
-        (true, VolFormat::Raw) => (0, 0),
-        // A fresh qcow2 file: libvirt's header, then nothing.
-        (true, VolFormat::Qcow2) => (created.initial_len, created.initial_len),
-        // A block device: old data everywhere.
-        (false, _) => (u64::MAX, 0),
+    // A fresh qcow2 volume holds libvirt's header: whatever of it the output does not cover is zeroed.
+    let min_end = match format {
+        VolFormat::Qcow2 => created.initial_len,
+        VolFormat::Raw => 0,
     };
-    let mut sink = VolumeSink::new(conn, &created.vol, zero_from, min_end);
+    let mut sink = VolumeSink::new(&created.vol, min_end);
     if let Some(flag) = cancel {
         sink = sink.with_cancel(flag);
     }

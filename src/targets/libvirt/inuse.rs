@@ -3,8 +3,8 @@
 
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::{Reader, XmlVersion};
-use virt::connect::Connect;
 
+use super::rpc::Connect;
 use super::{Error, Result};
 
 /// `VIR_CONNECT_LIST_DOMAINS_ACTIVE`.
@@ -27,9 +27,7 @@ pub fn running_users(conn: &Connect, vol: &VolumeRef<'_>) -> Result<Vec<String>>
         .map_err(|e| Error::call("cannot list running domains", &e))?;
     let mut users = Vec::new();
     for d in doms {
-        let name = d
-            .name()
-            .map_err(|e| Error::call("cannot read a domain's name", &e))?;
+        let name = d.name().to_string();
         let xml = d
             .xml_desc(0)
             .map_err(|e| Error::call(format!("cannot read domain '{name}'"), &e))?;

@@ -18,14 +18,12 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use imgshift_converters::{DiskSource, ExtentMap};
 use serde_json::json;
-use virt::connect::Connect;
-use virt::storage_pool::StoragePool;
 
-use crate::cli::{LibvirtVolFormat, MigrateArgs};
 use crate::job::{DiskInfo, Job, Target, UploadStats, map_disk, verify};
 use crate::journal::{DiskKey, JobKey, Resource};
 use crate::progress::Bar;
 use crate::targets::libvirt::plan::{self, DomainChoices, GuestHints};
+use crate::targets::libvirt::rpc::{Connect, StoragePool};
 use crate::targets::libvirt::xml::{DomainDisk, domain_xml};
 use crate::targets::libvirt::{
     Error as LvError, Firmware, VolFormat, conn as lv, download, fill, inuse, volume,
@@ -55,35 +53,55 @@ fn volume_resource(pool: &str, vol: &str) -> String {
     format!("{pool}/{vol}")
 }
 
+/// What a libvirt job makes, and where: the target's own settings (the command line maps its flags to these).
+#[derive(Debug, Clone)]
+pub struct LibvirtSettings {
+    /// Connection URI.
+    pub uri: String,
+    /// The running storage pool that receives the volumes.
+    pub pool: String,
+    /// Volume format.
+    pub format: VolFormat,
+    /// Domain settings (`auto` choices resolved from inspection at registration).
+    pub choices: DomainChoices,
+    /// Start the domain once defined.
+    pub start: bool,
+}
+
+/// The firmware a disk's partition table suggests (guest inspection's fact): UEFI for a GPT with an EFI system
+/// partition, else BIOS; and why.
+fn partition_firmware(src: &dyn DiskSource) -> (Firmware, &'static str) {
+    let table = crate::guest::partitions::read_source(src);
+    if table.gpt_with_esp() {
+        (
+            Firmware::Uefi,
+            "the disk has a GPT with an EFI system partition (UEFI boot)",
+        )
+    } else if table.scheme == "gpt" {
+        (
+            Firmware::Bios,
+            "the disk has a GPT but no EFI system partition",
+        )
+    } else {
+        (Firmware::Bios, "the disk has no GPT (BIOS boot)")
+    }
+}
+
 impl LibvirtTarget {
-    /// The target `args` describe (no connection yet).
-    pub fn new(args: &MigrateArgs) -> Result<LibvirtTarget> {
-        let a = &args.libvirt;
-        let Some(pool) = a.pool.clone().filter(|p| !p.is_empty()) else {
+    /// The target `s` describe (no connection yet).
+    pub fn new(s: LibvirtSettings) -> Result<LibvirtTarget> {
+        if s.pool.is_empty() {
             bail!(
-                "--to libvirt needs --pool: the running storage pool that receives the volumes (`virsh pool-list` \
-                 lists them)"
+                "no storage pool named: the running pool that receives the volumes (`virsh pool-list` lists them)"
             );
-        };
-        let choices = DomainChoices {
-            firmware: a.firmware,
-            disk_bus: a.disk_bus,
-            domain_type: a.domain_type,
-            memory_mib: a.memory,
-            vcpus: a.vcpus,
-            network: a.network.clone(),
-            serial_log: a.serial_log.clone(),
-        };
-        choices.check()?;
+        }
+        s.choices.check()?;
         Ok(LibvirtTarget {
-            uri: a.connect.clone(),
-            pool,
-            format: match a.volume_format {
-                LibvirtVolFormat::Qcow2 => VolFormat::Qcow2,
-                LibvirtVolFormat::Raw => VolFormat::Raw,
-            },
-            choices,
-            start: a.start,
+            uri: s.uri,
+            pool: s.pool,
+            format: s.format,
+            choices: s.choices,
+            start: s.start,
             conn: None,
         })
     }
@@ -206,9 +224,8 @@ impl Target for LibvirtTarget {
         bar: Arc<Bar>,
     ) -> Result<UploadStats> {
         let pool = self.pool()?;
-        let conn = self.conn()?;
         if disk == 0 && job.id_of(JobKey::PartitionFirmware)?.is_none() {
-            let (fw, why) = plan::partition_firmware(src);
+            let (fw, why) = partition_firmware(src);
             job.set_id(JobKey::PartitionFirmwareWhy, why)?;
             job.set_id(JobKey::PartitionFirmware, plan::fw_name(fw))?;
         }
@@ -234,15 +251,7 @@ impl Target for LibvirtTarget {
             "created volume '{vol}' ({capacity} bytes) at {}",
             created.path
         ));
-        match fill::fill(
-            &conn,
-            &created,
-            self.format,
-            src,
-            Some(map),
-            bar.as_ref(),
-            None,
-        ) {
+        match fill::fill(&created, self.format, src, Some(map), bar.as_ref(), None) {
             Ok((sent, _)) => Ok(UploadStats {
                 bytes_sent: sent.bytes_sent,
                 ..UploadStats::default()
@@ -335,7 +344,7 @@ impl Target for LibvirtTarget {
                     info.capacity
                 );
             }
-            let copy = download::open(&conn, &vol, &name, self.format)
+            let copy = download::open(&vol, &name, self.format)
                 .with_context(|| format!("cannot read volume '{name}' back"))?;
             let map = map_disk(src.as_ref(), &format!("disk {i}"))?;
             compared += verify::sample_compare(src.as_ref(), &map, copy.as_ref())

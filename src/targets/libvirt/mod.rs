@@ -10,10 +10,11 @@
 //! - [`plan`]: the domain to define, with `auto` firmware, disk bus and domain type resolved.
 //! - [`caps`]: reading the host's capabilities (is KVM offered?).
 //! - [`inuse`]: which running domains use a volume (never replaced under them).
+//! - [`rpc`]: imgshift's own client of libvirt's RPC protocol (no libvirt library is linked): sparse streams
+//!   included, so holes travel as holes.
 //!
-//! Bindings: the `virt` crate 0.5 (libvirt ≥ 6.0 through pkg-config). It has no safe binding for sparse streams
-//! (`virStreamSendHole`, `VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM`); `virt-sys` declares the C functions, but calling
-//! them needs `unsafe`, which this workspace forbids. How holes are kept instead is described in [`sink`].
+//! This module takes plain settings ([`plan::DomainChoices`], [`plan::GuestHints`]); mapping command-line
+//! options and inspecting the guest is the caller's business.
 
 pub mod caps;
 pub mod conn;
@@ -22,6 +23,7 @@ pub mod fill;
 pub mod inuse;
 pub mod lifecycle;
 pub mod plan;
+pub mod rpc;
 pub mod sink;
 pub mod volume;
 pub mod xml;
@@ -128,7 +130,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     /// A failed libvirt call: `op` says what was being done.
-    pub fn call(op: impl Into<String>, e: &virt::error::Error) -> Error {
+    pub fn call(op: impl Into<String>, e: &rpc::Error) -> Error {
         Error::Libvirt {
             op: op.into(),
             message: msg(e),
@@ -136,19 +138,14 @@ impl Error {
     }
 }
 
-/// The message of a libvirt error on one line, without the crate's `[code=…]` suffix.
-pub fn msg(e: &virt::error::Error) -> String {
-    e.message().trim().replace('\n', " ")
+/// The message of a libvirt error on one line.
+pub fn msg(e: &rpc::Error) -> String {
+    e.to_string().trim().replace('\n', " ")
 }
 
-/// True when `e` says the object looked up does not exist.
-pub fn is_not_found(e: &virt::error::Error) -> bool {
-    use virt::enumutil::Enum;
-    use virt::error::ErrorNumber as N;
-    matches!(
-        e.code(),
-        Enum::Known(N::NoDomain | N::NoStoragePool | N::NoStorageVolume)
-    )
+/// True when `e` says the object looked up does not exist (decided by libvirt's error code).
+pub fn is_not_found(e: &rpc::Error) -> bool {
+    e.is_not_found()
 }
 
 /// Volume (and disk driver) formats imgshift writes.

@@ -2,41 +2,74 @@
 //! `migrate --to libvirt`, so both pick firmware, disk bus and domain type the same way.
 //!
 //! - Firmware `auto`: with a Linux root, the boot mode imgshift's inspection found (its libvirt preflight setting
-//!   `firmware`); without one, UEFI when the disk has a GPT with an EFI system partition, else BIOS.
+//!   `firmware`); without one, what the partition table suggests (UEFI for a GPT with an EFI system partition).
 //! - Disk bus `auto`: with a Linux root, the preflight's `bus` setting (virtio when the initramfs has the virtio
 //!   drivers, scsi when only virtio-scsi is there); otherwise SATA, which every current OS has drivers for.
 //! - Domain type `auto`: kvm when the host's capabilities offer KVM, else qemu (TCG).
+//!
+//! The choices are this module's own ([`DomainChoices`]); the caller maps command-line options onto them and
+//! inspects the guest ([`GuestHints`]).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 
 use anyhow::{Result, anyhow, bail};
-use imgshift_converters::DiskSource;
-use virt::connect::Connect;
 
+use super::rpc::Connect;
 use super::xml::{DomainDisk, DomainSpec};
 use super::{DiskBus, DomainType, Firmware, caps};
-use crate::cli::{DiskBusArg, DomainTypeArg, FirmwareArg};
-use crate::targets::azure::hyperv;
 
-/// The domain options as given on the command line (`auto` not yet resolved).
+/// Firmware to give the domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirmwareChoice {
+    /// From what is known about the guest.
+    Auto,
+    /// Legacy BIOS.
+    Bios,
+    /// UEFI.
+    Uefi,
+}
+
+/// Bus of the domain's disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusChoice {
+    /// From what is known about the guest.
+    Auto,
+    /// virtio-blk.
+    Virtio,
+    /// SATA.
+    Sata,
+    /// virtio-scsi.
+    Scsi,
+}
+
+/// Domain (hypervisor) type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TypeChoice {
+    /// kvm when the host offers it, else qemu.
+    Auto,
+    /// KVM.
+    Kvm,
+    /// QEMU's TCG emulation.
+    Qemu,
+}
+
+/// The domain options (`auto` not yet resolved).
 #[derive(Debug, Clone)]
 pub struct DomainChoices {
-    /// `--firmware`.
-    pub firmware: FirmwareArg,
-    /// `--disk-bus`.
-    pub disk_bus: DiskBusArg,
-    /// `--domain-type`.
-    pub domain_type: DomainTypeArg,
-    /// `--memory`, MiB.
+    /// Firmware.
+    pub firmware: FirmwareChoice,
+    /// Disk bus.
+    pub disk_bus: BusChoice,
+    /// Domain type.
+    pub domain_type: TypeChoice,
+    /// Memory, MiB.
     pub memory_mib: u64,
-    /// `--vcpus`.
+    /// Virtual CPUs.
     pub vcpus: u32,
-    /// `--network`.
+    /// libvirt network to attach, if any.
     pub network: Option<String>,
-    /// `--serial-log`.
+    /// File on the daemon's host that receives the serial console.
     pub serial_log: Option<PathBuf>,
 }
 
@@ -62,7 +95,7 @@ impl DomainChoices {
 
     /// Whether an `auto` choice needs to know about the guest.
     pub fn needs_guest(&self) -> bool {
-        self.firmware == FirmwareArg::Auto || self.disk_bus == DiskBusArg::Auto
+        self.firmware == FirmwareChoice::Auto || self.disk_bus == BusChoice::Auto
     }
 }
 
@@ -78,37 +111,9 @@ pub struct GuestHints {
 }
 
 impl GuestHints {
-    /// Inspects `src` (imgshift's own offline inspection) and evaluates the libvirt preflight rules.
-    pub fn inspect(src: &Arc<dyn DiskSource>) -> GuestHints {
-        let disk = crate::guest::Window::whole(Arc::clone(src), Arc::new(AtomicU64::new(0)));
-        let report = crate::guest::report::inspect(&disk);
-        let facts = report.facts(None);
-        let settings = crate::guest::preflight::table("libvirt")
-            .map(|rules| crate::guest::preflight::evaluate("libvirt", rules, &facts).settings)
-            .unwrap_or_default();
-        let (fw, why) = partition_firmware(src.as_ref());
-        GuestHints {
-            linux: facts.linux_root,
-            settings,
-            partition_firmware: Some((fw, why.to_string())),
-        }
-    }
-
     fn setting(&self, key: &str) -> Option<&str> {
         self.settings.get(key).map(String::as_str)
     }
-}
-
-/// The firmware a disk's partition table suggests: UEFI for a GPT with an EFI system partition (Azure's rule for
-/// Hyper-V generation 2), else BIOS; and why.
-pub fn partition_firmware(src: &dyn DiskSource) -> (Firmware, &'static str) {
-    let (generation, why) = hyperv::detect(src);
-    let fw = if generation == "V2" {
-        Firmware::Uefi
-    } else {
-        Firmware::Bios
-    };
-    (fw, why)
 }
 
 /// A domain with every choice made.
@@ -149,28 +154,28 @@ pub fn plan_domain(
     let none = GuestHints::default();
     let g = guest.unwrap_or(&none);
     let firmware = match c.firmware {
-        FirmwareArg::Bios => Firmware::Bios,
-        FirmwareArg::Uefi => Firmware::Uefi,
-        FirmwareArg::Auto => {
+        FirmwareChoice::Bios => Firmware::Bios,
+        FirmwareChoice::Uefi => Firmware::Uefi,
+        FirmwareChoice::Auto => {
             let (fw, why) = auto_firmware(g);
             notes.push(format!("firmware {}: {why}", fw_name(fw)));
             fw
         }
     };
     let disk_bus = match c.disk_bus {
-        DiskBusArg::Virtio => DiskBus::Virtio,
-        DiskBusArg::Sata => DiskBus::Sata,
-        DiskBusArg::Scsi => DiskBus::Scsi,
-        DiskBusArg::Auto => {
+        BusChoice::Virtio => DiskBus::Virtio,
+        BusChoice::Sata => DiskBus::Sata,
+        BusChoice::Scsi => DiskBus::Scsi,
+        BusChoice::Auto => {
             let (bus, why) = auto_bus(g);
             notes.push(why.to_string());
             bus
         }
     };
     let domain_type = match c.domain_type {
-        DomainTypeArg::Kvm => DomainType::Kvm,
-        DomainTypeArg::Qemu => DomainType::Qemu,
-        DomainTypeArg::Auto => {
+        TypeChoice::Kvm => DomainType::Kvm,
+        TypeChoice::Qemu => DomainType::Qemu,
+        TypeChoice::Auto => {
             let t = caps::auto_domain_type(conn)?;
             notes.push(match t {
                 DomainType::Kvm => {

@@ -1,57 +1,73 @@
-//! [`VolumeSink`]: the converter engine's output, in file order, sent into a volume over libvirt Streams
-//! (`virStorageVolUpload` + `virStreamSend`).
+//! [`VolumeSink`]: the converter engine's output, in file order, sent into a volume over one libvirt upload
+//! stream (`REMOTE_PROC_STORAGE_VOL_UPLOAD` with `VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM`).
 //!
-//! What is sent for holes. libvirt's sparse streams (`VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM` with
-//! `virStreamSendHole`) have no safe binding in `virt` 0.5, so holes are kept another way:
-//! - A freshly created *file* volume (dir, fs, netfs pools) reads as zeros wherever nothing was written (a
-//!   sparse file; for qcow2, beyond the header libvirt wrote). A gap of at least [`HOLE_MIN`] there is skipped:
-//!   the stream is finished and a new upload starts at the next data offset, so the gap stays a hole.
-//! - Shorter gaps, gaps below the end of libvirt's own qcow2 header, and every gap in a *block* volume (logical,
-//!   disk, iSCSI pools: the device holds old data) are sent as zeros.
+//! Holes are sent as holes: a gap of at least [`HOLE_MIN`] between two pieces of output (and at the end) goes
+//! over the connection as one stream-hole message, whatever its length. The daemon makes it read as zeros: in
+//! a file volume (dir, fs, netfs pools) it seeks past it and leaves it unallocated; on a block device (logical,
+//! disk, iSCSI pools) it writes the zeros itself. Shorter gaps are sent as zeros.
 //!
-//! For raw output of a sparse source this means only the data (and gaps under 1 MiB) crosses the connection;
-//! qcow2 output is compact (only data clusters) and has no large gaps to skip.
+//! A fresh qcow2 volume starts as libvirt's own qcow2 header; output shorter than that header is followed by
+//! zeros up to its end, so nothing of libvirt's header survives past the output.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use imgshift_converters::{Error as ConvError, Sink};
-use virt::connect::Connect;
-use virt::storage_vol::StorageVol;
-use virt::stream::Stream;
 
 use super::msg;
+use super::rpc::api::SPARSE_STREAM;
+use super::rpc::stream::Upload;
+use super::rpc::{Error as RpcError, StorageVol};
 
-/// A gap at least this long, where the volume already reads as zeros, starts a new stream instead of being sent
-/// as zeros. Measured against a local libvirtd: a new stream (upload call, finish) took about 1.5 ms, sending
-/// 1 MiB about 3.3 ms (256 streams for a 512 MiB disk with 4 KiB of data every 2 MiB: 0.38 s; 512 MiB dense:
-/// 1.7 s).
-pub const HOLE_MIN: u64 = 1 << 20;
-/// Largest piece handed to `virStreamSend` at once: the packet size libvirt's own `virStreamSendAll` uses
-/// (`VIR_NET_MESSAGE_LEGACY_PAYLOAD_MAX`), which every daemon version accepts.
-const SEND_CHUNK: usize = 256 * 1024;
+/// A gap at least this long is sent as a hole; shorter ones as zeros (a hole message costs the daemon a seek,
+/// and a filesystem allocates whole blocks anyway).
+pub const HOLE_MIN: u64 = 64 * 1024;
+/// Largest piece of zeros sent at once.
+const ZERO_CHUNK: usize = 256 * 1024;
 
 /// What a [`VolumeSink`] sent.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct SentCounts {
-    /// Bytes sent over streams (data and zero fill).
+    /// Bytes sent as stream data (output and zero fill).
     pub bytes_sent: u64,
-    /// Zero bytes sent to fill gaps that could not be skipped.
+    /// Zero bytes sent to fill gaps shorter than [`HOLE_MIN`] (and the rest of libvirt's qcow2 header).
     pub zero_fill_bytes: u64,
-    /// Bytes of gaps skipped (left as holes).
+    /// Bytes of the gaps sent as holes (never crossing the connection as data).
     pub skipped_bytes: u64,
-    /// Upload streams opened (one, plus one per skipped gap).
+    /// Hole messages sent.
+    pub holes: u64,
+    /// Upload streams opened (one per volume).
     pub streams: u64,
+}
+
+/// What to do with a gap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gap {
+    Nothing,
+    Zeros(u64),
+    Hole(u64),
+}
+
+fn gap(n: u64) -> Gap {
+    match n {
+        0 => Gap::Nothing,
+        n if n >= HOLE_MIN => Gap::Hole(n),
+        n => Gap::Zeros(n),
+    }
+}
+
+/// At the end, at `pos`, of output `len` long: the gap up to `len`, then zeros up to `min_end`.
+fn finish_plan(pos: u64, len: u64, min_end: u64) -> (Gap, u64) {
+    let tail = gap(len.saturating_sub(pos));
+    let end = pos.max(len);
+    (tail, min_end.saturating_sub(end))
 }
 
 /// Feeds a writer's output, in increasing offsets, into a freshly created volume.
 pub struct VolumeSink {
-    conn: Connect,
     vol: StorageVol,
-    stream: Option<Stream>,
+    stream: Option<Upload>,
     pos: u64,
-    /// From this offset on the volume reads as zeros without being written (`u64::MAX`: nowhere).
-    zero_from: u64,
     /// `finish` makes sure everything below this offset was written (zeros after the output's end).
     min_end: u64,
     /// Set from outside (Ctrl-C) to make the next write fail, so the caller's clean-up runs.
@@ -60,21 +76,18 @@ pub struct VolumeSink {
     pub sent: SentCounts,
 }
 
-fn lv_err(what: &str, e: &virt::error::Error) -> ConvError {
+fn lv_err(what: &str, e: &RpcError) -> ConvError {
     ConvError::io_plain(what, std::io::Error::other(msg(e)))
 }
 
 impl VolumeSink {
-    /// A sink writing `vol` from offset 0. `zero_from`: the volume reads as zeros from there on (0 for a fresh
-    /// sparse raw file, the header's length for a fresh qcow2 file, `u64::MAX` for a block device).
-    /// `min_end`: bytes below this are overwritten even past the output's end (libvirt's qcow2 header).
-    pub fn new(conn: &Connect, vol: &StorageVol, zero_from: u64, min_end: u64) -> VolumeSink {
+    /// A sink writing `vol` from offset 0. `min_end`: bytes below this are overwritten even past the output's
+    /// end (the length of libvirt's qcow2 header in a fresh qcow2 volume; 0 otherwise).
+    pub fn new(vol: &StorageVol, min_end: u64) -> VolumeSink {
         VolumeSink {
-            conn: conn.clone(),
             vol: vol.clone(),
             stream: None,
             pos: 0,
-            zero_from,
             min_end,
             cancel: None,
             sent: SentCounts::default(),
@@ -97,47 +110,32 @@ impl VolumeSink {
         }
     }
 
-    fn stream_at(&mut self, offset: u64) -> imgshift_converters::Result<&Stream> {
+    fn stream(&mut self) -> imgshift_converters::Result<&mut Upload> {
         if self.stream.is_none() {
-            let s = Stream::new(&self.conn, 0).map_err(|e| lv_err("cannot open a stream", &e))?;
             // Length 0: up to the end of the volume.
-            self.vol
-                .upload(&s, offset, 0, 0)
-                .map_err(|e| lv_err(&format!("cannot start the upload at offset {offset}"), &e))?;
+            let s = self
+                .vol
+                .upload(0, 0, SPARSE_STREAM)
+                .map_err(|e| lv_err("cannot start the upload", &e))?;
             self.sent.streams += 1;
             self.stream = Some(s);
         }
         self.stream
-            .as_ref()
+            .as_mut()
             .ok_or_else(|| ConvError::input("internal error: no stream"))
     }
 
     fn send(&mut self, data: &[u8]) -> imgshift_converters::Result<()> {
-        let at = self.pos;
-        let s = self.stream_at(at)?;
-        for piece in data.chunks(SEND_CHUNK) {
-            let mut rest = piece;
-            while !rest.is_empty() {
-                let n = s
-                    .send(rest)
-                    .map_err(|e| lv_err("cannot send to the volume", &e))?;
-                // A blocking stream sends everything or fails; anything else is a bug worth stopping on.
-                let n = usize::try_from(n)
-                    .ok()
-                    .filter(|&n| n > 0 && n <= rest.len())
-                    .ok_or_else(|| {
-                        ConvError::input(format!("the libvirt stream accepted {n} bytes"))
-                    })?;
-                rest = rest.get(n..).unwrap_or_default();
-            }
-        }
+        self.stream()?
+            .send(data)
+            .map_err(|e| lv_err("cannot send to the volume", &e))?;
         self.pos += data.len() as u64;
         self.sent.bytes_sent += data.len() as u64;
         Ok(())
     }
 
     fn zeros(&mut self, mut n: u64) -> imgshift_converters::Result<()> {
-        static ZERO: [u8; SEND_CHUNK] = [0; SEND_CHUNK];
+        static ZERO: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
         self.sent.zero_fill_bytes += n;
         while n > 0 {
             let k = usize::try_from(n).map_or(ZERO.len(), |n| n.min(ZERO.len()));
@@ -147,18 +145,28 @@ impl VolumeSink {
         Ok(())
     }
 
-    fn end_stream(&mut self) -> imgshift_converters::Result<()> {
-        if let Some(s) = self.stream.take() {
-            s.finish()
-                .map_err(|e| lv_err("the volume upload failed", &e))?;
-        }
+    fn hole(&mut self, n: u64) -> imgshift_converters::Result<()> {
+        self.stream()?
+            .send_hole(n)
+            .map_err(|e| lv_err("cannot send a hole to the volume", &e))?;
+        self.pos += n;
+        self.sent.skipped_bytes += n;
+        self.sent.holes += 1;
         Ok(())
+    }
+
+    fn fill(&mut self, g: Gap) -> imgshift_converters::Result<()> {
+        match g {
+            Gap::Nothing => Ok(()),
+            Gap::Zeros(n) => self.zeros(n),
+            Gap::Hole(n) => self.hole(n),
+        }
     }
 
     /// Aborts the stream in progress (after a failure); the daemon stops writing.
     pub fn abort(&mut self) {
         if let Some(s) = self.stream.take() {
-            let _ = s.abort();
+            s.abort();
         }
     }
 }
@@ -172,14 +180,7 @@ impl Sink for VolumeSink {
                 self.pos
             )));
         }
-        let gap = offset - self.pos;
-        if can_skip(self.pos, gap, self.zero_from) {
-            self.end_stream()?;
-            self.sent.skipped_bytes += gap;
-            self.pos = offset;
-        } else {
-            self.zeros(gap)?;
-        }
+        self.fill(gap(offset - self.pos))?;
         self.send(data)
     }
 
@@ -189,24 +190,20 @@ impl Sink for VolumeSink {
 
     fn finish(&mut self, len: u64) -> imgshift_converters::Result<()> {
         self.check_cancel()?;
-        let fill_to = fill_to(self.pos, len, self.min_end, self.zero_from);
-        if fill_to > self.pos {
-            self.zeros(fill_to - self.pos)?;
+        let (tail, zeros) = finish_plan(self.pos, len, self.min_end);
+        self.fill(tail)?;
+        if zeros > 0 {
+            self.zeros(zeros)?;
         }
-        self.sent.skipped_bytes += len.saturating_sub(self.pos);
-        self.end_stream()
+        // Opened even for an empty output, so that the daemon writes (and confirms) the volume.
+        self.stream()?;
+        match self.stream.take() {
+            Some(s) => s
+                .finish()
+                .map_err(|e| lv_err("the volume upload failed", &e)),
+            None => Ok(()),
+        }
     }
-}
-
-/// A gap of `gap` bytes at `pos` is left unwritten when it is long enough and the volume reads as zeros there.
-fn can_skip(pos: u64, gap: u64, zero_from: u64) -> bool {
-    gap >= HOLE_MIN && pos >= zero_from
-}
-
-/// Where `finish` must send zeros up to: everything below max(`len`, `min_end`) must read as the output or as
-/// zeros, and what lies beyond `zero_from` already does.
-fn fill_to(pos: u64, len: u64, min_end: u64, zero_from: u64) -> u64 {
-    len.max(min_end).min(zero_from.max(pos))
 }
 
 impl Drop for VolumeSink {
@@ -222,26 +219,25 @@ mod tests {
     const M: u64 = 1 << 20;
 
     #[test]
-    fn gaps_are_skipped_only_where_the_volume_reads_zero() {
-        // Fresh sparse raw file: zeros everywhere.
-        assert!(can_skip(0, M, 0));
-        assert!(!can_skip(0, M - 1, 0), "short gaps are sent as zeros");
-        // Fresh qcow2 file: libvirt's header up to 192 KiB must be overwritten.
-        assert!(!can_skip(64 * 1024, 4 * M, 192 * 1024));
-        assert!(can_skip(192 * 1024, 4 * M, 192 * 1024));
-        // Block device: never.
-        assert!(!can_skip(10 * M, 100 * M, u64::MAX));
+    fn long_gaps_are_holes_short_ones_zeros() {
+        assert_eq!(gap(0), Gap::Nothing);
+        assert_eq!(gap(HOLE_MIN - 1), Gap::Zeros(HOLE_MIN - 1));
+        assert_eq!(gap(HOLE_MIN), Gap::Hole(HOLE_MIN));
+        assert_eq!(gap(100 * M), Gap::Hole(100 * M));
     }
 
     #[test]
-    fn finish_fills_what_does_not_read_zero() {
-        // Raw file: nothing to fill after the last data.
-        assert_eq!(fill_to(3 * M, 24 * M, 0, 0), 3 * M);
-        // qcow2 output shorter than libvirt's header: zero the rest of the header.
-        assert_eq!(fill_to(100_000, 100_000, 196_608, 196_608), 196_608);
-        // qcow2 output longer than the header: nothing to fill.
-        assert_eq!(fill_to(458_752, 458_752, 196_608, 196_608), 458_752);
-        // Raw block device: zeros up to the end of the disk.
-        assert_eq!(fill_to(3 * M, 24 * M, 0, u64::MAX), 24 * M);
+    fn finish_sends_the_tail_as_a_hole_and_zeros_the_rest_of_libvirts_header() {
+        // Raw: the tail up to the disk's end is one hole.
+        assert_eq!(finish_plan(3 * M, 24 * M, 0), (Gap::Hole(21 * M), 0));
+        // Nothing after the last data.
+        assert_eq!(finish_plan(24 * M, 24 * M, 0), (Gap::Nothing, 0));
+        // qcow2 output shorter than libvirt's header: zeros up to the header's end.
+        assert_eq!(
+            finish_plan(100_000, 100_000, 196_608),
+            (Gap::Nothing, 96_608)
+        );
+        // qcow2 output longer than the header: nothing more.
+        assert_eq!(finish_plan(458_752, 458_752, 196_608), (Gap::Nothing, 0));
     }
 }

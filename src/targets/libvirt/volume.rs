@@ -1,15 +1,12 @@
 //! Creating the volume an upload fills, and deleting it again after a failure.
 
-use virt::storage_pool::StoragePool;
-use virt::storage_vol::StorageVol;
+use super::rpc::{StoragePool, StorageVol};
 
 use super::xml::volume_xml;
 use super::{Error, Result, VolFormat, msg};
 
 /// `VIR_STORAGE_VOL_GET_PHYSICAL`: `info_flags` reports the file's length in `allocation`.
 const VOL_GET_PHYSICAL: u32 = 1;
-/// `VIR_STORAGE_VOL_FILE`: the volume is a file (dir, fs and netfs pools).
-const VOL_FILE: u32 = 0;
 
 /// A volume this run created, with what the uploader needs to know about it.
 pub struct Created {
@@ -17,9 +14,6 @@ pub struct Created {
     pub vol: StorageVol,
     /// Its path on the daemon's host.
     pub path: String,
-    /// The volume is a freshly created file: unwritten ranges read as zeros (a sparse file), so ranges of zeros
-    /// need not be sent. Block volumes (logical, disk, iSCSI pools) hold whatever was on the device before.
-    pub reads_zero: bool,
     /// The file's length right after creation (for qcow2: the header libvirt wrote), in bytes.
     pub initial_len: u64,
 }
@@ -33,7 +27,7 @@ pub fn create(
     format: VolFormat,
 ) -> Result<Created> {
     let xml = volume_xml(name, capacity, format)?;
-    let vol = StorageVol::create_xml(pool, &xml, 0).map_err(|e| {
+    let vol = pool.create_volume_xml(&xml, 0).map_err(|e| {
         Error::call(
             format!(
                 "cannot create volume '{name}' ({capacity} bytes, {}) in pool '{pool_name}'",
@@ -43,10 +37,9 @@ pub fn create(
         )
     })?;
     match describe(&vol, name) {
-        Ok((path, reads_zero, initial_len)) => Ok(Created {
+        Ok((path, initial_len)) => Ok(Created {
             vol,
             path,
-            reads_zero,
             initial_len,
         }),
         Err(e) => {
@@ -56,14 +49,14 @@ pub fn create(
     }
 }
 
-fn describe(vol: &StorageVol, name: &str) -> Result<(String, bool, u64)> {
+fn describe(vol: &StorageVol, name: &str) -> Result<(String, u64)> {
     let path = vol
         .path()
         .map_err(|e| Error::call(format!("cannot read the path of volume '{name}'"), &e))?;
     let info = vol
         .info_flags(VOL_GET_PHYSICAL)
         .map_err(|e| Error::call(format!("cannot read the size of volume '{name}'"), &e))?;
-    Ok((path, info.kind == VOL_FILE, info.allocation))
+    Ok((path, info.allocation))
 }
 
 /// Deletes a volume this run created; when that fails the error names it and says how to remove it.

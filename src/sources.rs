@@ -1,0 +1,292 @@
+//! Sources by name: a local image (a path, as always), or a disk in a cloud read in place — `aws:snap-...` (an
+//! EBS snapshot), `aws:ami-...` (every EBS mapping of an AMI, boot disk first), `azure:disk/GROUP/NAME` (a managed
+//! disk). A cloud source is read through its cloud's read API straight into the engine: nothing is written
+//! locally.
+//!
+//! A path keeps meaning a file: only a name that starts with `aws:` or `azure:` is a cloud source, so `./aws:x`
+//! is a file.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Result, bail};
+use imgshift_converters::DiskSource;
+
+use crate::open::{SourceDisks, open_disks, open_image};
+use crate::targets::aws::config::AwsTarget as AwsConn;
+use crate::targets::aws::source::AwsReader;
+use crate::targets::azure::source::{AzureDiskSource, AzureReadConn};
+
+/// A source the user named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceRef {
+    /// A local image (or OVA).
+    File(PathBuf),
+    /// An EBS snapshot.
+    AwsSnapshot(String),
+    /// An AMI: every EBS mapping.
+    AwsImage(String),
+    /// A managed disk.
+    AzureDisk {
+        /// Its resource group.
+        group: String,
+        /// Its name.
+        name: String,
+    },
+}
+
+/// Longest cloud id accepted (EC2 ids are 21 characters).
+const MAX_ID: usize = 64;
+
+impl SourceRef {
+    /// What `arg` names.
+    pub fn parse(arg: &Path) -> Result<SourceRef> {
+        let Some(text) = arg.to_str() else {
+            return Ok(SourceRef::File(arg.to_path_buf()));
+        };
+        if let Some(rest) = text.strip_prefix("azure:") {
+            let parts: Vec<&str> = rest.split('/').collect();
+            return match parts.as_slice() {
+                ["disk", group, name] => {
+                    if [group, name].iter().any(|p| p.chars().all(|c| c == '.')) {
+                        bail!("{text}: '.' and '..' are not Azure names");
+                    }
+                    crate::targets::azure::arm::check_name("the resource group", group)?;
+                    crate::targets::azure::arm::check_name("the disk", name)?;
+                    Ok(SourceRef::AzureDisk {
+                        group: group.to_string(),
+                        name: name.to_string(),
+                    })
+                }
+                _ => bail!(
+                    "{text}: an Azure source is azure:disk/RESOURCE-GROUP/NAME (a managed disk); a file whose name \
+                     starts with 'azure:' is ./{text}"
+                ),
+            };
+        }
+        let Some(id) = text.strip_prefix("aws:") else {
+            return Ok(SourceRef::File(arg.to_path_buf()));
+        };
+        let valid = |prefix: &str| {
+            id.len() <= MAX_ID
+                && id.strip_prefix(prefix).is_some_and(|hex| {
+                    !hex.is_empty() && hex.chars().all(|c| c.is_ascii_alphanumeric())
+                })
+        };
+        if valid("snap-") {
+            Ok(SourceRef::AwsSnapshot(id.to_string()))
+        } else if valid("ami-") {
+            Ok(SourceRef::AwsImage(id.to_string()))
+        } else {
+            bail!(
+                "{text}: an AWS source is aws:snap-ID (an EBS snapshot) or aws:ami-ID (an AMI); a file whose name \
+                 starts with 'aws:' is ./{text}"
+            )
+        }
+    }
+
+    /// Whether this is a cloud disk.
+    pub fn is_cloud(&self) -> bool {
+        !matches!(self, SourceRef::File(_))
+    }
+}
+
+/// How to reach the clouds sources are read from.
+#[derive(Debug, Clone, Default)]
+pub struct SourceConn {
+    /// AWS region, profile, endpoint.
+    pub aws: AwsConn,
+    /// Attempts per request for retryable failures.
+    pub max_attempts: u32,
+    /// ARM endpoint, subscription, CA bundle.
+    pub azure: AzureReadConn,
+}
+
+/// What the source's cloud says about the guest (carried to the target).
+#[derive(Debug, Clone, Default)]
+pub struct SourceFacts {
+    /// AWS's boot mode (`legacy-bios`, `uefi`, `uefi-preferred`).
+    pub boot_mode: Option<String>,
+    /// `x86_64`, `arm64`.
+    pub architecture: Option<String>,
+    /// Whether the source's cloud marks the guest ENA-capable.
+    pub ena: Option<bool>,
+}
+
+/// An opened source.
+pub struct OpenedSource {
+    /// Its disks, boot disk first.
+    pub disks: SourceDisks,
+    /// What its cloud says about the guest.
+    pub facts: SourceFacts,
+}
+
+/// Opens every disk of `src`.
+pub fn open_all(
+    src: &Path,
+    format: Option<&str>,
+    allow_dirs: &[PathBuf],
+    conn: &SourceConn,
+) -> Result<OpenedSource> {
+    match SourceRef::parse(src)? {
+        SourceRef::File(p) => Ok(OpenedSource {
+            disks: open_disks(&p, format, allow_dirs)?,
+            facts: SourceFacts::default(),
+        }),
+        SourceRef::AzureDisk { group, name } => {
+            if format.is_some() {
+                bail!(
+                    "-f names a local image's format; a cloud disk is read as the raw disk it is"
+                );
+            }
+            let d = AzureDiskSource::open(&conn.azure, &group, &name)?;
+            let facts = SourceFacts {
+                boot_mode: match d.hyper_v_generation.as_deref() {
+                    Some("V2") => Some("uefi".into()),
+                    Some("V1") => Some("legacy-bios".into()),
+                    _ => None,
+                },
+                architecture: None,
+                ena: None,
+            };
+            Ok(OpenedSource {
+                disks: SourceDisks {
+                    names: vec![name],
+                    disks: vec![Arc::new(d)],
+                    ova: false,
+                },
+                facts,
+            })
+        }
+        r => {
+            if format.is_some() {
+                bail!(
+                    "-f names a local image's format; a cloud disk is read as the raw disk it is"
+                );
+            }
+            let reader = AwsReader::connect(&conn.aws, conn.max_attempts)?;
+            match r {
+                SourceRef::AwsSnapshot(id) => {
+                    let s = reader.snapshot(&id)?;
+                    Ok(OpenedSource {
+                        disks: SourceDisks {
+                            names: vec![id],
+                            disks: vec![Arc::new(s)],
+                            ova: false,
+                        },
+                        facts: SourceFacts::default(),
+                    })
+                }
+                SourceRef::AwsImage(id) => {
+                    let facts = reader.image(&id)?;
+                    let mut names = Vec::new();
+                    let mut disks: Vec<Arc<dyn DiskSource>> = Vec::new();
+                    for (device, snap) in &facts.disks {
+                        names.push(format!("{snap} ({device})"));
+                        disks.push(Arc::new(reader.snapshot(snap)?));
+                    }
+                    Ok(OpenedSource {
+                        disks: SourceDisks {
+                            names,
+                            disks,
+                            ova: false,
+                        },
+                        facts: SourceFacts {
+                            boot_mode: facts.boot_mode,
+                            architecture: facts.architecture,
+                            ena: facts.ena,
+                        },
+                    })
+                }
+                SourceRef::File(_) | SourceRef::AzureDisk { .. } => {
+                    bail!("{}: not an AWS source", src.display())
+                }
+            }
+        }
+    }
+}
+
+/// Opens `src` for a command that reads one disk (`info`, `map`, `inspect`, `compare`, `convert`): a local image
+/// as always, or a cloud disk (an AMI's boot disk).
+pub fn open_one(
+    src: &Path,
+    format: Option<&str>,
+    allow_dirs: &[PathBuf],
+    conn: &SourceConn,
+) -> Result<Box<dyn DiskSource>> {
+    match SourceRef::parse(src)? {
+        SourceRef::File(p) => open_image(&p, format, allow_dirs),
+        _ => {
+            let opened = open_all(src, format, allow_dirs, conn)?;
+            let Some(boot) = opened.disks.disks.into_iter().next() else {
+                bail!("{}: no disk", src.display());
+            };
+            Ok(Box::new(Shared(boot)))
+        }
+    }
+}
+
+/// A shared disk as an owned one.
+struct Shared(Arc<dyn DiskSource>);
+
+impl DiskSource for Shared {
+    fn format(&self) -> imgshift_converters::Format {
+        self.0.format()
+    }
+    fn virtual_size(&self) -> u64 {
+        self.0.virtual_size()
+    }
+    fn extents(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> imgshift_converters::Result<imgshift_converters::ExtentMap> {
+        self.0.extents(offset, len)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> imgshift_converters::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn info(&self) -> imgshift_converters::ImageInfo {
+        self.0.info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        let p = |s: &str| SourceRef::parse(Path::new(s));
+        assert_eq!(
+            p("aws:snap-0123abc").unwrap(),
+            SourceRef::AwsSnapshot("snap-0123abc".into())
+        );
+        assert_eq!(
+            p("aws:ami-0123abc").unwrap(),
+            SourceRef::AwsImage("ami-0123abc".into())
+        );
+        assert_eq!(
+            p("./aws:snap-1").unwrap(),
+            SourceRef::File("./aws:snap-1".into())
+        );
+        assert_eq!(
+            p("disk.qcow2").unwrap(),
+            SourceRef::File("disk.qcow2".into())
+        );
+        assert!(p("aws:vol-1").is_err());
+        assert!(p("aws:snap-").is_err());
+        assert!(p("aws:snap-../x").is_err());
+        assert_eq!(
+            p("azure:disk/rg-1/web01-os").unwrap(),
+            SourceRef::AzureDisk {
+                group: "rg-1".into(),
+                name: "web01-os".into()
+            }
+        );
+        assert!(p("azure:disk/rg").is_err());
+        assert!(p("azure:disk/rg/a/b").is_err());
+        assert!(p("azure:disk/rg/../x").is_err());
+        assert!(p("azure:disk/../x").is_err());
+    }
+}

@@ -1,0 +1,144 @@
+//! Managed disks as sources (`azure:disk/RG/NAME`): read access granted (beginGetAccess Read), the page blob's
+//! fixed-VHD footer checked, its page ranges as the allocation map (only allocated pages are read), ranged reads
+//! in place; the grant is ended (endGetAccess) when the source is dropped, on success and on failure alike.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use imgshift_converters::{DiskSource, ExtentMap, Format, ImageInfo};
+
+use super::arm::{Arm, DISK_API};
+use super::readback::{PageBlob, PageBlobSource};
+use super::retry::Policy;
+use super::{FOOTER, credential, http, vhd};
+
+/// How long a source's read SAS lasts (a copy longer than this fails with the SAS's expiry named).
+const READ_ACCESS_SECONDS: u64 = 24 * 3600;
+
+/// Where and as whom to read.
+#[derive(Debug, Clone, Default)]
+pub struct AzureReadConn {
+    /// ARM endpoint.
+    pub arm_endpoint: String,
+    /// Extra trusted CA certificates (PEM).
+    pub ca_bundle: Option<PathBuf>,
+    /// Subscription.
+    pub subscription: Option<String>,
+    /// Attempts per request.
+    pub max_attempts: u32,
+}
+
+/// Ends the read grant of a disk when dropped.
+struct Grant {
+    rt: Arc<tokio::runtime::Runtime>,
+    arm: Arc<Arm>,
+    disk: String,
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        if let Err(e) = self.rt.block_on(self.arm.revoke(&self.disk)) {
+            eprintln!(
+                "imgshift: could not end read access to disk {} (it ends by itself when its SAS expires): {e:#}",
+                self.disk
+            );
+        }
+    }
+}
+
+/// A managed disk read in place through a read SAS.
+pub struct AzureDiskSource {
+    inner: PageBlobSource,
+    _grant: Grant,
+    /// The disk's Hyper-V generation (`V1`, `V2`), when recorded.
+    pub hyper_v_generation: Option<String>,
+}
+
+impl AzureDiskSource {
+    /// Opens disk `name` of resource group `group`: refuses a disk attached to a VM (snapshot it first).
+    pub fn open(conn: &AzureReadConn, group: &str, name: &str) -> Result<AzureDiskSource> {
+        let Some(sub) = conn.subscription.as_deref() else {
+            bail!(
+                "an azure: source needs a subscription (the subscription option, or AZURE_SUBSCRIPTION_ID)"
+            );
+        };
+        let rt = Arc::new(crate::targets::runtime()?);
+        let transport = http::transport(conn.ca_bundle.as_deref())?;
+        let cred = credential::choose(&transport)?;
+        rt.block_on(credential::check(&cred))?;
+        let arm = Arm::new(
+            &conn.arm_endpoint,
+            cred.credential.clone(),
+            &transport,
+            conn.max_attempts.max(1),
+            sub,
+            group,
+            false,
+        )?;
+        let what = format!("looking up disk {name}");
+        let Some(d) = rt.block_on(arm.get(&format!("disks/{name}"), DISK_API, &what))? else {
+            bail!("no managed disk {name} in resource group {group}");
+        };
+        let state = d["properties"]["diskState"].as_str().unwrap_or_default();
+        if state == "Attached" {
+            bail!(
+                "disk {name} is attached to a VM and cannot be exported while it runs: snapshot it (az snapshot create \
+                 -g {group} --source {name} -n {name}-snap) and read the snapshot, or stop and deallocate the VM"
+            );
+        }
+        let sas = rt
+            .block_on(arm.grant_read(name, READ_ACCESS_SECONDS))
+            .with_context(|| format!("cannot read disk {name}"))?;
+        let arm = Arc::new(arm);
+        let grant = Grant {
+            rt: Arc::clone(&rt),
+            arm: Arc::clone(&arm),
+            disk: name.to_string(),
+        };
+        let policy = Policy {
+            max_attempts: conn.max_attempts.max(1),
+            ..Policy::default()
+        };
+        // A copy that outlives its SAS asks for a new one (the grant is the same disk's; endGetAccess ends all).
+        let (rt2, arm2, disk2) = (Arc::clone(&rt), Arc::clone(&arm), name.to_string());
+        let blob = PageBlob::open(rt.handle().clone(), &sas, &transport, policy)?.renewing(
+            Box::new(move || rt2.block_on(arm2.grant_read(&disk2, READ_ACCESS_SECONDS))),
+        );
+        drop(sas);
+        let size = blob.size();
+        let Some(data_size) = size.checked_sub(FOOTER) else {
+            bail!("disk {name}'s blob holds {size} bytes: too small for a fixed VHD");
+        };
+        let mut footer = vec![0u8; FOOTER as usize];
+        blob.read(&mut footer, data_size)?;
+        vhd::check_fixed_footer(&footer, data_size)
+            .with_context(|| format!("disk {name} is not a fixed VHD as managed disks are"))?;
+        let ranges = blob.page_ranges()?;
+        Ok(AzureDiskSource {
+            inner: PageBlobSource::new(blob, data_size, ranges)?,
+            _grant: grant,
+            hyper_v_generation: d["properties"]["hyperVGeneration"]
+                .as_str()
+                .map(str::to_string),
+        })
+    }
+}
+
+impl DiskSource for AzureDiskSource {
+    fn format(&self) -> Format {
+        self.inner.format()
+    }
+    fn virtual_size(&self) -> u64 {
+        self.inner.virtual_size()
+    }
+    fn extents(&self, offset: u64, len: u64) -> imgshift_converters::Result<ExtentMap> {
+        self.inner.extents(offset, len)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> imgshift_converters::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn info(&self) -> ImageInfo {
+        self.inner.info()
+    }
+}

@@ -1,0 +1,439 @@
+//! Cloud disks as sources (issue 22), against moto (its RegisterImage corrected by tests/standins/moto_launcher.py,
+//! tested in tests/standin_moto.rs) and, for AMI → Azure, Azurite + the fake ARM: an EBS snapshot read by `info`,
+//! `map`, `compare` and `convert` (only its data blocks fetched), and a two-disk UEFI AMI migrated to Azure as an
+//! OS disk and a data disk of Hyper-V generation V2 whose blobs equal the source disks.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod azure_util;
+mod util;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use util::aws::{ACCESS_KEY, Proxy, SECRET_KEY, SESSION_TOKEN, aws_cmd, ec2_py, moto_url, run};
+use util::{make_raw, qemu_img, s, tmpdir};
+
+const MIB: u64 = 1 << 20;
+
+/// Uploads `raw` with `upload aws --snapshot-only`; returns the snapshot id.
+fn snapshot_of(dir: &Path, raw: &Path) -> String {
+    let mut c = aws_cmd(dir);
+    c.args([
+        "upload",
+        "aws",
+        s(raw),
+        "--snapshot-only",
+        "--endpoint-url",
+        &moto_url(),
+    ])
+    .args(["--state-dir", s(&dir.join("state")), "--output", "json"]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    v["snapshot_id"].as_str().unwrap().to_string()
+}
+
+fn imgshift_aws(dir: &Path, args: &[&str]) -> util::Run {
+    let mut c = aws_cmd(dir);
+    c.args(args);
+    run(c)
+}
+
+/// Runs `c` under GNU time: its result, peak RSS (KiB) and the 512-byte blocks it wrote to local storage
+/// (rusage's block outputs, counted by the kernel as pages are dirtied).
+fn timed(c: &Command, dir: &Path) -> (util::Run, u64, u64) {
+    let out = dir.join("time.out");
+    let mut t = Command::new("/usr/bin/time");
+    t.env_clear()
+        .args(["-f", "%M %O", "-o", s(&out)])
+        .arg(c.get_program())
+        .args(c.get_args());
+    for (k, v) in c.get_envs() {
+        if let Some(v) = v {
+            t.env(k, v);
+        }
+    }
+    let r = run(t);
+    let text = std::fs::read_to_string(&out).unwrap();
+    let nums: Vec<u64> = text
+        .lines()
+        .last()
+        .unwrap()
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    (r, nums[0], nums[1])
+}
+
+fn disk(dir: &Path, name: &str, size: u64, data: &[(u64, u64)]) -> PathBuf {
+    let raw = dir.join(name);
+    make_raw(&raw, size, data, &[]);
+    raw
+}
+
+#[test]
+fn a_snapshot_is_read_in_place_by_info_map_compare_and_convert() {
+    let d = tmpdir();
+    let raw = disk(
+        d.path(),
+        "src.raw",
+        24 * MIB,
+        &[(0, MIB), (5 * MIB, 64 << 10), (20 * MIB, 2 * MIB)],
+    );
+    let snap = snapshot_of(d.path(), &raw);
+    let proxy = Proxy::start(d.path(), &[]);
+    let src = format!("aws:{snap}");
+    let ep = ["--endpoint-url", proxy.url.as_str()];
+
+    // info: a raw disk of the snapshot's size (EBS sizes are whole GiB).
+    let r = imgshift_aws(
+        d.path(),
+        &[&["info", &src, "--output", "json"][..], &ep].concat(),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["virtual-size"], 1u64 << 30, "{v}");
+
+    // compare: the local image and the snapshot hold the same bytes (the snapshot's tail reads as zeros).
+    let r = imgshift_aws(d.path(), &[&["compare", s(&raw), &src][..], &ep].concat());
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+
+    // convert: straight from EBS into a qcow2 that qemu-img finds equal to the source.
+    let out = d.path().join("back.qcow2");
+    let r = imgshift_aws(
+        d.path(),
+        &[&["convert", "-O", "qcow2", &src, s(&out)][..], &ep].concat(),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    qemu_img(&["check", "-f", "qcow2", s(&out)]);
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2", s(&raw), s(&out)])
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+
+    // Only blocks with data were fetched, not the snapshot's 2048 blocks: 3 MiB + 64 KiB of data lie in 7 blocks
+    // of 512 KiB, read by compare and by convert (the first one once more, to probe), and not by info.
+    let gets = proxy
+        .records()
+        .iter()
+        .filter(|r| r["method"] == "GET" && r["path"].as_str().unwrap().contains("/blocks/"))
+        .count();
+    assert!(gets <= 16, "{gets} blocks fetched");
+    assert!(gets >= 7, "{gets} blocks fetched");
+
+    // A name that is neither a snapshot nor an AMI is refused, naming the forms; ./aws:x is a file.
+    let r = imgshift_aws(d.path(), &["info", "aws:vol-0123"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("aws:snap-ID"), "{}", r.stderr);
+    let r = imgshift_aws(d.path(), &["info", "./aws:snap-0123"]);
+    assert_eq!(r.code, 1);
+    assert!(!r.stderr.contains("EBS"), "{}", r.stderr);
+}
+
+#[test]
+fn a_two_disk_uefi_ami_becomes_azure_v2_os_and_data_disks_equal_to_the_source() {
+    let env = azure_util::Env::start("amisrc", &[], None);
+    let d = env.path();
+    // The fixed-VHD data part of a 1 GiB snapshot is 1 GiB: the blob holds the whole snapshot plus a footer.
+    let boot = disk(d, "boot.raw", 1 << 30, &[(0, MIB), (300 * MIB, 64 << 10)]);
+    let data = disk(d, "data.raw", 1 << 30, &[(7 * MIB, 3 * MIB)]);
+    let s1 = snapshot_of(d, &boot);
+    let s2 = snapshot_of(d, &data);
+    let name = format!("amisrc-{}", std::process::id());
+    let ami = ec2_py(&format!(
+        "print(c.register_image(Name='{name}',RootDeviceName='/dev/xvda',Architecture='x86_64',BootMode='uefi',\
+         EnaSupport=True,BlockDeviceMappings=[{{'DeviceName':'/dev/sdb','Ebs':{{'SnapshotId':'{s2}'}}}},\
+         {{'DeviceName':'/dev/xvda','Ebs':{{'SnapshotId':'{s1}'}}}}])['ImageId'])"
+    ))
+    .trim()
+    .to_string();
+    let mut c = env.cmd();
+    c.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_SESSION_TOKEN", SESSION_TOKEN)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", d.join("no-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", d.join("no-credentials"));
+    c.args(["migrate", &format!("aws:{ami}"), "--to", "azure"])
+        .args(["--source-endpoint-url", &moto_url()])
+        .args([
+            "--subscription",
+            azure_util::SUB,
+            "--resource-group",
+            azure_util::RG,
+        ])
+        .args(["--location", "westeurope", "--arm-endpoint", &env.arm_url()])
+        .args([
+            "--name",
+            "fromami",
+            "--state-dir",
+            s(&d.join("state")),
+            "--yes",
+        ])
+        .args(["--force", "--output", "json"]);
+    let (r, rss_kib, written_blocks) = timed(&c, d);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["outputs"]["hyper_v_generation"], "V2", "{v}");
+    // Cloud to cloud with no local disk: under 1 MiB written to local storage (the journal) for two 1 GiB disks;
+    // bounded memory.
+    assert!(
+        written_blocks * 512 < MIB,
+        "{} bytes written locally",
+        written_blocks * 512
+    );
+    assert!(rss_kib < 128 * 1024, "peak RSS {rss_kib} KiB");
+    // The root mapping is the OS disk whatever its order in the AMI; the other is a data disk.
+    let os = &env.bodies("PUT", "/disks/fromami-os")[0];
+    assert_eq!(os["properties"]["hyperVGeneration"], "V2");
+    assert!(!env.bodies("PUT", "/disks/fromami-data1").is_empty());
+    azure_util::check_blob(&env, "fromami-os", &boot, 1 << 30);
+    azure_util::check_blob(&env, "fromami-data1", &data, 1 << 30);
+    // Nothing was written locally but the job's journal (removed at the end).
+    assert!(util::files_in(&d.join("state")).is_empty());
+}
+
+#[test]
+fn an_azure_disk_converts_in_place_and_migrates_to_aws_with_its_generation() {
+    let env = azure_util::Env::start("azsrc", &[], None);
+    let d = env.path();
+    let raw = disk(
+        d,
+        "az.raw",
+        40 * MIB,
+        &[(0, MIB), (30 * MIB, 2 * MIB + 4096)],
+    );
+    let r = env.upload(&raw, "azsrc-disk", &["--hyper-v-generation", "V2"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let src = format!("azure:disk/{}/azsrc-disk", azure_util::RG);
+
+    // convert: read through a read SAS straight into a VMDK.
+    let out = d.join("back.vmdk");
+    let mut c = env.cmd();
+    c.args(["convert", "-O", "vmdk", &src, s(&out)]).args([
+        "--subscription",
+        azure_util::SUB,
+        "--arm-endpoint",
+        &env.arm_url(),
+    ]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "vmdk", s(&raw), s(&out)])
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+
+    // migrate to AWS: a snapshot holding the same bytes, an AMI registered for UEFI (the disk is Hyper-V V2).
+    let name = format!("fromazure-{}", std::process::id());
+    let mut c = env.cmd();
+    c.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_SESSION_TOKEN", SESSION_TOKEN)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", d.join("no-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", d.join("no-credentials"));
+    c.args([
+        "migrate",
+        &src,
+        "--to",
+        "aws",
+        "--endpoint-url",
+        &moto_url(),
+    ])
+    .args(["--source-subscription", azure_util::SUB])
+    .args(["--source-arm-endpoint", &env.arm_url()])
+    .args(["--name", &name, "--state-dir", s(&d.join("state")), "--yes"])
+    .args(["--force", "--output", "json"]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let snap = v["outputs"]["snapshot_ids"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ami = v["outputs"]["image_id"].as_str().unwrap().to_string();
+    let boot = ec2_py(&format!(
+        "print(c.describe_images(ImageIds=['{ami}'])['Images'][0].get('BootMode'))"
+    ));
+    assert_eq!(boot.trim(), "uefi");
+    let back = d.join("snap.raw");
+    let r = imgshift_aws(
+        d,
+        &[
+            "convert",
+            "-O",
+            "raw",
+            &format!("aws:{snap}"),
+            s(&back),
+            "--endpoint-url",
+            &moto_url(),
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw", s(&raw), s(&back)])
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+
+    // Every read grant was ended (convert, migrate's inspect/upload/verify all read the disk).
+    let posts = |action: &str| {
+        env.records()
+            .iter()
+            .filter(|r| {
+                r["method"] == "POST"
+                    && r["path"].as_str().unwrap().contains("/disks/azsrc-disk/")
+                    && r["path"].as_str().unwrap().ends_with(action)
+            })
+            .count()
+    };
+    assert!(posts("beginGetAccess") >= 3, "{}", posts("beginGetAccess"));
+    assert_eq!(posts("beginGetAccess"), posts("endGetAccess"));
+}
+
+#[test]
+fn a_cloud_to_cloud_migrate_killed_mid_copy_resumes_into_one_disk() {
+    let env = azure_util::Env::start("c2cresume", &[], None);
+    let d = env.path();
+    let raw = disk(
+        d,
+        "src.raw",
+        64 * MIB,
+        &[(0, 8 * MIB), (40 * MIB, 12 * MIB)],
+    );
+    let snap = snapshot_of(d, &raw);
+    let cmd = || {
+        let mut c = env.cmd();
+        c.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env("AWS_SESSION_TOKEN", SESSION_TOKEN)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", d.join("no-config"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", d.join("no-credentials"));
+        c.args(["migrate", &format!("aws:{snap}"), "--to", "azure"])
+            .args(["--source-endpoint-url", &moto_url()])
+            .args([
+                "--subscription",
+                azure_util::SUB,
+                "--resource-group",
+                azure_util::RG,
+            ])
+            .args(["--location", "westeurope", "--arm-endpoint", &env.arm_url()])
+            .args(["--name", "c2c", "--state-dir", s(&d.join("state")), "--yes"])
+            .args(["--force", "--concurrency", "1", "--output", "json"]);
+        c
+    };
+    // Killed (SIGKILL) after the first windows were acknowledged and saved.
+    let mut child = cmd()
+        .env("IMGSHIFT_TEST_PAUSE_AT", "upload-saved")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("imgshift-test: paused at upload-saved") => break,
+            Some(Ok(_)) => {}
+            _ => panic!("the migrate ended before pausing mid-copy"),
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The rerun continues the same job into the same disk, and finishes.
+    let r = run(cmd());
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["resumed"], true, "{v}");
+    let (disks, resources) = env.held();
+    assert_eq!(disks, ["c2c-os"]);
+    assert_eq!(resources, ["images/c2c"]);
+    azure_util::check_blob(&env, "c2c-os", &raw_padded(d, &raw, 1 << 30), 1 << 30);
+}
+
+/// `raw` padded with zeros to `size` (an EBS snapshot is whole GiB).
+fn raw_padded(dir: &Path, raw: &Path, size: u64) -> PathBuf {
+    let out = dir.join("padded.raw");
+    std::fs::copy(raw, &out).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&out)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    out
+}
+
+#[test]
+fn a_read_sas_that_expires_mid_copy_is_renewed() {
+    // The fake ARM's second grant (the convert's read SAS) lasts 3 s; every blob request of this disk is held
+    // 400 ms by the proxy in front of Azurite, so the copy (properties, page ranges, footer, 6 reads of 4 MiB)
+    // outlives its SAS.
+    let env = azure_util::Env::start(
+        "sasrenew",
+        &["--sas-ttl", "3600,3,3600"],
+        Some(&["--fault-path", "renew-disk", "--delay-ms", "400"]),
+    );
+    let d = env.path();
+    let raw = disk(d, "r.raw", 24 * MIB, &[(0, 4 * MIB), (16 * MIB, 8 * MIB)]);
+    let r = env.upload(&raw, "renew-disk", &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = d.join("back.qcow2");
+    let mut c = env.cmd();
+    c.args([
+        "convert",
+        "-O",
+        "qcow2",
+        &format!("azure:disk/{}/renew-disk", azure_util::RG),
+    ])
+    .arg(s(&out))
+    .args([
+        "--subscription",
+        azure_util::SUB,
+        "--arm-endpoint",
+        &env.arm_url(),
+    ]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2", s(&raw), s(&out)])
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    let posts = |action: &str| {
+        env.records()
+            .iter()
+            .filter(|r| {
+                r["method"] == "POST"
+                    && r["path"].as_str().unwrap().contains("/disks/renew-disk/")
+                    && r["path"].as_str().unwrap().ends_with(action)
+            })
+            .count()
+    };
+    // The upload's write grant, the convert's read grant and its renewal; endGetAccess ends every grant of the
+    // disk at once (the upload's, and the convert's at the end).
+    assert_eq!(posts("beginGetAccess"), 3);
+    assert_eq!(posts("endGetAccess"), 2);
+}
