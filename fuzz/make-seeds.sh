@@ -120,4 +120,26 @@ tar --format=ustar -C "$work" -cf "$work/vm.ova" vm.ovf disk1.vmdk
 seed ova "$work/vm.ova"
 seed vmdk_descriptor "$work/vm.ovf" not-a-descriptor.ovf
 
+# hive: the minimal hive, and (with hivexregedit, Debian libwin-hivex-perl) SOFTWARE/SYSTEM-shaped hives with
+# the keys Windows inspection reads, enough subkeys for lf lists, REG_SZ and REG_DWORD values.
+seed hive "$here/../tests/data/windows/hive-minimal"
+if command -v hivexregedit >/dev/null; then
+    cp "$here/../tests/data/windows/hive-minimal" "$work/SYSTEM" && chmod u+w "$work/SYSTEM"
+    {
+        printf 'Windows Registry Editor Version 5.00\n\n[\\Select]\n"Current"=dword:00000001\n\n'
+        printf '[\\ControlSet001]\n\n[\\ControlSet001\\Services]\n\n'
+        for d in viostor vioscsi netkvm storvsc vmbus stornvme ena storahci AWSPVStorage; do
+            printf '[\\ControlSet001\\Services\\%s]\n"Start"=dword:00000000\n"ImagePath"="System32\\\\drivers\\\\%s.sys"\n\n' "$d" "$d"
+        done
+    } >"$work/system.reg"
+    hivexregedit --merge --prefix 'HKEY_LOCAL_MACHINE\SYSTEM' "$work/SYSTEM" "$work/system.reg"
+    seed hive "$work/SYSTEM"
+    cp "$here/../tests/data/windows/hive-minimal" "$work/SOFTWARE" && chmod u+w "$work/SOFTWARE"
+    printf 'Windows Registry Editor Version 5.00\n\n[\\Microsoft]\n\n[\\Microsoft\\Windows NT]\n\n[\\Microsoft\\Windows NT\\CurrentVersion]\n"ProductName"="Windows Server 2019 Datacenter"\n"CurrentMajorVersionNumber"=dword:0000000a\n\n' >"$work/software.reg"
+    hivexregedit --merge --prefix 'HKEY_LOCAL_MACHINE\SOFTWARE' "$work/SOFTWARE" "$work/software.reg"
+    seed hive "$work/SOFTWARE"
+else
+    echo "make-seeds: hivexregedit not found (apt-get install libwin-hivex-perl): hive seeds are the minimal hive only" >&2
+fi
+
 du -sh "$out"/* | sed 's/^/make-seeds: /'

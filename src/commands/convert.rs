@@ -146,6 +146,11 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<u8> {
             {
                 eprintln!("imgshift: {}", crate::generalize::summary(o));
             }
+            if let Some(n) = &g.note
+                && !quiet
+            {
+                eprintln!("imgshift: {n}");
+            }
             (g.source, Some(scratch))
         }
     };

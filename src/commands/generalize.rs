@@ -30,13 +30,30 @@ pub fn run(args: &GeneralizeArgs) -> Result<u8> {
         .ok_or_else(|| anyhow!("name the image to generalise"))?;
     let ops = operations::select(args.operations.as_deref(), target(args.target))
         .map_err(|e| anyhow!(e))?;
+    let src: Arc<dyn imgshift_converters::DiskSource> =
+        Arc::from(open_image(image, args.format.as_deref(), &args.trust)?);
+    // Windows: sysprep cannot run offline. Generalised already: say so and do nothing; otherwise refuse.
+    if let Some(note) = generalize::verify::windows_state(Arc::clone(&src))? {
+        match args.output {
+            OutputFormat::Json => outln!(
+                "{}",
+                serde_json::json!({
+                    "source": image.display().to_string(),
+                    "windows": true,
+                    "already_generalized": true,
+                    "overlay": null,
+                    "message": note,
+                })
+            ),
+            OutputFormat::Human => outln!("{note}"),
+        }
+        return Ok(0);
+    }
     if !args.dry_run {
-        // Before anything is read or written: without libguestfs nothing can be done.
+        // Before anything is written: without libguestfs nothing can be done.
         generalize::sysprep::find()?;
     }
-    let src = open_image(image, args.format.as_deref(), &args.trust)?;
     let format = src.format();
-    let src: Arc<dyn imgshift_converters::DiskSource> = Arc::from(src);
     let overlay = match (&args.overlay, args.dry_run) {
         (Some(o), _) => o.clone(),
         (None, true) => std::path::PathBuf::new(),

@@ -183,11 +183,65 @@ fn human(o: &Output<'_>) -> String {
     for w in &r.windows {
         let _ = writeln!(
             t,
-            "os: Windows [windows], root {}, system root {}, arch {} (drivers and registry not read)",
+            "os: {} [windows {}], root {}, system root {}, arch {}, hostname {}",
+            w.product_name.as_deref().unwrap_or("Windows"),
+            w.version()
+                .map_or_else(|| "?".to_string(), |(a, b)| format!("{a}.{b}")),
             w.root,
             w.windows_systemroot,
-            opt(&w.arch)
+            opt(&w.arch),
+            opt(&w.hostname)
         );
+        if !w.registry_read {
+            let _ = writeln!(t, "  registry: not read (see the problems)");
+            continue;
+        }
+        let _ = writeln!(
+            t,
+            "  edition {}, build {}{}, control set {}",
+            opt(&w.edition),
+            opt(&w.build),
+            w.display_version
+                .as_deref()
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default(),
+            opt(&w.current_control_set)
+        );
+        let _ = writeln!(
+            t,
+            "  boot loader: {}{}",
+            opt(&w.boot_loader),
+            w.boot_store
+                .as_deref()
+                .map(|s| format!(" ({s})"))
+                .unwrap_or_default()
+        );
+        let _ = writeln!(
+            t,
+            "  generalised: {} (ImageState {})",
+            match w.generalized {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "unknown",
+            },
+            opt(&w.image_state)
+        );
+        if w.drivers.is_empty() {
+            let _ = writeln!(t, "  boot-critical drivers: none of the known ones");
+        }
+        for d in &w.drivers {
+            let _ = writeln!(
+                t,
+                "  driver {}: start {}{}",
+                d.name,
+                d.start_type,
+                if d.file_present {
+                    ""
+                } else {
+                    " (file missing)"
+                }
+            );
+        }
     }
     for os in &r.operatingsystems {
         let f = &os.facts;

@@ -246,6 +246,8 @@ pub struct Generalized {
     pub source: Box<dyn DiskSource>,
     /// The report, when this run generalised (absent when an earlier run's overlay was reused).
     pub outcome: Option<Outcome>,
+    /// Why nothing was done: a Windows guest that sysprep already generalised is passed through unchanged.
+    pub note: Option<String>,
 }
 
 /// Generalises `source` into `overlay` (or, when `reuse` and it exists, takes the overlay an interrupted earlier
@@ -258,6 +260,15 @@ pub fn prepare(
     overlay: &Path,
     reuse: bool,
 ) -> Result<Generalized> {
+    // Windows: already generalised passes through unchanged; otherwise refused with the sysprep command.
+    let src: Arc<dyn DiskSource> = Arc::from(src);
+    if let Some(note) = verify::windows_state(Arc::clone(&src))? {
+        return Ok(Generalized {
+            source: Box::new(Shared(src)),
+            outcome: None,
+            note: Some(note),
+        });
+    }
     let format = src.format();
     let outcome = if reuse && overlay.exists() {
         None
@@ -272,7 +283,7 @@ pub fn prepare(
         Some(run(&Request {
             source,
             format,
-            src: Arc::from(src),
+            src,
             overlay,
             ops: &ops,
             hostname: None,
@@ -285,7 +296,46 @@ pub fn prepare(
     Ok(Generalized {
         source: opened,
         outcome,
+        note: None,
     })
+}
+
+/// A shared source handed on where a boxed one is wanted (a Windows guest passed through unchanged).
+struct Shared(Arc<dyn DiskSource>);
+
+impl DiskSource for Shared {
+    fn format(&self) -> Format {
+        self.0.format()
+    }
+    fn virtual_size(&self) -> u64 {
+        self.0.virtual_size()
+    }
+    fn extents(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> imgshift_converters::Result<imgshift_converters::ExtentMap> {
+        self.0.extents(offset, len)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> imgshift_converters::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn backing(&self) -> Option<&dyn DiskSource> {
+        self.0.backing()
+    }
+    fn host_extents(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> imgshift_converters::Result<Option<Vec<imgshift_converters::HostExtent>>> {
+        self.0.host_extents(offset, len)
+    }
+    fn info(&self) -> imgshift_converters::ImageInfo {
+        self.0.info()
+    }
+    fn check(&self) -> imgshift_converters::Result<imgshift_converters::CheckReport> {
+        self.0.check()
+    }
 }
 
 /// One line for standard error about what a generalisation did.

@@ -59,12 +59,9 @@ pub fn refuse_unsupported(report: &Report) -> Result<()> {
             "{dev} is an encrypted (LUKS) volume: imgshift does not generalise encrypted guests (nothing was changed)"
         );
     }
+    refuse_bitlocker(report)?;
     if let Some(w) = report.windows.first() {
-        bail!(
-            "{} holds Windows: a Windows guest cannot be generalised offline; run \
-             `C:\\Windows\\System32\\Sysprep\\sysprep.exe /generalize /oobe /shutdown` inside it before capturing",
-            w.root
-        );
+        bail!("{}", windows_refusal(w));
     }
     if report.operatingsystems.is_empty() {
         if let Some((dev, _)) = report.filesystems.iter().find(|(_, f)| f.fs_type == "ntfs") {
@@ -89,6 +86,58 @@ pub fn refuse_unsupported(report: &Report) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn refuse_bitlocker(report: &Report) -> Result<()> {
+    if let Some((dev, _)) = report
+        .filesystems
+        .iter()
+        .find(|(_, f)| f.fs_type == "BitLocker")
+    {
+        bail!(
+            "{dev} is a BitLocker-encrypted volume: imgshift does not write to encrypted guests (nothing was changed)"
+        );
+    }
+    Ok(())
+}
+
+/// Why a Windows guest is not generalised here: imgshift cannot run sysprep offline, and does not pretend to.
+pub fn windows_refusal(w: &crate::guest::windows::WindowsInstall) -> String {
+    let state = match (w.generalized, &w.image_state) {
+        (Some(false), Some(s)) => format!("is not generalised (ImageState {s})"),
+        (Some(false), None) => "is not generalised (SYSTEM\\Setup)".to_string(),
+        _ => "has a sysprep state imgshift could not read".to_string(),
+    };
+    format!(
+        "{} holds {} and {state}: Windows cannot be generalised offline (nothing was changed); run \
+         `C:\\Windows\\System32\\Sysprep\\sysprep.exe /generalize /oobe /shutdown` inside the guest, then \
+         capture the disk it leaves",
+        w.root,
+        w.product_name.as_deref().unwrap_or("Windows")
+    )
+}
+
+/// For a Windows guest: `Ok(Some(message))` when it is already generalised (sysprep /generalize ran: nothing to
+/// do), `Err` naming the sysprep command when it is not (or its state is unknown); `Ok(None)` when the disk holds
+/// no Windows.
+pub fn windows_state(src: Arc<dyn DiskSource>) -> Result<Option<String>> {
+    let disk = Window::whole(src, Arc::new(AtomicU64::new(0)));
+    let report = report::inspect(&disk);
+    refuse_bitlocker(&report)?;
+    let Some(w) = report.windows.first() else {
+        return Ok(None);
+    };
+    if w.generalized == Some(true) {
+        return Ok(Some(format!(
+            "{} holds {} that is already generalised (ImageState {}): nothing to do, no overlay written",
+            w.root,
+            w.product_name.as_deref().unwrap_or("Windows"),
+            w.image_state
+                .as_deref()
+                .unwrap_or("not set; SYSTEM\\Setup runs windeploy")
+        )));
+    }
+    bail!("{}", windows_refusal(w))
 }
 
 /// Inspects `src` and opens its (first) Linux root filesystem.

@@ -96,6 +96,10 @@ pub fn probe(part: &Window) -> FsInfo {
             inspectable: false,
         };
     }
+    if at(3, b"-FVE-FS-") {
+        // BitLocker's volume header (blkid's "BitLocker"): the NTFS inside is encrypted.
+        return not_inspectable("BitLocker", None, None);
+    }
     if at(3, b"NTFS    ") {
         let serial = super::le_u64(&h, 0x48).unwrap_or(0);
         return FsInfo {

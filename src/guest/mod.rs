@@ -3,6 +3,7 @@
 
 pub mod boot;
 pub mod fs;
+pub mod hive;
 pub mod initramfs;
 pub mod os;
 pub mod partitions;

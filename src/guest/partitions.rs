@@ -341,6 +341,7 @@ fn mbr_type_name(sys: u8) -> &'static str {
         0x07 => "ntfs-exfat",
         0x01 | 0x04 | 0x06 | 0x0b | 0x0c | 0x0e => "fat",
         0x27 => "windows-recovery",
+        0x42 => "windows-ldm",
         _ => "other",
     }
 }
@@ -363,6 +364,12 @@ const GPT_TYPES: &[(&str, &str)] = &[
         "microsoft-basic-data",
     ),
     ("E3C9E316-0B5C-4DB8-817D-F92DF00215AE", "microsoft-reserved"),
+    // Windows dynamic disks (Logical Disk Manager).
+    (
+        "5808C8AA-7E8F-42E0-85D2-E1E90434CFB3",
+        "windows-ldm-metadata",
+    ),
+    ("AF9B60A0-1431-4F62-BC68-3311714A69AD", "windows-ldm-data"),
     ("DE94BBA4-06D1-4D40-A16A-BFD50179D6AC", "windows-recovery"),
 ];
 

@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use super::windows::WindowsInstall;
+
 /// Facts the rules look at.
 #[derive(Debug, Clone, Default)]
 pub struct Facts {
@@ -36,6 +38,8 @@ pub struct Facts {
     pub size: u64,
     /// `--boot-mode` requested for AWS (legacy-bios, uefi, uefi-preferred).
     pub aws_boot_mode: Option<String>,
+    /// The Windows installation, when the guest is Windows (no Linux root).
+    pub windows: Option<WindowsInstall>,
 }
 
 impl Facts {
@@ -73,7 +77,67 @@ impl Facts {
     fn boot(&self, mode: &str) -> bool {
         self.boot_mode == mode
     }
+    /// The Windows installation, when its registry was read.
+    fn win(&self) -> Option<&WindowsInstall> {
+        self.windows.as_ref().filter(|w| w.registry_read)
+    }
+    /// Windows drivers of `names` that are installed with a boot start type; `None` when not a Windows guest.
+    fn win_boot(&self, names: &[&str]) -> Option<bool> {
+        self.win().map(|w| names.iter().any(|n| w.boot_driver(n)))
+    }
+    /// Windows drivers `names`, present at all.
+    fn win_has(&self, names: &[&str]) -> Option<bool> {
+        self.win()
+            .map(|w| names.iter().any(|n| w.driver(n).is_some()))
+    }
 }
+
+/// `driver (start type)` for each of `names` present, or "none of: ...".
+fn win_evidence(f: &Facts, names: &[&str]) -> String {
+    let Some(w) = f.win() else {
+        return String::new();
+    };
+    let seen: Vec<String> = names
+        .iter()
+        .filter_map(|n| w.driver(n))
+        .map(|d| {
+            format!(
+                "{} start {}{}",
+                d.name,
+                d.start_type,
+                if d.file_present { "" } else { ", file missing" }
+            )
+        })
+        .collect();
+    if seen.is_empty() {
+        format!("none of {} installed", names.join(", "))
+    } else {
+        seen.join("; ")
+    }
+}
+
+/// Windows storage drivers a libvirt/KVM disk bus needs: virtio-blk, virtio-scsi, SATA (AHCI), IDE.
+const WIN_VIRTIO_BLK: &[&str] = &["viostor"];
+const WIN_VIRTIO_SCSI: &[&str] = &["vioscsi"];
+const WIN_SATA: &[&str] = &["storahci", "msahci"];
+const WIN_IDE: &[&str] = &["pciide", "atapi"];
+const WIN_NVME: &[&str] = &["stornvme", "AWSNVMe"];
+const WIN_HV_STORAGE: &[&str] = &["storvsc", "vmbus"];
+
+/// Windows rules for every target: the registry could not be read.
+const WIN_UNREAD: Rule = Rule {
+    id: "windows-registry",
+    level: Level::Warn,
+    when: |f| {
+        f.windows
+            .as_ref()
+            .filter(|w| !w.registry_read)
+            .map(|w| w.root.clone())
+    },
+    reason: "a Windows system root was found but its SOFTWARE and SYSTEM hives could not be read, so its drivers are unknown",
+    fix: "check the guest's storage and network drivers by hand before migrating (see the problems)",
+    set: &[],
+};
 
 /// Severity of a finding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -169,8 +233,8 @@ const INITRAMFS_BROKEN: Rule = Rule {
 const DRIVERS_UNKNOWN: Rule = Rule {
     id: "drivers-unknown",
     level: Level::Warn,
-    when: |f| yes(!f.linux_root),
-    reason: "no Linux root filesystem could be read, so the boot drivers are unknown",
+    when: |f| yes(!f.linux_root && f.windows.is_none()),
+    reason: "no Linux root filesystem and no Windows system root could be read, so the boot drivers are unknown",
     fix: "check the guest's storage and network drivers by hand before migrating",
     set: &[],
 };
@@ -238,6 +302,44 @@ pub const AWS: &[Rule] = &[
         fix: "use UUID= or LABEL= in /etc/fstab",
         set: &[],
     },
+    WIN_UNREAD,
+    Rule {
+        id: "aws-windows-nvme",
+        level: Level::Fail,
+        when: |f| yes(f.win_boot(WIN_NVME) == Some(false)).map(|_| win_evidence(f, WIN_NVME)),
+        reason: "no NVMe storage driver with a boot start type: Nitro instance types expose EBS volumes as NVMe \
+                 devices, so Windows stops with INACCESSIBLE_BOOT_DEVICE \
+                 (https://docs.aws.amazon.com/AWSEC2/latest/WindowsGuide/aws-nvme-drivers.html)",
+        fix: "install the AWS NVMe driver in the guest before capturing it (AWSNVMe, from the AWS NVMe driver \
+              package or AWS's EC2 drivers installer), or launch a Xen instance family (t2, m4, c4) with the AWS PV \
+              drivers",
+        set: &[],
+    },
+    Rule {
+        id: "aws-windows-ena",
+        level: Level::Fail,
+        when: |f| yes(f.win_has(&["ena"]) == Some(false)).map(|_| win_evidence(f, &["ena"])),
+        reason: "no ENA network driver: Nitro instance types have only ENA network interfaces, so the instance \
+                 is unreachable (https://docs.aws.amazon.com/AWSEC2/latest/WindowsGuide/enhanced-networking-ena.html)",
+        fix: "install the ENA driver in the guest before capturing it (AWS's ENA driver package), or launch a Xen \
+              instance family with the AWS PV drivers",
+        set: &[],
+    },
+    Rule {
+        id: "aws-windows-license",
+        level: Level::Warn,
+        when: |f| {
+            f.windows
+                .as_ref()
+                .map(|w| w.product_name.clone().unwrap_or_else(|| "Windows".into()))
+        },
+        reason: "an AMI registered from an EBS snapshot does not carry Windows license-included billing: \
+                 instances from it need your own licence \
+                 (https://docs.aws.amazon.com/vm-import/latest/userguide/licensing.html)",
+        fix: "bring your own licence (BYOL, on Dedicated Hosts where the licence requires it), or import the image \
+              with VM Import (aws ec2 import-image) for license-included billing",
+        set: &[],
+    },
     Rule {
         id: "aws-arch",
         level: Level::Fail,
@@ -287,6 +389,77 @@ pub const AZURE: &[Rule] = &[
         fix: "install a kernel that ships hv_netvsc (linux-azure, or the distribution's generic kernel)",
         set: &[],
     },
+    WIN_UNREAD,
+    Rule {
+        id: "azure-windows-hv-storage",
+        level: Level::Fail,
+        when: |f| {
+            f.win()
+                .filter(|w| !(w.boot_driver("storvsc") && w.boot_driver("vmbus")))
+                .map(|_| win_evidence(f, WIN_HV_STORAGE))
+        },
+        reason: "the Hyper-V storage drivers (vmbus and storvsc with a boot start type) are not installed: Azure \
+                 disks are VMBus SCSI disks, so Windows stops with INACCESSIBLE_BOOT_DEVICE \
+                 (https://learn.microsoft.com/azure/virtual-machines/windows/prepare-for-upload-vhd-image); they are \
+                 in-box since Windows Server 2008 R2",
+        fix: "in the guest, set the storvsc and vmbus services to start at boot (sc config storvsc start= boot; \
+              sc config vmbus start= boot), or boot it once on Hyper-V, before capturing",
+        set: &[],
+    },
+    Rule {
+        id: "azure-windows-hv-net",
+        level: Level::Warn,
+        when: |f| yes(f.win_has(&["netvsc"]) == Some(false)).map(|_| win_evidence(f, &["netvsc"])),
+        reason: "no Hyper-V network driver (netvsc): the VM will have no network",
+        fix: "boot the guest once on Hyper-V, or install the Hyper-V integration components, before capturing",
+        set: &[],
+    },
+    Rule {
+        id: "azure-windows-gen2",
+        level: Level::Fail,
+        when: |f| {
+            let w = f.win()?;
+            if !f.boot("uefi") {
+                return None;
+            }
+            let old = w.version().is_some_and(|v| v < (6, 2));
+            let arch = w.arch.as_deref().is_some_and(|a| a != "x86_64");
+            let client_old = !w.is_server() && w.version().is_some_and(|v| v < (10, 0));
+            (old || arch || client_old).then(|| {
+                format!(
+                    "{} {}, version {}",
+                    w.product_name.as_deref().unwrap_or("Windows"),
+                    w.arch.as_deref().unwrap_or("unknown arch"),
+                    w.version()
+                        .map_or("unknown".into(), |(a, b)| format!("{a}.{b}"))
+                )
+            })
+        },
+        reason: "the guest boots only by UEFI (Hyper-V generation 2), which Azure supports for 64-bit Windows \
+                 Server 2012 or later and 64-bit Windows 10/11 only \
+                 (https://learn.microsoft.com/azure/virtual-machines/generation-2)",
+        fix: "migrate a BIOS-bootable copy as generation 1 (--hyper-v-generation V1), or upgrade the guest",
+        set: &[],
+    },
+    Rule {
+        id: "azure-windows-specialized",
+        level: Level::Warn,
+        when: |f| {
+            f.win().filter(|w| w.generalized != Some(true)).map(|w| {
+                format!(
+                    "ImageState {}",
+                    w.image_state.as_deref().unwrap_or("not set")
+                )
+            })
+        },
+        reason: "the guest is not generalised (sysprep /generalize): Azure takes it as a specialised image \
+                 (a specialized gallery image version, not a managed image), and every VM made from it keeps its \
+                 computer name, SIDs and accounts \
+                 (https://learn.microsoft.com/azure/virtual-machines/shared-image-galleries#generalized-and-specialized-images)",
+        fix: "run `sysprep /generalize /oobe /shutdown` inside the guest before capturing it, or register it as \
+              a specialized image",
+        set: &[],
+    },
     Rule {
         id: "azure-agent",
         level: Level::Warn,
@@ -331,6 +504,69 @@ pub const LIBVIRT: &[Rule] = &[
     BOOT_UNKNOWN,
     INITRAMFS_BROKEN,
     DRIVERS_UNKNOWN,
+    WIN_UNREAD,
+    Rule {
+        id: "libvirt-windows-virtio-scsi",
+        level: Level::Warn,
+        when: |f| {
+            yes(f.win_boot(WIN_VIRTIO_BLK) == Some(false)
+                && f.win_boot(WIN_VIRTIO_SCSI) == Some(true))
+            .map(|_| win_evidence(f, &["viostor", "vioscsi"]))
+        },
+        reason: "viostor (virtio-blk) is not installed with a boot start type, but vioscsi (virtio-scsi) is",
+        fix: "attach the disk with bus='scsi' on a virtio-scsi controller",
+        set: &[("bus", "scsi")],
+    },
+    Rule {
+        id: "libvirt-windows-sata",
+        level: Level::Warn,
+        when: |f| {
+            yes(f.win_boot(WIN_VIRTIO_BLK) == Some(false)
+                && f.win_boot(WIN_VIRTIO_SCSI) == Some(false)
+                && f.win_boot(WIN_SATA) == Some(true))
+            .map(|_| win_evidence(f, &["viostor", "vioscsi", "storahci", "msahci"]))
+        },
+        reason: "no virtio storage driver (viostor, vioscsi) with a boot start type: on a virtio disk Windows stops \
+                 with INACCESSIBLE_BOOT_DEVICE; the in-box SATA (AHCI) driver is there",
+        fix: "attach the disk with bus='sata'; to move to virtio later, install the virtio-win drivers in the \
+              guest, add a small virtio disk, boot once, then switch the boot disk to virtio",
+        set: &[("bus", "sata")],
+    },
+    Rule {
+        id: "libvirt-windows-ide",
+        level: Level::Warn,
+        when: |f| {
+            yes(f.win_boot(WIN_VIRTIO_BLK) == Some(false)
+                && f.win_boot(WIN_VIRTIO_SCSI) == Some(false)
+                && f.win_boot(WIN_SATA) == Some(false)
+                && f.win_boot(WIN_IDE) == Some(true))
+            .map(|_| win_evidence(f, &["pciide", "atapi"]))
+        },
+        reason: "no virtio or SATA storage driver with a boot start type, but the in-box IDE one is",
+        fix: "attach the disk with bus='ide'",
+        set: &[("bus", "ide")],
+    },
+    Rule {
+        id: "libvirt-windows-no-disk-driver",
+        level: Level::Fail,
+        when: |f| {
+            let all = [WIN_VIRTIO_BLK, WIN_VIRTIO_SCSI, WIN_SATA, WIN_IDE].concat();
+            yes(f.win_boot(&all) == Some(false)).map(|_| win_evidence(f, &all))
+        },
+        reason: "no virtio, SATA or IDE storage driver with a boot start type: Windows stops with \
+                 INACCESSIBLE_BOOT_DEVICE on every libvirt disk bus",
+        fix: "in the guest, install the virtio-win drivers (viostor) or set storahci to start at boot \
+              (sc config storahci start= boot) before capturing",
+        set: &[],
+    },
+    Rule {
+        id: "libvirt-windows-nic",
+        level: Level::Warn,
+        when: |f| yes(f.win_has(&["netkvm"]) == Some(false)).map(|_| win_evidence(f, &["netkvm"])),
+        reason: "no virtio network driver (netkvm): a virtio NIC will not work",
+        fix: "define the interface with model type='e1000e' (in-box), or install the virtio-win drivers in the guest",
+        set: &[("nic_model", "e1000e")],
+    },
     Rule {
         id: "libvirt-root-sd-scsi",
         level: Level::Warn,
@@ -589,6 +825,108 @@ mod tests {
         assert_eq!(
             ids(&evaluate("libvirt", LIBVIRT, &f)),
             ["libvirt-boot-loader"]
+        );
+    }
+
+    fn windows(drivers: &[(&str, u32)], generalized: bool) -> Facts {
+        use crate::guest::windows::{Driver, start_type};
+        Facts {
+            boot_mode: "bios".into(),
+            arch: Some("x86_64".into()),
+            size: 64 << 20,
+            windows: Some(WindowsInstall {
+                root: "/dev/sda1".into(),
+                arch: Some("x86_64".into()),
+                product_name: Some("Windows Server 2019 Datacenter".into()),
+                product_variant: Some("Server".into()),
+                major_version: Some(10),
+                minor_version: Some(0),
+                generalized: Some(generalized),
+                registry_read: true,
+                drivers: drivers
+                    .iter()
+                    .map(|&(n, st)| Driver {
+                        name: n.into(),
+                        start: Some(st),
+                        start_type: start_type(Some(st)).into(),
+                        image_path: None,
+                        file_present: true,
+                    })
+                    .collect(),
+                ..WindowsInstall::default()
+            }),
+            ..Facts::default()
+        }
+    }
+
+    #[test]
+    fn windows_rules() {
+        let all = [
+            ("viostor", 0),
+            ("netkvm", 3),
+            ("AWSNVMe", 0),
+            ("ena", 3),
+            ("storvsc", 0),
+            ("vmbus", 0),
+            ("netvsc", 3),
+            ("storahci", 0),
+        ];
+        let f = windows(&all, true);
+        assert_eq!(ids(&evaluate("aws", AWS, &f)), ["aws-windows-license"]);
+        assert_eq!(evaluate("azure", AZURE, &f).verdict, Level::Ok);
+        assert_eq!(evaluate("libvirt", LIBVIRT, &f).verdict, Level::Ok);
+        // stornvme on demand does not count; in-box SATA on demand leaves IDE, then nothing.
+        let f = windows(&[("stornvme", 3), ("storahci", 3), ("pciide", 0)], false);
+        let aws = evaluate("aws", AWS, &f);
+        assert_eq!(
+            ids(&aws),
+            ["aws-windows-nvme", "aws-windows-ena", "aws-windows-license"]
+        );
+        assert!(aws.findings[0].reason.contains("stornvme start demand"));
+        let lv = evaluate("libvirt", LIBVIRT, &f);
+        assert_eq!(ids(&lv), ["libvirt-windows-ide", "libvirt-windows-nic"]);
+        assert_eq!(lv.settings["bus"], "ide");
+        assert_eq!(lv.settings["nic_model"], "e1000e");
+        let az = evaluate("azure", AZURE, &f);
+        assert_eq!(
+            ids(&az),
+            [
+                "azure-windows-hv-storage",
+                "azure-windows-hv-net",
+                "azure-windows-specialized"
+            ]
+        );
+        let f = windows(&[("vioscsi", 0)], true);
+        assert_eq!(evaluate("libvirt", LIBVIRT, &f).settings["bus"], "scsi");
+        let f = windows(&[], true);
+        assert_eq!(
+            evaluate("libvirt", LIBVIRT, &f).verdict,
+            Level::Fail,
+            "no storage driver at all"
+        );
+        // A driver whose file is gone does not count.
+        let mut f = windows(&[("viostor", 0), ("storahci", 0)], true);
+        if let Some(w) = f.windows.as_mut() {
+            w.drivers[0].file_present = false;
+        }
+        assert_eq!(evaluate("libvirt", LIBVIRT, &f).settings["bus"], "sata");
+        // Generation 2: 64-bit Server 2012 (6.2) or later, or Windows 10/11.
+        let mut f = windows(&all, true);
+        f.boot_mode = "uefi".into();
+        f.gpt_esp = true;
+        assert_eq!(evaluate("azure", AZURE, &f).verdict, Level::Ok);
+        if let Some(w) = f.windows.as_mut() {
+            (w.major_version, w.minor_version) = (Some(6), Some(1));
+        }
+        assert_eq!(ids(&evaluate("azure", AZURE, &f)), ["azure-windows-gen2"]);
+        // Registry unread: one warning, no driver rules.
+        let mut f = windows(&[], false);
+        if let Some(w) = f.windows.as_mut() {
+            w.registry_read = false;
+        }
+        assert_eq!(
+            ids(&evaluate("aws", AWS, &f)),
+            ["aws-windows-registry", "aws-windows-license"]
         );
     }
 

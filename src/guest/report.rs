@@ -41,7 +41,7 @@ pub struct Report {
     pub boot: BootInfo,
     /// Operating systems (Linux roots with an os-release).
     pub operatingsystems: Vec<OperatingSystem>,
-    /// Windows installations (NTFS volumes with a system root); their drivers and registry are not read.
+    /// Windows installations (NTFS volumes with a system root), with what their registry says.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub windows: Vec<super::windows::WindowsInstall>,
     /// Everything that could not be read, each naming the device or file.
@@ -82,7 +82,26 @@ pub fn inspect(disk: &Window) -> Report {
             type_name: p.type_name.clone(),
         });
     }
+    if table
+        .partitions
+        .iter()
+        .any(|p| p.type_name.starts_with("windows-ldm"))
+    {
+        problems.push(
+            "the disk is a Windows dynamic disk (Logical Disk Manager): its volumes are not read; convert it to a \
+             basic disk in the guest (Disk Management) before migrating"
+                .into(),
+        );
+    }
     for f in &found {
+        if f.info.fs_type == "BitLocker" {
+            problems.push(format!(
+                "{}: BitLocker-encrypted volume: not read, and imgshift refuses to write to it (generalisation \
+                 included); suspend or decrypt BitLocker in the guest (manage-bde -off) before migrating",
+                f.device
+            ));
+            continue;
+        }
         if !f.info.inspectable && f.info.fs_type != "swap" && f.info.fs_type != "unknown" {
             problems.push(format!(
                 "{}: {} is present but not inspectable (imgshift reads ext2/3/4 and FAT)",
@@ -103,11 +122,14 @@ pub fn inspect(disk: &Window) -> Report {
     let operatingsystems = linux_roots(&found, &mut problems);
     let mut windows = Vec::new();
     for f in found.iter().filter(|f| f.info.fs_type == "ntfs") {
-        match super::windows::detect(&f.window, &f.device) {
+        match super::windows::detect(&f.window, &f.device, &mut problems) {
             Ok(Some(w)) => windows.push(w),
             Ok(None) => {}
             Err(e) => problems.push(e),
         }
+    }
+    if !windows.is_empty() {
+        windows_boot(&found, &table, &mut windows);
     }
     Report {
         virtual_size: disk.len(),
@@ -120,6 +142,53 @@ pub fn inspect(disk: &Window) -> Report {
         operatingsystems,
         windows,
         problems,
+    }
+}
+
+/// Windows Boot Manager's store: `\EFI\Microsoft\Boot\BCD` on an ESP (UEFI), or `bootmgr` with `\Boot\BCD` on
+/// the Windows volume when it is the active partition of an MBR disk (BIOS).
+fn windows_boot(
+    found: &[Found],
+    table: &PartitionTable,
+    windows: &mut [super::windows::WindowsInstall],
+) {
+    let esp = found
+        .iter()
+        .filter(|f| f.type_name == "efi-system" && f.info.fs_type == "vfat")
+        .find(|f| super::windows::esp_bcd(&f.window))
+        .map(|f| f.device.clone());
+    for w in windows.iter_mut() {
+        if let Some(dev) = &esp {
+            w.boot_loader = Some("uefi".into());
+            w.boot_store = Some(format!("{dev}:\\EFI\\Microsoft\\Boot\\BCD"));
+            continue;
+        }
+        let active_dev = (table.scheme == "mbr")
+            .then(|| table.partitions.iter().find(|p| p.bootable))
+            .flatten()
+            .map(|p| format!("/dev/sda{}", p.number));
+        // Windows Setup on BIOS puts bootmgr on a separate active "System Reserved" partition.
+        if let Some(dev) = active_dev.as_ref().filter(|d| **d != w.root)
+            && let Some(f) = found
+                .iter()
+                .find(|f| &f.device == dev && f.info.fs_type == "ntfs")
+            && super::windows::bootmgr(&f.window)
+        {
+            w.boot_loader = Some("bios".into());
+            w.boot_store = Some(format!("{dev}:\\bootmgr, \\Boot\\BCD (active partition)"));
+            continue;
+        }
+        let active = active_dev.as_deref() == Some(w.root.as_str());
+        match (&w.boot_store, active) {
+            (Some(s), true) => {
+                w.boot_loader = Some("bios".into());
+                w.boot_store = Some(format!("{}:{s} (active partition)", w.root));
+            }
+            (Some(s), false) => {
+                w.boot_store = Some(format!("{}:{s} (not an active MBR partition)", w.root));
+            }
+            (None, _) => {}
+        }
     }
 }
 
@@ -252,7 +321,14 @@ impl Report {
                 })
                 .unwrap_or_default(),
             agents: os.map(|o| o.agents.clone()).unwrap_or_default(),
-            arch: os.and_then(|o| o.arch.clone()),
+            arch: os
+                .and_then(|o| o.arch.clone())
+                .or_else(|| self.windows.first().and_then(|w| w.arch.clone())),
+            windows: if os.is_none() {
+                self.windows.first().cloned()
+            } else {
+                None
+            },
             size: self.virtual_size,
             aws_boot_mode: aws_boot_mode.map(str::to_string),
         }
