@@ -266,33 +266,8 @@ pub fn open_one(
             let Some(boot) = opened.disks.disks.into_iter().next() else {
                 bail!("{}: no disk", src.display());
             };
-            Ok(Box::new(Shared(boot)))
+            Ok(Box::new(boot))
         }
-    }
-}
-
-/// A shared disk as an owned one.
-struct Shared(Arc<dyn DiskSource>);
-
-impl DiskSource for Shared {
-    fn format(&self) -> imgshift_converters::Format {
-        self.0.format()
-    }
-    fn virtual_size(&self) -> u64 {
-        self.0.virtual_size()
-    }
-    fn extents(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> imgshift_converters::Result<imgshift_converters::ExtentMap> {
-        self.0.extents(offset, len)
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> imgshift_converters::Result<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn info(&self) -> imgshift_converters::ImageInfo {
-        self.0.info()
     }
 }
 

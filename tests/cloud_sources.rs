@@ -33,6 +33,17 @@ fn snapshot_of(dir: &Path, raw: &Path) -> String {
     v["snapshot_id"].as_str().unwrap().to_string()
 }
 
+/// `c` (an Azure test command) with the AWS test credentials and moto's region, and nothing else of AWS.
+fn with_aws(c: &mut Command, d: &Path) {
+    c.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_SESSION_TOKEN", SESSION_TOKEN)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", d.join("no-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", d.join("no-credentials"));
+}
+
 fn imgshift_aws(dir: &Path, args: &[&str]) -> util::Run {
     let mut c = aws_cmd(dir);
     c.args(args);
@@ -153,13 +164,7 @@ fn a_two_disk_uefi_ami_becomes_azure_v2_os_and_data_disks_equal_to_the_source() 
     .trim()
     .to_string();
     let mut c = env.cmd();
-    c.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        .env("AWS_SESSION_TOKEN", SESSION_TOKEN)
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", d.join("no-config"))
-        .env("AWS_SHARED_CREDENTIALS_FILE", d.join("no-credentials"));
+    with_aws(&mut c, d);
     c.args(["migrate", &format!("aws:{ami}"), "--to", "azure"])
         .args(["--source-endpoint-url", &moto_url()])
         .args([
@@ -237,13 +242,7 @@ fn an_azure_disk_converts_in_place_and_migrates_to_aws_with_its_generation() {
     // migrate to AWS: a snapshot holding the same bytes, an AMI registered for UEFI (the disk is Hyper-V V2).
     let name = format!("fromazure-{}", std::process::id());
     let mut c = env.cmd();
-    c.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        .env("AWS_SESSION_TOKEN", SESSION_TOKEN)
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", d.join("no-config"))
-        .env("AWS_SHARED_CREDENTIALS_FILE", d.join("no-credentials"));
+    with_aws(&mut c, d);
     c.args([
         "migrate",
         &src,
@@ -320,13 +319,7 @@ fn a_cloud_to_cloud_migrate_killed_mid_copy_resumes_into_one_disk() {
     let snap = snapshot_of(d, &raw);
     let cmd = || {
         let mut c = env.cmd();
-        c.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-            .env("AWS_SESSION_TOKEN", SESSION_TOKEN)
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("AWS_CONFIG_FILE", d.join("no-config"))
-            .env("AWS_SHARED_CREDENTIALS_FILE", d.join("no-credentials"));
+        with_aws(&mut c, d);
         c.args(["migrate", &format!("aws:{snap}"), "--to", "azure"])
             .args(["--source-endpoint-url", &moto_url()])
             .args([
@@ -384,12 +377,12 @@ fn raw_padded(dir: &Path, raw: &Path, size: u64) -> PathBuf {
 
 #[test]
 fn a_read_sas_that_expires_mid_copy_is_renewed() {
-    // The fake ARM's second grant (the convert's read SAS) lasts 3 s; every blob request of this disk is held
-    // 400 ms by the proxy in front of Azurite, so the copy (properties, page ranges, footer, 6 reads of 4 MiB)
-    // outlives its SAS.
+    // The fake ARM's second grant (the convert's read SAS) lasts 1 s; every blob request of this disk is held
+    // 400 ms by the proxy in front of Azurite, so the copy (properties, footer, page ranges, then the data)
+    // always outlives its SAS, and exactly one renewal follows.
     let env = azure_util::Env::start(
         "sasrenew",
-        &["--sas-ttl", "3600,3,3600"],
+        &["--sas-ttl", "3600,1,3600"],
         Some(&["--fault-path", "renew-disk", "--delay-ms", "400"]),
     );
     let d = env.path();
@@ -465,10 +458,7 @@ fn readme_example_ami_to_azure() {
     .trim()
     .to_string();
     let mut c = env.cmd();
-    c.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true");
+    with_aws(&mut c, d);
     c.args(["migrate", &format!("aws:{ami}"), "--to", "azure"])
         .args(["--source-endpoint-url", &moto_url()])
         .args([

@@ -112,6 +112,35 @@ pub trait DiskSource: Send + Sync {
     }
 }
 
+/// A shared disk is a disk: every call goes to the one shared (so an `Arc` can be handed on where a boxed source
+/// is wanted).
+impl<T: DiskSource + ?Sized> DiskSource for std::sync::Arc<T> {
+    fn format(&self) -> Format {
+        (**self).format()
+    }
+    fn virtual_size(&self) -> u64 {
+        (**self).virtual_size()
+    }
+    fn extents(&self, offset: u64, len: u64) -> Result<ExtentMap> {
+        (**self).extents(offset, len)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn backing(&self) -> Option<&dyn DiskSource> {
+        (**self).backing()
+    }
+    fn host_extents(&self, offset: u64, len: u64) -> Result<Option<Vec<HostExtent>>> {
+        (**self).host_extents(offset, len)
+    }
+    fn info(&self) -> ImageInfo {
+        (**self).info()
+    }
+    fn check(&self) -> Result<CheckReport> {
+        (**self).check()
+    }
+}
+
 /// Checks that `[offset, offset+len)` lies inside a disk of `size` bytes.
 pub fn check_range(size: u64, offset: u64, len: u64) -> Result<()> {
     match offset.checked_add(len) {

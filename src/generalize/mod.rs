@@ -264,7 +264,7 @@ pub fn prepare(
     let src: Arc<dyn DiskSource> = Arc::from(src);
     if let Some(note) = verify::windows_state(Arc::clone(&src))? {
         return Ok(Generalized {
-            source: Box::new(Shared(src)),
+            source: Box::new(src),
             outcome: None,
             note: Some(note),
         });
@@ -298,44 +298,6 @@ pub fn prepare(
         outcome,
         note: None,
     })
-}
-
-/// A shared source handed on where a boxed one is wanted (a Windows guest passed through unchanged).
-struct Shared(Arc<dyn DiskSource>);
-
-impl DiskSource for Shared {
-    fn format(&self) -> Format {
-        self.0.format()
-    }
-    fn virtual_size(&self) -> u64 {
-        self.0.virtual_size()
-    }
-    fn extents(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> imgshift_converters::Result<imgshift_converters::ExtentMap> {
-        self.0.extents(offset, len)
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> imgshift_converters::Result<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn backing(&self) -> Option<&dyn DiskSource> {
-        self.0.backing()
-    }
-    fn host_extents(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> imgshift_converters::Result<Option<Vec<imgshift_converters::HostExtent>>> {
-        self.0.host_extents(offset, len)
-    }
-    fn info(&self) -> imgshift_converters::ImageInfo {
-        self.0.info()
-    }
-    fn check(&self) -> imgshift_converters::Result<imgshift_converters::CheckReport> {
-        self.0.check()
-    }
 }
 
 /// One line for standard error about what a generalisation did.

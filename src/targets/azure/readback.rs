@@ -129,21 +129,30 @@ impl PageBlob {
 
     /// The written page ranges, as `[start, end)` byte ranges, sorted and merged where adjacent.
     pub fn page_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        let (_, seen) = self.versioned_client()?;
+        match self.page_ranges_once() {
+            // The SAS expired: a new one, and the listing again (once).
+            Err(e) if retry::has_status(&e, 403) && self.renew(seen)? => self.page_ranges_once(),
+            r => r,
+        }
+    }
+
+    fn page_ranges_once(&self) -> Result<Vec<(u64, u64)>> {
         let pbc = self.client()?.page_blob_client();
         self.rt.block_on(async {
             let mut out: Vec<(u64, u64)> = Vec::new();
             let mut pages = pbc
                 .list_page_ranges(None)
-                .map_err(|e| anyhow::anyhow!("Get Page Ranges failed: {}", retry::describe(&e)))?;
+                .map_err(|e| retry::CallError::new("Get Page Ranges", &e, 1))?;
             let mut n = 0usize;
             while let Some(page) = pages.next().await {
                 n += 1;
                 if n > MAX_LIST_PAGES {
                     bail!("Get Page Ranges returned more than {MAX_LIST_PAGES} pages");
                 }
-                let list = page.and_then(|p| p.into_model()).map_err(|e| {
-                    anyhow::anyhow!("Get Page Ranges failed: {}", retry::describe(&e))
-                })?;
+                let list = page
+                    .and_then(|p| p.into_model())
+                    .map_err(|e| retry::CallError::new("Get Page Ranges", &e, 1))?;
                 for r in list.page_ranges {
                     let (Some(s), Some(e)) = (r.start, r.end) else {
                         bail!("Get Page Ranges returned a range without a start or an end");

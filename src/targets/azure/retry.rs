@@ -72,6 +72,22 @@ pub struct CallError {
     pub detail: String,
 }
 
+impl CallError {
+    /// `err`, the failure of `what` after `attempts` attempts.
+    pub fn new(what: &str, err: &azure_core::Error, attempts: u32) -> CallError {
+        let status = match err.kind() {
+            ErrorKind::HttpResponse { status, .. } => Some(u16::from(*status)),
+            _ => None,
+        };
+        CallError {
+            what: what.to_string(),
+            status,
+            attempts,
+            detail: describe(err),
+        }
+    }
+}
+
 /// Whether `e` is an Azure call refused with HTTP `status`.
 pub fn has_status(e: &anyhow::Error, status: u16) -> bool {
     e.chain()
@@ -98,17 +114,7 @@ where
                 let class = classify(&e);
                 on_class(class);
                 if class == Class::Fatal || attempt >= policy.max_attempts.max(1) {
-                    let status = match e.kind() {
-                        ErrorKind::HttpResponse { status, .. } => Some(u16::from(*status)),
-                        _ => None,
-                    };
-                    return Err(CallError {
-                        what: what.to_string(),
-                        status,
-                        attempts: attempt,
-                        detail: describe(&e),
-                    }
-                    .into());
+                    return Err(CallError::new(what, &e, attempt).into());
                 }
                 tokio::time::sleep(policy.backoff(attempt)).await;
             }

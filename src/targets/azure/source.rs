@@ -102,9 +102,16 @@ impl AzureDiskSource {
         };
         // A copy that outlives its SAS asks for a new one (the grant is the same disk's; endGetAccess ends all).
         let (rt2, arm2, disk2) = (Arc::clone(&rt), Arc::clone(&arm), name.to_string());
-        let blob = PageBlob::open(rt.handle().clone(), &sas, &transport, policy)?.renewing(
-            Box::new(move || rt2.block_on(arm2.grant_read(&disk2, READ_ACCESS_SECONDS))),
-        );
+        let renew: super::readback::Renew =
+            Box::new(move || rt2.block_on(arm2.grant_read(&disk2, READ_ACCESS_SECONDS)));
+        // The SAS may already have expired when its first request arrives (a slow grant): once more, fresh.
+        let blob = match PageBlob::open(rt.handle().clone(), &sas, &transport, policy) {
+            Err(e) if super::retry::has_status(&e, 403) => {
+                PageBlob::open(rt.handle().clone(), &renew()?, &transport, policy)?
+            }
+            r => r?,
+        }
+        .renewing(renew);
         drop(sas);
         let size = blob.size();
         let Some(data_size) = size.checked_sub(FOOTER) else {
