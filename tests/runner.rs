@@ -330,3 +330,33 @@ fn jobs_in_a_missing_state_dir_is_an_error_and_other_layouts_are_named() {
         r.stderr
     );
 }
+
+#[test]
+fn a_dry_run_with_a_target_option_missing_fails_with_one_line() {
+    let d = tmpdir();
+    let raw = data_image(d.path(), 1);
+    // Azure needs a subscription, a resource group and a location even for a dry run (it checks them there).
+    let mut c = Command::new(util::imgshift_bin());
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", d.path())
+        .args([
+            "migrate",
+            s(&raw),
+            "--to",
+            "azure",
+            "--dry-run",
+            "-g",
+            "rg",
+            "-l",
+            "westeurope",
+        ]);
+    let r = run(c);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("--subscription"), "{}", r.stderr);
+    // libvirt needs a pool.
+    let r = util::imgshift(&["migrate", s(&raw), "--to", "libvirt", "--dry-run"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("--pool"), "{}", r.stderr);
+}

@@ -36,9 +36,9 @@ pub mod xml;
 pub enum Error {
     /// The daemon could not be reached.
     #[error(
-        "cannot connect to libvirt at '{uri}': {message}; start libvirtd (`systemctl start libvirtd`, or `bash \
-         .ci/standins start` in imgshift's repository) or point --connect at a running daemon, e.g. \
-         'qemu:///system?socket=/path/to/libvirt-sock'"
+        "cannot connect to libvirt at '{uri}': {message}; start libvirtd (`systemctl start libvirtd`, or \
+         `systemctl start virtqemud.socket` on a modular daemon) or point the connection URI at a running daemon, \
+         e.g. 'qemu:///system?socket=/path/to/libvirt-sock'"
     )]
     Connect {
         /// The URI tried.
