@@ -152,7 +152,7 @@ pub struct JobState {
     /// The disks: each with its own done-bitmap and target ids.
     #[serde(default)]
     pub disks: Vec<DiskPart>,
-    /// The preflight's settings for the target (boot mode, generation, firmware, bus, linux_root).
+    /// The preflight's settings for the target (boot mode, generation, firmware, bus, os_read).
     #[serde(default)]
     pub settings: std::collections::BTreeMap<String, String>,
     /// What inspection found, in one line.

@@ -673,3 +673,25 @@ fn bitlocker_volumes_and_dynamic_disks_are_named() {
         "{v:#}"
     );
 }
+
+/// The libvirt domain follows the Windows verdict: virtio when viostor starts at boot (server2019), SATA when
+/// only the in-box AHCI driver does (server2016), as `--disk-bus auto` does for Linux guests.
+#[test]
+fn libvirt_auto_bus_follows_the_windows_drivers() {
+    let pool = util::libvirt::Pool::new();
+    for (variant, bus) in [("server2019", "virtio"), ("server2016", "sata")] {
+        let dom = format!("{}-{variant}", pool.name);
+        let r = pool.upload(
+            &disk(variant),
+            &format!("{variant}.qcow2"),
+            &["--define", &dom, "--disk-bus", "auto", "--firmware", "auto"],
+        );
+        assert_eq!(r.code, 0, "{variant}: {}", r.stderr);
+        let xml = util::libvirt::virsh_ok(&["dumpxml", &dom]);
+        assert!(
+            xml.contains(&format!("bus='{bus}'")) || xml.contains(&format!("bus=\"{bus}\"")),
+            "{variant}: expected bus {bus} in {xml}"
+        );
+        util::libvirt::virsh(&["undefine", &dom]);
+    }
+}

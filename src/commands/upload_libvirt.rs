@@ -263,7 +263,7 @@ pub(crate) fn inspect_guest(src: &Arc<dyn DiskSource>) -> GuestHints {
         .unwrap_or_default();
     let (fw, why) = partition_firmware(src.as_ref());
     GuestHints {
-        linux: facts.linux_root,
+        os_read: facts.linux_root || facts.windows.as_ref().is_some_and(|w| w.registry_read),
         settings,
         partition_firmware: Some((fw, why.to_string())),
     }

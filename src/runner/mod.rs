@@ -222,8 +222,8 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
         });
         fresh.settings = pf.verdict.settings.clone();
         fresh.settings.insert(
-            "linux_root".into(),
-            if pf.linux_root { "yes" } else { "no" }.into(),
+            "os_read".into(),
+            if pf.os_read { "yes" } else { "no" }.into(),
         );
         fresh.guest = Some(pf.guest.clone());
     }

@@ -22,8 +22,9 @@ pub struct Preflight {
     pub guest: String,
     /// The target's verdict.
     pub verdict: Verdict,
-    /// Whether a Linux root filesystem was read (its drivers, fstab and boot files are known).
-    pub linux_root: bool,
+    /// Whether the guest's operating system was read (a Linux root filesystem, or a Windows registry): its boot
+    /// drivers and boot files are known.
+    pub os_read: bool,
 }
 
 impl Preflight {
@@ -95,7 +96,7 @@ pub fn preflight(boot: &Arc<dyn DiskSource>, target: &str, boot_mode: Option<&st
     Preflight {
         guest,
         verdict,
-        linux_root: facts.linux_root,
+        os_read: facts.linux_root || facts.windows.as_ref().is_some_and(|w| w.registry_read),
     }
 }
 

@@ -127,7 +127,7 @@ impl LibvirtTarget {
     /// What inspection found, as the inspect stage kept it: the preflight settings, whether a Linux root was
     /// read, and the firmware disk 0's partition table suggests (kept by its upload).
     fn hints(job: &Job) -> Result<GuestHints> {
-        let linux = job.settings.get("linux_root").map(String::as_str) == Some("yes");
+        let os_read = job.settings.get("os_read").map(String::as_str) == Some("yes");
         let partition_firmware = match job.id_of(JobKey::PartitionFirmware)?.as_deref() {
             Some("uefi") => Some(Firmware::Uefi),
             Some("bios") => Some(Firmware::Bios),
@@ -142,7 +142,7 @@ impl LibvirtTarget {
             (fw, why)
         });
         Ok(GuestHints {
-            linux,
+            os_read,
             settings: job.settings.clone(),
             partition_firmware,
         })

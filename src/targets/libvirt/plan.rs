@@ -102,8 +102,9 @@ impl DomainChoices {
 /// What is known about the guest for the `auto` choices.
 #[derive(Debug, Clone, Default)]
 pub struct GuestHints {
-    /// A Linux root filesystem was read (its drivers and boot mode are known).
-    pub linux: bool,
+    /// The guest's operating system was read — a Linux root filesystem or a Windows registry — so its boot
+    /// drivers and boot mode are known.
+    pub os_read: bool,
     /// The libvirt preflight's settings (`firmware`: bios/efi, `bus`: virtio/scsi/sata/ide).
     pub settings: BTreeMap<String, String>,
     /// The firmware the partition table suggests, and why (used without a Linux root).
@@ -215,14 +216,14 @@ fn auto_firmware(g: &GuestHints) -> (Firmware, String) {
             Firmware::Bios
         }
     };
-    if g.linux {
+    if g.os_read {
         return (
             from_setting(),
             "from the guest's boot mode (inspection)".into(),
         );
     }
     match &g.partition_firmware {
-        // No Linux root to inspect: an ESP on a GPT is what UEFI firmware boots from (Azure's rule).
+        // No operating system read: an ESP on a GPT is what UEFI firmware boots from (Azure's rule).
         Some((fw, why)) => (*fw, why.clone()),
         None => (
             from_setting(),
@@ -234,11 +235,11 @@ fn auto_firmware(g: &GuestHints) -> (Firmware, String) {
 /// `--disk-bus auto`.
 fn auto_bus(g: &GuestHints) -> (DiskBus, &'static str) {
     match g.setting("bus") {
-        Some("virtio") if g.linux => (
+        Some("virtio") if g.os_read => (
             DiskBus::Virtio,
-            "disk bus virtio: the guest's initramfs has the virtio drivers (inspection)",
+            "disk bus virtio: the guest starts the virtio block drivers at boot (inspection)",
         ),
-        Some("scsi") if g.linux => (
+        Some("scsi") if g.os_read => (
             DiskBus::Scsi,
             "disk bus scsi: inspection suggests it for this guest",
         ),
@@ -256,7 +257,7 @@ mod tests {
 
     fn hints(linux: bool, fw: &str, bus: &str) -> GuestHints {
         GuestHints {
-            linux,
+            os_read: linux,
             settings: [("firmware", fw), ("bus", bus)]
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
