@@ -54,6 +54,10 @@ fn migrate_cmd(env: &Env, src: &Path, name: &str, extra: &[&str]) -> Command {
 
 /// `imgshift jobs --output json` in the environment's state folder.
 fn jobs(env: &Env) -> Vec<serde_json::Value> {
+    // No job ever made the folder: no jobs (`imgshift jobs` refuses a --state-dir that does not exist).
+    if !state_dir(env).is_dir() {
+        return Vec::new();
+    }
     let mut c = env.cmd();
     c.args([
         "jobs",
