@@ -37,7 +37,7 @@ pub enum Error {
     /// The daemon could not be reached.
     #[error(
         "cannot connect to libvirt at '{uri}': {message}; start libvirtd (`systemctl start libvirtd`, or \
-         `systemctl start virtqemud.socket` on a modular daemon) or point the connection URI at a running daemon, \
+         `systemctl start virtqemud.socket` on a modular daemon) or point --connect at a running daemon, \
          e.g. 'qemu:///system?socket=/path/to/libvirt-sock'"
     )]
     Connect {
