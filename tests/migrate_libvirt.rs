@@ -457,7 +457,9 @@ fn missing_pool_and_unreachable_daemon_are_one_line() {
     ]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
-        r.stderr.contains("cannot connect to libvirt") && r.stderr.contains(".ci/standins start"),
+        r.stderr.contains("cannot connect to libvirt")
+            && r.stderr.contains("start libvirtd")
+            && !r.stderr.contains(".ci/"),
         "{}",
         r.stderr
     );
