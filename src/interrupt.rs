@@ -140,6 +140,11 @@ pub fn install() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A flag that turns true at the first SIGINT or SIGTERM once [`install`] ran (for code that polls a flag).
+pub fn stop_flag() -> Arc<AtomicBool> {
+    Arc::clone(armed())
+}
+
 /// `Err` once SIGINT or SIGTERM arrived.
 pub fn check() -> Result<(), Interrupted> {
     match received_signal().load(Ordering::Relaxed) {

@@ -6,7 +6,6 @@
 //! defined), or names what was left behind.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Result;
 use imgshift_converters::{ConvertStats, DiskSource};
@@ -290,7 +289,17 @@ fn upload(
     quiet: bool,
 ) -> Result<(SentCounts, ConvertStats)> {
     let bar = Bar::new("upload", args.progress, quiet);
-    let r = fill::fill(created, format, src, None, &bar, Some(interrupt_flag()));
+    // Ctrl-C or SIGTERM: the sink fails its next write and the volume is deleted like after any other failure
+    // (a second signal ends the process at once).
+    crate::interrupt::install()?;
+    let r = fill::fill(
+        created,
+        format,
+        src,
+        None,
+        &bar,
+        Some(crate::interrupt::stop_flag()),
+    );
     bar.finish();
     r.map_err(|f| {
         let sent = f.sent.bytes_sent;
@@ -300,44 +309,6 @@ fn upload(
             args.volume
         ))
     })
-}
-
-/// A flag set by Ctrl-C (SIGINT) or SIGTERM from now on, instead of the process dying with the volume half
-/// written: the sink then fails its next write and the volume is deleted like after any other failure.
-fn interrupt_flag() -> Arc<AtomicBool> {
-    let flag = Arc::new(AtomicBool::new(false));
-    let (set, ready) = (flag.clone(), std::sync::mpsc::channel::<()>());
-    let (ready_tx, ready_rx) = ready;
-    let spawned = std::thread::Builder::new()
-        .name("imgshift-signals".into())
-        .spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                use tokio::signal::unix::{SignalKind, signal};
-                let (Ok(mut int), Ok(mut term)) = (
-                    signal(SignalKind::interrupt()),
-                    signal(SignalKind::terminate()),
-                ) else {
-                    return;
-                };
-                let _ = ready_tx.send(());
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
-                set.store(true, Ordering::Relaxed);
-            });
-        });
-    if spawned.is_ok() {
-        // Handlers are installed before the upload starts (or the thread gave up).
-        let _ = ready_rx.recv();
-    }
-    flag
 }
 
 #[allow(clippy::too_many_arguments)]
