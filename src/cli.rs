@@ -198,6 +198,12 @@ pub enum Command {
         after_help = "Examples:\n  imgshift migrate web01.vmdk --to aws --name web01\n  imgshift migrate web01.vmdk --to azure -g my-rg -l westeurope --subscription SUB\n  imgshift migrate web01.vmdk --to libvirt --pool default --start\n  imgshift migrate web01.vmdk --to aws --dry-run     # inspect, preflight and plan only"
     )]
     Migrate(Box<MigrateArgs>),
+    /// Keep a disaster-recovery copy current: each run makes a recovery point holding only what changed since
+    /// the last (`replicate points NAME` lists them)
+    #[command(
+        after_help = "Examples:\n  imgshift replicate web01.qcow2 --to file --dir /srv/dr --name web01 --keep 7\n  imgshift replicate points web01 --to file --dir /srv/dr\n\nRun it from cron or a systemd timer: a run takes the replica's lock, and one that finds nothing changed\nmakes no point and says so."
+    )]
+    Replicate(Box<ReplicateArgs>),
     /// Continue an interrupted job (`migrate` or `upload`) where it stopped
     Resume {
         /// The job id (`imgshift jobs` lists them)
@@ -1151,4 +1157,76 @@ mod tests {
     fn every_command_line_is_consistent() {
         super::Cli::command().debug_assert();
     }
+}
+
+/// Arguments of `imgshift replicate`.
+#[derive(Debug, Clone, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct ReplicateArgs {
+    /// Other actions on a replica
+    #[command(subcommand)]
+    pub action: Option<ReplicateAction>,
+    /// The source: an image file (any supported format)
+    #[arg(required = true)]
+    pub src: Option<PathBuf>,
+    /// Where the recovery points go
+    #[arg(long, value_enum, required = true)]
+    pub to: Option<crate::target_kind::ReplicaKind>,
+    /// The replica's name (names its points: files NAME.N.qcow2)
+    #[arg(long, required = true)]
+    pub name: Option<String>,
+    /// Keep at most N points: the oldest beyond N are deleted after a new point is made (the next point
+    /// keeps its content)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep: Option<u32>,
+    /// Source format (probed when absent)
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
+    /// Folder of imgshift's state: replica locks and cached block hashes under DIR/replicas (default
+    /// `$XDG_STATE_HOME/imgshift/jobs`)
+    #[arg(long = "state-dir", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Output format of the report
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    /// Threads reading the source
+    #[arg(short = 'm', long = "threads", value_name = "N", default_value_t = 8)]
+    pub threads: usize,
+    /// Show a progress bar even when standard error is not a terminal.
+    #[arg(short = 'p', long)]
+    pub progress: bool,
+    #[command(flatten, next_help_heading = "Where the points go")]
+    pub target: ReplicaTargetArgs,
+    #[command(flatten, next_help_heading = "Files named inside images")]
+    pub trust: TrustArgs,
+}
+
+/// `imgshift replicate` actions.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ReplicateAction {
+    /// List a replica's recovery points (number, time, the target's id, source, changed and sent bytes)
+    Points(ReplicaPointsArgs),
+}
+
+/// Arguments of `imgshift replicate points`.
+#[derive(Debug, Clone, Args)]
+pub struct ReplicaPointsArgs {
+    /// The replica's name
+    pub name: String,
+    /// Where its points are
+    #[arg(long, value_enum)]
+    pub to: crate::target_kind::ReplicaKind,
+    /// Output format
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    #[command(flatten, next_help_heading = "Where the points are")]
+    pub target: ReplicaTargetArgs,
+}
+
+/// Where a replica's points are.
+#[derive(Debug, Clone, Args, Default)]
+pub struct ReplicaTargetArgs {
+    /// The folder of the points (`--to file`)
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }

@@ -31,6 +31,22 @@ impl TargetKind {
     }
 }
 
+/// Where `imgshift replicate` keeps recovery points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum ReplicaKind {
+    /// qcow2 files in a folder, each point a layer over the previous one
+    File,
+}
+
+impl ReplicaKind {
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReplicaKind::File => "file",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

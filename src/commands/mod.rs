@@ -13,6 +13,7 @@ mod jobs;
 mod map;
 mod measure;
 mod migrate;
+mod replicate;
 mod targets;
 mod upload;
 pub(crate) mod upload_libvirt;
@@ -141,6 +142,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             migrate::run(&args, quiet)
         }
         Command::Images { action } => images::run(&action),
+        Command::Replicate(args) => replicate::run(&args, quiet),
         Command::Resume { job, state_dir } => jobs::resume(&job, state_dir.as_deref(), quiet),
         Command::Jobs {
             action,
