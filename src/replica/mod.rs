@@ -72,8 +72,8 @@ pub trait ReplicaStore {
     /// Writes one point. A point of the same number left unfinished by an interrupted run is finished or
     /// replaced, never duplicated.
     fn write_point(&mut self, input: PointInput<'_>) -> Result<Point>;
-    /// Deletes the oldest point `oldest`, `next` being the point after it (which must keep its content).
-    fn delete_oldest(&mut self, name: &str, oldest: &Point, next: &Point) -> Result<()>;
+    /// Deletes the oldest points `drop`; `first_kept`, the point after them, must keep its content.
+    fn delete_oldest(&mut self, name: &str, drop: &[Point], first_kept: &Point) -> Result<()>;
     /// A reader of point `p`'s full content, when the target can be read back.
     fn open_point(&mut self, name: &str, p: &Point) -> Result<Option<Box<dyn DiskSource>>>;
     /// The block hashes stored with point `p`, when the target keeps them.

@@ -346,12 +346,13 @@ pub fn run(
     outcome.point = Some(point);
 
     if let Some(keep) = spec.keep {
-        let mut all = store.points(spec.name)?;
-        while all.len() > keep.max(1) as usize {
-            let oldest = all.remove(0);
-            let Some(next) = all.first() else { break };
-            store.delete_oldest(spec.name, &oldest, next)?;
-            outcome.deleted.push(oldest.number);
+        let all = store.points(spec.name)?;
+        let excess = all.len().saturating_sub(keep.max(1) as usize);
+        if let (Some(drop), Some(first_kept)) = (all.get(..excess), all.get(excess))
+            && !drop.is_empty()
+        {
+            store.delete_oldest(spec.name, drop, first_kept)?;
+            outcome.deleted = drop.iter().map(|p| p.number).collect();
         }
     }
     outcome.warnings = warnings;

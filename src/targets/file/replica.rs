@@ -117,6 +117,7 @@ impl FileStore {
             opts.set("backing_fmt", "qcow2");
         }
         let mut writer = imgshift_converters::create_writer(Format::Qcow2, &mut opts)?;
+        self.remove_stale_temporaries(file)?;
         let path = self.dir.join(file);
         let (set, mut sink) = crate::interrupt::output_set(&path, Durability::Writeback)
             .map_err(|e| crate::open::naming(e, &path))?;
@@ -130,11 +131,31 @@ impl FileStore {
         )
         .with_context(|| format!("cannot write {}", path.display()))?;
         drop(sink);
+        crate::journal::pause_point("replicate-point-written");
         if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
             bail!("interrupted");
         }
         set.commit().map_err(|e| crate::open::naming(e, &path))?;
         Ok(stats.bytes_written)
+    }
+}
+
+impl FileStore {
+    /// Removes what a run killed while writing `file` left behind: its temporary files (`.FILE.*.imgshift-tmp`,
+    /// as [`imgshift_converters::OutputSet`] names them). Only runs holding the replica's lock write them.
+    fn remove_stale_temporaries(&self, file: &str) -> Result<()> {
+        let prefix = format!(".{file}.");
+        let entries = std::fs::read_dir(&self.dir)
+            .with_context(|| format!("cannot list {}", self.dir.display()))?;
+        for e in entries.flatten() {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            if n.starts_with(&prefix) && n.ends_with(".imgshift-tmp") {
+                std::fs::remove_file(e.path())
+                    .with_context(|| format!("cannot remove {}", e.path().display()))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -173,26 +194,36 @@ impl ReplicaStore for FileStore {
         Ok(point)
     }
 
-    fn delete_oldest(&mut self, name: &str, oldest: &Point, next: &Point) -> Result<()> {
-        let next_src = self.open_file(&next.target_id)?;
-        if next_src.backing().is_some() {
-            // Make `next` self-contained: its whole chain into one file, renamed over it.
-            let map = source_map(next_src.as_ref())?;
-            self.write_layer(&next.target_id, None, next_src.as_ref(), &map, &NoProgress)?;
+    fn delete_oldest(&mut self, name: &str, drop: &[Point], first_kept: &Point) -> Result<()> {
+        let kept = self.open_file(&first_kept.target_id)?;
+        if kept.backing().is_some() {
+            // Make the first kept point self-contained: its whole chain into one file, renamed over it.
+            let map = source_map(kept.as_ref())?;
+            self.write_layer(
+                &first_kept.target_id,
+                None,
+                kept.as_ref(),
+                &map,
+                &NoProgress,
+            )?;
         }
-        drop(next_src);
+        drop_reader(kept);
         let mut state = self.read_state(name)?;
-        state.points.retain(|p| p.number != oldest.number);
+        state
+            .points
+            .retain(|p| !drop.iter().any(|d| d.number == p.number));
         self.write_state(&state)?;
-        for path in [
-            self.dir.join(&oldest.target_id),
-            self.hashes_path(name, oldest.number),
-        ] {
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(e).with_context(|| format!("cannot delete {}", path.display()));
+        for d in drop {
+            for path in [
+                self.dir.join(&d.target_id),
+                self.hashes_path(name, d.number),
+            ] {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("cannot delete {}", path.display()));
+                    }
                 }
             }
         }
@@ -214,6 +245,11 @@ impl ReplicaStore for FileStore {
     fn save_hashes(&mut self, name: &str, p: &Point, hashes: &[u8]) -> Result<()> {
         write_atomic(&self.dir, &self.hashes_path(name, p.number), hashes)
     }
+}
+
+/// Closes a reader (and the files of its chain).
+fn drop_reader(r: Box<dyn imgshift_converters::DiskSource>) {
+    std::mem::drop(r);
 }
 
 /// The contents of `path`, `None` when it does not exist; refuses files over `max` bytes.

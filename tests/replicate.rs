@@ -1,0 +1,272 @@
+//! `imgshift replicate` (issue 23): recovery points that hold only what changed, checked against qemu-img.
+//!
+//! A bootable test guest is replicated, 1 % of its blocks are changed with qemu-io (some written, some zeroed),
+//! and the next run must read the source once, send at most one replication block (512 KiB) per changed range,
+//! and make a point that reads back equal to the changed guest while point 1 still equals the original. Then:
+//! a run with nothing changed makes no point; the local state deleted, the next run continues from the hashes
+//! kept with the replica; kill -9 while a point is written, the rerun completes that same point (no duplicate,
+//! nothing left behind); `--keep` drops the oldest point and the next one keeps its content.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod util;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use util::libvirt::mkguest;
+use util::{assert_check_clean, imgshift, imgshift_bin, qemu_img, qemu_io, s, tmpdir};
+
+const BLOCK: u64 = 512 * 1024;
+const MIB: u64 = 1 << 20;
+
+fn replicate(src: &Path, dir: &Path, state: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "replicate",
+        s(src),
+        "--to",
+        "file",
+        "--dir",
+        s(dir),
+        "--name",
+        "web",
+        "--state-dir",
+        s(state),
+        "--output",
+        "json",
+        "-f",
+        "raw",
+    ];
+    args.extend_from_slice(extra);
+    let r = imgshift(&args).ok();
+    serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout))
+}
+
+fn points(dir: &Path) -> Vec<serde_json::Value> {
+    let r = imgshift(&[
+        "replicate",
+        "points",
+        "web",
+        "--to",
+        "file",
+        "--dir",
+        s(dir),
+        "--output",
+        "json",
+    ])
+    .ok();
+    serde_json::from_str::<Vec<serde_json::Value>>(&r.stdout).unwrap()
+}
+
+fn same(a: &Path, fa: &str, b: &Path) {
+    let out = qemu_img(&["compare", "-f", fa, "-F", "qcow2", s(a), s(b)]);
+    assert!(
+        out.contains("identical"),
+        "{} vs {}: {out}",
+        a.display(),
+        b.display()
+    );
+}
+
+fn copy(a: &Path, b: &Path) {
+    assert!(
+        Command::new("cp")
+            .args(["--sparse=always", s(a), s(b)])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+/// Bytes of the replication blocks that hold data (what hashing the source reads).
+fn data_bytes(img: &Path) -> u64 {
+    let map: Vec<serde_json::Value> =
+        serde_json::from_str(&qemu_img(&["map", "--output", "json", "-f", "raw", s(img)])).unwrap();
+    let blocks: std::collections::BTreeSet<u64> = map
+        .iter()
+        .filter(|e| e["data"].as_bool() == Some(true))
+        .flat_map(|e| {
+            let (a, n) = (u(e, "start"), u(e, "length"));
+            (a / BLOCK)..(a + n).div_ceil(BLOCK)
+        })
+        .collect();
+    blocks.len() as u64 * BLOCK
+}
+
+fn u(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}"))
+}
+
+#[test]
+fn file_replica_points_hold_only_what_changed() {
+    let t = tmpdir();
+    let g = t.path().join("guest.raw");
+    mkguest("bios", &g);
+    qemu_img(&["resize", "-f", "raw", s(&g), "256M"]);
+    // Two ranges of data that the next change zeroes again.
+    qemu_io(
+        "raw",
+        &g,
+        &["write -P 0x11 100M 128k", "write -P 0x12 180M 64k"],
+    );
+    let dir = t.path().join("dr");
+    let state = t.path().join("state");
+    std::fs::create_dir_all(&dir).unwrap();
+    let orig = t.path().join("orig.raw");
+    copy(&g, &orig);
+
+    let first = replicate(&g, &dir, &state, &[]);
+    assert_eq!(first["point"]["number"], 1);
+    assert_eq!(first["detection"], "full");
+    let p1 = dir.join("web.1.qcow2");
+    assert_check_clean(&p1, "qcow2");
+    same(&orig, "raw", &p1);
+    assert!(u(&first, "bytes_read") <= data_bytes(&g), "{first}");
+
+    // 1 % of the blocks: five written ranges and two zeroed ones, each inside one block.
+    let changes = [
+        "write -P 0x5a 1M 64k",
+        "write -P 0x5b 30M 4k",
+        "write -P 0x5c 64M 64k",
+        "write -P 0x5d 150M 128k",
+        "write -P 0x5e 250M 64k",
+        "write -z 100M 128k",
+        "write -z 180M 64k",
+    ];
+    qemu_io("raw", &g, &changes);
+    let changed = t.path().join("changed.raw");
+    copy(&g, &changed);
+    let second = replicate(&g, &dir, &state, &[]);
+    assert_eq!(second["point"]["number"], 2);
+    assert_eq!(second["detection"], "hashes");
+    let ranges = changes.len() as u64;
+    assert!(u(&second, "changed_bytes") <= ranges * BLOCK, "{second}");
+    assert!(u(&second, "sent_bytes") <= ranges * BLOCK, "{second}");
+    // The source is read once to hash it, plus the changed blocks to write them.
+    assert!(
+        u(&second, "bytes_read") <= data_bytes(&g) + ranges * BLOCK + 2 * BLOCK,
+        "{second}"
+    );
+    let p2 = dir.join("web.2.qcow2");
+    assert_check_clean(&p2, "qcow2");
+    same(&changed, "raw", &p2);
+    same(&orig, "raw", &p1);
+    let info = qemu_img(&["info", "--output", "json", s(&p2)]);
+    assert!(
+        info.contains("\"backing-filename\": \"web.1.qcow2\""),
+        "{info}"
+    );
+
+    // Nothing changed: no point.
+    let third = replicate(&g, &dir, &state, &[]);
+    assert!(third["point"].is_null(), "{third}");
+    assert_eq!(points(&dir).len(), 2);
+
+    // The local state lost: the hashes kept beside the points serve, nothing is sent again in full.
+    std::fs::remove_dir_all(&state).unwrap();
+    qemu_io("raw", &g, &["write -P 0x61 40M 64k"]);
+    let fourth = replicate(&g, &dir, &state, &[]);
+    assert_eq!(fourth["point"]["number"], 3);
+    assert_eq!(fourth["detection"], "hashes");
+    assert!(u(&fourth, "sent_bytes") <= BLOCK, "{fourth}");
+    let at3 = t.path().join("at3.raw");
+    copy(&g, &at3);
+
+    // kill -9 while point 4 is written; the rerun completes point 4 and leaves no temporary file.
+    qemu_io("raw", &g, &["write -P 0x62 41M 64k"]);
+    let mut child = Command::new(imgshift_bin())
+        .args([
+            "replicate",
+            s(&g),
+            "-f",
+            "raw",
+            "--to",
+            "file",
+            "--dir",
+            s(&dir),
+        ])
+        .args(["--name", "web", "--state-dir", s(&state)])
+        .env("IMGSHIFT_TEST_PAUSE_AT", "replicate-point-written")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "the run ended before pausing"
+        );
+        if line.contains("paused at replicate-point-written") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let fifth = replicate(&g, &dir, &state, &[]);
+    assert_eq!(fifth["point"]["number"], 4);
+    let list = points(&dir);
+    let numbers: Vec<u64> = list.iter().map(|p| u(p, "number")).collect();
+    assert_eq!(numbers, vec![1, 2, 3, 4]);
+    let leftovers: Vec<String> = util::files_in(&dir)
+        .into_iter()
+        .filter(|f| f.ends_with(".imgshift-tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    same(&g, "raw", &dir.join("web.4.qcow2"));
+    let at4 = t.path().join("at4.raw");
+    copy(&g, &at4);
+
+    // --keep 2: points 1..3 go, point 4 becomes self-contained with its content, point 5 builds on it.
+    qemu_io("raw", &g, &["write -P 0x63 42M 64k"]);
+    let sixth = replicate(&g, &dir, &state, &["--keep", "2"]);
+    assert_eq!(sixth["point"]["number"], 5);
+    assert_eq!(sixth["deleted"], serde_json::json!([1, 2, 3]));
+    let numbers: Vec<u64> = points(&dir).iter().map(|p| u(p, "number")).collect();
+    assert_eq!(numbers, vec![4, 5]);
+    for gone in ["web.1.qcow2", "web.2.qcow2", "web.3.qcow2"] {
+        assert!(!dir.join(gone).exists(), "{gone} kept");
+    }
+    let p4 = dir.join("web.4.qcow2");
+    assert!(!qemu_img(&["info", s(&p4)]).contains("backing file"));
+    assert_check_clean(&p4, "qcow2");
+    same(&at4, "raw", &p4);
+    same(&g, "raw", &dir.join("web.5.qcow2"));
+    let _ = at3;
+    let _ = MIB;
+}
+
+#[test]
+fn replicate_refuses_bad_names_and_missing_folders() {
+    let t = tmpdir();
+    let g = t.path().join("g.raw");
+    std::fs::write(&g, vec![1u8; 1 << 20]).unwrap();
+    let r = imgshift(&[
+        "replicate",
+        s(&g),
+        "--to",
+        "file",
+        "--dir",
+        s(t.path()),
+        "--name",
+        "../x",
+    ]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("replica name '../x'"), "{}", r.stderr);
+    let r = imgshift(&[
+        "replicate",
+        s(&g),
+        "--to",
+        "file",
+        "--dir",
+        s(&t.path().join("nope")),
+        "--name",
+        "x",
+    ]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("does not exist"), "{}", r.stderr);
+    let r = imgshift(&["replicate", s(&g), "--to", "file", "--name", "x"]);
+    assert!(r.stderr.contains("--to file needs --dir"), "{}", r.stderr);
+}
