@@ -204,6 +204,12 @@ pub enum Command {
         after_help = "Examples:\n  imgshift replicate web01.qcow2 --to file --dir /srv/dr --name web01 --keep 7\n  imgshift replicate points web01 --to file --dir /srv/dr\n\nRun it from cron or a systemd timer: a run takes the replica's lock, and one that finds nothing changed\nmakes no point and says so."
     )]
     Replicate(Box<ReplicateArgs>),
+    /// Start a replica's recovery point (the newest unless --point) as a libvirt domain: the guest runs on an
+    /// overlay, the point stays as it was
+    #[command(
+        after_help = "Examples:\n  imgshift failover web01 --start                    # the target from the replica's record in the state folder\n  imgshift failover web01 --point 3 --to libvirt --pool dr -c qemu:///system --domain web01-test"
+    )]
+    Failover(Box<FailoverArgs>),
     /// Continue an interrupted job (`migrate` or `upload`) where it stopped
     Resume {
         /// The job id (`imgshift jobs` lists them)
@@ -1172,11 +1178,11 @@ pub struct ReplicateArgs {
     /// Where the recovery points go
     #[arg(long, value_enum, required = true)]
     pub to: Option<crate::target_kind::ReplicaKind>,
-    /// The replica's name (names its points: files NAME.N.qcow2)
+    /// The replica's name (names its points: files or volumes NAME.N.qcow2)
     #[arg(long, required = true)]
     pub name: Option<String>,
     /// Keep at most N points: the oldest beyond N are deleted after a new point is made (the next point
-    /// keeps its content)
+    /// keeps its content; --to file)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub keep: Option<u32>,
     /// Source format (probed when absent)
@@ -1213,12 +1219,15 @@ pub enum ReplicateAction {
 pub struct ReplicaPointsArgs {
     /// The replica's name
     pub name: String,
-    /// Where its points are
+    /// Where its points are (default: as the last `replicate` of NAME from this state folder recorded)
     #[arg(long, value_enum)]
-    pub to: crate::target_kind::ReplicaKind,
+    pub to: Option<crate::target_kind::ReplicaKind>,
     /// Output format
     #[arg(long, value_enum, default_value_t)]
     pub output: OutputFormat,
+    /// Folder of imgshift's state (default `$XDG_STATE_HOME/imgshift/jobs`)
+    #[arg(long = "state-dir", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     #[command(flatten, next_help_heading = "Where the points are")]
     pub target: ReplicaTargetArgs,
 }
@@ -1229,4 +1238,71 @@ pub struct ReplicaTargetArgs {
     /// The folder of the points (`--to file`)
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
+    /// libvirt connection URI (`--to libvirt`; default: LIBVIRT_DEFAULT_URI, else qemu:///system)
+    #[arg(short = 'c', long = "connect", value_name = "URI")]
+    pub connect: Option<String>,
+    /// Storage pool of the points (`--to libvirt`)
+    #[arg(long, value_name = "POOL")]
+    pub pool: Option<String>,
+}
+
+/// Arguments of `imgshift failover`.
+#[derive(Debug, Clone, Args)]
+pub struct FailoverArgs {
+    /// The replica's name
+    pub name: String,
+    /// The point to start (default: the newest)
+    #[arg(long, value_name = "N")]
+    pub point: Option<u32>,
+    /// Where the points are (default: as the last `replicate` of NAME from this state folder recorded)
+    #[arg(long, value_enum)]
+    pub to: Option<crate::target_kind::ReplicaKind>,
+    /// Name of the domain to define (default: NAME-failover)
+    #[arg(long, value_name = "NAME")]
+    pub domain: Option<String>,
+    /// Start the domain
+    #[arg(long)]
+    pub start: bool,
+    /// Go on even when the point's preflight verdict for the target is "fail"
+    #[arg(long)]
+    pub force: bool,
+    /// Folder of imgshift's state (default `$XDG_STATE_HOME/imgshift/jobs`)
+    #[arg(long = "state-dir", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Output format of the report
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    #[command(flatten, next_help_heading = "Where the points are")]
+    pub target: ReplicaTargetArgs,
+    /// Memory in MiB
+    #[arg(
+        long,
+        default_value_t = 1024,
+        value_name = "MiB",
+        help_heading = "The domain"
+    )]
+    pub memory: u64,
+    /// Virtual CPUs
+    #[arg(
+        long,
+        default_value_t = 1,
+        value_name = "N",
+        help_heading = "The domain"
+    )]
+    pub vcpus: u32,
+    /// Firmware (auto: the boot mode inspection found when the point was made)
+    #[arg(long, value_enum, default_value_t = FirmwareArg::Auto, help_heading = "The domain")]
+    pub firmware: FirmwareArg,
+    /// Disk bus (auto: virtio when the guest has the drivers, as inspection found when the point was made)
+    #[arg(long = "disk-bus", value_enum, default_value_t = DiskBusArg::Auto, help_heading = "The domain")]
+    pub disk_bus: DiskBusArg,
+    /// Domain type (auto: kvm when the host offers it)
+    #[arg(long = "domain-type", value_enum, default_value_t = DomainTypeArg::Auto, help_heading = "The domain")]
+    pub domain_type: DomainTypeArg,
+    /// libvirt network to attach
+    #[arg(long, value_name = "NAME", help_heading = "The domain")]
+    pub network: Option<String>,
+    /// File on the daemon's host that receives the serial console
+    #[arg(long = "serial-log", value_name = "FILE", help_heading = "The domain")]
+    pub serial_log: Option<PathBuf>,
 }

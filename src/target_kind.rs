@@ -16,6 +16,11 @@ impl TargetKind {
     /// Every target.
     const ALL: [TargetKind; 3] = [TargetKind::Aws, TargetKind::Azure, TargetKind::Libvirt];
 
+    /// Every target, in a fixed order.
+    pub fn all() -> [TargetKind; 3] {
+        TargetKind::ALL
+    }
+
     /// Its name on the command line, in job kinds and in reports.
     pub fn name(self) -> &'static str {
         match self {
@@ -36,6 +41,8 @@ impl TargetKind {
 pub enum ReplicaKind {
     /// qcow2 files in a folder, each point a layer over the previous one
     File,
+    /// qcow2 volumes in a libvirt storage pool, each point a layer over the previous one
+    Libvirt,
 }
 
 impl ReplicaKind {
@@ -43,7 +50,15 @@ impl ReplicaKind {
     pub fn name(self) -> &'static str {
         match self {
             ReplicaKind::File => "file",
+            ReplicaKind::Libvirt => "libvirt",
         }
+    }
+
+    /// The kind a name names.
+    pub fn from_name(name: &str) -> Option<ReplicaKind> {
+        [ReplicaKind::File, ReplicaKind::Libvirt]
+            .into_iter()
+            .find(|k| k.name() == name)
     }
 }
 

@@ -270,3 +270,193 @@ fn replicate_refuses_bad_names_and_missing_folders() {
     let r = imgshift(&["replicate", s(&g), "--to", "file", "--name", "x"]);
     assert!(r.stderr.contains("--to file needs --dir"), "{}", r.stderr);
 }
+
+/// libvirt: points are qcow2 volumes in a pool, each over the previous; the state and hashes live in the pool
+/// too, so a lost state folder costs nothing; failover defines a domain over an overlay of a point, which boots.
+#[test]
+fn libvirt_replica_points_and_failover_boot() {
+    use util::libvirt::{Pool, boot_marker, tail, uri, virsh_ok, wait_shut_off};
+    let t = tmpdir();
+    let mut pool = Pool::new();
+    let conn = uri();
+    let g = t.path().join("guest.raw");
+    mkguest("bios", &g);
+    // Room past the guest's partitions to change without touching its file systems.
+    qemu_img(&["resize", "-f", "raw", s(&g), "96M"]);
+    let orig = t.path().join("orig.raw");
+    copy(&g, &orig);
+    let state = t.path().join("state");
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "replicate",
+            s(&g),
+            "-f",
+            "raw",
+            "--to",
+            "libvirt",
+            "-c",
+            &conn,
+            "--pool",
+            &pool.name,
+            "--name",
+            "lv",
+            "--state-dir",
+            s(&state),
+            "--output",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let r = imgshift(&args).ok();
+        serde_json::from_str(&r.stdout).unwrap()
+    };
+    let first = run(&[]);
+    assert_eq!(first["point"]["number"], 1);
+    assert_eq!(
+        first["point"]["guest"]["targets"]["libvirt"]["settings"]["bus"], "virtio",
+        "{first}"
+    );
+    same(&orig, "raw", &pool.path("lv.1.qcow2"));
+
+    qemu_io(
+        "raw",
+        &g,
+        &["write -P 0x71 70M 64k", "write -P 0x72 90M 64k"],
+    );
+    let second = run(&[]);
+    assert_eq!(second["point"]["number"], 2);
+    assert!(u(&second, "sent_bytes") <= 2 * BLOCK, "{second}");
+    same(&g, "raw", &pool.path("lv.2.qcow2"));
+    same(&orig, "raw", &pool.path("lv.1.qcow2"));
+
+    // The state folder lost: the pool's state and hashes serve (no full re-send), and `points` finds the
+    // replica from the options.
+    std::fs::remove_dir_all(&state).unwrap();
+    qemu_io("raw", &g, &["write -P 0x73 80M 64k"]);
+    let third = run(&[]);
+    assert_eq!(third["point"]["number"], 3);
+    assert_eq!(third["detection"], "hashes");
+    assert!(u(&third, "sent_bytes") <= BLOCK, "{third}");
+
+    // kill -9 while point 4 is written: the rerun makes point 4 once.
+    qemu_io("raw", &g, &["write -P 0x74 81M 64k"]);
+    let mut child = Command::new(imgshift_bin())
+        .args([
+            "replicate",
+            s(&g),
+            "-f",
+            "raw",
+            "--to",
+            "libvirt",
+            "-c",
+            &conn,
+            "--pool",
+            &pool.name,
+        ])
+        .args(["--name", "lv", "--state-dir", s(&state)])
+        .env("IMGSHIFT_TEST_PAUSE_AT", "replicate-point-written")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("paused at") {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "the run ended before pausing"
+        );
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let fourth = run(&[]);
+    assert_eq!(fourth["point"]["number"], 4);
+    let pts = imgshift(&[
+        "replicate",
+        "points",
+        "lv",
+        "--state-dir",
+        s(&state),
+        "--output",
+        "json",
+    ])
+    .ok();
+    let pts: Vec<serde_json::Value> = serde_json::from_str(&pts.stdout).unwrap();
+    assert_eq!(
+        pts.iter().map(|p| u(p, "number")).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    let vols = pool.volumes();
+    assert_eq!(
+        vols.iter().filter(|v| v.ends_with(".qcow2")).count(),
+        4,
+        "{vols:?}"
+    );
+    same(&g, "raw", &pool.path("lv.4.qcow2"));
+
+    // --keep is refused for a chain of volumes.
+    let r = imgshift(&[
+        "replicate",
+        s(&g),
+        "-f",
+        "raw",
+        "--to",
+        "libvirt",
+        "-c",
+        &conn,
+        "--pool",
+        &pool.name,
+        "--name",
+        "lv",
+        "--keep",
+        "2",
+    ]);
+    assert_eq!(r.code, 2, "{r:?}");
+
+    // Failover from point 1 (not started): the domain's disk reads as point 1 and the point is untouched.
+    let d1 = pool.domain();
+    let r = imgshift(&[
+        "failover",
+        "lv",
+        "--point",
+        "1",
+        "--domain",
+        &d1,
+        "--state-dir",
+        s(&state),
+        "--output",
+        "json",
+    ])
+    .ok();
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(j["point"], 1);
+    assert_eq!(j["disk_bus"], "virtio", "{j}");
+    let overlay = pool.path(&format!("{d1}.qcow2"));
+    same(&orig, "raw", &overlay);
+    let x = virsh_ok(&["dumpxml", "--inactive", &d1]);
+    assert!(x.contains(&format!("volume='{d1}.qcow2'")), "{x}");
+
+    // Failover from the newest point, started: it boots under TCG to its marker.
+    let d2 = pool.domain();
+    let log = pool.path("serial.log");
+    imgshift(&[
+        "failover",
+        "lv",
+        "--domain",
+        &d2,
+        "--state-dir",
+        s(&state),
+        "--domain-type",
+        "qemu",
+        "--memory",
+        "512",
+        "--serial-log",
+        s(&log),
+        "--start",
+    ])
+    .ok();
+    wait_shut_off(&d2, &log, 240);
+    let text = tail(&log);
+    assert!(text.contains(&boot_marker("bios")), "{text}");
+    same(&g, "raw", &pool.path("lv.4.qcow2"));
+}

@@ -5,6 +5,7 @@ mod compare;
 mod completions;
 mod convert;
 mod download;
+mod failover;
 mod generalize;
 mod images;
 mod info;
@@ -143,6 +144,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         }
         Command::Images { action } => images::run(&action),
         Command::Replicate(args) => replicate::run(&args, quiet),
+        Command::Failover(args) => failover::run(&args),
         Command::Resume { job, state_dir } => jobs::resume(&job, state_dir.as_deref(), quiet),
         Command::Jobs {
             action,

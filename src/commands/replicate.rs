@@ -16,8 +16,81 @@ use crate::replicate::{self, SourceDiff, Spec};
 use crate::sources::SourceRef;
 use crate::target_kind::ReplicaKind;
 
+/// Where a replica's points are, as the last `replicate` run from this state folder recorded it (so `failover`
+/// and `replicate points` need only the name).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct TargetRecord {
+    /// `file`, `libvirt`.
+    pub to: String,
+    /// Its options.
+    pub dir: Option<PathBuf>,
+    /// libvirt URI.
+    pub connect: Option<String>,
+    /// libvirt pool.
+    pub pool: Option<String>,
+}
+
+fn record_path(cache_dir: &std::path::Path, name: &str) -> PathBuf {
+    cache_dir.join(format!("{name}.target.json"))
+}
+
+/// Records where replica `name`'s points are.
+fn save_record(
+    cache_dir: &std::path::Path,
+    name: &str,
+    to: ReplicaKind,
+    t: &ReplicaTargetArgs,
+) -> Result<()> {
+    let r = TargetRecord {
+        to: to.name().into(),
+        dir: t
+            .dir
+            .as_ref()
+            .map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.clone())),
+        connect: t.connect.clone(),
+        pool: t.pool.clone(),
+    };
+    crate::replica::write_atomic(
+        cache_dir,
+        &record_path(cache_dir, name),
+        &serde_json::to_vec_pretty(&r)?,
+    )
+}
+
+/// The target kind and options: those given, else the record of the last run from `cache_dir`.
+pub fn resolve_target(
+    cache_dir: &std::path::Path,
+    name: &str,
+    to: Option<ReplicaKind>,
+    t: &ReplicaTargetArgs,
+) -> Result<(ReplicaKind, ReplicaTargetArgs)> {
+    let rec: Option<TargetRecord> =
+        crate::replica::read_bounded(&record_path(cache_dir, name), 1 << 20)?
+            .and_then(|b| serde_json::from_slice(&b).ok());
+    let to = match (to, &rec) {
+        (Some(k), _) => k,
+        (None, Some(r)) => ReplicaKind::from_name(&r.to).with_context(|| {
+            format!(
+                "the record of replica {name} names an unknown target '{}'",
+                r.to
+            )
+        })?,
+        (None, None) => bail!(
+            "no replicate of {name} ran from this state folder ({}): give --to and the target's options",
+            cache_dir.display()
+        ),
+    };
+    let mut out = t.clone();
+    if let Some(r) = rec.filter(|r| r.to == to.name()) {
+        out.dir = out.dir.or(r.dir);
+        out.connect = out.connect.or(r.connect);
+        out.pool = out.pool.or(r.pool);
+    }
+    Ok((to, out))
+}
+
 /// The store `to` names with `t`'s options.
-fn store(
+pub fn store(
     to: ReplicaKind,
     t: &ReplicaTargetArgs,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -31,6 +104,23 @@ fn store(
                 dir, stop,
             )?))
         }
+        ReplicaKind::Libvirt => {
+            let Some(pool) = &t.pool else {
+                bail!("--to libvirt needs --pool POOL, the storage pool of the points");
+            };
+            let uri = t
+                .connect
+                .clone()
+                .or_else(|| {
+                    std::env::var("LIBVIRT_DEFAULT_URI")
+                        .ok()
+                        .filter(|v| !v.is_empty())
+                })
+                .unwrap_or_else(|| "qemu:///system".into());
+            Ok(Box::new(
+                crate::targets::libvirt::replica::LibvirtStore::new(&uri, pool, stop)?,
+            ))
+        }
     }
 }
 
@@ -43,6 +133,12 @@ pub fn run(args: &ReplicateArgs, quiet: bool) -> Result<u8> {
         bail!("replicate needs SRC, --to and --name");
     };
     replicate::check_name(name)?;
+    if args.keep.is_some() && to == ReplicaKind::Libvirt {
+        eprintln!(
+            "imgshift: --keep is for --to file: libvirt points are layers of one qcow2 chain, each needing the one before it"
+        );
+        return Ok(2);
+    }
     crate::interrupt::install()?;
     let stop = crate::interrupt::stop_flag();
     let mut store = store(to, &args.target, stop.clone())?;
@@ -60,16 +156,22 @@ pub fn run(args: &ReplicateArgs, quiet: bool) -> Result<u8> {
         .to_string();
     let diff = SourceDiff::None;
     let cache_dir: PathBuf = state_dir(args.state_dir.as_deref())?.join("replicas");
+    std::fs::create_dir_all(&cache_dir)
+        .with_context(|| format!("cannot create {}", cache_dir.display()))?;
+    save_record(&cache_dir, name, to, &args.target)?;
+    let shared: std::sync::Arc<dyn imgshift_converters::DiskSource> = std::sync::Arc::from(disk);
+    let guest = Some(crate::replicate::guest::inspect(shared.clone()));
     let spec = Spec {
         name,
         source_name,
         source_snapshot: None,
-        src: disk.as_ref(),
+        src: shared.as_ref(),
         diff,
         keep: args.keep,
         cache_dir,
         threads: args.threads.clamp(1, 64),
         stop: &stop,
+        guest,
     };
     let bar = Bar::new("replicate", args.progress, quiet);
     let outcome = replicate::run(&spec, store.as_mut(), &bar);
@@ -127,7 +229,9 @@ pub fn run(args: &ReplicateArgs, quiet: bool) -> Result<u8> {
 fn points(args: &ReplicaPointsArgs) -> Result<u8> {
     replicate::check_name(&args.name)?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut store = store(args.to, &args.target, stop)?;
+    let cache_dir = state_dir(args.state_dir.as_deref())?.join("replicas");
+    let (to, t) = resolve_target(&cache_dir, &args.name, args.to, &args.target)?;
+    let mut store = store(to, &t, stop)?;
     let points = store.points(&args.name)?;
     let mut out = std::io::stdout().lock();
     match args.output {

@@ -10,7 +10,9 @@ pub mod changes;
 pub mod counting;
 pub mod hashes;
 
-use anyhow::Result;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
 use imgshift_converters::{DiskSource, Progress};
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +46,34 @@ pub struct Point {
     pub sent_bytes: u64,
     /// How the changes were found: `full`, `hashes`, `ebs-changed-blocks`, `azure-page-diff`, `qcow2-bitmap`.
     pub detection: String,
+    /// What inspecting the source found when the point was made (failover sets the target up from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestRecord>,
+}
+
+/// What inspection found about the guest of a point, per target: the preflight verdict and the settings it
+/// implies (boot mode, firmware, disk bus), so failover needs no second look at the disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestRecord {
+    /// One line: the operating system found, or that none was.
+    pub os: String,
+    /// The guest's OS was read (a Linux root or a Windows registry): its drivers and boot mode are known.
+    pub os_read: bool,
+    /// What the partition table suggests: `uefi` (GPT with an ESP) or `bios`, and why.
+    pub partition_firmware: Option<(String, String)>,
+    /// Per target (`aws`, `azure`, `libvirt`): the preflight verdict.
+    pub targets: std::collections::BTreeMap<String, TargetVerdict>,
+}
+
+/// A preflight verdict as recorded with a point.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetVerdict {
+    /// `ok`, `warn` or `fail`.
+    pub verdict: String,
+    /// Each finding: level, reason and fix, one line.
+    pub findings: Vec<String>,
+    /// Settings for the target (boot mode, firmware, bus).
+    pub settings: std::collections::BTreeMap<String, String>,
 }
 
 /// What a store needs to write one point.
@@ -115,6 +145,43 @@ pub fn rfc3339(secs: u64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// The contents of `path`, `None` when it does not exist; refuses files over `max` bytes.
+pub fn read_bounded(path: &Path, max: u64) -> Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+    };
+    let mut buf = Vec::new();
+    f.take(max.saturating_add(1))
+        .read_to_end(&mut buf)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if buf.len() as u64 > max {
+        bail!("{} is larger than {max} bytes", path.display());
+    }
+    Ok(Some(buf))
+}
+
+/// Replaces `path` (in `dir`) with `body` atomically: a temporary file, synced, renamed.
+pub fn write_atomic(dir: &Path, path: &Path, body: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".imgshift-state.")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    tmp.write_all(body)
+        .and_then(|()| tmp.as_file().sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("cannot rename onto {}", path.display()))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 #[cfg(test)]

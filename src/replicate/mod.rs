@@ -10,6 +10,8 @@
 //! can hold them; when neither has them, the last point is read back from the target and hashed (reading, not
 //! sending).
 
+pub mod guest;
+
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -73,6 +75,8 @@ pub struct Spec<'a> {
     pub threads: usize,
     /// Ends the work early.
     pub stop: &'a AtomicBool,
+    /// What inspecting the source found (recorded with the point).
+    pub guest: Option<crate::replica::GuestRecord>,
 }
 
 /// What a run did.
@@ -154,7 +158,7 @@ fn previous_hashes(
     warnings: &mut Vec<String>,
 ) -> Result<Option<BlockHashes>> {
     let size = p.virtual_size;
-    let cached = crate::targets::file::replica::read_bounded(
+    let cached = crate::replica::read_bounded(
         &cache_path(&spec.cache_dir, spec.name, p.number),
         MAX_HASHES,
     )?;
@@ -307,6 +311,7 @@ pub fn run(
             changed_bytes: changes.bytes(),
             sent_bytes: 0,
             detection: how.to_string(),
+            guest: spec.guest.clone(),
         },
         parent: prev,
         src: &hashing,
@@ -331,7 +336,7 @@ pub fn run(
     }
     if let Some(h) = &new_hashes {
         let bytes = h.to_bytes();
-        crate::targets::file::replica::write_atomic(
+        crate::replica::write_atomic(
             &spec.cache_dir,
             &cache_path(&spec.cache_dir, spec.name, point.number),
             &bytes,
@@ -366,7 +371,7 @@ fn previous_hashes_cached_only(
     store: &mut dyn ReplicaStore,
     p: &Point,
 ) -> Result<Option<BlockHashes>> {
-    let cached = crate::targets::file::replica::read_bounded(
+    let cached = crate::replica::read_bounded(
         &cache_path(&spec.cache_dir, spec.name, p.number),
         MAX_HASHES,
     )?;

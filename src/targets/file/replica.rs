@@ -16,7 +16,7 @@ use imgshift_converters::engine::{convert_with_map, source_map};
 use imgshift_converters::{ConvertOptions, Durability, Format, NoProgress, WriterOptions};
 use serde::{Deserialize, Serialize};
 
-use crate::replica::{Point, PointInput, ReplicaStore};
+use crate::replica::{Point, PointInput, ReplicaStore, read_bounded, write_atomic};
 
 /// Version of the state file's layout.
 const STATE_VERSION: u32 = 1;
@@ -250,41 +250,4 @@ impl ReplicaStore for FileStore {
 /// Closes a reader (and the files of its chain).
 fn drop_reader(r: Box<dyn imgshift_converters::DiskSource>) {
     std::mem::drop(r);
-}
-
-/// The contents of `path`, `None` when it does not exist; refuses files over `max` bytes.
-pub fn read_bounded(path: &Path, max: u64) -> Result<Option<Vec<u8>>> {
-    use std::io::Read;
-    let f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
-    };
-    let mut buf = Vec::new();
-    f.take(max.saturating_add(1))
-        .read_to_end(&mut buf)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    if buf.len() as u64 > max {
-        bail!("{} is larger than {max} bytes", path.display());
-    }
-    Ok(Some(buf))
-}
-
-/// Replaces `path` (in `dir`) with `body` atomically: a temporary file, synced, renamed.
-pub fn write_atomic(dir: &Path, path: &Path, body: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".imgshift-state.")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    tmp.write_all(body)
-        .and_then(|()| tmp.as_file().sync_all())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.persist(path)
-        .map_err(|e| e.error)
-        .with_context(|| format!("cannot rename onto {}", path.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
