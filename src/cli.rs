@@ -204,8 +204,8 @@ pub enum Command {
         after_help = "Examples:\n  imgshift replicate web01.qcow2 --to file --dir /srv/dr --name web01 --keep 7\n  imgshift replicate points web01 --to file --dir /srv/dr\n\nRun it from cron or a systemd timer: a run takes the replica's lock, and one that finds nothing changed\nmakes no point and says so."
     )]
     Replicate(Box<ReplicateArgs>),
-    /// Start a replica's recovery point (the newest unless --point) as a libvirt domain: the guest runs on an
-    /// overlay, the point stays as it was
+    /// Make a replica's recovery point (the newest unless --point) bootable: an AMI over its EBS snapshot, or a
+    /// libvirt domain on an overlay of its volume (the point stays as it was)
     #[command(
         after_help = "Examples:\n  imgshift failover web01 --start                    # the target from the replica's record in the state folder\n  imgshift failover web01 --point 3 --to libvirt --pool dr -c qemu:///system --domain web01-test"
     )]
@@ -1172,7 +1172,8 @@ pub struct ReplicateArgs {
     /// Other actions on a replica
     #[command(subcommand)]
     pub action: Option<ReplicateAction>,
-    /// The source: an image file (any supported format)
+    /// The source: an image file (any supported format), aws:snap-ID (an EBS snapshot) or aws:vol-ID (that
+    /// volume's newest completed snapshot; later runs read only the blocks EBS lists as changed)
     #[arg(required = true)]
     pub src: Option<PathBuf>,
     /// Where the recovery points go
@@ -1205,6 +1206,11 @@ pub struct ReplicateArgs {
     pub target: ReplicaTargetArgs,
     #[command(flatten, next_help_heading = "Files named inside images")]
     pub trust: TrustArgs,
+    #[command(
+        flatten,
+        next_help_heading = "Cloud source (SRC = aws:snap-ID or aws:vol-ID: its newest completed snapshot)"
+    )]
+    pub source: MigrateSourceArgs,
 }
 
 /// `imgshift replicate` actions.
@@ -1244,6 +1250,21 @@ pub struct ReplicaTargetArgs {
     /// Storage pool of the points (`--to libvirt`)
     #[arg(long, value_name = "POOL")]
     pub pool: Option<String>,
+    /// AWS region of the points (`--to aws`; default from the environment or profile)
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
+    /// AWS profile (`--to aws`)
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
+    /// Endpoint URL for EC2 and EBS (`--to aws`; a stand-in such as moto)
+    #[arg(long = "endpoint-url", value_name = "URL")]
+    pub endpoint_url: Option<String>,
+    /// Requests in flight (`--to aws`)
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub concurrency: usize,
+    /// Attempts per request before giving up (AWS)
+    #[arg(long = "max-attempts", default_value_t = 10, value_name = "N")]
+    pub max_attempts: u32,
 }
 
 /// Arguments of `imgshift failover`.
@@ -1257,9 +1278,18 @@ pub struct FailoverArgs {
     /// Where the points are (default: as the last `replicate` of NAME from this state folder recorded)
     #[arg(long, value_enum)]
     pub to: Option<crate::target_kind::ReplicaKind>,
-    /// Name of the domain to define (default: NAME-failover)
+    /// Name of the domain to define (libvirt; default: NAME-failover)
     #[arg(long, value_name = "NAME")]
     pub domain: Option<String>,
+    /// Name of the AMI to register (aws; default: NAME-point-N)
+    #[arg(long = "image-name", value_name = "NAME")]
+    pub image_name: Option<String>,
+    /// The AMI's boot mode (aws; default: what inspection found when the point was made)
+    #[arg(long = "boot-mode", value_parser = ["legacy-bios", "uefi", "uefi-preferred"])]
+    pub boot_mode: Option<String>,
+    /// The AMI's architecture (aws)
+    #[arg(long, default_value = "x86_64", value_parser = ["x86_64", "arm64"])]
+    pub architecture: String,
     /// Start the domain
     #[arg(long)]
     pub start: bool,

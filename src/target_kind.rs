@@ -43,6 +43,8 @@ pub enum ReplicaKind {
     File,
     /// qcow2 volumes in a libvirt storage pool, each point a layer over the previous one
     Libvirt,
+    /// EBS snapshots, each point a child snapshot of the previous one holding only the changed blocks
+    Aws,
 }
 
 impl ReplicaKind {
@@ -51,12 +53,13 @@ impl ReplicaKind {
         match self {
             ReplicaKind::File => "file",
             ReplicaKind::Libvirt => "libvirt",
+            ReplicaKind::Aws => "aws",
         }
     }
 
     /// The kind a name names.
     pub fn from_name(name: &str) -> Option<ReplicaKind> {
-        [ReplicaKind::File, ReplicaKind::Libvirt]
+        [ReplicaKind::File, ReplicaKind::Libvirt, ReplicaKind::Aws]
             .into_iter()
             .find(|k| k.name() == name)
     }

@@ -19,7 +19,7 @@ pub fn run(args: &FailoverArgs) -> Result<u8> {
     let cache_dir = state_dir(args.state_dir.as_deref())?.join("replicas");
     let (to, t) = super::replicate::resolve_target(&cache_dir, &args.name, args.to, &args.target)?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut store = super::replicate::store(to, &t, stop.clone())?;
+    let mut store = super::replicate::store(to, &t, &cache_dir, stop.clone())?;
     let points = store.points(&args.name)?;
     let point = match args.point {
         Some(n) => points.iter().find(|p| p.number == n).with_context(|| {
@@ -38,7 +38,11 @@ pub fn run(args: &FailoverArgs) -> Result<u8> {
         })?,
     };
     let guest = point.guest.clone().unwrap_or_default();
-    let verdict = guest.targets.get("libvirt").cloned().unwrap_or_default();
+    let target = match to {
+        ReplicaKind::Aws => "aws",
+        _ => "libvirt",
+    };
+    let verdict = guest.targets.get(target).cloned().unwrap_or_default();
     match to {
         ReplicaKind::File => bail!(
             "replica {}'s points are qcow2 files already: point {} is {} in {} (its backing chain is the history); \
@@ -48,18 +52,57 @@ pub fn run(args: &FailoverArgs) -> Result<u8> {
             point.target_id,
             store.describe()
         ),
-        ReplicaKind::Libvirt => {}
+        ReplicaKind::Libvirt | ReplicaKind::Aws => {}
     }
     for f in &verdict.findings {
-        eprintln!("imgshift: preflight (libvirt): {f}");
+        eprintln!("imgshift: preflight ({target}): {f}");
     }
     if verdict.verdict == "fail" && !args.force {
         bail!(
-            "point {}'s guest ({}) will not boot on libvirt as inspected when the point was made; --force to start \
-             it anyway",
+            "point {}'s guest ({}) will not boot on {target} as inspected when the point was made (imgshift inspect \
+             --target {target} on the source says why); --force to go on anyway",
             point.number,
             guest.os
         );
+    }
+    if to == ReplicaKind::Aws {
+        let image_name = args
+            .image_name
+            .clone()
+            .unwrap_or_else(|| format!("{}-point-{}", args.name, point.number));
+        drop(store);
+        let aws = super::replicate::aws_store(&t, &cache_dir, stop)?;
+        let ami = aws.failover(
+            point,
+            &image_name,
+            args.boot_mode.clone(),
+            &args.architecture,
+        )?;
+        let mut out = std::io::stdout().lock();
+        match args.output {
+            OutputFormat::Json => {
+                serde_json::to_writer_pretty(
+                    &mut out,
+                    &serde_json::json!({
+                        "image": ami,
+                        "name": image_name,
+                        "point": point.number,
+                        "snapshot": point.target_id,
+                        "region": aws.region(),
+                    }),
+                )?;
+                writeln!(out)?;
+            }
+            OutputFormat::Human => writeln!(
+                out,
+                "AMI {ami} ({image_name}) registered in {} over point {} of replica {} (snapshot {})",
+                aws.region(),
+                point.number,
+                args.name,
+                point.target_id
+            )?,
+        }
+        return Ok(0);
     }
     let choices = DomainChoices {
         firmware: match args.firmware {

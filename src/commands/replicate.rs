@@ -12,7 +12,7 @@ use crate::cli::{
 use crate::journal::state_dir;
 use crate::progress::{Bar, human_size};
 use crate::replica::{Point, ReplicaStore};
-use crate::replicate::{self, SourceDiff, Spec};
+use crate::replicate::{self, SnapshotDiff, SourceDiff, Spec};
 use crate::sources::SourceRef;
 use crate::target_kind::ReplicaKind;
 
@@ -28,6 +28,15 @@ pub struct TargetRecord {
     pub connect: Option<String>,
     /// libvirt pool.
     pub pool: Option<String>,
+    /// AWS region, profile and endpoint.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// AWS profile.
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// AWS endpoint URL.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
 }
 
 fn record_path(cache_dir: &std::path::Path, name: &str) -> PathBuf {
@@ -49,6 +58,9 @@ fn save_record(
             .map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.clone())),
         connect: t.connect.clone(),
         pool: t.pool.clone(),
+        region: t.region.clone(),
+        profile: t.profile.clone(),
+        endpoint_url: t.endpoint_url.clone(),
     };
     crate::replica::write_atomic(
         cache_dir,
@@ -85,6 +97,9 @@ pub fn resolve_target(
         out.dir = out.dir.or(r.dir);
         out.connect = out.connect.or(r.connect);
         out.pool = out.pool.or(r.pool);
+        out.region = out.region.or(r.region);
+        out.profile = out.profile.or(r.profile);
+        out.endpoint_url = out.endpoint_url.or(r.endpoint_url);
     }
     Ok((to, out))
 }
@@ -93,9 +108,11 @@ pub fn resolve_target(
 pub fn store(
     to: ReplicaKind,
     t: &ReplicaTargetArgs,
+    cache_dir: &std::path::Path,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<Box<dyn ReplicaStore>> {
     match to {
+        ReplicaKind::Aws => Ok(Box::new(aws_store(t, cache_dir, stop)?)),
         ReplicaKind::File => {
             let Some(dir) = &t.dir else {
                 bail!("--to file needs --dir DIR, the folder of the points");
@@ -124,6 +141,52 @@ pub fn store(
     }
 }
 
+/// A source kind the caller already matched (never reached).
+fn unreachable_source(src: &std::path::Path) -> Result<(String, String)> {
+    bail!("{}: not an AWS source", src.display())
+}
+
+/// The EBS snapshots store `t` names.
+pub fn aws_store(
+    t: &ReplicaTargetArgs,
+    cache_dir: &std::path::Path,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<crate::targets::aws::replica::AwsStore> {
+    let conn = crate::targets::aws::config::AwsTarget {
+        region: t.region.clone(),
+        profile: t.profile.clone(),
+        endpoint_url: t.endpoint_url.clone(),
+    };
+    std::fs::create_dir_all(cache_dir)
+        .with_context(|| format!("cannot create {}", cache_dir.display()))?;
+    crate::targets::aws::replica::AwsStore::new(
+        &conn,
+        t.max_attempts,
+        t.concurrency,
+        cache_dir,
+        stop,
+    )
+}
+
+/// An EBS snapshot source: EBS lists what changed since an earlier snapshot of its lineage.
+struct EbsDiff<'a> {
+    reader: &'a crate::targets::aws::source::AwsReader,
+    snapshot: String,
+}
+
+impl SnapshotDiff for EbsDiff<'_> {
+    fn how(&self) -> &'static str {
+        "ebs-changed-blocks"
+    }
+    fn changed_since(&self, previous: &str) -> Result<Option<Vec<(u64, u64)>>> {
+        match self.reader.changed_blocks(previous, &self.snapshot) {
+            Ok(c) => Ok(Some(c.ranges)),
+            Err(e) if e.can_hash_instead() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
 /// `imgshift replicate …`.
 pub fn run(args: &ReplicateArgs, quiet: bool) -> Result<u8> {
     if let Some(ReplicateAction::Points(p)) = &args.action {
@@ -141,30 +204,66 @@ pub fn run(args: &ReplicateArgs, quiet: bool) -> Result<u8> {
     }
     crate::interrupt::install()?;
     let stop = crate::interrupt::stop_flag();
-    let mut store = store(to, &args.target, stop.clone())?;
-    let source = SourceRef::parse(src)?;
-    let SourceRef::File(path) = &source else {
-        bail!(
-            "{}: replicate reads local images so far; copy a cloud disk with `imgshift convert` first",
-            src.display()
-        );
-    };
-    let disk = crate::open::open_image(path, args.format.as_deref(), &args.trust.allow_dirs)?;
-    let source_name = std::fs::canonicalize(path)
-        .unwrap_or_else(|_| path.clone())
-        .display()
-        .to_string();
-    let diff = SourceDiff::None;
     let cache_dir: PathBuf = state_dir(args.state_dir.as_deref())?.join("replicas");
     std::fs::create_dir_all(&cache_dir)
         .with_context(|| format!("cannot create {}", cache_dir.display()))?;
+    let mut store = store(to, &args.target, &cache_dir, stop.clone())?;
+    let source = SourceRef::parse(src)?;
+    let mut reader = None;
+    let (disk, source_name, source_snapshot): (
+        Box<dyn imgshift_converters::DiskSource>,
+        String,
+        Option<String>,
+    ) = match &source {
+        SourceRef::File(path) => (
+            crate::open::open_image(path, args.format.as_deref(), &args.trust.allow_dirs)?,
+            std::fs::canonicalize(path)
+                .unwrap_or_else(|_| path.clone())
+                .display()
+                .to_string(),
+            None,
+        ),
+        SourceRef::AwsSnapshot(_) | SourceRef::AwsVolume(_) => {
+            if args.format.is_some() {
+                bail!(
+                    "-f names a local image's format; an EBS snapshot is read as the raw disk it is"
+                );
+            }
+            let conn = super::migrate::source_conn_of(&args.source, args.target.max_attempts);
+            let r = crate::targets::aws::source::AwsReader::connect(&conn.aws, conn.max_attempts)?;
+            let (snap, name) = match &source {
+                SourceRef::AwsVolume(v) => (r.newest_snapshot_of(v)?, format!("aws:{v}")),
+                SourceRef::AwsSnapshot(s) => (s.clone(), format!("aws:{s}")),
+                _ => unreachable_source(src)?,
+            };
+            let d = r.snapshot(&snap)?;
+            reader = Some(r);
+            (Box::new(d), name, Some(snap))
+        }
+        _ => bail!(
+            "{}: replicate reads local images, aws:snap-ID and aws:vol-ID; copy other cloud disks with \
+                 `imgshift convert` first",
+            src.display()
+        ),
+    };
+    let ebs_diff = match (&reader, &source_snapshot) {
+        (Some(r), Some(s)) => Some(EbsDiff {
+            reader: r,
+            snapshot: s.clone(),
+        }),
+        _ => None,
+    };
+    let diff = match &ebs_diff {
+        Some(d) => SourceDiff::Snapshots(d),
+        None => SourceDiff::None,
+    };
     save_record(&cache_dir, name, to, &args.target)?;
     let shared: std::sync::Arc<dyn imgshift_converters::DiskSource> = std::sync::Arc::from(disk);
     let guest = Some(crate::replicate::guest::inspect(shared.clone()));
     let spec = Spec {
         name,
         source_name,
-        source_snapshot: None,
+        source_snapshot,
         src: shared.as_ref(),
         diff,
         keep: args.keep,
@@ -231,7 +330,7 @@ fn points(args: &ReplicaPointsArgs) -> Result<u8> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let cache_dir = state_dir(args.state_dir.as_deref())?.join("replicas");
     let (to, t) = resolve_target(&cache_dir, &args.name, args.to, &args.target)?;
-    let mut store = store(to, &t, stop)?;
+    let mut store = store(to, &t, &cache_dir, stop)?;
     let points = store.points(&args.name)?;
     let mut out = std::io::stdout().lock();
     match args.output {

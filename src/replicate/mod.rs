@@ -29,12 +29,12 @@ use crate::replica::{Point, PointInput, ReplicaStore, now_rfc3339};
 const MAX_HASHES: u64 = 4 << 30;
 
 /// How a run finds what changed, when the source can say.
-#[allow(dead_code)] // the source-side detections are wired in by the next commits
 pub enum SourceDiff<'a> {
     /// The source cannot say: hash it.
     None,
     /// Ranges the source's own change tracking reports since the last point (a qcow2 dirty bitmap), with the
     /// detection's name.
+    #[allow(dead_code)] // the qcow2 dirty-bitmap detection is wired in next
     Ranges {
         /// `qcow2-bitmap`, ...
         how: &'static str,

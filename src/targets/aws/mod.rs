@@ -10,6 +10,7 @@ pub mod download;
 pub mod images;
 pub mod lifecycle;
 pub mod register;
+pub mod replica;
 pub mod retry;
 pub mod source;
 pub mod upload;
