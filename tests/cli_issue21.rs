@@ -775,6 +775,58 @@ fn map_json_host_offsets_for_vhdx_point_at_the_data() {
     assert!(mapped >= (64 << 10) + (3 << 20) + (1 << 20), "{ours}");
 }
 
+/// Issue 23: `info` lists a qcow2's persistent bitmaps under format-specific `bitmaps` (name, granularity, flags)
+/// as qemu-img info does, the in-use flag included; the human form nests them as qemu-img does.
+#[test]
+fn info_lists_qcow2_bitmaps_like_qemu_img() {
+    let d = tmpdir();
+    let img = qcow2_with_data(d.path(), "bm.qcow2");
+    qemu_img(&["bitmap", "--add", s(&img), "b0"]);
+    qemu_img(&[
+        "bitmap",
+        "--add",
+        "-g",
+        "1M",
+        "--disable",
+        s(&img),
+        "nightly",
+    ]);
+    qemu_io("qcow2", &img, &["write -P 1 2M 64k"]);
+    let check = |img: &Path| {
+        let ours: serde_json::Value =
+            serde_json::from_str(&imgshift(&["info", "--output", "json", s(img)]).ok().stdout)
+                .unwrap();
+        let theirs: serde_json::Value =
+            serde_json::from_str(&qemu_img(&["info", "--output", "json", s(img)])).unwrap();
+        let b = &theirs["format-specific"]["data"]["bitmaps"];
+        assert_eq!(b.as_array().map(Vec::len), Some(2), "{theirs}");
+        assert_eq!(&ours["format-specific"]["data"]["bitmaps"], b, "{ours}");
+    };
+    check(&img);
+    let human = imgshift(&["info", s(&img)]).ok().stdout;
+    for line in [
+        "    bitmaps:",
+        "        [1]:",
+        "            name: nightly",
+        "            granularity: 1048576",
+    ] {
+        assert!(human.lines().any(|l| l == line), "{line:?} in\n{human}");
+    }
+    // The in-use flag set by hand (flags of the first directory entry) shows as qemu-img shows it.
+    let head = std::fs::read(&img).unwrap();
+    let be32 = |o: usize| u32::from_be_bytes(head[o..o + 4].try_into().unwrap());
+    let mut off = be32(100) as usize;
+    while be32(off) != 0x2385_2875 {
+        assert_ne!(be32(off), 0, "no bitmaps extension");
+        off += 8 + (be32(off + 4) as usize).div_ceil(8) * 8;
+    }
+    let dir = u64::from_be_bytes(head[off + 24..off + 32].try_into().unwrap());
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&3u32.to_be_bytes(), dir + 12).unwrap();
+    drop(f);
+    check(&img);
+}
+
 /// `info --backing-chain` lists every layer as qemu-img info --backing-chain does.
 #[test]
 fn info_backing_chain_lists_every_layer() {
