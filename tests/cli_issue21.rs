@@ -944,10 +944,226 @@ fn convert_n_writes_into_an_existing_target() {
     let r = imgshift(&["convert", "-n", "-O", "raw", s(&q), s(&small)]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("smaller"), "{}", r.stderr);
-    let r = imgshift(&["convert", "-n", "-O", "qcow2", s(&q), s(&t)]);
+    let r = imgshift(&["convert", "-n", "-O", "vmdk", s(&q), s(&t)]);
     assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("qcow2 image or fixed VHD"),
+        "{}",
+        r.stderr
+    );
     let r = imgshift(&["convert", "--target-is-zero", "-O", "raw", s(&q), s(&t)]);
     assert_eq!(r.code, 2, "{}", r.stderr);
+}
+
+/// The source of the `-n` tests: 64 MiB, data at 0 and 10 MiB, a piece that starts and ends inside clusters,
+/// and the last 4 KiB.
+fn n_source(dir: &Path) -> PathBuf {
+    let img = dir.join("src.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "64M"]);
+    qemu_io(
+        "qcow2",
+        &img,
+        &[
+            "write -P 0xab 0 1M",
+            "write -P 0x5a 10M 3M",
+            "write -P 0x11 33000k 5k",
+            "write -P 0x22 65532k 4k",
+        ],
+    );
+    img
+}
+
+/// Regression (issue 21): `convert -n -O qcow2` writes through the existing qcow2's own tables (qemu-img
+/// convert -n): empty, small- and large-cluster, compat=0.10, pre-filled, backed and larger targets all pass
+/// qemu-img check and compare equal to the source; `--target-is-zero` leaves zero ranges alone.
+#[test]
+fn convert_n_into_existing_qcow2() {
+    let d = tmpdir();
+    let src = n_source(d.path());
+    let t = d.path().join("t.qcow2");
+    let base = d.path().join("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "64M"]);
+    qemu_io("qcow2", &base, &["write -P 0x77 0 64M"]);
+    // (create options, pre-fill the target with 0xff, backing file, size)
+    let cases: [(&[&str], bool, bool, &str); 9] = [
+        (&[], false, false, "64M"),
+        (&["-o", "cluster_size=4096"], false, false, "64M"),
+        (&["-o", "cluster_size=2M"], false, false, "64M"),
+        (&["-o", "compat=0.10"], false, false, "64M"),
+        (&[], true, false, "64M"),
+        (&["-o", "compat=0.10,cluster_size=4096"], true, false, "64M"),
+        (&[], false, true, "64M"),
+        (&["-o", "compat=0.10"], false, true, "64M"),
+        (&[], true, false, "96M"),
+    ];
+    for (opts, fill, backed, size) in cases {
+        let _ = std::fs::remove_file(&t);
+        let mut args = vec!["create", "-q", "-f", "qcow2"];
+        args.extend_from_slice(opts);
+        if backed {
+            args.extend_from_slice(&["-b", "base.qcow2", "-F", "qcow2"]);
+        }
+        args.extend_from_slice(&[s(&t), size]);
+        qemu_img(&args);
+        if fill {
+            qemu_io("qcow2", &t, &["write -P 0xff 0 64M"]);
+        }
+        let what = format!("{opts:?} fill={fill} backed={backed} size={size}");
+        let r = imgshift(&["convert", "-n", "-O", "qcow2", s(&src), s(&t)]);
+        assert_eq!(r.code, 0, "{what}: {}", r.stderr);
+        assert_check_clean(&t, "qcow2");
+        let c = qemu_img_status(&["compare", "-f", "qcow2", "-F", "qcow2", s(&src), s(&t)]);
+        assert_eq!(c.code, 0, "{what}: {}{}", c.stdout, c.stderr);
+        if backed {
+            // Nothing of the backing file shows through: zero ranges are zero clusters (v3) or zeros (v2).
+            let info: serde_json::Value =
+                serde_json::from_str(&qemu_img(&["map", "--output", "json", s(&t)])).unwrap();
+            assert!(
+                info.as_array().unwrap().iter().all(|r| r["depth"] == 0),
+                "{what}: {info}"
+            );
+        }
+    }
+    // --target-is-zero: zero ranges are not written (the pre-filled 0xff stays where the source has zeros).
+    let _ = std::fs::remove_file(&t);
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&t), "64M"]);
+    qemu_io("qcow2", &t, &["write -P 0xff 2M 64k"]);
+    let r = imgshift(&[
+        "convert",
+        "-n",
+        "--target-is-zero",
+        "-O",
+        "qcow2",
+        s(&src),
+        s(&t),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_check_clean(&t, "qcow2");
+    let raw = d.path().join("t.raw");
+    qemu_img(&["convert", "-O", "raw", s(&t), s(&raw)]);
+    let bytes = std::fs::read(&raw).unwrap();
+    assert_eq!(bytes[2 << 20], 0xff, "a zero range was written");
+    assert_eq!(bytes[0], 0xab);
+    assert_eq!(bytes[10 << 20], 0x5a);
+}
+
+/// `convert -n` refuses, in one line and before writing anything, what it cannot write in place: compressed,
+/// snapshotted, bitmapped, dirty, corrupt or smaller qcow2 targets, dynamic VHDs, other formats (usage error);
+/// into a fixed VHD the data goes in place and the footer stays.
+#[test]
+fn convert_n_refusals_and_fixed_vhd() {
+    let d = tmpdir();
+    let src = n_source(d.path());
+    let t = d.path().join("t.qcow2");
+    let fresh = |extra: &dyn Fn(&Path)| {
+        let _ = std::fs::remove_file(&t);
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&t), "64M"]);
+        extra(&t);
+    };
+    let set_incompat_bit = |p: &Path, bit: u8| {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 79).unwrap();
+        f.write_all_at(&[b[0] | bit], 79).unwrap();
+    };
+    type Prep<'a> = Box<dyn Fn(&Path) + 'a>;
+    let cases: Vec<(&str, Prep)> = vec![
+        (
+            "compressed",
+            Box::new(|p: &Path| {
+                let _ = std::fs::remove_file(p);
+                qemu_img(&["convert", "-c", "-O", "qcow2", s(&src), s(p)]);
+            }),
+        ),
+        (
+            "snapshot",
+            Box::new(|p: &Path| {
+                qemu_img(&["snapshot", "-c", "s1", s(p)]);
+            }),
+        ),
+        (
+            "bitmaps",
+            Box::new(|p: &Path| {
+                qemu_img(&["bitmap", "--add", s(p), "b0"]);
+            }),
+        ),
+        (
+            "not closed cleanly",
+            Box::new(move |p: &Path| set_incompat_bit(p, 1)),
+        ),
+        ("corrupt", Box::new(move |p: &Path| set_incompat_bit(p, 2))),
+        (
+            "smaller",
+            Box::new(|p: &Path| {
+                let _ = std::fs::remove_file(p);
+                qemu_img(&["create", "-q", "-f", "qcow2", s(p), "32M"]);
+            }),
+        ),
+    ];
+    for (what, prep) in cases {
+        fresh(&*prep);
+        let before = std::fs::read(&t).unwrap();
+        let r = imgshift(&["convert", "-n", "-O", "qcow2", s(&src), s(&t)]);
+        assert_eq!(r.code, 1, "{what}: {}", r.stderr);
+        assert_eq!(
+            r.stderr.trim_end().lines().count(),
+            1,
+            "{what}: {}",
+            r.stderr
+        );
+        assert!(
+            std::fs::read(&t).unwrap() == before,
+            "{what}: the target changed"
+        );
+    }
+    // -o / -c with -n into a qcow2: usage errors.
+    fresh(&|_: &Path| {});
+    let r = imgshift(&[
+        "convert",
+        "-n",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        s(&src),
+        s(&t),
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    // A fixed VHD, pre-filled: the data region becomes the source, the footer is untouched.
+    let v = d.path().join("t.vhd");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=fixed",
+        s(&v),
+        "64M",
+    ]);
+    qemu_io("vpc", &v, &["write -P 0xff 0 64M"]);
+    let len = std::fs::metadata(&v).unwrap().len();
+    let footer = std::fs::read(&v).unwrap()[(len - 512) as usize..].to_vec();
+    let r = imgshift(&["convert", "-n", "-O", "vpc", s(&src), s(&v)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let after = std::fs::read(&v).unwrap();
+    assert_eq!(after.len() as u64, len);
+    assert!(
+        after[(len - 512) as usize..] == footer[..],
+        "the footer changed"
+    );
+    let c = qemu_img_status(&["compare", "-f", "qcow2", "-F", "vpc", s(&src), s(&v)]);
+    assert_eq!(c.code, 0, "{}{}", c.stdout, c.stderr);
+    // A dynamic VHD is refused.
+    let dynv = d.path().join("d.vhd");
+    qemu_img(&["create", "-q", "-f", "vpc", s(&dynv), "64M"]);
+    let r = imgshift(&["convert", "-n", "-O", "vpc", s(&src), s(&dynv)]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("fixed"), "{}", r.stderr);
 }
 
 /// A qcow2 whose first data cluster is leaked: its L2 entry cleared, its refcount left at 1.

@@ -13,6 +13,7 @@
 pub mod bitmaps;
 mod check;
 pub mod header;
+mod inplace;
 mod mapping;
 mod repair;
 mod writer;
@@ -28,6 +29,7 @@ use crate::source::{
 };
 use crate::storage::Storage;
 
+pub use inplace::Qcow2InPlace;
 pub use repair::{RepairOutcome, read_header_fields, repair_leaks};
 pub use writer::{OPTIONS as WRITER_OPTIONS, Qcow2Compressor, Qcow2Writer};
 

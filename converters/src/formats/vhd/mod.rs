@@ -92,6 +92,11 @@ impl VhdReader {
         Ok(reader)
     }
 
+    /// Fixed, dynamic or differencing.
+    pub fn disk_type(&self) -> DiskType {
+        self.footer.disk_type
+    }
+
     /// The footer's unique id (a differencing child names its parent by it).
     pub fn unique_id(&self) -> [u8; 16] {
         self.footer.unique_id
