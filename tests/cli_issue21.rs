@@ -1024,6 +1024,29 @@ fn convert_n_into_existing_qcow2() {
             );
         }
     }
+    // 512-byte clusters: 24 MiB of new data outgrows the refcount table qemu-img made (one cluster, covering
+    // 8 MiB of file); the table moves to a larger copy and the header follows it, as in qemu's driver.
+    let big = d.path().join("big.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&big), "64M"]);
+    qemu_io("qcow2", &big, &["write -P 1 0 24M", "write -P 2 40M 1k"]);
+    let _ = std::fs::remove_file(&t);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        s(&t),
+        "64M",
+    ]);
+    let reftable = |p: &Path| std::fs::read(p).unwrap()[48..60].to_vec();
+    let before = reftable(&t);
+    let r = imgshift(&["convert", "-n", "-O", "qcow2", s(&big), s(&t)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_check_clean(&t, "qcow2");
+    assert_same(&big, "qcow2", &t, "qcow2");
+    assert_ne!(reftable(&t), before, "the refcount table did not move");
     // --target-is-zero: zero ranges are not written (the pre-filled 0xff stays where the source has zeros).
     let _ = std::fs::remove_file(&t);
     qemu_img(&["create", "-q", "-f", "qcow2", s(&t), "64M"]);

@@ -13,21 +13,23 @@
 //! Refused before anything is written: images qemu marks corrupt or dirty, any corruption `check` finds,
 //! compressed clusters, internal snapshots (shared clusters would need copy-on-write), persistent bitmaps
 //! (they would go stale), external data files, extended L2 entries, refcounts narrower than 8 bits, and a
-//! virtual size smaller than the source. New clusters must be covered by the existing refcount table (it is
-//! not grown: a `Limit` error says so).
+//! virtual size smaller than the source. When new clusters lie past what the refcount table covers, the
+//! table moves to a larger copy at the end of the file (up to qemu's 8 MiB).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::header::{Header, INCOMPAT_DATA_FILE};
-use super::{COMPRESSED, COPIED, FMT, OFFSET_MASK, ZERO_FLAG, bitmaps, check};
+use super::{COMPRESSED, COPIED, FMT, MAX_REFTABLE_BYTES, OFFSET_MASK, ZERO_FLAG, bitmaps, check};
 use crate::error::{Error, Result};
 use crate::sink::Sink;
 use crate::storage::{FileStorage, Storage};
 
 /// Refcount table entries: "Bits 9-63 of the offset".
 const REFT_OFFSET_MASK: u64 = !511;
+/// Header bytes 48-59: refcount_table_offset (8) and refcount_table_clusters (4).
+const REFCOUNT_TABLE_FIELDS: u64 = 48;
 
 /// An existing qcow2 image opened for `convert -n`.
 pub struct Qcow2InPlace {
@@ -227,18 +229,15 @@ impl Qcow2InPlace {
 
     /// A new cluster at the end of the file, its refcount set to 1.
     fn alloc(&mut self) -> Result<u64> {
-        let x = self.next_free;
-        self.next_free = x
-            .checked_add(self.cs)
-            .ok_or_else(|| Error::limit(FMT, "the file would grow past 2^64 bytes"))?;
+        let x = self.take_cluster()?;
         self.set_refcount(x, 1, 0)?;
         Ok(x)
     }
 
     /// Stores refcount `value` for the cluster at `off`, adding a refcount block (itself counted) when its
-    /// table entry is empty.
+    /// table entry is empty and growing the refcount table when it does not reach that far.
     fn set_refcount(&mut self, off: u64, value: u64, depth: u32) -> Result<()> {
-        if depth > 4 {
+        if depth > 8 {
             return Err(Error::input(
                 "internal error: refcount block allocation loops",
             ));
@@ -246,22 +245,17 @@ impl Qcow2InPlace {
         let per_block = self.cs / self.refcount_bytes;
         let idx = off / self.cs;
         let rt = usize::try_from(idx / per_block).unwrap_or(usize::MAX);
-        let Some(&entry) = self.reftable.get(rt) else {
-            return Err(Error::limit(
-                FMT,
-                format!(
-                    "{}: new clusters past {} bytes need a larger refcount table, which -n does not grow (convert without -n, or recreate the target with a larger cluster_size)",
-                    self.path.display(),
-                    self.reftable.len() as u64 * per_block * self.cs
-                ),
-            ));
-        };
+        if rt >= self.reftable.len() {
+            self.grow_reftable(rt, depth)?;
+        }
+        let entry = self
+            .reftable
+            .get(rt)
+            .copied()
+            .ok_or_else(|| Error::input("internal error: refcount table index"))?;
         let mut block = entry & REFT_OFFSET_MASK;
         if block == 0 {
-            block = self.next_free;
-            self.next_free = block
-                .checked_add(self.cs)
-                .ok_or_else(|| Error::limit(FMT, "the file would grow past 2^64 bytes"))?;
+            block = self.take_cluster()?;
             self.write(&vec![0u8; usize::try_from(self.cs).unwrap_or(0)], block)?;
             self.write(&block.to_be_bytes(), self.reftable_offset + rt as u64 * 8)?;
             if let Some(slot) = self.reftable.get_mut(rt) {
@@ -275,6 +269,68 @@ impl Qcow2InPlace {
             .get((8 - w) as usize..)
             .ok_or_else(|| Error::input("internal error: refcount width"))?;
         self.write(field, block + (idx % per_block) * w)
+    }
+
+    /// The next cluster at the end of the file (no refcount set).
+    fn take_cluster(&mut self) -> Result<u64> {
+        let x = self.next_free;
+        self.next_free = x
+            .checked_add(self.cs)
+            .ok_or_else(|| Error::limit(FMT, "the file would grow past 2^64 bytes"))?;
+        Ok(x)
+    }
+
+    /// Moves the refcount table to a larger copy at the end of the file (at least twice as large, covering index
+    /// `rt`), as qemu does: the new table is written and counted, then the header points at it
+    /// ("refcount_table_offset", "refcount_table_clusters"), then the old table's clusters are freed. A crash
+    /// between the steps leaves leaked clusters only.
+    fn grow_reftable(&mut self, rt: usize, depth: u32) -> Result<()> {
+        let cs = self.cs;
+        let old_len = self.reftable.len() as u64;
+        let want = (rt as u64 + 1).max(old_len.saturating_mul(2));
+        let clusters = want.saturating_mul(8).div_ceil(cs);
+        if clusters.saturating_mul(cs) > MAX_REFTABLE_BYTES {
+            return Err(Error::limit(
+                FMT,
+                format!(
+                    "{}: the refcount table would grow past qemu's {} MiB",
+                    self.path.display(),
+                    MAX_REFTABLE_BYTES >> 20
+                ),
+            ));
+        }
+        let new_len = usize::try_from(clusters * cs / 8)
+            .map_err(|_| Error::limit(FMT, "refcount table size"))?;
+        let old_off = self.reftable_offset;
+        let old_clusters = (old_len * 8).div_ceil(cs);
+        let table_off = self.next_free;
+        self.next_free = clusters
+            .checked_mul(cs)
+            .and_then(|b| table_off.checked_add(b))
+            .ok_or_else(|| Error::limit(FMT, "the file would grow past 2^64 bytes"))?;
+        self.reftable.resize(new_len, 0);
+        self.reftable_offset = table_off;
+        // Written whole first, so that entries of blocks added while counting it land in it.
+        self.write_reftable()?;
+        for k in 0..clusters {
+            self.set_refcount(table_off + k * cs, 1, depth + 1)?;
+        }
+        self.write_reftable()?;
+        let clusters32 =
+            u32::try_from(clusters).map_err(|_| Error::limit(FMT, "refcount table clusters"))?;
+        let mut fields = [0u8; 12];
+        fields[..8].copy_from_slice(&table_off.to_be_bytes());
+        fields[8..].copy_from_slice(&clusters32.to_be_bytes());
+        self.write(&fields, REFCOUNT_TABLE_FIELDS)?;
+        for k in 0..old_clusters {
+            self.set_refcount(old_off + k * cs, 0, depth + 1)?;
+        }
+        Ok(())
+    }
+
+    fn write_reftable(&self) -> Result<()> {
+        let raw: Vec<u8> = self.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.write(&raw, self.reftable_offset)
     }
 
     /// Guest bytes of cluster `c` inside the virtual disk.
