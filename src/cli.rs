@@ -285,9 +285,9 @@ pub struct ConvertArgs {
     /// Print conversion statistics as JSON on standard error when done.
     #[arg(long)]
     pub stats: bool,
-    /// Write into DST as it exists (a raw file or block device at least as large as the source; -O raw only),
-    /// as qemu-img convert -n: DST is not created, truncated or renamed; ranges that are zero in the source are
-    /// written as zeros unless --target-is-zero.
+    /// Write into DST as it exists (-O raw: a file or block device; -O qcow2: an image, through its own tables;
+    /// -O vpc: a fixed VHD), at least as large as the source, as qemu-img convert -n: DST is not created,
+    /// truncated or renamed; ranges that are zero in the source are written as zeros unless --target-is-zero.
     #[arg(short = 'n')]
     pub no_create: bool,
     /// With -n: DST already reads as zeros, so zero ranges are skipped (as qemu-img's --target-is-zero; wrong
