@@ -1186,6 +1186,12 @@ pub struct ReplicateArgs {
     /// keeps its content; --to file)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub keep: Option<u32>,
+    /// Read what changed from the source qcow2's persistent dirty bitmap NAME (qemu's incremental-backup
+    /// tracking: `qemu-img bitmap --add IMG NAME`, or QMP block-dirty-bitmap-add with persistent=true) instead of
+    /// hashing the source. Used once the previous point was made with the same bitmap; keep the bitmap (clear it
+    /// only right after a run)
+    #[arg(long, value_name = "NAME")]
+    pub bitmap: Option<String>,
     /// Source format (probed when absent)
     #[arg(short = 'f', value_name = "FMT")]
     pub format: Option<String>,

@@ -751,3 +751,90 @@ fn same_raw(a: &Path, b: &Path) {
         b.display()
     );
 }
+
+/// A local qcow2 with a persistent dirty bitmap: once a point was made with `--bitmap`, the next run reads only
+/// the clusters the bitmap marks (no hashing pass over the source).
+#[test]
+fn a_qcow2_dirty_bitmap_is_read_instead_of_hashing() {
+    let t = tmpdir();
+    let d = t.path();
+    let raw = d.join("g.raw");
+    mkguest("bios", &raw);
+    let g = d.join("g.qcow2");
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&g)]);
+    qemu_img(&["resize", "-f", "qcow2", s(&g), "96M"]);
+    qemu_img(&["bitmap", "--add", s(&g), "b0"]);
+    let dir = d.join("dr");
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = d.join("state");
+    let rep = |extra: &[&str]| -> serde_json::Value {
+        let mut a = vec![
+            "replicate",
+            s(&g),
+            "--to",
+            "file",
+            "--dir",
+            s(&dir),
+            "--name",
+            "bm",
+            "--state-dir",
+            s(&state),
+            "--output",
+            "json",
+        ];
+        a.extend_from_slice(extra);
+        let r = imgshift(&a).ok();
+        serde_json::from_str(&r.stdout).unwrap()
+    };
+    // Without --bitmap on the first point, the next run cannot trust the bitmap yet and hashes.
+    let first = rep(&[]);
+    assert_eq!(first["point"]["number"], 1);
+    qemu_io("qcow2", &g, &["write -P 0x41 70M 64k"]);
+    let second = rep(&["--bitmap", "b0"]);
+    assert_eq!(second["detection"], "hashes", "{second}");
+    assert!(
+        second["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("--bitmap b0"),
+        "{second}"
+    );
+    // Now the previous point was made with the bitmap: only what it marks is read (the bitmap, never cleared,
+    // still marks 70M too: a superset of the changes is always safe).
+    qemu_io(
+        "qcow2",
+        &g,
+        &["write -P 0x42 80M 64k", "write -P 0x43 90M 4k"],
+    );
+    let third = rep(&["--bitmap", "b0"]);
+    assert_eq!(third["detection"], "qcow2-bitmap", "{third}");
+    assert!(u(&third, "bytes_read") <= 3 * BLOCK, "{third}");
+    assert!(u(&third, "changed_bytes") <= 3 * BLOCK, "{third}");
+    let out = qemu_img(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        s(&g),
+        s(&dir.join("bm.3.qcow2")),
+    ]);
+    assert!(out.contains("identical"), "{out}");
+    // A bitmap that does not exist is named with the ones that do.
+    let r = imgshift(&[
+        "replicate",
+        s(&g),
+        "--to",
+        "file",
+        "--dir",
+        s(&dir),
+        "--name",
+        "bm",
+        "--state-dir",
+        s(&state),
+        "--bitmap",
+        "nope",
+    ]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("b0"), "{}", r.stderr);
+}

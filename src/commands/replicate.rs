@@ -246,6 +246,10 @@ pub fn run(args: &ReplicateArgs, quiet: bool) -> Result<u8> {
             src.display()
         ),
     };
+    let disk_format = match &source {
+        SourceRef::File(_) => Some(disk.format()),
+        _ => None,
+    };
     let ebs_diff = match (&reader, &source_snapshot) {
         (Some(r), Some(s)) => Some(EbsDiff {
             reader: r,
@@ -253,9 +257,28 @@ pub fn run(args: &ReplicateArgs, quiet: bool) -> Result<u8> {
         }),
         _ => None,
     };
-    let diff = match &ebs_diff {
-        Some(d) => SourceDiff::Snapshots(d),
-        None => SourceDiff::None,
+    let diff = match (&ebs_diff, &args.bitmap, &source) {
+        (Some(d), None, _) => SourceDiff::Snapshots(d),
+        (None, Some(b), SourceRef::File(path)) => {
+            if disk_format != Some(imgshift_converters::Format::Qcow2) {
+                bail!(
+                    "--bitmap {b}: {} is not a qcow2 image (persistent dirty bitmaps are a qcow2 feature)",
+                    path.display()
+                );
+            }
+            let bm = imgshift_converters::formats::qcow2::bitmaps::read_dirty_bitmap(path, b)
+                .with_context(|| format!("--bitmap {b}"))?;
+            SourceDiff::Bitmap {
+                name: b.clone(),
+                ranges: bm
+                    .ranges
+                    .iter()
+                    .map(|&(s, l)| (s, s.saturating_add(l)))
+                    .collect(),
+            }
+        }
+        (_, Some(b), _) => bail!("--bitmap {b}: dirty bitmaps are read from a local qcow2 image"),
+        (None, None, _) => SourceDiff::None,
     };
     save_record(&cache_dir, name, to, &args.target)?;
     let shared: std::sync::Arc<dyn imgshift_converters::DiskSource> = std::sync::Arc::from(disk);

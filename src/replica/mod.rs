@@ -46,6 +46,10 @@ pub struct Point {
     pub sent_bytes: u64,
     /// How the changes were found: `full`, `hashes`, `ebs-changed-blocks`, `azure-page-diff`, `qcow2-bitmap`.
     pub detection: String,
+    /// The source qcow2's dirty bitmap the point was made with (`--bitmap`): the next run may read only what it
+    /// marks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitmap: Option<String>,
     /// What inspecting the source found when the point was made (failover sets the target up from it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<GuestRecord>,

@@ -32,13 +32,13 @@ const MAX_HASHES: u64 = 4 << 30;
 pub enum SourceDiff<'a> {
     /// The source cannot say: hash it.
     None,
-    /// Ranges the source's own change tracking reports since the last point (a qcow2 dirty bitmap), with the
-    /// detection's name.
-    #[allow(dead_code)] // the qcow2 dirty-bitmap detection is wired in next
-    Ranges {
-        /// `qcow2-bitmap`, ...
-        how: &'static str,
-        /// Sorted byte ranges.
+    /// The dirty ranges of a persistent dirty bitmap of the source qcow2 (qemu's incremental-backup tracking):
+    /// used when the last point was made with the same bitmap, which therefore already tracked every write
+    /// since.
+    Bitmap {
+        /// The bitmap's name.
+        name: String,
+        /// Its dirty byte ranges `[start, end)`, sorted.
         ranges: Vec<(u64, u64)>,
     },
     /// The source is a snapshot that can be compared with the last point's source snapshot (an EBS snapshot).
@@ -246,8 +246,17 @@ pub fn run(
         Some(p) => {
             let from_source = match &spec.diff {
                 SourceDiff::None => None,
-                SourceDiff::Ranges { how, ranges } => {
-                    Some((ChangeSet::from_ranges(ranges, size)?, *how))
+                SourceDiff::Bitmap { name, ranges } => {
+                    if p.bitmap.as_deref() == Some(name.as_str()) {
+                        Some((ChangeSet::from_ranges(ranges, size)?, "qcow2-bitmap"))
+                    } else {
+                        warnings.push(format!(
+                            "point {} was not made with --bitmap {name}, so the bitmap may miss earlier writes: \
+                             hashing the source this time (later runs read the bitmap)",
+                            p.number
+                        ));
+                        None
+                    }
                 }
                 SourceDiff::Snapshots(d) => match &p.source_snapshot {
                     Some(prev_snap) => match d.changed_since(prev_snap)? {
@@ -311,6 +320,10 @@ pub fn run(
             changed_bytes: changes.bytes(),
             sent_bytes: 0,
             detection: how.to_string(),
+            bitmap: match &spec.diff {
+                SourceDiff::Bitmap { name, .. } => Some(name.clone()),
+                _ => None,
+            },
             guest: spec.guest.clone(),
         },
         parent: prev,

@@ -283,6 +283,7 @@ fn point_of(id: &str, tags: &BTreeMap<String, String>) -> Option<Point> {
         changed_bytes: num("imgshift:changed").unwrap_or(0),
         sent_bytes: num(TAG_SENT)?,
         detection: tags.get("imgshift:detection").cloned().unwrap_or_default(),
+        bitmap: tags.get("imgshift:bitmap").cloned(),
         guest,
     })
 }
@@ -309,6 +310,9 @@ fn start_tags(name: &str, p: &Point) -> Vec<(String, String)> {
     ];
     if let Some(s) = &p.source_snapshot {
         t.push(("imgshift:source-snapshot".to_string(), s.clone()));
+    }
+    if let Some(b) = &p.bitmap {
+        t.push(("imgshift:bitmap".to_string(), tag_value(b)));
     }
     if let Some(g) = &p.guest {
         t.push(("imgshift:os".to_string(), tag_value(&g.os)));
