@@ -1120,6 +1120,23 @@ fn convert_n_refusals_and_fixed_vhd() {
         ),
         ("corrupt", Box::new(move |p: &Path| set_incompat_bit(p, 2))),
         (
+            "L2 entry pointing at the L1 table",
+            Box::new(|p: &Path| {
+                qemu_io("qcow2", p, &["write -P 1 0 64k"]);
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(p)
+                    .unwrap();
+                let mut b = [0u8; 8];
+                f.read_exact_at(&mut b, 40).unwrap();
+                let l1 = u64::from_be_bytes(b);
+                f.read_exact_at(&mut b, l1).unwrap();
+                let l2 = u64::from_be_bytes(b) & 0x00ff_ffff_ffff_fe00;
+                f.write_all_at(&(l1 | 1 << 63).to_be_bytes(), l2).unwrap();
+            }),
+        ),
+        (
             "smaller",
             Box::new(|p: &Path| {
                 let _ = std::fs::remove_file(p);

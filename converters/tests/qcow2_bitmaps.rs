@@ -92,6 +92,57 @@ fn dirty_ranges_follow_the_writes_at_the_bitmaps_granularity() {
     assert_eq!(names, ["b0", "b1", "b2"]);
 }
 
+/// The dirty ranges qemu itself reports: the bitmap exported by `qemu-nbd -B NAME` and read back with `qemu-img
+/// map` through `x-dirty-bitmap` (where dirty areas show as `"data": false`).
+fn qemu_dirty(img: &Path, name: &str) -> Vec<(u64, u64)> {
+    let sock = img.with_extension(format!("{name}.sock"));
+    let mut nbd = Command::new("qemu-nbd")
+        .args(["-r", "-f", "qcow2", "-B", name, "-k"])
+        .arg(&sock)
+        .arg(img)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run qemu-nbd ({e}): install it with `apt-get install qemu-utils`")
+        });
+    // Hang guard: the socket appears within milliseconds.
+    for _ in 0..400 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{name}",
+        sock.display()
+    );
+    let out = qemu_img(&["map", "--output=json", "--image-opts", &opts]);
+    let _ = nbd.kill();
+    let _ = nbd.wait();
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut v: Vec<(u64, u64)> = Vec::new();
+    for r in rows.as_array().unwrap() {
+        if r["data"] != false {
+            continue;
+        }
+        let (s, l) = (r["start"].as_u64().unwrap(), r["length"].as_u64().unwrap());
+        match v.last_mut() {
+            Some(last) if last.0 + last.1 == s => last.1 += l,
+            _ => v.push((s, l)),
+        }
+    }
+    v
+}
+
+#[test]
+fn dirty_ranges_equal_what_qemu_nbd_exports() {
+    let d = tmpdir();
+    let img = image(d.path());
+    for name in ["b0", "b1", "b2"] {
+        let ours = read_dirty_bitmap(&img, name).unwrap().ranges;
+        assert_eq!(ours, qemu_dirty(&img, name), "{name}");
+    }
+}
+
 #[test]
 fn last_range_is_clamped_to_the_virtual_size() {
     let d = tmpdir();

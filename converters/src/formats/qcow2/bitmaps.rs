@@ -614,3 +614,92 @@ pub fn list_bitmaps(path: &Path) -> Result<Vec<BitmapInfo>> {
     let h = read_header(&storage)?;
     list(&storage, &h)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A directory entry: table at 0x10000 (1 entry), flags auto, type 1, granularity 2^16, name "b0".
+    fn entry() -> Vec<u8> {
+        let mut e = Vec::new();
+        e.extend_from_slice(&0x10000u64.to_be_bytes());
+        e.extend_from_slice(&1u32.to_be_bytes());
+        e.extend_from_slice(&FLAG_AUTO.to_be_bytes());
+        e.extend_from_slice(&[TYPE_DIRTY_TRACKING, 16]);
+        e.extend_from_slice(&2u16.to_be_bytes());
+        e.extend_from_slice(&0u32.to_be_bytes());
+        e.extend_from_slice(b"b0");
+        e.resize(32, 0);
+        e
+    }
+
+    #[test]
+    fn accepts_valid_entry() {
+        let (info, name, next) = parse_entry(&entry(), 0, 0).unwrap();
+        assert_eq!(
+            (info.name.as_str(), name.as_slice(), next),
+            ("b0", &b"b0"[..], 32)
+        );
+        assert_eq!(info.granularity(), 65536);
+        assert_eq!(info.flag_names(), ["auto"]);
+    }
+
+    #[test]
+    fn rejects_empty_and_long_names() {
+        let mut e = entry();
+        e[18..20].copy_from_slice(&0u16.to_be_bytes());
+        assert!(parse_entry(&e, 0, 0).is_err());
+        e[18..20].copy_from_slice(&1024u16.to_be_bytes());
+        assert!(parse_entry(&e, 0, 0).is_err());
+    }
+
+    #[test]
+    fn rejects_reserved_flags_and_granularity() {
+        let mut e = entry();
+        e[12..16].copy_from_slice(&8u32.to_be_bytes());
+        assert!(parse_entry(&e, 0, 0).is_err());
+        let mut e = entry();
+        e[17] = 64;
+        assert!(parse_entry(&e, 0, 0).is_err());
+    }
+
+    #[test]
+    fn rejects_truncated_entry_extra_data_and_padding() {
+        assert!(parse_entry(&entry()[..24], 0, 0).is_err());
+        let mut e = entry();
+        e[20..24].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(parse_entry(&e, 0, 0).is_err());
+        let mut e = entry();
+        e[31] = 1;
+        assert!(parse_entry(&e, 0, 0).is_err());
+    }
+
+    fn ranges(size: u64, gran: u64, data: &[u8]) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut f = |s, l| {
+            out.push((s, l));
+            Ok(())
+        };
+        let mut r = Runs {
+            gran,
+            size,
+            start: None,
+            f: &mut f,
+        };
+        r.bytes(0, data).unwrap();
+        r.finish().unwrap();
+        out
+    }
+
+    #[test]
+    fn bits_become_ranges_lsb_first_and_clamped() {
+        // bit 0, bits 2-3, bits 8-15 (a whole byte), the last bit clamped to the size.
+        assert_eq!(
+            ranges(1000, 64, &[0b0000_1101, 0xff]),
+            vec![(0, 64), (128, 128), (512, 488)]
+        );
+        assert_eq!(ranges(1 << 20, 512, &[0, 0]), vec![]);
+        assert_eq!(ranges(16 * 512, 512, &[0xff, 0xff]), vec![(0, 16 * 512)]);
+    }
+}
