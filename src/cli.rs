@@ -689,6 +689,10 @@ pub struct LibvirtUploadArgs {
     /// Show a progress bar even when standard error is not a terminal.
     #[arg(short = 'p', long)]
     pub progress: bool,
+    /// Folder for the job's journal while it runs (default: $XDG_STATE_HOME/imgshift/jobs); a failed upload
+    /// removes what it created and its journal.
+    #[arg(long = "state-dir", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     #[command(flatten)]
     pub trust: TrustArgs,
 }

@@ -738,20 +738,31 @@ fn failed_define_removes_the_volume() {
     let d = tmpdir();
     let pool = Pool::new();
     let raw = test_raw(d.path(), "source.raw", MIB);
+    let state = d.path().join("state");
     // libvirt refuses domain names with '/'; the volume was already uploaded by then.
     let r = pool.upload(
         &raw,
         "v.qcow2",
-        &["--define", "bad/name", "--domain-type", "qemu"],
+        &[
+            "--define",
+            "bad/name",
+            "--domain-type",
+            "qemu",
+            "--state-dir",
+            s(&state),
+        ],
     );
     one_line_error(&r);
     assert!(
         r.stderr.contains("cannot define domain 'bad/name'")
-            && r.stderr.contains("volume 'v.qcow2' was removed"),
+            && r.stderr.contains("rolled back")
+            && r.stderr.contains("deleted volume 'v.qcow2'"),
         "{}",
         r.stderr
     );
     assert!(pool.volumes().is_empty(), "{:?}", pool.volumes());
+    // One-shot: the job is rolled back, not kept for `resume`.
+    assert!(files_in(&state).is_empty(), "{:?}", files_in(&state));
 }
 
 /// A 4 MiB BIOS disk whose boot sector writes `IMGSHIFT-BOOT-OK machine-id=bootsector` to COM1 and powers the

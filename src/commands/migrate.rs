@@ -242,6 +242,7 @@ pub fn run(args: &MigrateArgs, quiet: bool) -> Result<u8> {
         state_dir: state_dir(args.state_dir.as_deref())?,
         tags: parse_tags(&args.tags)?,
         verbose: args.verbose,
+        rollback: false,
     };
     let out = runner::run(spec, target.as_mut(), ui)?;
     let source = args.src.display().to_string();

@@ -15,7 +15,6 @@ mod measure;
 mod migrate;
 mod targets;
 mod upload;
-pub(crate) mod upload_libvirt;
 
 pub(crate) use crate::targets::parse_tags;
 
@@ -129,7 +128,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         } => upload::azure(&args, quiet),
         Command::Upload {
             target: UploadTarget::Libvirt(args),
-        } => upload_libvirt::run(&args, quiet),
+        } => upload::libvirt(&args, quiet),
         Command::Download {
             target: DownloadTarget::Aws(args),
         } => download::aws(&args, quiet),
