@@ -375,6 +375,10 @@ pub struct CloudSourceArgs {
         value_name = "URI"
     )]
     pub connect: String,
+    /// Read a running libvirt domain (libvirt:domain/NAME) anyway: its disks change while they are read, so the
+    /// copy is crash-consistent at best.
+    #[arg(long = "allow-running")]
+    pub allow_running: bool,
 }
 
 /// Where `migrate`'s cloud source is read from (its target's options keep their own names).
@@ -418,6 +422,10 @@ pub struct MigrateSourceArgs {
     /// libvirt connection URI for a libvirt: source (default: LIBVIRT_DEFAULT_URI, else qemu:///system).
     #[arg(id = "source_connect", long = "source-connect", value_name = "URI")]
     pub connect: Option<String>,
+    /// Read a running libvirt domain (libvirt:domain/NAME) anyway: its disks change while they are read, so the
+    /// copy is crash-consistent at best.
+    #[arg(long = "allow-running")]
+    pub allow_running: bool,
 }
 
 /// AWS connection options.

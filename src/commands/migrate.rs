@@ -95,6 +95,7 @@ fn source_conn(args: &MigrateArgs) -> SourceConn {
             .clone()
             .or(env("LIBVIRT_DEFAULT_URI"))
             .unwrap_or_else(|| "qemu:///system".into()),
+        allow_running: args.source.allow_running,
     }
 }
 
@@ -103,7 +104,7 @@ fn source_conn(args: &MigrateArgs) -> SourceConn {
 fn source_key(args: &MigrateArgs) -> Result<String> {
     match SourceRef::parse(&args.src)? {
         SourceRef::File(p) => crate::journal::source_identity(&p),
-        r @ SourceRef::LibvirtVolume { .. } => Ok(format!(
+        r @ (SourceRef::LibvirtVolume { .. } | SourceRef::LibvirtDomain { .. }) => Ok(format!(
             "{r:?}\0{:?}",
             args.source
                 .connect

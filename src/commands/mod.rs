@@ -175,6 +175,7 @@ fn set_source_conn(c: &crate::cli::CloudSourceArgs) {
             max_attempts: 10,
         },
         libvirt_uri: c.connect.clone(),
+        allow_running: c.allow_running,
     });
 }
 
