@@ -1295,7 +1295,7 @@ fn killed_upload_is_resumed_or_cancelled_as_a_job() {
         "virtio",
     ];
     let job = upload_and_kill(&pool, &raw, &vol, &choices, &state, "after-upload");
-    assert_eq!(pool.volumes(), [vol.clone()]);
+    assert_eq!(pool.volumes(), std::slice::from_ref(&vol));
     assert!(
         virsh(&["dominfo", &dom]).code != 0,
         "{dom} defined too early"
