@@ -564,6 +564,28 @@ fn existing_volume_and_domain_need_overwrite() {
     .ok();
     let x = virsh_ok(&["dumpxml", &dom]);
     assert!(x.contains("volume='d2.img'"), "{x}");
+    // The same volume and domain again, with --overwrite: both replaced (the domain with the new settings).
+    pool.upload(
+        &second,
+        "d2.img",
+        &[
+            "--define",
+            &dom,
+            "--overwrite",
+            "--memory",
+            "256",
+            "--domain-type",
+            "qemu",
+        ],
+    )
+    .ok();
+    let x = virsh_ok(&["dumpxml", &dom]);
+    assert!(x.contains("volume='d2.img'"), "{x}");
+    assert!(x.contains("<memory unit='KiB'>262144</memory>"), "{x}");
+    std::fs::remove_file(&back).unwrap();
+    pool.download("d2.img", &back);
+    assert_same(&second, "raw", &back, "qcow2");
+    assert_eq!(pool.volumes(), ["d1.img", "d2.img", "v.img"]);
 }
 
 #[test]
