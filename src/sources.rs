@@ -295,16 +295,21 @@ pub fn open_all(
     }
 }
 
-/// Says once per process that a running domain is being read (every disk is opened by one call, but a command
-/// may open its source more than once).
+/// Says once per process and domain that a running domain is being read (a command may open its source more
+/// than once).
 fn warn_running(name: &str) {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
+    static WARNED: std::sync::Mutex<std::collections::BTreeSet<String>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let first = WARNED
+        .lock()
+        .map(|mut w| w.insert(name.to_string()))
+        .unwrap_or(true);
+    if first {
         eprintln!(
             "imgshift: warning: domain '{name}' is running (--allow-running): its disks change while they are \
              read, so the copy is crash-consistent at best"
         );
-    });
+    }
 }
 
 /// Opens `src` for a command that reads one disk (`info`, `map`, `inspect`, `compare`, `convert`): a local image
