@@ -263,6 +263,12 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
     }
     let overlay = dir.join(format!("{id}.overlay.qcow2"));
     let stopped = |e: anyhow::Error, stage: &str, target: &mut dyn Target| {
+        // A failure because a signal arrived (a stream cancelled by the stop flag) is an interruption: the
+        // process exits 130/143, as the shell expects.
+        let e = match crate::interrupt::check() {
+            Err(i) if e.downcast_ref::<crate::interrupt::Interrupted>().is_none() => e.context(i),
+            _ => e,
+        };
         if rollback {
             return roll_back(&job, target, &overlay, e);
         }
