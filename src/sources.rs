@@ -1,7 +1,7 @@
 //! Sources by name: a local image (a path, as always), or a disk in a cloud read in place — `aws:snap-...` (an
 //! EBS snapshot), `aws:vol-...` (that volume's newest completed snapshot), `aws:ami-...` (every EBS mapping of an
 //! AMI, boot disk first), `azure:disk/GROUP/NAME` (a managed
-//! disk), `libvirt:POOL/VOLUME` (a storage volume). A cloud source is read through its cloud's read API straight into the engine: nothing is written
+//! disk), `azure:snapshot/GROUP/NAME` (a managed disk's snapshot), `libvirt:POOL/VOLUME` (a storage volume). A cloud source is read through its cloud's read API straight into the engine: nothing is written
 //! locally.
 //!
 //! A path keeps meaning a file: only a name that starts with `aws:`, `azure:` or `libvirt:` is a cloud source, so
@@ -16,7 +16,7 @@ use imgshift_converters::DiskSource;
 use crate::open::{SourceDisks, open_disks, open_image};
 use crate::targets::aws::config::AwsTarget as AwsConn;
 use crate::targets::aws::source::AwsReader;
-use crate::targets::azure::source::{AzureDiskSource, AzureReadConn};
+use crate::targets::azure::source::{AzureDiskSource, AzureReadConn, AzureSourceKind};
 
 /// A source the user named.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +38,13 @@ pub enum SourceRef {
     },
     /// A managed disk.
     AzureDisk {
+        /// Its resource group.
+        group: String,
+        /// Its name.
+        name: String,
+    },
+    /// A snapshot of a managed disk.
+    AzureSnapshot {
         /// Its resource group.
         group: String,
         /// Its name.
@@ -76,20 +83,23 @@ impl SourceRef {
         if let Some(rest) = text.strip_prefix("azure:") {
             let parts: Vec<&str> = rest.split('/').collect();
             return match parts.as_slice() {
-                ["disk", group, name] => {
+                [kind @ ("disk" | "snapshot"), group, name] => {
                     if [group, name].iter().any(|p| p.chars().all(|c| c == '.')) {
                         bail!("{text}: '.' and '..' are not Azure names");
                     }
                     crate::targets::azure::arm::check_name("the resource group", group)?;
-                    crate::targets::azure::arm::check_name("the disk", name)?;
-                    Ok(SourceRef::AzureDisk {
-                        group: group.to_string(),
-                        name: name.to_string(),
+                    crate::targets::azure::arm::check_name(&format!("the {kind}"), name)?;
+                    let (group, name) = (group.to_string(), name.to_string());
+                    Ok(if *kind == "disk" {
+                        SourceRef::AzureDisk { group, name }
+                    } else {
+                        SourceRef::AzureSnapshot { group, name }
                     })
                 }
                 _ => bail!(
-                    "{text}: an Azure source is azure:disk/RESOURCE-GROUP/NAME (a managed disk); a file whose name \
-                     starts with 'azure:' is ./{text}"
+                    "{text}: an Azure source is azure:disk/RESOURCE-GROUP/NAME (a managed disk) or \
+                     azure:snapshot/RESOURCE-GROUP/NAME (a snapshot); a file whose name starts with 'azure:' is \
+                     ./{text}"
                 ),
             };
         }
@@ -181,13 +191,20 @@ pub fn open_all(
                 facts: SourceFacts::default(),
             })
         }
-        SourceRef::AzureDisk { group, name } => {
+        r @ (SourceRef::AzureDisk { .. } | SourceRef::AzureSnapshot { .. }) => {
             if format.is_some() {
                 bail!(
                     "-f names a local image's format; a cloud disk is read as the raw disk it is"
                 );
             }
-            let d = AzureDiskSource::open(&conn.azure, &group, &name)?;
+            let (kind, group, name) = match r {
+                SourceRef::AzureSnapshot { group, name } => {
+                    (AzureSourceKind::Snapshot, group, name)
+                }
+                SourceRef::AzureDisk { group, name } => (AzureSourceKind::Disk, group, name),
+                _ => bail!("{}: not an Azure source", src.display()),
+            };
+            let d = AzureDiskSource::open(&conn.azure, kind, &group, &name)?;
             let facts = SourceFacts {
                 boot_mode: match d.hyper_v_generation.as_deref() {
                     Some("V2") => Some("uefi".into()),
@@ -260,6 +277,7 @@ pub fn open_all(
                 }
                 SourceRef::File(_)
                 | SourceRef::AzureDisk { .. }
+                | SourceRef::AzureSnapshot { .. }
                 | SourceRef::LibvirtVolume { .. } => {
                     bail!("{}: not an AWS source", src.display())
                 }
@@ -326,6 +344,15 @@ mod tests {
                 name: "web01-os".into()
             }
         );
+        assert_eq!(
+            p("azure:snapshot/rg-1/web01-snap").unwrap(),
+            SourceRef::AzureSnapshot {
+                group: "rg-1".into(),
+                name: "web01-snap".into()
+            }
+        );
+        assert!(p("azure:snapshot/rg").is_err());
+        assert!(p("azure:snapshot/../x").is_err());
         assert!(p("azure:disk/rg").is_err());
         assert!(p("azure:disk/rg/a/b").is_err());
         assert!(p("azure:disk/rg/../x").is_err());

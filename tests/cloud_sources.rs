@@ -387,6 +387,123 @@ fn an_azure_disk_converts_in_place_and_migrates_to_aws_with_its_generation() {
     assert_eq!(posts("beginGetAccess"), posts("endGetAccess"));
 }
 
+/// Takes snapshot `snap` of managed disk `disk` through the fake ARM (PUT snapshots/NAME, createOption Copy,
+/// incremental), as `az snapshot create --incremental` does.
+fn take_snapshot(env: &azure_util::Env, disk: &str, snap: &str) {
+    let url = format!(
+        "{}/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/snapshots/{snap}?api-version=2023-04-02",
+        env.arm_url(),
+        sub = azure_util::SUB,
+        rg = azure_util::RG
+    );
+    let body = serde_json::json!({"location": "westeurope", "properties": {"incremental": true, "creationData": {
+        "createOption": "Copy",
+        "sourceResourceId": format!("/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/disks/{disk}",
+            azure_util::SUB, azure_util::RG)}}});
+    let o = Command::new("curl")
+        .args(["-sS", "-f", "-X", "PUT", "--cacert", s(&env.ca)])
+        .args([
+            "-H",
+            &format!("Authorization: Bearer {}", azure_util::TOKEN),
+        ])
+        .args([
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &body.to_string(),
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Grants the fake ARM holds open (disks/NAME, snapshots/NAME with an active SAS).
+fn open_grants(env: &azure_util::Env) -> Vec<String> {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&env.arm_state).unwrap()).unwrap();
+    v["grants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn an_azure_snapshot_converts_in_place_as_the_disk_was_when_it_was_taken() {
+    let env = azure_util::Env::start("azsnap", &[], None);
+    let d = env.path();
+    let raw = disk(
+        d,
+        "az.raw",
+        24 * MIB,
+        &[(0, MIB), (17 * MIB, 3 * MIB + 4096)],
+    );
+    let r = env.upload(&raw, "snapsrc", &["--hyper-v-generation", "V2"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    take_snapshot(&env, "snapsrc", "snapsrc-1");
+    // The disk changes after the snapshot: the snapshot keeps what the disk held when it was taken.
+    env.damage("snapsrc", 512, 0x5a);
+    let out = d.join("snap.qcow2");
+    let mut c = env.cmd();
+    c.args([
+        "convert",
+        "-O",
+        "qcow2",
+        &format!("azure:snapshot/{}/snapsrc-1", azure_util::RG),
+        s(&out),
+    ])
+    .args([
+        "--subscription",
+        azure_util::SUB,
+        "--arm-endpoint",
+        &env.arm_url(),
+    ]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    qemu_img(&["check", "-f", "qcow2", s(&out)]);
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2", s(&raw), s(&out)])
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    // The snapshot's read grant was asked for and ended; none is left open.
+    let posts = |action: &str| {
+        env.records()
+            .iter()
+            .filter(|r| {
+                r["method"] == "POST"
+                    && r["path"]
+                        .as_str()
+                        .unwrap()
+                        .ends_with(&format!("/snapshots/snapsrc-1/{action}"))
+            })
+            .count()
+    };
+    assert_eq!(posts("beginGetAccess"), 1);
+    assert_eq!(posts("endGetAccess"), 1);
+    assert!(open_grants(&env).is_empty(), "{:?}", open_grants(&env));
+
+    // A snapshot that does not exist: one line naming it.
+    let mut c = env.cmd();
+    c.args([
+        "info",
+        &format!("azure:snapshot/{}/nosuch", azure_util::RG),
+        "--subscription",
+        azure_util::SUB,
+        "--arm-endpoint",
+        &env.arm_url(),
+    ]);
+    let r = run(c);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("no snapshot nosuch"), "{}", r.stderr);
+}
+
 #[test]
 fn a_cloud_to_cloud_migrate_killed_mid_copy_resumes_into_one_disk() {
     let env = azure_util::Env::start("c2cresume", &[], None);

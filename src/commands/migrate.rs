@@ -110,7 +110,7 @@ fn source_key(args: &MigrateArgs) -> Result<String> {
                 .as_deref()
                 .or(env("LIBVIRT_DEFAULT_URI").as_deref())
         )),
-        r @ SourceRef::AzureDisk { .. } => Ok(format!(
+        r @ (SourceRef::AzureDisk { .. } | SourceRef::AzureSnapshot { .. }) => Ok(format!(
             "{r:?}\0{}\0{:?}",
             args.source.arm_endpoint,
             args.source
