@@ -162,6 +162,9 @@ pub struct OpenedSource {
     pub disks: SourceDisks,
     /// What its cloud says about the guest.
     pub facts: SourceFacts,
+    /// Read grants held while it is open, as `(kind, id)` journal resources, so `jobs cancel` can end them
+    /// after a killed run ([`crate::targets::azure::source::READ_GRANT_KIND`]).
+    pub grants: Vec<(String, String)>,
 }
 
 /// Opens every disk of `src`.
@@ -175,6 +178,7 @@ pub fn open_all(
         SourceRef::File(p) => Ok(OpenedSource {
             disks: open_disks(&p, format, allow_dirs)?,
             facts: SourceFacts::default(),
+            grants: Vec::new(),
         }),
         SourceRef::LibvirtVolume { pool, volume } => {
             if format.is_some() {
@@ -189,6 +193,7 @@ pub fn open_all(
                     ova: false,
                 },
                 facts: SourceFacts::default(),
+                grants: Vec::new(),
             })
         }
         r @ (SourceRef::AzureDisk { .. } | SourceRef::AzureSnapshot { .. }) => {
@@ -214,6 +219,10 @@ pub fn open_all(
                 architecture: None,
                 ena: None,
             };
+            let grants = vec![(
+                crate::targets::azure::source::READ_GRANT_KIND.to_string(),
+                d.resource_id.clone(),
+            )];
             Ok(OpenedSource {
                 disks: SourceDisks {
                     names: vec![name],
@@ -221,6 +230,7 @@ pub fn open_all(
                     ova: false,
                 },
                 facts,
+                grants,
             })
         }
         r => {
@@ -240,6 +250,7 @@ pub fn open_all(
                             ova: false,
                         },
                         facts: SourceFacts::default(),
+                        grants: Vec::new(),
                     })
                 }
                 SourceRef::AwsVolume(vol) => {
@@ -252,6 +263,7 @@ pub fn open_all(
                             ova: false,
                         },
                         facts: SourceFacts::default(),
+                        grants: Vec::new(),
                     })
                 }
                 SourceRef::AwsImage(id) => {
@@ -273,6 +285,7 @@ pub fn open_all(
                             architecture: facts.architecture,
                             ena: facts.ena,
                         },
+                        grants: Vec::new(),
                     })
                 }
                 SourceRef::File(_)

@@ -148,7 +148,8 @@ fn a_snapshot_is_read_in_place_by_info_map_compare_and_convert() {
 }
 
 /// A snapshot series of one volume made through the EBS direct APIs with boto3 (the stand-in's incremental
-/// snapshots, tests/standin_moto.rs): block `i` of each snapshot is filled with the byte given. Writes the
+/// snapshots, tests/standin_moto.rs): block `i` of each snapshot is filled with the byte given. moto reports
+/// StartTime in whole seconds (EC2 gives milliseconds), so the snapshots start a second apart to be ordered. Writes the
 /// expected disk of the newest completed snapshot to `expect` (4 blocks); returns the volume id.
 fn volume_series(expect: &Path) -> String {
     let out = Command::new(util::aws::venv_python())
@@ -162,6 +163,7 @@ fn volume_series(expect: &Path) -> String {
              \x20 d=bytes([b])*B\n\
              \x20 e.put_snapshot_block(SnapshotId=s,BlockIndex=i,BlockData=d,DataLength=B,ChecksumAlgorithm='SHA256',Checksum=base64.b64encode(hashlib.sha256(d).digest()).decode())\n\
              p=e.start_snapshot(VolumeSize=1)['SnapshotId']; put(p,0,1); put(p,2,2); e.complete_snapshot(SnapshotId=p,ChangedBlocksCount=2)\n\
+             import time; time.sleep(1.1)\n\
              k=e.start_snapshot(VolumeSize=1,ParentSnapshotId=p)['SnapshotId']; put(k,2,5); put(k,3,6); e.complete_snapshot(SnapshotId=k,ChangedBlocksCount=2)\n\
              n=e.start_snapshot(VolumeSize=1,ParentSnapshotId=k)['SnapshotId']; put(n,0,9)\n\
              open('{}','wb').write(bytes([1])*B+bytes(B)+bytes([5])*B+bytes([6])*B)\n\
@@ -502,6 +504,85 @@ fn an_azure_snapshot_converts_in_place_as_the_disk_was_when_it_was_taken() {
     let r = run(c);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("no snapshot nosuch"), "{}", r.stderr);
+}
+
+#[test]
+fn jobs_cancel_ends_the_read_grant_a_killed_migrate_left_open() {
+    // Issue 22: "endGetAccess always called ... on `jobs cancel` (the grant is recorded in the journal like any
+    // resource)". A migrate from an Azure disk to AWS is killed (SIGKILL: no destructor runs) while it reads
+    // and sends; the fake ARM still holds the disk's read grant; `jobs cancel` ends it.
+    let env = azure_util::Env::start("grantcancel", &[], None);
+    let d = env.path();
+    let raw = disk(d, "g.raw", 64 * MIB, &[(0, 8 * MIB), (40 * MIB, 12 * MIB)]);
+    let r = env.upload(&raw, "grant-src", &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let state = d.join("mstate");
+    let mut c = env.cmd();
+    with_aws(&mut c, d);
+    c.args([
+        "migrate",
+        &format!("azure:disk/{}/grant-src", azure_util::RG),
+        "--to",
+        "aws",
+        "--endpoint-url",
+        &moto_url(),
+    ])
+    .args(["--source-subscription", azure_util::SUB])
+    .args(["--source-arm-endpoint", &env.arm_url()])
+    .args(["--name", "grantcancel", "--state-dir", s(&state), "--yes"])
+    .args(["--force", "--concurrency", "1", "--output", "json"])
+    .env("IMGSHIFT_TEST_PAUSE_AT", "upload-saved")
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("imgshift-test: paused at upload-saved") => break,
+            Some(Ok(_)) => {}
+            _ => panic!("the migrate ended before pausing mid-copy"),
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        open_grants(&env),
+        ["disks/grant-src"],
+        "the killed run's grant is open"
+    );
+
+    let mut c = env.cmd();
+    with_aws(&mut c, d);
+    c.args(["jobs", "--output", "json", "--state-dir", s(&state)]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let listed: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let job = listed[0]["id"].as_str().unwrap().to_string();
+    let grant_id = format!(
+        "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/disks/grant-src",
+        azure_util::SUB,
+        azure_util::RG
+    );
+    assert!(
+        listed[0]["resources"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!({"kind": "azure-read-grant", "id": grant_id})),
+        "{listed}"
+    );
+
+    let mut c = env.cmd();
+    with_aws(&mut c, d);
+    c.args(["jobs", "cancel", &job, "--state-dir", s(&state)]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("ended read access to disk grant-src"),
+        "{}",
+        r.stdout
+    );
+    assert!(open_grants(&env).is_empty(), "{:?}", open_grants(&env));
 }
 
 #[test]

@@ -67,7 +67,7 @@ pub fn foreign_options(to: TargetKind) -> Option<String> {
 }
 
 /// Where `migrate`'s cloud source is read from: its `--source-*` options (the environment serves both sides).
-fn source_conn(args: &MigrateArgs) -> SourceConn {
+pub(crate) fn source_conn(args: &MigrateArgs) -> SourceConn {
     SourceConn {
         aws: crate::targets::aws::config::AwsTarget {
             region: args.source.region.clone(),
@@ -154,6 +154,7 @@ pub fn run(args: &MigrateArgs, quiet: bool) -> Result<u8> {
     )?;
     let facts = opened.facts;
     let srcs = opened.disks;
+    let source_resources = opened.grants;
     let mut target = super::targets::for_migrate_from(args, &facts)?;
     // The boot mode the guest is registered with on AWS: the flag, else what the source's cloud says.
     let boot_mode = match args.to {
@@ -225,6 +226,7 @@ pub fn run(args: &MigrateArgs, quiet: bool) -> Result<u8> {
         name,
         source_label: args.src.display().to_string(),
         sources: srcs,
+        source_resources,
         boot_path: args.src.clone(),
         reopen_boot: Box::new(move || {
             crate::open::open_image(&src, format.as_deref(), &trust.allow_dirs)

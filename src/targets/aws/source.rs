@@ -405,6 +405,8 @@ mod standin_tests {
         assert_eq!(put1, 6);
         // Block 1 changed, block 3 became zeros, block 5 got data; the rest is as before.
         let b = disk(&v2, &[1, 9, 0, 0, 5, 6]);
+        // moto reports StartTime in whole seconds (EC2 in milliseconds): a second apart, the child is newer.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
         let changed = [(B, 2 * B), (3 * B, 4 * B), (5 * B, 6 * B)];
         let (child, put2) = write(&m, dir.path(), b.as_ref(), &changed, Some(&parent));
         assert_eq!(put2, 3, "only the changed blocks are put");

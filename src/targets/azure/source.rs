@@ -75,10 +75,16 @@ impl Drop for Grant {
     }
 }
 
+/// The journal's resource kind of a read grant on a source disk or snapshot (its id is the ARM resource id), so
+/// `jobs cancel` ends a grant a killed run left open (issue 22).
+pub const READ_GRANT_KIND: &str = "azure-read-grant";
+
 /// A managed disk or snapshot read in place through a read SAS.
 pub struct AzureDiskSource {
     inner: PageBlobSource,
     _grant: Grant,
+    /// The ARM resource id of what is read (what the grant is on).
+    pub resource_id: String,
     /// The disk's Hyper-V generation (`V1`, `V2`), when recorded.
     pub hyper_v_generation: Option<String>,
 }
@@ -132,6 +138,7 @@ impl AzureDiskSource {
         let sas = rt
             .block_on(arm.grant_read_on(&resource, READ_ACCESS_SECONDS))
             .with_context(|| format!("cannot read {noun} {name}"))?;
+        let resource_id = arm.id(&resource);
         let arm = Arc::new(arm);
         let grant = Grant {
             rt: Arc::clone(&rt),
@@ -167,11 +174,56 @@ impl AzureDiskSource {
         Ok(AzureDiskSource {
             inner: PageBlobSource::new(blob, data_size, ranges)?,
             _grant: grant,
+            resource_id,
             hyper_v_generation: d["properties"]["hyperVGeneration"]
                 .as_str()
                 .map(str::to_string),
         })
     }
+}
+
+/// Ends the read grant on `resource_id` (an ARM id of a disk or snapshot, as [`READ_GRANT_KIND`] records it):
+/// endGetAccess, for `jobs cancel` after a run was killed while reading. Ending a grant already ended is harmless.
+pub fn end_read_grant(conn: &AzureReadConn, resource_id: &str) -> Result<String> {
+    let parts: Vec<&str> = resource_id.trim_start_matches('/').split('/').collect();
+    let [
+        "subscriptions",
+        sub,
+        "resourceGroups",
+        group,
+        "providers",
+        "Microsoft.Compute",
+        kind,
+        name,
+    ] = parts.as_slice()
+    else {
+        bail!("the job's record names a malformed read grant '{resource_id}'");
+    };
+    let noun = match *kind {
+        "disks" => "disk",
+        "snapshots" => "snapshot",
+        _ => {
+            bail!("the job's record names a read grant on '{kind}', neither a disk nor a snapshot")
+        }
+    };
+    super::arm::check_name("the resource group", group)?;
+    super::arm::check_name(&format!("the {noun}"), name)?;
+    let rt = crate::targets::runtime()?;
+    let transport = http::transport(conn.ca_bundle.as_deref())?;
+    let cred = credential::choose(&transport)?;
+    rt.block_on(credential::check(&cred))?;
+    let arm = Arm::new(
+        &conn.arm_endpoint,
+        cred.credential.clone(),
+        &transport,
+        conn.max_attempts.max(1),
+        sub,
+        group,
+        false,
+    )?;
+    rt.block_on(arm.revoke_on(&format!("{kind}/{name}")))
+        .with_context(|| format!("cannot end read access to {noun} {name}"))?;
+    Ok(format!("ended read access to {noun} {name}"))
 }
 
 impl DiskSource for AzureDiskSource {
