@@ -447,6 +447,36 @@ mod standin_tests {
             .unwrap_err();
         assert!(matches!(e, ChangedBlocksError::NotFound { .. }), "{e}");
 
+        // The child carries the tags it was started with.
+        let tags =
+            m.rt.block_on(m.ec2.describe_snapshots().snapshot_ids(&child).send())
+                .unwrap()
+                .snapshots()[0]
+                .tags()
+                .iter()
+                .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
+                .collect::<Vec<_>>();
+        assert!(
+            tags.contains(&("imgshift-replica".to_string(), "test".to_string())),
+            "{tags:?}"
+        );
+
+        // An unknown parent is refused at once (the API's ResourceNotFoundException), not retried.
+        let req = SnapshotRequest {
+            volume_gib: 1,
+            client_token: "unknown-parent",
+            parent_snapshot_id: Some("snap-0123456789abcdef0"),
+            ..SnapshotRequest::default()
+        };
+        let e =
+            m.rt.block_on(up::start_snapshot(&m.ebs, &policy, &req))
+                .unwrap_err();
+        let call = e
+            .downcast_ref::<crate::targets::aws::retry::CallError>()
+            .unwrap();
+        assert_eq!(call.code.as_deref(), Some("ResourceNotFoundException"));
+        assert_eq!(call.attempts, 1);
+
         // The volume's newest completed snapshot is the child (a child joins its parent's volume).
         let vol =
             m.rt.block_on(m.ec2.describe_snapshots().snapshot_ids(&parent).send())

@@ -469,6 +469,15 @@ pub async fn start_snapshot(
             super::EBS_MAX_VOLUME_GIB
         );
     }
+    // An unknown parent is ResourceNotFoundException (DEPENDENCY_RESOURCE_NOT_FOUND): gone, not "not visible yet".
+    let policy = &Policy {
+        not_found_grace: if parent_snapshot_id.is_some() {
+            std::time::Duration::ZERO
+        } else {
+            policy.not_found_grace
+        },
+        ..*policy
+    };
     let out = retry::with_retry(
         policy,
         "StartSnapshot",
