@@ -432,9 +432,93 @@ fn open_grants(env: &azure_util::Env) -> Vec<String> {
         .collect()
 }
 
+/// A child process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `curl` against the fake ARM with its token and CA: the JSON body and the Location header of the reply.
+fn arm_call(env: &azure_util::Env, method: &str, url: &str) -> (serde_json::Value, Option<String>) {
+    let o = Command::new("curl")
+        .args(["-sS", "-f", "-i", "-X", method, "--cacert", s(&env.ca)])
+        .args([
+            "-H",
+            &format!("Authorization: Bearer {}", azure_util::TOKEN),
+        ])
+        .args([
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"access":"Read","durationInSeconds":3600}"#,
+        ])
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let location = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Location: ")
+                .or_else(|| l.strip_prefix("location: "))
+        })
+        .map(|l| l.trim().to_string());
+    (
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        location,
+    )
+}
+
+/// A read SAS of snapshot `snap` from the fake ARM (beginGetAccess, its operation polled to the result).
+fn snapshot_sas(env: &azure_util::Env, snap: &str) -> String {
+    let url = format!(
+        "{}/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/snapshots/{snap}/beginGetAccess?api-version=2023-04-02",
+        env.arm_url(),
+        azure_util::SUB,
+        azure_util::RG
+    );
+    let (_, mut location) = arm_call(env, "POST", &url);
+    for _ in 0..10 {
+        let (v, next) = arm_call(env, "GET", &location.clone().unwrap());
+        if let Some(sas) = v["accessSAS"].as_str() {
+            return sas.to_string();
+        }
+        // A relative Location is on the fake ARM.
+        location = next
+            .map(|l| {
+                if l.starts_with('/') {
+                    format!("{}{l}", env.arm_url())
+                } else {
+                    l
+                }
+            })
+            .or(location);
+    }
+    panic!("no SAS for snapshot {snap}");
+}
+
 #[test]
 fn an_azure_snapshot_converts_in_place_as_the_disk_was_when_it_was_taken() {
-    let env = azure_util::Env::start("azsnap", &[], None);
+    // The fake ARM's SAS URLs point at tests/standins/fake_blob_diff.py in front of Azurite: every blob call
+    // passes through it, and it answers the page-range diff Azurite lacks (Azure/Azurite#812).
+    let front_dir = util::tmpdir();
+    let mut fc = Command::new("python3");
+    fc.arg(azure_util::script("fake_blob_diff.py")).args([
+        "--upstream",
+        &azure_util::azurite_url(),
+        "--log",
+        s(&front_dir.path().join("diff.jsonl")),
+    ]);
+    let (front, port) = azure_util::spawn_port(fc);
+    let _front = Killed(front);
+    let base = format!("http://127.0.0.1:{port}");
+    let env = azure_util::Env::start("azsnap", &["--blob-base", &base], None);
     let d = env.path();
     let raw = disk(
         d,
@@ -504,6 +588,42 @@ fn an_azure_snapshot_converts_in_place_as_the_disk_was_when_it_was_taken() {
     let r = run(c);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("no snapshot nosuch"), "{}", r.stderr);
+
+    // The chain replicate uses (issue 23): a second incremental snapshot after the change, the two snapshots'
+    // read SAS from the fake ARM, and Get Page Ranges with x-ms-previous-snapshot-url lists exactly the page
+    // that changed; a snapshot of another disk is refused (409 PreviousSnapshotNotFound).
+    take_snapshot(&env, "snapsrc", "snapsrc-2");
+    let (s1, s2) = (
+        snapshot_sas(&env, "snapsrc-1"),
+        snapshot_sas(&env, "snapsrc-2"),
+    );
+    let diff = |prev: &str| {
+        let o = Command::new("curl")
+            .args(["-sS", "-H", "x-ms-version: 2025-01-05"])
+            .args(["-H", &format!("x-ms-previous-snapshot-url: {prev}")])
+            .args(["-w", "\n%{http_code}"])
+            .arg(format!("{s2}&comp=pagelist"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let listed = diff(&s1);
+    assert!(listed.ends_with("\n200"), "{listed}");
+    assert!(
+        listed.contains(
+            "<PageList><PageRange><Start>512</Start><End>1023</End></PageRange><NextMarker"
+        ),
+        "{listed}"
+    );
+    let raw2 = disk(d, "other.raw", 20 * MIB, &[(0, MIB)]);
+    let r = env.upload(&raw2, "otherdisk", &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    take_snapshot(&env, "otherdisk", "other-1");
+    let refused = diff(&snapshot_sas(&env, "other-1"));
+    assert!(
+        refused.ends_with("\n409") && refused.contains("PreviousSnapshotNotFound"),
+        "{refused}"
+    );
 }
 
 #[test]

@@ -111,11 +111,13 @@ class H(BaseHTTPRequestHandler):
 
     def send(self, status, headers, body):
         self.send_response(status)
-        skip = {"transfer-encoding", "connection", "content-length"}
+        # A HEAD answer keeps the upstream's Content-Length (the blob's size); others get their body's.
+        skip = {"transfer-encoding", "connection"} | ({"content-length"} if self.command != "HEAD" else set())
         for k, v in headers:
             if k.lower() not in skip:
                 self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
+        if self.command != "HEAD":
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
