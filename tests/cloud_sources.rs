@@ -150,8 +150,9 @@ fn a_snapshot_is_read_in_place_by_info_map_compare_and_convert() {
 /// A snapshot series of one volume made through the EBS direct APIs with boto3 (the stand-in's incremental
 /// snapshots, tests/standin_moto.rs): block `i` of each snapshot is filled with the byte given. moto reports
 /// StartTime in whole seconds (EC2 gives milliseconds), so the snapshots start a second apart to be ordered. Writes the
-/// expected disk of the newest completed snapshot to `expect` (4 blocks); returns the volume id.
-fn volume_series(expect: &Path) -> String {
+/// expected disk of the newest completed snapshot to `expect` (4 blocks); returns the volume id and the id of a
+/// newer snapshot left pending.
+fn volume_series(expect: &Path) -> (String, String) {
     let out = Command::new(util::aws::venv_python())
         .arg("-c")
         .arg(format!(
@@ -167,7 +168,7 @@ fn volume_series(expect: &Path) -> String {
              k=e.start_snapshot(VolumeSize=1,ParentSnapshotId=p)['SnapshotId']; put(k,2,5); put(k,3,6); e.complete_snapshot(SnapshotId=k,ChangedBlocksCount=2)\n\
              n=e.start_snapshot(VolumeSize=1,ParentSnapshotId=k)['SnapshotId']; put(n,0,9)\n\
              open('{}','wb').write(bytes([1])*B+bytes(B)+bytes([5])*B+bytes([6])*B)\n\
-             print(c.describe_snapshots(SnapshotIds=[n])['Snapshots'][0]['VolumeId'])",
+             print(c.describe_snapshots(SnapshotIds=[n])['Snapshots'][0]['VolumeId'], n)",
             moto_url(),
             moto_url(),
             s(expect)
@@ -179,7 +180,9 @@ fn volume_series(expect: &Path) -> String {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut w = text.split_whitespace();
+    (w.next().unwrap().to_string(), w.next().unwrap().to_string())
 }
 
 #[test]
@@ -187,7 +190,7 @@ fn a_volume_is_read_as_its_newest_completed_snapshot() {
     let d = tmpdir();
     let expect = d.path().join("expect.raw");
     // Three snapshots of one volume: the newest is still pending, so the one before it is read.
-    let vol = volume_series(&expect);
+    let (vol, pending) = volume_series(&expect);
     let out = d.path().join("vol.qcow2");
     let src = format!("aws:{vol}");
     let r = imgshift_aws(
@@ -227,6 +230,70 @@ fn a_volume_is_read_as_its_newest_completed_snapshot() {
     );
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("has no snapshot"), "{}", r.stderr);
+
+    // A migrate of the volume killed after it started, then a newer snapshot completes: the rerun does not mix
+    // the two snapshots into one job, it stops saying so.
+    let state = d.path().join("state");
+    let cmd = || {
+        let mut c = aws_cmd(d.path());
+        c.args([
+            "migrate",
+            &src,
+            "--to",
+            "aws",
+            "--endpoint-url",
+            &moto_url(),
+        ])
+        .args(["--source-endpoint-url", &moto_url()])
+        .args([
+            "--name",
+            "fromvol",
+            "--state-dir",
+            s(&state),
+            "--yes",
+            "--force",
+        ]);
+        c
+    };
+    let mut c = cmd();
+    c.env("IMGSHIFT_TEST_PAUSE_AT", "after-inspect")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let mut seen = Vec::new();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("imgshift-test: paused at after-inspect") => break,
+            Some(Ok(l)) => seen.push(l),
+            _ => panic!("the migrate ended before pausing after inspect: {seen:?}"),
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let done = Command::new(util::aws::venv_python())
+        .arg("-c")
+        .arg(format!(
+            "import boto3\n\
+             boto3.client('ebs',endpoint_url='{}',region_name='us-east-1',aws_access_key_id='t',aws_secret_access_key='t')\
+             .complete_snapshot(SnapshotId='{pending}',ChangedBlocksCount=1)",
+            moto_url()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let r = run(cmd());
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("is now {vol} ({pending})")) && r.stderr.contains("jobs cancel"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]

@@ -155,6 +155,24 @@ pub fn run(args: &MigrateArgs, quiet: bool) -> Result<u8> {
     let facts = opened.facts;
     let srcs = opened.disks;
     let source_resources = opened.grants;
+    // `aws:vol-` reads the volume's newest completed snapshot: an interrupted job of the same command must go on
+    // with the snapshot it started from, never mix two.
+    if matches!(SourceRef::parse(&args.src)?, SourceRef::AwsVolume(_)) && !args.dry_run {
+        let id = job_id(args)?;
+        let journal = state_dir(args.state_dir.as_deref())?.join(format!("{id}.json"));
+        if let Some(st) = crate::journal::peek(&journal) {
+            let started: Vec<String> = st.disks.iter().map(|d| d.name.clone()).collect();
+            if started != srcs.names {
+                bail!(
+                    "{}: job {id} started from {} but the volume's newest completed snapshot is now {}: \
+                     `imgshift jobs cancel {id}` removes what the job made, then run the command again",
+                    args.src.display(),
+                    started.join(", "),
+                    srcs.names.join(", ")
+                );
+            }
+        }
+    }
     let mut target = super::targets::for_migrate_from(args, &facts)?;
     // The boot mode the guest is registered with on AWS: the flag, else what the source's cloud says.
     let boot_mode = match args.to {
