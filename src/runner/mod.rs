@@ -56,6 +56,9 @@ pub struct RunSpec {
     pub source_label: String,
     /// The opened source disks.
     pub sources: SourceDisks,
+    /// What reading the sources holds open (a cloud's read grant), as `(kind, id)`: recorded in the journal once
+    /// the target is reached, so `jobs cancel` releases it after a killed run.
+    pub source_resources: Vec<(String, String)>,
     /// The boot disk's image file and how to open it again (for generalisation).
     pub boot_path: PathBuf,
     /// Opens the boot disk again (the generalisation overlay's backing).
@@ -134,6 +137,7 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
         name,
         source_label,
         sources: srcs,
+        source_resources,
         boot_path,
         reopen_boot,
         generalize,
@@ -299,6 +303,9 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
             return Err(e);
         }
         return Err(stopped(e, "upload", target));
+    }
+    for (kind, rid) in &source_resources {
+        job.record(kind, rid)?;
     }
 
     // Generalisation: an overlay over the boot disk, kept in the job folder until the job is done.
