@@ -1228,7 +1228,25 @@ pub struct ReplicateArgs {
         flatten,
         next_help_heading = "Cloud source (SRC = aws:snap-ID or aws:vol-ID: its newest completed snapshot)"
     )]
-    pub source: MigrateSourceArgs,
+    pub source: ReplicateSourceArgs,
+}
+
+/// Where `replicate`'s EBS source is read from (the target's options keep their own names).
+#[derive(Debug, Clone, Args, Default)]
+pub struct ReplicateSourceArgs {
+    /// AWS region of an aws: source (default: from the environment or profile)
+    #[arg(id = "source_region", long = "source-region", value_name = "REGION")]
+    pub region: Option<String>,
+    /// AWS profile for an aws: source
+    #[arg(id = "source_profile", long = "source-profile", value_name = "NAME")]
+    pub profile: Option<String>,
+    /// EBS/EC2 endpoint URL for an aws: source (default: AWS_ENDPOINT_URL)
+    #[arg(
+        id = "source_endpoint_url",
+        long = "source-endpoint-url",
+        value_name = "URL"
+    )]
+    pub endpoint_url: Option<String>,
 }
 
 /// `imgshift replicate` actions.

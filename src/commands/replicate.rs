@@ -232,8 +232,13 @@ pub fn run(args: &ReplicateArgs, quiet: bool) -> Result<u8> {
                     "-f names a local image's format; an EBS snapshot is read as the raw disk it is"
                 );
             }
-            let conn = super::migrate::source_conn_of(&args.source, args.target.max_attempts);
-            let r = crate::targets::aws::source::AwsReader::connect(&conn.aws, conn.max_attempts)?;
+            let conn = crate::targets::aws::config::AwsTarget {
+                region: args.source.region.clone(),
+                profile: args.source.profile.clone(),
+                endpoint_url: args.source.endpoint_url.clone(),
+            };
+            let r =
+                crate::targets::aws::source::AwsReader::connect(&conn, args.target.max_attempts)?;
             let (snap, name) = match &source {
                 SourceRef::AwsVolume(v) => (r.newest_snapshot_of(v)?, format!("aws:{v}")),
                 SourceRef::AwsSnapshot(s) => (s.clone(), format!("aws:{s}")),
