@@ -481,8 +481,10 @@ pub struct AwsUploadArgs {
     #[arg(long = "tag", value_name = "KEY=VALUE")]
     pub tags: Vec<String>,
     /// Stop after the snapshot; register no AMI.
-    #[arg(long = "snapshot-only")]
+    #[arg(long = "snapshot-only", conflicts_with_all = ["copy_to_regions", "share_with", "launch_template"])]
     pub snapshot_only: bool,
+    #[command(flatten)]
+    pub after: AwsAfterArgs,
     /// PutSnapshotBlock requests in flight.
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub concurrency: usize,
@@ -508,6 +510,30 @@ pub struct AwsUploadArgs {
     pub verbose: bool,
     #[command(flatten)]
     pub trust: TrustArgs,
+}
+
+/// What `migrate --to aws` and `upload aws` do once the AMI exists: copies, sharing, a launch template (each a
+/// resumable stage of the job; `jobs cancel` undoes them).
+#[derive(Debug, Clone, Args, Default)]
+pub struct AwsAfterArgs {
+    /// Copy the AMI to these regions (CopyImage with a token derived from the AMI; copies tagged and waited for)
+    #[arg(long = "copy-to-regions", value_delimiter = ',', value_name = "R1,R2")]
+    pub copy_to_regions: Vec<String>,
+    /// Let these AWS accounts (12 digits) launch the AMI and its copies (their snapshots too)
+    #[arg(long = "share-with", value_delimiter = ',', value_name = "ID,...")]
+    pub share_with: Vec<String>,
+    /// Point this launch template at the AMI: created when absent, else a new version is added (its default
+    /// version is left as it is)
+    #[arg(long = "launch-template", value_name = "NAME")]
+    pub launch_template: Option<String>,
+    /// Instance type of the launch template (default: one that boots the AMI's architecture, boot mode and
+    /// ENA setting: t4g.micro for arm64, t3.micro with ENA, t2.micro for a BIOS guest without ENA)
+    #[arg(
+        long = "instance-type",
+        value_name = "TYPE",
+        requires = "launch_template"
+    )]
+    pub instance_type: Option<String>,
 }
 
 /// `imgshift download aws`.
@@ -911,6 +937,8 @@ pub struct MigrateAwsArgs {
     /// KMS key for the snapshots
     #[arg(long = "kms-key-id", value_name = "ARN")]
     pub kms_key_id: Option<String>,
+    #[command(flatten)]
+    pub after: AwsAfterArgs,
 }
 
 /// `migrate --to azure` options (as in `upload azure`).

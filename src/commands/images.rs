@@ -52,22 +52,49 @@ fn grantees(w: &ShareWith) -> std::result::Result<Grantees, String> {
         }
         return Ok(Grantees::Ou(o.clone()));
     }
+    Ok(Grantees::Accounts(account_ids("--accounts", &w.accounts)?))
+}
+
+/// 12-digit AWS account ids, once each, or why `flag`'s list is not.
+pub(crate) fn account_ids(flag: &str, list: &[String]) -> std::result::Result<Vec<String>, String> {
     let mut ids = Vec::new();
-    for a in &w.accounts {
+    for a in list {
         let a = a.trim();
         if a.len() != 12 || !a.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(format!(
-                "--accounts wants 12-digit AWS account ids, not '{a}'"
-            ));
+            return Err(format!("{flag} wants 12-digit AWS account ids, not '{a}'"));
         }
         if !ids.iter().any(|i| i == a) {
             ids.push(a.to_string());
         }
     }
     if ids.is_empty() {
-        return Err("--accounts names no account".into());
+        return Err(format!("{flag} names no account"));
     }
-    Ok(Grantees::Accounts(ids))
+    Ok(ids)
+}
+
+/// Region names, once each, or why `flag`'s list is not.
+pub(crate) fn region_names(
+    flag: &str,
+    list: &[String],
+) -> std::result::Result<Vec<String>, String> {
+    let mut regions: Vec<String> = Vec::new();
+    for r in list {
+        let r = r.trim();
+        if r.is_empty()
+            || !r
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(format!(
+                "{flag}: '{r}' is not a region name (like eu-west-1)"
+            ));
+        }
+        if !regions.iter().any(|x| x == r) {
+            regions.push(r.to_string());
+        }
+    }
+    Ok(regions)
 }
 
 fn check_ami(image: &str) -> Option<String> {
@@ -130,22 +157,10 @@ pub fn run(action: &ImagesAction) -> Result<u8> {
             if let Some(m) = check_ami(image) {
                 return usage(&m);
             }
-            let mut regions: Vec<String> = Vec::new();
-            for r in to_regions {
-                let r = r.trim();
-                if r.is_empty()
-                    || !r
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                {
-                    return usage(&format!(
-                        "--to-regions: '{r}' is not a region name (like eu-west-1)"
-                    ));
-                }
-                if !regions.iter().any(|x| x == r) {
-                    regions.push(r.to_string());
-                }
-            }
+            let regions = match region_names("--to-regions", to_regions) {
+                Ok(r) => r,
+                Err(m) => return usage(&m),
+            };
             let s = CopySettings {
                 regions,
                 encrypted: *encrypted,
