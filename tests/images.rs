@@ -326,6 +326,9 @@ fn share_with_an_account_and_unshare() {
         .find(|i| i["image_id"] == ami.as_str())
         .unwrap();
     assert_eq!(mine["launch_permissions"], serde_json::json!([ACCOUNT_B]));
+    // Account B describes it (moto keeps accounts apart; the launcher's correction is tested in
+    // standin_moto.rs), and no longer once it is unshared.
+    assert_eq!(described_by_b(&ami), ami.as_str());
 
     let u = images(
         d.path(),
@@ -337,6 +340,17 @@ fn share_with_an_account_and_unshare() {
     assert_eq!(v["launch_permissions"], serde_json::json!([]));
     assert_eq!(launch_permissions(&ami), serde_json::json!([]));
     assert_eq!(volume_permissions(&snaps[0]), serde_json::json!([]));
+    assert_eq!(described_by_b(&ami), "InvalidAMIID.NotFound");
+}
+
+/// DescribeImages of `ami` as account B (header `x-moto-account-id`): its id, or the error code.
+fn described_by_b(ami: &str) -> Value {
+    let out = ec2_py(&format!(
+        "c.meta.events.register('before-sign.ec2.*',lambda request,**kw: request.headers.__setitem__('x-moto-account-id','{ACCOUNT_B}'))\n\
+         try:\n    print(json.dumps(c.describe_images(ImageIds=['{ami}'])['Images'][0]['ImageId']))\n\
+         except Exception as e:\n    print(json.dumps(e.response['Error']['Code']))"
+    ));
+    serde_json::from_str(out.trim()).unwrap()
 }
 
 #[test]
