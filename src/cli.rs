@@ -1102,15 +1102,24 @@ pub struct ShareWith {
     /// An organizational unit ARN
     #[arg(long, value_name = "ARN")]
     pub ou: Option<String>,
-    /// Everyone (checks image block public access first)
+    /// Everyone (AWS: checks image block public access first; Azure: a community gallery)
     #[arg(long)]
     pub public: bool,
+    /// Azure: a Microsoft Entra principal's object id, given the Reader role on the gallery image
+    #[arg(long, value_name = "OBJECT_ID")]
+    pub principal: Option<String>,
+    /// Azure: subscription ids, through a direct-shared gallery's sharing profile
+    #[arg(long, value_delimiter = ',', value_name = "ID,...")]
+    pub subscriptions: Vec<String>,
+    /// Azure: tenant ids, through a direct-shared gallery's sharing profile
+    #[arg(long, value_delimiter = ',', value_name = "ID,...")]
+    pub tenants: Vec<String>,
 }
 
 /// `imgshift images` actions.
 #[derive(Debug, Subcommand)]
 pub enum ImagesAction {
-    /// The images imgshift made (tagged imgshift:job), with their snapshots, region and sharing
+    /// The images imgshift made (tagged imgshift:job), with their snapshots or disks, regions and sharing
     List {
         /// Every image the account owns, not only imgshift's
         #[arg(long)]
@@ -1120,7 +1129,7 @@ pub enum ImagesAction {
     },
     /// Deregister an AMI, then delete each of its snapshots no other AMI uses
     Delete {
-        /// The AMI id
+        /// The AMI id (Azure: the image, or the version of --gallery/--gallery-image; libvirt: the domain)
         image: String,
         /// Print exactly what would be removed; remove nothing
         #[arg(long)]
@@ -1128,9 +1137,10 @@ pub enum ImagesAction {
         #[command(flatten)]
         common: ImagesCommon,
     },
-    /// Let other accounts, an organization or OU, or everyone launch an AMI (its snapshots too, for accounts)
+    /// Let other accounts, an organization or OU, or everyone launch an AMI (its snapshots too, for accounts);
+    /// Azure: a gallery image, to a principal (Reader role) or through a direct-shared or community gallery
     Share {
-        /// The AMI id
+        /// The AMI id (Azure: the image, or the version of --gallery/--gallery-image; libvirt: the domain)
         image: String,
         #[command(flatten)]
         with: ShareWith,
@@ -1139,16 +1149,17 @@ pub enum ImagesAction {
     },
     /// Remove what `images share` granted
     Unshare {
-        /// The AMI id
+        /// The AMI id (Azure: the image, or the version of --gallery/--gallery-image; libvirt: the domain)
         image: String,
         #[command(flatten)]
         with: ShareWith,
         #[command(flatten)]
         common: ImagesCommon,
     },
-    /// Copy an AMI to other regions (one copy per region, however often it is run), wait, copy its tags
+    /// Copy an AMI to other regions (one copy per region, however often it is run), wait, copy its tags; Azure:
+    /// replicate a gallery image version to more regions
     Copy {
-        /// The AMI id
+        /// The AMI id (Azure: the image, or the version of --gallery/--gallery-image; libvirt: the domain)
         image: String,
         /// Destination regions, comma-separated
         #[arg(

@@ -700,22 +700,25 @@ fn azure_delete_of_a_gallery_version_then_its_image_leaves_nothing() {
 }
 
 #[test]
-fn azure_only_deletes_for_now() {
+fn libvirt_takes_list_and_delete_only() {
     let d = tempfile::tempdir().unwrap();
     let mut c = aws_cmd(d.path());
     c.args([
         "images",
-        "list",
+        "share",
+        "dom",
         "--on",
-        "azure",
-        "--subscription",
-        "s",
-        "-g",
-        "rg",
+        "libvirt",
+        "--accounts",
+        ACCOUNT_B,
     ]);
     let r = run(c);
     assert_eq!(r.code, 2, "{}", r.stderr);
-    assert!(r.stderr.contains("--on aws only"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("works --on aws and --on azure"),
+        "{}",
+        r.stderr
+    );
 }
 
 fn libvirt_images(args: &[&str]) -> Run {
@@ -763,6 +766,48 @@ fn libvirt_delete_removes_what_migrate_made() {
     .ok();
     let vol = format!("{dom}.qcow2");
     assert_eq!(pool.volumes(), std::slice::from_ref(&vol));
+
+    // Listed as imgshift's (its metadata mark), with its volume; a domain defined by hand is listed only
+    // with --all.
+    let other = pool.domain();
+    let xml = format!(
+        "<domain type='qemu'><name>{other}</name><memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os></domain>"
+    );
+    let f = state.path().join("other.xml");
+    std::fs::write(&f, xml).unwrap();
+    util::libvirt::virsh_ok(&["define", s(&f)]);
+    let find = |all: bool| -> Vec<Value> {
+        let mut a = vec!["list", "--output", "json"];
+        if all {
+            a.push("--all");
+        }
+        let r = libvirt_images(&a).ok();
+        let v: Value = serde_json::from_str(&r.stdout).unwrap();
+        v["domains"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["domain"] == dom.as_str() || d["domain"] == other.as_str())
+            .cloned()
+            .collect()
+    };
+    let mine = find(false);
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    assert_eq!(mine[0]["domain"], dom.as_str());
+    assert_eq!(
+        mine[0]["volumes"],
+        serde_json::json!([{"pool": pool.name, "volume": vol}])
+    );
+    assert_eq!(mine[0]["made_by_imgshift"], true);
+    assert_eq!(mine[0]["active"], false);
+    let every = find(true);
+    assert_eq!(every.len(), 2, "{every:?}");
+    assert!(
+        every
+            .iter()
+            .any(|d| d["domain"] == other.as_str() && d["made_by_imgshift"] == false)
+    );
+    util::libvirt::virsh_ok(&["undefine", &other]);
 
     let dry = libvirt_images(&["delete", &dom, "--dry-run", "--output", "json"]).ok();
     let v: Value = serde_json::from_str(&dry.stdout).unwrap();
