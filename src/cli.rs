@@ -1190,4 +1190,75 @@ mod tests {
     fn every_command_line_is_consistent() {
         super::Cli::command().debug_assert();
     }
+
+    fn parse(args: &[&str]) -> Result<super::Cli, clap::Error> {
+        use clap::Parser;
+        super::Cli::try_parse_from(std::iter::once("imgshift").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn after_stage_flags_of_migrate_and_upload_aws() {
+        let after = "--copy-to-regions=eu-west-1,us-west-2 --share-with=111122223333,222233334444 \
+                     --launch-template=web --instance-type=t3.small";
+        let mut m = vec!["migrate", "a.raw", "--to", "aws"];
+        m.extend(after.split_whitespace());
+        let Ok(super::Cli {
+            command: super::Command::Migrate(a),
+            ..
+        }) = parse(&m)
+        else {
+            panic!("migrate did not parse");
+        };
+        assert_eq!(a.aws.after.copy_to_regions, ["eu-west-1", "us-west-2"]);
+        assert_eq!(a.aws.after.share_with, ["111122223333", "222233334444"]);
+        assert_eq!(a.aws.after.launch_template.as_deref(), Some("web"));
+        assert_eq!(a.aws.after.instance_type.as_deref(), Some("t3.small"));
+        let mut u = vec!["upload", "aws", "a.raw", "--name", "n"];
+        u.extend(after.split_whitespace());
+        assert!(parse(&u).is_ok());
+        // --instance-type belongs to a launch template; --snapshot-only registers nothing to act on.
+        assert!(
+            parse(&[
+                "upload",
+                "aws",
+                "a.raw",
+                "--name",
+                "n",
+                "--instance-type",
+                "t3.small"
+            ])
+            .is_err()
+        );
+        assert!(
+            parse(&[
+                "upload",
+                "aws",
+                "a.raw",
+                "--snapshot-only",
+                "--share-with",
+                "111122223333"
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn azure_share_flags_are_one_of_the_grantees() {
+        let base = ["images", "share", "1.0.0", "--on", "azure"];
+        for extra in [
+            &["--principal", "0a1b2c3d-0000-4000-8000-00000000beef"][..],
+            &["--subscriptions", "a,b"],
+            &["--tenants", "t"],
+            &["--public"],
+        ] {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            assert!(parse(&args).is_ok(), "{args:?}");
+        }
+        let two: Vec<&str> = base
+            .iter()
+            .chain(&["--principal", "p", "--public"])
+            .copied()
+            .collect();
+        assert!(parse(&two).is_err());
+    }
 }

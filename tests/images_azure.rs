@@ -110,11 +110,14 @@ fn list_share_and_replicate_gallery_images() {
             "gal=Private",
             "--gallery-sharing",
             "direct=Groups",
+            "--gallery-sharing",
+            "comm=Community",
         ],
         None,
     );
     migrated(&env, "img-a", "gal", "def");
     migrated(&env, "img-b", "direct", "def2");
+    migrated(&env, "img-c", "comm", "def3");
     foreign_image(&env, "not-ours");
 
     // list: imgshift's images and versions by their tag; --all adds the foreign one.
@@ -126,13 +129,15 @@ fn list_share_and_replicate_gallery_images() {
     assert_eq!(
         names,
         [
+            ("gallery image version", "comm/def3/1.0.0"),
             ("gallery image version", "direct/def2/1.0.0"),
             ("gallery image version", "gal/def/1.0.0"),
             ("image", "img-a"),
             ("image", "img-b"),
+            ("image", "img-c"),
         ]
     );
-    let version = &mine[1].2;
+    let version = &mine[2].2;
     assert_eq!(version["sharing"], "Private");
     assert_eq!(version["location"], "westeurope");
     assert!(version["job"].as_str().unwrap().starts_with("migrate-"));
@@ -142,9 +147,10 @@ fn list_share_and_replicate_gallery_images() {
             .unwrap()
             .ends_with("/disks/img-a-os")
     );
-    assert_eq!(mine[0].2["sharing"], "Groups");
+    assert_eq!(mine[0].2["sharing"], "Community");
+    assert_eq!(mine[1].2["sharing"], "Groups");
     let all = listed(&env, true);
-    assert_eq!(all.len(), 5);
+    assert_eq!(all.len(), 7);
     assert!(
         all.iter()
             .any(|(_, n, i)| n == "not-ours" && i["job"].is_null())
@@ -246,6 +252,59 @@ fn list_share_and_replicate_gallery_images() {
             json!({"operationType": "Remove", "groups": [{"type": "Subscriptions", "ids": [SUB_B, SUB_C]}]}),
         ]
     );
+
+    // Tenants through the same profile; a community gallery made public, then reset.
+    images(
+        &env,
+        &[
+            "share",
+            "1.0.0",
+            "--tenants",
+            azure_util::TENANT,
+            "--gallery",
+            "direct",
+            "--gallery-image",
+            "def2",
+        ],
+    )
+    .ok();
+    assert_eq!(
+        env.bodies("POST", "/galleries/direct/share")[2],
+        json!({"operationType": "Add", "groups": [{"type": "AADTenants", "ids": [azure_util::TENANT]}]})
+    );
+    let comm = ["--gallery", "comm", "--gallery-image", "def3", "--public"];
+    let mut a = vec!["share", "1.0.0"];
+    a.extend_from_slice(&comm);
+    let r = images(&env, &a).ok();
+    assert!(
+        r.stdout.contains("community gallery comm is public"),
+        "{}",
+        r.stdout
+    );
+    a[0] = "unshare";
+    images(&env, &a).ok();
+    assert_eq!(
+        env.bodies("POST", "/galleries/comm/share"),
+        [
+            json!({"operationType": "EnableCommunity"}),
+            json!({"operationType": "Reset"})
+        ]
+    );
+    // --public on a private gallery: refused, naming why.
+    let r = images(
+        &env,
+        &[
+            "share",
+            "1.0.0",
+            "--public",
+            "--gallery",
+            "gal",
+            "--gallery-image",
+            "def",
+        ],
+    );
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("not a community gallery"), "{}", r.stderr);
 
     // A plain managed image cannot be shared.
     let r = images(&env, &["share", "img-a", "--principal", PRINCIPAL]);
