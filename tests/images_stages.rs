@@ -404,3 +404,46 @@ fn upload_aws_shares_and_makes_a_launch_template_too() {
         r.stderr
     );
 }
+
+#[test]
+fn cancel_after_copy_image_answered_finds_the_unrecorded_copy_by_its_tag() {
+    let d = tmpdir();
+    let src = source(d.path());
+    let name = unique("cancel");
+    let lt = unique("lt");
+    // Killed after CopyImage answered for the first region: the copy exists, only its region is on record.
+    let job = kill_at(
+        migrate(d.path(), &moto_url(), &src, &name, &lt),
+        "copy-image-returned",
+    );
+    let m = made(&name);
+    assert_eq!(m[REGIONS[0]].as_array().unwrap().len(), 1, "{m}");
+    let copy = m[REGIONS[0]][0].clone();
+    let mut c = aws_cmd(d.path());
+    c.args([
+        "jobs",
+        "cancel",
+        &job,
+        "--state-dir",
+        s(&d.path().join("state")),
+    ]);
+    let r = run(c).ok();
+    let id = copy[0].as_str().unwrap();
+    assert!(
+        r.stdout
+            .contains(&format!("deregistered AMI {id} ({})", REGIONS[0])),
+        "{}",
+        r.stdout
+    );
+    let after = made(&name);
+    for region in std::iter::once("us-east-1").chain(REGIONS) {
+        assert!(
+            after[region].as_array().unwrap().is_empty(),
+            "{region}: {after}"
+        );
+    }
+    for snap in copy[1].as_array().unwrap() {
+        assert!(!snapshot_exists(REGIONS[0], snap.as_str().unwrap()));
+    }
+    assert_eq!(template(&lt), Value::Null, "no template was asked for");
+}
