@@ -206,9 +206,10 @@ pub enum Command {
         #[arg(long = "state-dir", value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
-    /// After migration: list, share, copy to other regions and delete the images imgshift made
+    /// After migration: list, share, copy to other regions and delete the images imgshift made (AWS, Azure;
+    /// libvirt: list and delete)
     #[command(
-        after_help = "Examples:\n  imgshift images list --on aws\n  imgshift images share ami-0abc --on aws --accounts 111122223333\n  imgshift images copy ami-0abc --on aws --to-regions eu-west-1,us-west-2\n  imgshift images delete ami-0abc --on aws --dry-run"
+        after_help = "Examples:\n  imgshift images list --on aws\n  imgshift images share ami-0abc --on aws --accounts 111122223333\n  imgshift images copy ami-0abc --on aws --to-regions eu-west-1,us-west-2\n  imgshift images delete ami-0abc --on aws --dry-run\n  imgshift images list --on azure --subscription SUB -g RG\n  imgshift images share 1.0.0 --on azure --subscription SUB -g RG --gallery G --gallery-image D --principal OBJECT_ID\n  imgshift images list --on libvirt -c qemu:///system"
     )]
     Images {
         /// What to do
