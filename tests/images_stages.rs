@@ -263,6 +263,14 @@ fn killed_mid_copy_resumes_without_a_second_copy_and_cancel_leaves_nothing() {
         "copy-image-returned",
     );
     assert_eq!(sent(&proxy, "CopyImage").len(), 1);
+    // As on an endpoint that does not apply CopyImage's tags: the rerun cannot find the copy by its tag, so only
+    // CopyImage's token keeps it from making a second one.
+    let first_copy = made(&name)[REGIONS[0]][0][0].clone();
+    py(&format!(
+        "r('{}').delete_tags(Resources=['{}'],Tags=[{{'Key':'imgshift:copy-of'}}])\nprint('null')",
+        REGIONS[0],
+        first_copy.as_str().unwrap()
+    ));
     // Resumed, and killed again once every stage is done (before the journal is removed).
     let job2 = kill_at(
         migrate(d.path(), &proxy.url, &src, &name, &lt),
@@ -273,23 +281,18 @@ fn killed_mid_copy_resumes_without_a_second_copy_and_cancel_leaves_nothing() {
     for region in REGIONS {
         assert_eq!(m[region].as_array().unwrap().len(), 1, "{region}: {m}");
     }
-    // Never two copies: each region asked once, or again with the same token.
+    // Never two copies: the first region was asked twice with the same token and answered with the same copy.
+    assert_eq!(m[REGIONS[0]][0][0], first_copy);
     let copies_sent = sent(&proxy, "CopyImage");
     let ami = m["us-east-1"][0][0].as_str().unwrap().to_string();
-    for region in REGIONS {
+    for (region, times) in REGIONS.iter().zip([2, 1]) {
         let n = copies_sent
             .iter()
             .filter(|b| b.contains(&format!("ClientToken=imgshift-copy-{ami}-{region}")))
             .count();
-        assert!(n >= 1, "{region}: {copies_sent:?}");
+        assert_eq!(n, times, "{region}: {copies_sent:?}");
     }
-    assert_eq!(
-        copies_sent.len(),
-        copies_sent
-            .iter()
-            .filter(|b| b.contains("ClientToken=imgshift-copy-"))
-            .count()
-    );
+    assert_eq!(copies_sent.len(), 3);
     let versions = template(&lt);
     assert_eq!(versions.as_array().unwrap().len(), 2, "{versions}");
     assert_eq!(versions[1][1], ami.as_str());
