@@ -35,7 +35,12 @@ qemu-img convert -q -c -O qcow2 -o cluster_size=4096 "$work/q-v3-512.qcow2" "$wo
 qemu-img convert -q -c -O qcow2 -o cluster_size=4096,compression_type=zstd "$work/q-v3-512.qcow2" "$work/q-zstd.qcow2"
 mk qcow2 q-backed.qcow2 1M -o cluster_size=512 -b q-v2.qcow2 -F qcow2
 qemu-img snapshot -c snap1 "$work/q-v2.qcow2"
-for f in q-v3-512 q-v2 q-empty q-ext q-zlib q-zstd q-backed; do seed qcow2 "$work/$f.qcow2"; done
+# Persistent dirty bitmaps (bitmaps extension, directory, tables, data) with writes they recorded.
+mk qcow2 q-bitmaps.qcow2 1M -o cluster_size=512
+qemu-img bitmap --add -g 512 "$work/q-bitmaps.qcow2" b0
+qemu-img bitmap --add --disable "$work/q-bitmaps.qcow2" b1
+qemu-io -f qcow2 -c 'write -P 0x33 0 4k' -c 'write -P 0x44 600k 8k' "$work/q-bitmaps.qcow2" >/dev/null
+for f in q-v3-512 q-v2 q-empty q-ext q-zlib q-zstd q-backed q-bitmaps; do seed qcow2 "$work/$f.qcow2"; done
 
 # vpc: fixed, dynamic (empty and with data), a differencing disk (its parent is refused by the deny-all gate).
 mk vpc v-fixed.vhd 256k -o subformat=fixed

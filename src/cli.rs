@@ -198,6 +198,18 @@ pub enum Command {
         after_help = "Examples:\n  imgshift migrate web01.vmdk --to aws --name web01\n  imgshift migrate web01.vmdk --to azure -g my-rg -l westeurope --subscription SUB\n  imgshift migrate web01.vmdk --to libvirt --pool default --start\n  imgshift migrate web01.vmdk --to aws --dry-run     # inspect, preflight and plan only"
     )]
     Migrate(Box<MigrateArgs>),
+    /// Keep a disaster-recovery copy current: each run makes a recovery point holding only what changed since
+    /// the last (`replicate points NAME` lists them)
+    #[command(
+        after_help = "Examples:\n  imgshift replicate web01.qcow2 --to file --dir /srv/dr --name web01 --keep 7\n  imgshift replicate points web01 --to file --dir /srv/dr\n\nRun it from cron or a systemd timer: a run takes the replica's lock, and one that finds nothing changed\nmakes no point and says so."
+    )]
+    Replicate(Box<ReplicateArgs>),
+    /// Make a replica's recovery point (the newest unless --point) bootable: an AMI over its EBS snapshot, or a
+    /// libvirt domain on an overlay of its volume (the point stays as it was)
+    #[command(
+        after_help = "Examples:\n  imgshift failover web01 --start                    # the target from the replica's record in the state folder\n  imgshift failover web01 --point 3 --to libvirt --pool dr -c qemu:///system --domain web01-test"
+    )]
+    Failover(Box<FailoverArgs>),
     /// Continue an interrupted job (`migrate` or `upload`) where it stopped
     Resume {
         /// The job id (`imgshift jobs` lists them)
@@ -274,9 +286,9 @@ pub struct ConvertArgs {
     /// Print conversion statistics as JSON on standard error when done.
     #[arg(long)]
     pub stats: bool,
-    /// Write into DST as it exists (a raw file or block device at least as large as the source; -O raw only),
-    /// as qemu-img convert -n: DST is not created, truncated or renamed; ranges that are zero in the source are
-    /// written as zeros unless --target-is-zero.
+    /// Write into DST as it exists (-O raw: a file or block device; -O qcow2: an image, through its own tables;
+    /// -O vpc: a fixed VHD), at least as large as the source, as qemu-img convert -n: DST is not created,
+    /// truncated or renamed; ranges that are zero in the source are written as zeros unless --target-is-zero.
     #[arg(short = 'n')]
     pub no_create: bool,
     /// With -n: DST already reads as zeros, so zero ranges are skipped (as qemu-img's --target-is-zero; wrong
@@ -1262,4 +1274,182 @@ mod tests {
             .collect();
         assert!(parse(&two).is_err());
     }
+}
+
+/// Arguments of `imgshift replicate`.
+#[derive(Debug, Clone, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct ReplicateArgs {
+    /// Other actions on a replica
+    #[command(subcommand)]
+    pub action: Option<ReplicateAction>,
+    /// The source: an image file (any supported format), aws:snap-ID (an EBS snapshot) or aws:vol-ID (that
+    /// volume's newest completed snapshot; later runs read only the blocks EBS lists as changed)
+    #[arg(required = true)]
+    pub src: Option<PathBuf>,
+    /// Where the recovery points go
+    #[arg(long, value_enum, required = true)]
+    pub to: Option<crate::target_kind::ReplicaKind>,
+    /// The replica's name (names its points: files or volumes NAME.N.qcow2)
+    #[arg(long, required = true)]
+    pub name: Option<String>,
+    /// Keep at most N points: the oldest beyond N are deleted after a new point is made (the next point
+    /// keeps its content; --to file)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep: Option<u32>,
+    /// Read what changed from the source qcow2's persistent dirty bitmap NAME (qemu's incremental-backup
+    /// tracking: `qemu-img bitmap --add IMG NAME`, or QMP block-dirty-bitmap-add with persistent=true) instead of
+    /// hashing the source. Used once the previous point was made with the same bitmap; keep the bitmap (clear it
+    /// only right after a run)
+    #[arg(long, value_name = "NAME")]
+    pub bitmap: Option<String>,
+    /// Source format (probed when absent)
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
+    /// Folder of imgshift's state: replica locks and cached block hashes under DIR/replicas (default
+    /// `$XDG_STATE_HOME/imgshift/jobs`)
+    #[arg(long = "state-dir", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Output format of the report
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    /// Threads reading the source
+    #[arg(short = 'm', long = "threads", value_name = "N", default_value_t = 8)]
+    pub threads: usize,
+    /// Show a progress bar even when standard error is not a terminal.
+    #[arg(short = 'p', long)]
+    pub progress: bool,
+    #[command(flatten, next_help_heading = "Where the points go")]
+    pub target: ReplicaTargetArgs,
+    #[command(flatten, next_help_heading = "Files named inside images")]
+    pub trust: TrustArgs,
+    #[command(
+        flatten,
+        next_help_heading = "Cloud source (SRC = aws:snap-ID or aws:vol-ID: its newest completed snapshot)"
+    )]
+    pub source: MigrateSourceArgs,
+}
+
+/// `imgshift replicate` actions.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ReplicateAction {
+    /// List a replica's recovery points (number, time, the target's id, source, changed and sent bytes)
+    Points(ReplicaPointsArgs),
+}
+
+/// Arguments of `imgshift replicate points`.
+#[derive(Debug, Clone, Args)]
+pub struct ReplicaPointsArgs {
+    /// The replica's name
+    pub name: String,
+    /// Where its points are (default: as the last `replicate` of NAME from this state folder recorded)
+    #[arg(long, value_enum)]
+    pub to: Option<crate::target_kind::ReplicaKind>,
+    /// Output format
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    /// Folder of imgshift's state (default `$XDG_STATE_HOME/imgshift/jobs`)
+    #[arg(long = "state-dir", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    #[command(flatten, next_help_heading = "Where the points are")]
+    pub target: ReplicaTargetArgs,
+}
+
+/// Where a replica's points are.
+#[derive(Debug, Clone, Args, Default)]
+pub struct ReplicaTargetArgs {
+    /// The folder of the points (`--to file`)
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// libvirt connection URI (`--to libvirt`; default: LIBVIRT_DEFAULT_URI, else qemu:///system)
+    #[arg(short = 'c', long = "connect", value_name = "URI")]
+    pub connect: Option<String>,
+    /// Storage pool of the points (`--to libvirt`)
+    #[arg(long, value_name = "POOL")]
+    pub pool: Option<String>,
+    /// AWS region of the points (`--to aws`; default from the environment or profile)
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
+    /// AWS profile (`--to aws`)
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
+    /// Endpoint URL for EC2 and EBS (`--to aws`; a stand-in such as moto)
+    #[arg(long = "endpoint-url", value_name = "URL")]
+    pub endpoint_url: Option<String>,
+    /// Requests in flight (`--to aws`)
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub concurrency: usize,
+    /// Attempts per request before giving up (AWS)
+    #[arg(long = "max-attempts", default_value_t = 10, value_name = "N")]
+    pub max_attempts: u32,
+}
+
+/// Arguments of `imgshift failover`.
+#[derive(Debug, Clone, Args)]
+pub struct FailoverArgs {
+    /// The replica's name
+    pub name: String,
+    /// The point to start (default: the newest)
+    #[arg(long, value_name = "N")]
+    pub point: Option<u32>,
+    /// Where the points are (default: as the last `replicate` of NAME from this state folder recorded)
+    #[arg(long, value_enum)]
+    pub to: Option<crate::target_kind::ReplicaKind>,
+    /// Name of the domain to define (libvirt; default: NAME-failover)
+    #[arg(long, value_name = "NAME")]
+    pub domain: Option<String>,
+    /// Name of the AMI to register (aws; default: NAME-point-N)
+    #[arg(long = "image-name", value_name = "NAME")]
+    pub image_name: Option<String>,
+    /// The AMI's boot mode (aws; default: what inspection found when the point was made)
+    #[arg(long = "boot-mode", value_parser = ["legacy-bios", "uefi", "uefi-preferred"])]
+    pub boot_mode: Option<String>,
+    /// The AMI's architecture (aws)
+    #[arg(long, default_value = "x86_64", value_parser = ["x86_64", "arm64"])]
+    pub architecture: String,
+    /// Start the domain
+    #[arg(long)]
+    pub start: bool,
+    /// Go on even when the point's preflight verdict for the target is "fail"
+    #[arg(long)]
+    pub force: bool,
+    /// Folder of imgshift's state (default `$XDG_STATE_HOME/imgshift/jobs`)
+    #[arg(long = "state-dir", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Output format of the report
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    #[command(flatten, next_help_heading = "Where the points are")]
+    pub target: ReplicaTargetArgs,
+    /// Memory in MiB
+    #[arg(
+        long,
+        default_value_t = 1024,
+        value_name = "MiB",
+        help_heading = "The domain"
+    )]
+    pub memory: u64,
+    /// Virtual CPUs
+    #[arg(
+        long,
+        default_value_t = 1,
+        value_name = "N",
+        help_heading = "The domain"
+    )]
+    pub vcpus: u32,
+    /// Firmware (auto: the boot mode inspection found when the point was made)
+    #[arg(long, value_enum, default_value_t = FirmwareArg::Auto, help_heading = "The domain")]
+    pub firmware: FirmwareArg,
+    /// Disk bus (auto: virtio when the guest has the drivers, as inspection found when the point was made)
+    #[arg(long = "disk-bus", value_enum, default_value_t = DiskBusArg::Auto, help_heading = "The domain")]
+    pub disk_bus: DiskBusArg,
+    /// Domain type (auto: kvm when the host offers it)
+    #[arg(long = "domain-type", value_enum, default_value_t = DomainTypeArg::Auto, help_heading = "The domain")]
+    pub domain_type: DomainTypeArg,
+    /// libvirt network to attach
+    #[arg(long, value_name = "NAME", help_heading = "The domain")]
+    pub network: Option<String>,
+    /// File on the daemon's host that receives the serial console
+    #[arg(long = "serial-log", value_name = "FILE", help_heading = "The domain")]
+    pub serial_log: Option<PathBuf>,
 }

@@ -17,6 +17,8 @@ mod job;
 mod journal;
 mod open;
 mod progress;
+mod replica;
+mod replicate;
 mod runner;
 mod sources;
 mod target_kind;

@@ -1,5 +1,6 @@
 //! Sources by name: a local image (a path, as always), or a disk in a cloud read in place — `aws:snap-...` (an
-//! EBS snapshot), `aws:ami-...` (every EBS mapping of an AMI, boot disk first), `azure:disk/GROUP/NAME` (a managed
+//! EBS snapshot), `aws:vol-...` (that volume's newest completed snapshot), `aws:ami-...` (every EBS mapping of an
+//! AMI, boot disk first), `azure:disk/GROUP/NAME` (a managed
 //! disk), `libvirt:POOL/VOLUME` (a storage volume). A cloud source is read through its cloud's read API straight into the engine: nothing is written
 //! locally.
 //!
@@ -26,6 +27,8 @@ pub enum SourceRef {
     AwsSnapshot(String),
     /// An AMI: every EBS mapping.
     AwsImage(String),
+    /// An EBS volume, read as its newest completed snapshot.
+    AwsVolume(String),
     /// A libvirt storage volume.
     LibvirtVolume {
         /// Its pool.
@@ -103,10 +106,12 @@ impl SourceRef {
             Ok(SourceRef::AwsSnapshot(id.to_string()))
         } else if valid("ami-") {
             Ok(SourceRef::AwsImage(id.to_string()))
+        } else if valid("vol-") {
+            Ok(SourceRef::AwsVolume(id.to_string()))
         } else {
             bail!(
-                "{text}: an AWS source is aws:snap-ID (an EBS snapshot) or aws:ami-ID (an AMI); a file whose name \
-                 starts with 'aws:' is ./{text}"
+                "{text}: an AWS source is aws:snap-ID (an EBS snapshot), aws:vol-ID (a volume's newest completed \
+                 snapshot) or aws:ami-ID (an AMI); a file whose name starts with 'aws:' is ./{text}"
             )
         }
     }
@@ -220,6 +225,18 @@ pub fn open_all(
                         facts: SourceFacts::default(),
                     })
                 }
+                SourceRef::AwsVolume(vol) => {
+                    let snap = reader.newest_snapshot_of(&vol)?;
+                    let s = reader.snapshot(&snap)?;
+                    Ok(OpenedSource {
+                        disks: SourceDisks {
+                            names: vec![format!("{vol} ({snap})")],
+                            disks: vec![Arc::new(s)],
+                            ova: false,
+                        },
+                        facts: SourceFacts::default(),
+                    })
+                }
                 SourceRef::AwsImage(id) => {
                     let facts = reader.image(&id)?;
                     let mut names = Vec::new();
@@ -294,7 +311,12 @@ mod tests {
             p("disk.qcow2").unwrap(),
             SourceRef::File("disk.qcow2".into())
         );
-        assert!(p("aws:vol-1").is_err());
+        assert_eq!(
+            p("aws:vol-0123abc").unwrap(),
+            SourceRef::AwsVolume("vol-0123abc".into())
+        );
+        assert!(p("aws:vol-").is_err());
+        assert!(p("aws:vpc-1").is_err());
         assert!(p("aws:snap-").is_err());
         assert!(p("aws:snap-../x").is_err());
         assert_eq!(

@@ -16,6 +16,11 @@ impl TargetKind {
     /// Every target.
     const ALL: [TargetKind; 3] = [TargetKind::Aws, TargetKind::Azure, TargetKind::Libvirt];
 
+    /// Every target, in a fixed order.
+    pub fn all() -> [TargetKind; 3] {
+        TargetKind::ALL
+    }
+
     /// Its name on the command line, in job kinds and in reports.
     pub fn name(self) -> &'static str {
         match self {
@@ -28,6 +33,35 @@ impl TargetKind {
     /// The target a name names.
     pub fn from_name(name: &str) -> Option<TargetKind> {
         TargetKind::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
+/// Where `imgshift replicate` keeps recovery points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum ReplicaKind {
+    /// qcow2 files in a folder, each point a layer over the previous one
+    File,
+    /// qcow2 volumes in a libvirt storage pool, each point a layer over the previous one
+    Libvirt,
+    /// EBS snapshots, each point a child snapshot of the previous one holding only the changed blocks
+    Aws,
+}
+
+impl ReplicaKind {
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReplicaKind::File => "file",
+            ReplicaKind::Libvirt => "libvirt",
+            ReplicaKind::Aws => "aws",
+        }
+    }
+
+    /// The kind a name names.
+    pub fn from_name(name: &str) -> Option<ReplicaKind> {
+        [ReplicaKind::File, ReplicaKind::Libvirt, ReplicaKind::Aws]
+            .into_iter()
+            .find(|k| k.name() == name)
     }
 }
 

@@ -644,6 +644,189 @@ fn map_json_has_host_offsets_like_qemu_img() {
     }
 }
 
+/// The rows of a `map --output json` as comparable tuples (every field qemu-img prints; `offset` null when absent).
+fn map_rows(json: &str) -> Vec<Vec<serde_json::Value>> {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    let keys = [
+        "start",
+        "length",
+        "depth",
+        "present",
+        "zero",
+        "data",
+        "compressed",
+        "offset",
+    ];
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| keys.iter().map(|k| r[k].clone()).collect())
+        .collect()
+}
+
+/// Regression (issue 21): `map --output json` gives qemu-img's rows, `offset` included, for VHD (fixed and
+/// dynamic) and every VMDK subformat; for multi-file VMDKs the offset is within the extent's own file, as
+/// qemu-img reports it (its JSON names no file); stream-optimized grains are compressed, without an offset.
+#[test]
+fn map_json_host_offsets_for_vhd_and_vmdk_match_qemu_img() {
+    let d = tmpdir();
+    let base = qcow2_with_data(d.path(), "base.qcow2");
+    qemu_io(
+        "qcow2",
+        &base,
+        &["write -z 20M 1M", "write -P 0x77 30M 64k"],
+    );
+    let mut cases: Vec<(PathBuf, &str)> = Vec::new();
+    for (name, fmt, opts) in [
+        ("dyn.vhd", "vpc", "subformat=dynamic"),
+        ("fixed.vhd", "vpc", "subformat=fixed"),
+        ("mono.vmdk", "vmdk", "subformat=monolithicSparse"),
+        ("flat.vmdk", "vmdk", "subformat=monolithicFlat"),
+        ("stream.vmdk", "vmdk", "subformat=streamOptimized"),
+    ] {
+        let img = d.path().join(name);
+        qemu_img(&["convert", "-O", fmt, "-o", opts, s(&base), s(&img)]);
+        cases.push((img, fmt));
+    }
+    // Multi-file: 5 GiB in 2 GiB extents, data in the second and third files.
+    for (name, sub) in [
+        ("split.vmdk", "twoGbMaxExtentSparse"),
+        ("splitflat.vmdk", "twoGbMaxExtentFlat"),
+    ] {
+        let img = d.path().join(name);
+        let o = format!("subformat={sub}");
+        qemu_img(&["create", "-q", "-f", "vmdk", "-o", &o, s(&img), "5G"]);
+        qemu_io(
+            "vmdk",
+            &img,
+            &[
+                "write -P 1 0 64k",
+                "write -P 2 3G 128k",
+                "write -P 3 4607M 64k",
+            ],
+        );
+        cases.push((img, "vmdk"));
+    }
+    for (img, fmt) in &cases {
+        let ours = imgshift(&["map", "--output", "json", "-f", fmt, s(img)])
+            .ok()
+            .stdout;
+        let theirs = qemu_img(&["map", "--output", "json", "-f", fmt, s(img)]);
+        let rows = map_rows(&ours);
+        assert_eq!(
+            rows,
+            map_rows(&theirs),
+            "{img:?}\nours: {ours}\ntheirs: {theirs}"
+        );
+        let with_offset = rows.iter().filter(|r| !r[7].is_null()).count();
+        if img.ends_with("stream.vmdk") {
+            assert_eq!(with_offset, 0, "{ours}");
+            assert!(rows.iter().any(|r| r[6] == true), "{ours}");
+        } else {
+            assert!(with_offset > 0, "{img:?}: {ours}");
+        }
+    }
+}
+
+/// VHDX: qemu-img's vhdx driver reports no offsets (it has no block status), so the oracle is the file itself:
+/// the bytes at each reported offset are the guest's bytes there.
+#[test]
+fn map_json_host_offsets_for_vhdx_point_at_the_data() {
+    use std::os::unix::fs::FileExt;
+    let d = tmpdir();
+    let img = d.path().join("a.vhdx");
+    qemu_img(&["create", "-q", "-f", "vhdx", s(&img), "256M"]);
+    qemu_io(
+        "vhdx",
+        &img,
+        &[
+            "write -P 0x31 0 64k",
+            "write -P 0x32 40M 3M",
+            "write -P 0x33 200M 1M",
+        ],
+    );
+    let raw = d.path().join("a.raw");
+    qemu_img(&["convert", "-O", "raw", s(&img), s(&raw)]);
+    let ours = imgshift(&["map", "--output", "json", s(&img)]).ok().stdout;
+    let rows: serde_json::Value = serde_json::from_str(&ours).unwrap();
+    let (file, guest) = (
+        std::fs::File::open(&img).unwrap(),
+        std::fs::File::open(&raw).unwrap(),
+    );
+    let mut mapped = 0u64;
+    for r in rows.as_array().unwrap() {
+        let (start, len) = (r["start"].as_u64().unwrap(), r["length"].as_u64().unwrap());
+        match r["offset"].as_u64() {
+            Some(off) => {
+                assert_eq!(r["data"], true, "{r}");
+                let (mut a, mut b) = (vec![0u8; len as usize], vec![0u8; len as usize]);
+                file.read_exact_at(&mut a, off).unwrap();
+                guest.read_exact_at(&mut b, start).unwrap();
+                assert!(
+                    a == b,
+                    "row {r}: the file's bytes at the offset differ from the guest's"
+                );
+                mapped += len;
+            }
+            None => assert_eq!(r["zero"], true, "{r}"),
+        }
+    }
+    // Every written range is mapped (whole payload blocks: qemu allocates blocks of 8 MiB or more).
+    assert!(mapped >= (64 << 10) + (3 << 20) + (1 << 20), "{ours}");
+}
+
+/// Issue 23: `info` lists a qcow2's persistent bitmaps under format-specific `bitmaps` (name, granularity, flags)
+/// as qemu-img info does, the in-use flag included; the human form nests them as qemu-img does.
+#[test]
+fn info_lists_qcow2_bitmaps_like_qemu_img() {
+    let d = tmpdir();
+    let img = qcow2_with_data(d.path(), "bm.qcow2");
+    qemu_img(&["bitmap", "--add", s(&img), "b0"]);
+    qemu_img(&[
+        "bitmap",
+        "--add",
+        "-g",
+        "1M",
+        "--disable",
+        s(&img),
+        "nightly",
+    ]);
+    qemu_io("qcow2", &img, &["write -P 1 2M 64k"]);
+    let check = |img: &Path| {
+        let ours: serde_json::Value =
+            serde_json::from_str(&imgshift(&["info", "--output", "json", s(img)]).ok().stdout)
+                .unwrap();
+        let theirs: serde_json::Value =
+            serde_json::from_str(&qemu_img(&["info", "--output", "json", s(img)])).unwrap();
+        let b = &theirs["format-specific"]["data"]["bitmaps"];
+        assert_eq!(b.as_array().map(Vec::len), Some(2), "{theirs}");
+        assert_eq!(&ours["format-specific"]["data"]["bitmaps"], b, "{ours}");
+    };
+    check(&img);
+    let human = imgshift(&["info", s(&img)]).ok().stdout;
+    for line in [
+        "    bitmaps:",
+        "        [1]:",
+        "            name: nightly",
+        "            granularity: 1048576",
+    ] {
+        assert!(human.lines().any(|l| l == line), "{line:?} in\n{human}");
+    }
+    // The in-use flag set by hand (flags of the first directory entry) shows as qemu-img shows it.
+    let head = std::fs::read(&img).unwrap();
+    let be32 = |o: usize| u32::from_be_bytes(head[o..o + 4].try_into().unwrap());
+    let mut off = be32(100) as usize;
+    while be32(off) != 0x2385_2875 {
+        assert_ne!(be32(off), 0, "no bitmaps extension");
+        off += 8 + (be32(off + 4) as usize).div_ceil(8) * 8;
+    }
+    let dir = u64::from_be_bytes(head[off + 24..off + 32].try_into().unwrap());
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&3u32.to_be_bytes(), dir + 12).unwrap();
+    drop(f);
+    check(&img);
+}
+
 /// `info --backing-chain` lists every layer as qemu-img info --backing-chain does.
 #[test]
 fn info_backing_chain_lists_every_layer() {
@@ -761,10 +944,266 @@ fn convert_n_writes_into_an_existing_target() {
     let r = imgshift(&["convert", "-n", "-O", "raw", s(&q), s(&small)]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("smaller"), "{}", r.stderr);
-    let r = imgshift(&["convert", "-n", "-O", "qcow2", s(&q), s(&t)]);
+    let r = imgshift(&["convert", "-n", "-O", "vmdk", s(&q), s(&t)]);
     assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("qcow2 image or fixed VHD"),
+        "{}",
+        r.stderr
+    );
     let r = imgshift(&["convert", "--target-is-zero", "-O", "raw", s(&q), s(&t)]);
     assert_eq!(r.code, 2, "{}", r.stderr);
+}
+
+/// The source of the `-n` tests: 64 MiB, data at 0 and 10 MiB, a piece that starts and ends inside clusters,
+/// and the last 4 KiB.
+fn n_source(dir: &Path) -> PathBuf {
+    let img = dir.join("src.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "64M"]);
+    qemu_io(
+        "qcow2",
+        &img,
+        &[
+            "write -P 0xab 0 1M",
+            "write -P 0x5a 10M 3M",
+            "write -P 0x11 33000k 5k",
+            "write -P 0x22 65532k 4k",
+        ],
+    );
+    img
+}
+
+/// Regression (issue 21): `convert -n -O qcow2` writes through the existing qcow2's own tables (qemu-img
+/// convert -n): empty, small- and large-cluster, compat=0.10, pre-filled, backed and larger targets all pass
+/// qemu-img check and compare equal to the source; `--target-is-zero` leaves zero ranges alone.
+#[test]
+fn convert_n_into_existing_qcow2() {
+    let d = tmpdir();
+    let src = n_source(d.path());
+    let t = d.path().join("t.qcow2");
+    let base = d.path().join("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "64M"]);
+    qemu_io("qcow2", &base, &["write -P 0x77 0 64M"]);
+    // (create options, pre-fill the target with 0xff, backing file, size)
+    let cases: [(&[&str], bool, bool, &str); 9] = [
+        (&[], false, false, "64M"),
+        (&["-o", "cluster_size=4096"], false, false, "64M"),
+        (&["-o", "cluster_size=2M"], false, false, "64M"),
+        (&["-o", "compat=0.10"], false, false, "64M"),
+        (&[], true, false, "64M"),
+        (&["-o", "compat=0.10,cluster_size=4096"], true, false, "64M"),
+        (&[], false, true, "64M"),
+        (&["-o", "compat=0.10"], false, true, "64M"),
+        (&[], true, false, "96M"),
+    ];
+    for (opts, fill, backed, size) in cases {
+        let _ = std::fs::remove_file(&t);
+        let mut args = vec!["create", "-q", "-f", "qcow2"];
+        args.extend_from_slice(opts);
+        if backed {
+            args.extend_from_slice(&["-b", "base.qcow2", "-F", "qcow2"]);
+        }
+        args.extend_from_slice(&[s(&t), size]);
+        qemu_img(&args);
+        if fill {
+            qemu_io("qcow2", &t, &["write -P 0xff 0 64M"]);
+        }
+        let what = format!("{opts:?} fill={fill} backed={backed} size={size}");
+        let r = imgshift(&["convert", "-n", "-O", "qcow2", s(&src), s(&t)]);
+        assert_eq!(r.code, 0, "{what}: {}", r.stderr);
+        assert_check_clean(&t, "qcow2");
+        let c = qemu_img_status(&["compare", "-f", "qcow2", "-F", "qcow2", s(&src), s(&t)]);
+        assert_eq!(c.code, 0, "{what}: {}{}", c.stdout, c.stderr);
+        if backed {
+            // Nothing of the backing file shows through: zero ranges are zero clusters (v3) or zeros (v2).
+            let info: serde_json::Value =
+                serde_json::from_str(&qemu_img(&["map", "--output", "json", s(&t)])).unwrap();
+            assert!(
+                info.as_array().unwrap().iter().all(|r| r["depth"] == 0),
+                "{what}: {info}"
+            );
+        }
+    }
+    // 512-byte clusters: 24 MiB of new data outgrows the refcount table qemu-img made (one cluster, covering
+    // 8 MiB of file); the table moves to a larger copy and the header follows it, as in qemu's driver.
+    let big = d.path().join("big.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&big), "64M"]);
+    qemu_io("qcow2", &big, &["write -P 1 0 24M", "write -P 2 40M 1k"]);
+    let _ = std::fs::remove_file(&t);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        s(&t),
+        "64M",
+    ]);
+    let reftable = |p: &Path| std::fs::read(p).unwrap()[48..60].to_vec();
+    let before = reftable(&t);
+    let r = imgshift(&["convert", "-n", "-O", "qcow2", s(&big), s(&t)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_check_clean(&t, "qcow2");
+    assert_same(&big, "qcow2", &t, "qcow2");
+    assert_ne!(reftable(&t), before, "the refcount table did not move");
+    // --target-is-zero: zero ranges are not written (the pre-filled 0xff stays where the source has zeros).
+    let _ = std::fs::remove_file(&t);
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&t), "64M"]);
+    qemu_io("qcow2", &t, &["write -P 0xff 2M 64k"]);
+    let r = imgshift(&[
+        "convert",
+        "-n",
+        "--target-is-zero",
+        "-O",
+        "qcow2",
+        s(&src),
+        s(&t),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_check_clean(&t, "qcow2");
+    let raw = d.path().join("t.raw");
+    qemu_img(&["convert", "-O", "raw", s(&t), s(&raw)]);
+    let bytes = std::fs::read(&raw).unwrap();
+    assert_eq!(bytes[2 << 20], 0xff, "a zero range was written");
+    assert_eq!(bytes[0], 0xab);
+    assert_eq!(bytes[10 << 20], 0x5a);
+}
+
+/// `convert -n` refuses, in one line and before writing anything, what it cannot write in place: compressed,
+/// snapshotted, bitmapped, dirty, corrupt or smaller qcow2 targets, dynamic VHDs, other formats (usage error);
+/// into a fixed VHD the data goes in place and the footer stays.
+#[test]
+fn convert_n_refusals_and_fixed_vhd() {
+    let d = tmpdir();
+    let src = n_source(d.path());
+    let t = d.path().join("t.qcow2");
+    let fresh = |extra: &dyn Fn(&Path)| {
+        let _ = std::fs::remove_file(&t);
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&t), "64M"]);
+        extra(&t);
+    };
+    let set_incompat_bit = |p: &Path, bit: u8| {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 79).unwrap();
+        f.write_all_at(&[b[0] | bit], 79).unwrap();
+    };
+    type Prep<'a> = Box<dyn Fn(&Path) + 'a>;
+    let cases: Vec<(&str, Prep)> = vec![
+        (
+            "compressed",
+            Box::new(|p: &Path| {
+                let _ = std::fs::remove_file(p);
+                qemu_img(&["convert", "-c", "-O", "qcow2", s(&src), s(p)]);
+            }),
+        ),
+        (
+            "snapshot",
+            Box::new(|p: &Path| {
+                qemu_img(&["snapshot", "-c", "s1", s(p)]);
+            }),
+        ),
+        (
+            "bitmaps",
+            Box::new(|p: &Path| {
+                qemu_img(&["bitmap", "--add", s(p), "b0"]);
+            }),
+        ),
+        (
+            "not closed cleanly",
+            Box::new(move |p: &Path| set_incompat_bit(p, 1)),
+        ),
+        ("corrupt", Box::new(move |p: &Path| set_incompat_bit(p, 2))),
+        (
+            "L2 entry pointing at the L1 table",
+            Box::new(|p: &Path| {
+                qemu_io("qcow2", p, &["write -P 1 0 64k"]);
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(p)
+                    .unwrap();
+                let mut b = [0u8; 8];
+                f.read_exact_at(&mut b, 40).unwrap();
+                let l1 = u64::from_be_bytes(b);
+                f.read_exact_at(&mut b, l1).unwrap();
+                let l2 = u64::from_be_bytes(b) & 0x00ff_ffff_ffff_fe00;
+                f.write_all_at(&(l1 | 1 << 63).to_be_bytes(), l2).unwrap();
+            }),
+        ),
+        (
+            "smaller",
+            Box::new(|p: &Path| {
+                let _ = std::fs::remove_file(p);
+                qemu_img(&["create", "-q", "-f", "qcow2", s(p), "32M"]);
+            }),
+        ),
+    ];
+    for (what, prep) in cases {
+        fresh(&*prep);
+        let before = std::fs::read(&t).unwrap();
+        let r = imgshift(&["convert", "-n", "-O", "qcow2", s(&src), s(&t)]);
+        assert_eq!(r.code, 1, "{what}: {}", r.stderr);
+        assert_eq!(
+            r.stderr.trim_end().lines().count(),
+            1,
+            "{what}: {}",
+            r.stderr
+        );
+        assert!(
+            std::fs::read(&t).unwrap() == before,
+            "{what}: the target changed"
+        );
+    }
+    // -o / -c with -n into a qcow2: usage errors.
+    fresh(&|_: &Path| {});
+    let r = imgshift(&[
+        "convert",
+        "-n",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        s(&src),
+        s(&t),
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    // A fixed VHD, pre-filled: the data region becomes the source, the footer is untouched.
+    let v = d.path().join("t.vhd");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=fixed",
+        s(&v),
+        "64M",
+    ]);
+    qemu_io("vpc", &v, &["write -P 0xff 0 64M"]);
+    let len = std::fs::metadata(&v).unwrap().len();
+    let footer = std::fs::read(&v).unwrap()[(len - 512) as usize..].to_vec();
+    let r = imgshift(&["convert", "-n", "-O", "vpc", s(&src), s(&v)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let after = std::fs::read(&v).unwrap();
+    assert_eq!(after.len() as u64, len);
+    assert!(
+        after[(len - 512) as usize..] == footer[..],
+        "the footer changed"
+    );
+    let c = qemu_img_status(&["compare", "-f", "qcow2", "-F", "vpc", s(&src), s(&v)]);
+    assert_eq!(c.code, 0, "{}{}", c.stdout, c.stderr);
+    // A dynamic VHD is refused.
+    let dynv = d.path().join("d.vhd");
+    qemu_img(&["create", "-q", "-f", "vpc", s(&dynv), "64M"]);
+    let r = imgshift(&["convert", "-n", "-O", "vpc", s(&src), s(&dynv)]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("fixed"), "{}", r.stderr);
 }
 
 /// A qcow2 whose first data cluster is leaked: its L2 entry cleared, its refcount left at 1.

@@ -138,12 +138,93 @@ fn a_snapshot_is_read_in_place_by_info_map_compare_and_convert() {
     assert!(gets >= 7, "{gets} blocks fetched");
 
     // A name that is neither a snapshot nor an AMI is refused, naming the forms; ./aws:x is a file.
-    let r = imgshift_aws(d.path(), &["info", "aws:vol-0123"]);
+    let r = imgshift_aws(d.path(), &["info", "aws:vpc-0123"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("aws:snap-ID"), "{}", r.stderr);
+    assert!(r.stderr.contains("aws:vol-ID"), "{}", r.stderr);
     let r = imgshift_aws(d.path(), &["info", "./aws:snap-0123"]);
     assert_eq!(r.code, 1);
     assert!(!r.stderr.contains("EBS"), "{}", r.stderr);
+}
+
+/// A snapshot series of one volume made through the EBS direct APIs with boto3 (the stand-in's incremental
+/// snapshots, tests/standin_moto.rs): block `i` of each snapshot is filled with the byte given. Writes the
+/// expected disk of the newest completed snapshot to `expect` (4 blocks); returns the volume id.
+fn volume_series(expect: &Path) -> String {
+    let out = Command::new(util::aws::venv_python())
+        .arg("-c")
+        .arg(format!(
+            "import boto3,hashlib,base64\n\
+             e=boto3.client('ebs',endpoint_url='{}',region_name='us-east-1',aws_access_key_id='t',aws_secret_access_key='t')\n\
+             c=boto3.client('ec2',endpoint_url='{}',region_name='us-east-1',aws_access_key_id='t',aws_secret_access_key='t')\n\
+             B=524288\n\
+             def put(s,i,b):\n\
+             \x20 d=bytes([b])*B\n\
+             \x20 e.put_snapshot_block(SnapshotId=s,BlockIndex=i,BlockData=d,DataLength=B,ChecksumAlgorithm='SHA256',Checksum=base64.b64encode(hashlib.sha256(d).digest()).decode())\n\
+             p=e.start_snapshot(VolumeSize=1)['SnapshotId']; put(p,0,1); put(p,2,2); e.complete_snapshot(SnapshotId=p,ChangedBlocksCount=2)\n\
+             k=e.start_snapshot(VolumeSize=1,ParentSnapshotId=p)['SnapshotId']; put(k,2,5); put(k,3,6); e.complete_snapshot(SnapshotId=k,ChangedBlocksCount=2)\n\
+             n=e.start_snapshot(VolumeSize=1,ParentSnapshotId=k)['SnapshotId']; put(n,0,9)\n\
+             open('{}','wb').write(bytes([1])*B+bytes(B)+bytes([5])*B+bytes([6])*B)\n\
+             print(c.describe_snapshots(SnapshotIds=[n])['Snapshots'][0]['VolumeId'])",
+            moto_url(),
+            moto_url(),
+            s(expect)
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_volume_is_read_as_its_newest_completed_snapshot() {
+    let d = tmpdir();
+    let expect = d.path().join("expect.raw");
+    // Three snapshots of one volume: the newest is still pending, so the one before it is read.
+    let vol = volume_series(&expect);
+    let out = d.path().join("vol.qcow2");
+    let src = format!("aws:{vol}");
+    let r = imgshift_aws(
+        d.path(),
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            &src,
+            s(&out),
+            "--endpoint-url",
+            &moto_url(),
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    qemu_img(&["check", "-f", "qcow2", s(&out)]);
+    // The snapshot is 1 GiB; the expected file its first 2 MiB (the rest must read as zeros).
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2", s(&expect), s(&out)])
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+
+    // A volume with no snapshot is refused in one line saying so.
+    let r = imgshift_aws(
+        d.path(),
+        &[
+            "info",
+            "aws:vol-0123456789abcdef0",
+            "--endpoint-url",
+            &moto_url(),
+        ],
+    );
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("has no snapshot"), "{}", r.stderr);
 }
 
 #[test]

@@ -71,6 +71,29 @@ pub struct HostExtent {
     pub host: Option<u64>,
 }
 
+impl HostExtent {
+    /// Appends `[guest, guest+len)` stored at `host` to `out`, merging with the last entry when both follow on in
+    /// the guest and in the file (or are both compressed), as qemu-img map merges its rows. Callers keep pieces
+    /// of different files in different lists.
+    pub fn push_merged(out: &mut Vec<HostExtent>, guest: u64, len: u64, host: Option<u64>) {
+        if len == 0 {
+            return;
+        }
+        if let Some(last) = out.last_mut()
+            && last.guest.checked_add(last.len) == Some(guest)
+            && match (last.host, host) {
+                (Some(a), Some(b)) => a.checked_add(last.len) == Some(b),
+                (None, None) => true,
+                _ => false,
+            }
+        {
+            last.len += len;
+        } else {
+            out.push(HostExtent { guest, len, host });
+        }
+    }
+}
+
 /// A readable virtual disk.
 ///
 /// Implementations are `Sync`: the engine calls `read_at` from several worker threads at once, so readers use

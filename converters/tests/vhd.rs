@@ -340,6 +340,16 @@ fn reads_a_differencing_disk_through_its_parent() {
     let out = p(d.path(), "out.raw");
     imgshift_convert(&cvhd, Some(Format::Vpc), &out, Format::Raw, "");
     assert_same(&want_path, "raw", &out, "raw");
+    // Host offsets (map --output json): exactly the child's present sectors, each pointing at the child's bytes.
+    let hosts = img.host_extents(0, size).unwrap().unwrap();
+    let file = std::fs::read(&cvhd).unwrap();
+    let mut covered = 0;
+    for h in &hosts {
+        let (g, n, o) = (h.guest as usize, h.len as usize, h.host.unwrap() as usize);
+        assert_eq!(&file[o..o + n], &want[g..g + n], "{h:?}");
+        covered += h.len;
+    }
+    assert_eq!(covered, map.bytes(ExtentKind::Data), "{hosts:?}");
 
     // a parent with another unique id is refused
     let mut wrong = Dyn::load(&pvhd);

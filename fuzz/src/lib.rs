@@ -69,6 +69,9 @@ fn run_bytes(format: Format, bytes: Vec<u8>) {
     let storage: Arc<dyn Storage> = mem.clone();
     // Probing must never panic either, whatever it answers.
     let _ = formats::probe::probe(storage.as_ref());
+    if format == Format::Qcow2 {
+        qcow2_bitmaps(storage.as_ref());
+    }
     let gate = OpenGate::deny_all();
     if let Ok(src) = formats::open(storage, Some(format), &gate) {
         exercise(src.as_ref());
@@ -116,6 +119,30 @@ pub fn exercise(src: &dyn DiskSource) {
         budget = budget.saturating_sub(len);
     }
     let _ = src.check();
+}
+
+/// Most dirty ranges taken from one bitmap per input (the walk stops there with an error).
+const MAX_DIRTY_RANGES: u32 = 1 << 16;
+
+/// The qcow2 bitmaps extension: the directory, then every bitmap's table and data as dirty ranges.
+fn qcow2_bitmaps(storage: &dyn Storage) {
+    use formats::qcow2::bitmaps;
+    let Ok(h) = bitmaps::read_header(storage) else {
+        return;
+    };
+    let Ok(list) = bitmaps::list(storage, &h) else {
+        return;
+    };
+    for b in list {
+        let mut n = 0u32;
+        let _ = bitmaps::for_each_dirty(storage, &h, &b.name, &mut |_, _| {
+            n += 1;
+            if n > MAX_DIRTY_RANGES {
+                return Err(imgshift_converters::Error::input("enough ranges"));
+            }
+            Ok(())
+        });
+    }
 }
 
 fn read_range(src: &dyn DiskSource, start: u64, len: u64, buf: &mut Vec<u8>) {

@@ -102,9 +102,16 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<u8> {
     let (Some(src_path), Some(dst_name)) = (args.src.as_deref(), args.dst.as_deref()) else {
         return Err(UsageError("convert needs SRC and DST".into()).into());
     };
-    if args.no_create && out_format != Format::Raw {
+    if args.no_create && !matches!(out_format, Format::Raw | Format::Qcow2 | Format::Vpc) {
         return Err(UsageError(format!(
-            "-n writes into an existing raw file or block device; an existing {} image is not rewritten in place (use -O raw, or drop -n)",
+            "-n writes into an existing raw file or block device, qcow2 image or fixed VHD (-O raw, qcow2 or vpc); an existing {} image is not rewritten in place (drop -n)",
+            out_format.name()
+        ))
+        .into());
+    }
+    if args.no_create && out_format != Format::Raw && (args.compress || !args.options.is_empty()) {
+        return Err(UsageError(format!(
+            "-n keeps the existing {} image's layout: -o and -c do not apply (drop them, or drop -n)",
             out_format.name()
         ))
         .into());
@@ -112,8 +119,14 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<u8> {
     if args.no_create && dst_name == "-" {
         return Err(UsageError("-n needs a destination file, not standard output".into()).into());
     }
-    let mut opts = writer_opts(out_format, &args.options, args.compress)?;
-    let mut writer = create_writer(out_format, &mut opts)?;
+    // -n writes the guest's raw bytes; the in-place sink stores them through the target's own format.
+    let writer_format = if args.no_create {
+        Format::Raw
+    } else {
+        out_format
+    };
+    let mut opts = writer_opts(writer_format, &args.options, args.compress)?;
+    let mut writer = create_writer(writer_format, &mut opts)?;
     let src = open_source(args, src_path)?;
     // --generalize: the guest is generalised into a temporary overlay (a few MiB) over the untouched source, and
     // the overlay with its backing chain is what gets converted; the folder goes when `_scratch` drops.
@@ -202,7 +215,15 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<u8> {
         if same_file(src_path, dst) || chain_member(src_path, src.as_ref(), dst).is_some() {
             bail!("{} is also an input of the conversion", dst.display());
         }
-        let stats = write_in_place(src.as_ref(), writer.as_mut(), dst, args, &copts, &bar)?;
+        let stats = match out_format {
+            Format::Qcow2 => {
+                write_into_qcow2(src.as_ref(), writer.as_mut(), dst, args, &copts, &bar)?
+            }
+            Format::Vpc => {
+                write_into_fixed_vhd(src.as_ref(), writer.as_mut(), dst, args, &copts, &bar)?
+            }
+            _ => write_in_place(src.as_ref(), writer.as_mut(), dst, args, &copts, &bar)?,
+        };
         (stats, dst.display().to_string())
     } else {
         let dst = Path::new(dst_name);
@@ -278,6 +299,81 @@ fn write_in_place(
             src.virtual_size()
         );
     }
+    let mut sink = InPlace {
+        file,
+        path: dst.to_path_buf(),
+        pos: 0,
+        zero_gaps: !args.target_is_zero,
+    };
+    let stats = convert(src, writer, &mut sink, copts, bar)
+        .with_context(|| format!("cannot convert into {}", dst.display()))?;
+    if args.cache == crate::cli::CacheMode::Writeback {
+        sink.file
+            .sync_all()
+            .with_context(|| format!("cannot sync {}", dst.display()))?;
+    }
+    Ok(stats)
+}
+
+/// `convert -n -O qcow2`: the guest data written through the existing qcow2's tables (see
+/// [`imgshift_converters::formats::qcow2::Qcow2InPlace`]).
+fn write_into_qcow2(
+    src: &dyn DiskSource,
+    writer: &mut dyn imgshift_converters::FormatWriter,
+    dst: &Path,
+    args: &ConvertArgs,
+    copts: &ConvertOptions,
+    bar: &Bar,
+) -> Result<imgshift_converters::ConvertStats> {
+    use imgshift_converters::formats::qcow2::Qcow2InPlace;
+    let mut sink = Qcow2InPlace::open(dst, src.virtual_size(), !args.target_is_zero)
+        .with_context(|| format!("cannot convert into {}", dst.display()))?;
+    let stats = convert(src, writer, &mut sink, copts, bar)
+        .with_context(|| format!("cannot convert into {}", dst.display()))?;
+    if args.cache == crate::cli::CacheMode::Writeback {
+        sink.sync()?;
+    }
+    Ok(stats)
+}
+
+/// `convert -n -O vpc`: a fixed VHD's data region is the raw disk, so the data is written in place and the
+/// footer after it is kept; dynamic and differencing VHDs are refused.
+fn write_into_fixed_vhd(
+    src: &dyn DiskSource,
+    writer: &mut dyn imgshift_converters::FormatWriter,
+    dst: &Path,
+    args: &ConvertArgs,
+    copts: &ConvertOptions,
+    bar: &Bar,
+) -> Result<imgshift_converters::ConvertStats> {
+    use imgshift_converters::formats::vhd::{VhdReader, meta::DiskType};
+    let storage = std::sync::Arc::new(
+        imgshift_converters::FileStorage::open(dst)
+            .with_context(|| format!("-n: cannot open {}", dst.display()))?,
+    );
+    let vhd = VhdReader::open(storage, &imgshift_converters::OpenGate::deny_all())
+        .with_context(|| format!("-n: {} is not a VHD", dst.display()))?;
+    if vhd.disk_type() != DiskType::Fixed {
+        bail!(
+            "-n into a VHD writes fixed disks only; {} is a {} VHD (convert without -n)",
+            dst.display(),
+            vhd.disk_type().name()
+        );
+    }
+    let size = vhd.virtual_size();
+    drop(vhd);
+    if size < src.virtual_size() {
+        bail!(
+            "-n: {} is {size} bytes, smaller than the source's {} bytes",
+            dst.display(),
+            src.virtual_size()
+        );
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dst)
+        .with_context(|| format!("-n: cannot open {} for writing", dst.display()))?;
     let mut sink = InPlace {
         file,
         path: dst.to_path_buf(),

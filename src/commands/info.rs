@@ -207,11 +207,7 @@ fn print_human(v: &Value) -> Result<()> {
     if let Some(Value::Object(data)) = get("format-specific").and_then(|f| f.get("data")) {
         outln!("Format specific information:");
         for (k, val) in data {
-            let s = match val {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            outln!("    {k}: {s}");
+            print_specific(k, val, 1)?;
         }
     }
     if let Some(a) = get("allocated-bytes").and_then(Value::as_u64) {
@@ -233,6 +229,28 @@ fn print_human(v: &Value) -> Result<()> {
                 d["format"].as_str().unwrap_or("probed"),
             );
         }
+    }
+    Ok(())
+}
+
+/// One format-specific field, nested as qemu-img info prints lists and objects (`bitmaps:` / `[0]:` / `name: b0`).
+fn print_specific(key: &str, val: &Value, depth: usize) -> Result<()> {
+    let pad = "    ".repeat(depth);
+    match val {
+        Value::Array(items) => {
+            outln!("{pad}{key}:");
+            for (i, v) in items.iter().enumerate() {
+                print_specific(&format!("[{i}]"), v, depth + 1)?;
+            }
+        }
+        Value::Object(fields) => {
+            outln!("{pad}{key}:");
+            for (k, v) in fields {
+                print_specific(k, v, depth + 1)?;
+            }
+        }
+        Value::String(s) => outln!("{pad}{key}: {s}"),
+        other => outln!("{pad}{key}: {other}"),
     }
     Ok(())
 }

@@ -172,10 +172,14 @@ fn layer(src: &dyn DiskSource, depth: u32) -> Option<&dyn DiskSource> {
 fn with_host_offsets(src: &dyn DiskSource, entries: Vec<Entry>) -> Result<Vec<Entry>> {
     let mut out = Vec::with_capacity(entries.len());
     for e in entries {
-        let hosts = match layer(src, e.depth) {
+        let l = layer(src, e.depth);
+        let hosts = match l {
             Some(l) if e.present => l.host_extents(e.start, e.length)?,
             _ => None,
         };
+        // A range a format layer maps into its file is data to that layer even where the file has a hole (qemu-img
+        // map: `"zero": true, "data": true` on a flat VMDK or fixed VHD); a raw layer's status is the file's own.
+        let mapped_is_data = l.is_some_and(|l| l.format() != imgshift_converters::Format::Raw);
         let Some(hosts) = hosts else {
             out.push(e);
             continue;
@@ -199,6 +203,7 @@ fn with_host_offsets(src: &dyn DiskSource, entries: Vec<Entry>) -> Result<Vec<En
                 length: t - s,
                 compressed: h.host.is_none(),
                 offset: h.host.map(|o| o.saturating_add(s - h.guest)),
+                data: e.data || (mapped_is_data && h.host.is_some()),
                 ..e.clone()
             });
             at = t;

@@ -68,29 +68,28 @@ pub fn foreign_options(to: TargetKind) -> Option<String> {
 
 /// Where `migrate`'s cloud source is read from: its `--source-*` options (the environment serves both sides).
 fn source_conn(args: &MigrateArgs) -> SourceConn {
+    source_conn_of(&args.source, args.max_attempts)
+}
+
+/// The connection a command's `--source-*` options name (the environment serves both sides).
+pub fn source_conn_of(source: &crate::cli::MigrateSourceArgs, max_attempts: u32) -> SourceConn {
     SourceConn {
         aws: crate::targets::aws::config::AwsTarget {
-            region: args.source.region.clone(),
-            profile: args.source.profile.clone(),
-            endpoint_url: args.source.endpoint_url.clone(),
+            region: source.region.clone(),
+            profile: source.profile.clone(),
+            endpoint_url: source.endpoint_url.clone(),
         },
-        max_attempts: args.max_attempts,
+        max_attempts,
         azure: crate::targets::azure::source::AzureReadConn {
-            arm_endpoint: args.source.arm_endpoint.clone(),
-            ca_bundle: args
-                .source
+            arm_endpoint: source.arm_endpoint.clone(),
+            ca_bundle: source
                 .ca_bundle
                 .clone()
                 .or(env("IMGSHIFT_CA_BUNDLE").map(Into::into)),
-            subscription: args
-                .source
-                .subscription
-                .clone()
-                .or(env("AZURE_SUBSCRIPTION_ID")),
-            max_attempts: args.max_attempts,
+            subscription: source.subscription.clone().or(env("AZURE_SUBSCRIPTION_ID")),
+            max_attempts,
         },
-        libvirt_uri: args
-            .source
+        libvirt_uri: source
             .connect
             .clone()
             .or(env("LIBVIRT_DEFAULT_URI"))

@@ -5,6 +5,7 @@ mod compare;
 mod completions;
 mod convert;
 mod download;
+mod failover;
 mod generalize;
 mod images;
 mod info;
@@ -13,6 +14,7 @@ mod jobs;
 mod map;
 mod measure;
 mod migrate;
+mod replicate;
 mod targets;
 mod upload;
 pub(crate) mod upload_libvirt;
@@ -141,6 +143,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             migrate::run(&args, quiet)
         }
         Command::Images { action } => images::run(&action),
+        Command::Replicate(args) => replicate::run(&args, quiet),
+        Command::Failover(args) => failover::run(&args),
         Command::Resume { job, state_dir } => jobs::resume(&job, state_dir.as_deref(), quiet),
         Command::Jobs {
             action,

@@ -2,6 +2,7 @@
 
 pub mod aws;
 pub mod azure;
+pub mod file;
 pub mod libvirt;
 pub mod limiter;
 pub mod retry;

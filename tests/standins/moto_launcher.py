@@ -8,6 +8,11 @@ EBS mapping, boot disk first, with its boot mode), so a stand-in that forgets th
 patches exactly that call before starting the server; `tests/standin_moto.rs` tests the correction on its own
 against the API reference's semantics (DescribeImages returns what RegisterImage was given).
 
+Its EBS direct model is corrected too (`fix_ebs_lineage`, below): incremental snapshots (StartSnapshot with
+ParentSnapshotId), ListChangedBlocks over both snapshots with pagination and the lineage check, the real 512 KiB
+BlockSize, and pending/completed states seen by EC2 DescribeSnapshots; `tests/standin_moto.rs` tests each of these
+on its own against the EBS direct API reference.
+
 Usage: moto_launcher.py [moto_server arguments...]   (the same arguments as moto_server)
 """
 import sys
@@ -203,6 +208,207 @@ def describe_images_sees_amis_shared_by_other_accounts(self):
 
 AmisResponse.copy_image = copy_image_honouring_client_token_and_tags
 AmisResponse.describe_images = describe_images_sees_amis_shared_by_other_accounts
+
+
+def fix_ebs_lineage():
+    """Corrects moto's EBS direct model where incremental snapshots need it (EBS API reference,
+    https://docs.aws.amazon.com/ebs/latest/APIReference/ : StartSnapshot, ListChangedBlocks, ListSnapshotBlocks,
+    ValidationException, ResourceNotFoundException). Stock moto (5.2) ignores ParentSnapshotId, walks only the first
+    snapshot's blocks in ListChangedBlocks, pages nothing, reports a BlockSize of 512, and shows a pending snapshot
+    as completed to EC2 (shared/notes/cross-cloud.md section 4).
+
+    - StartSnapshot(ParentSnapshotId=P): the new snapshot holds P's blocks plus what is put; an unknown P is
+      ResourceNotFoundException (Reason DEPENDENCY_RESOURCE_NOT_FOUND); P together with Encrypted is a
+      ValidationException (the reference: "You can't specify ParentSnapshotId and Encrypted in the same request").
+      The child joins its parent's volume (lineage), so DescribeSnapshots(volume-id) lists a series of one volume.
+    - ListChangedBlocks(First, Second): the union of both snapshots' block indices, in order, without the blocks
+      whose data is identical; FirstBlockToken absent when the first snapshot lacks the block, SecondBlockToken
+      absent when the second does; StartingBlockIndex, MaxResults (100..10000, default 10000) and NextToken (when
+      given, StartingBlockIndex is ignored); snapshots of different lineages are ValidationException (Reason
+      UNRELATED_SNAPSHOTS); an unknown snapshot is ResourceNotFoundException (SNAPSHOT_NOT_FOUND). Without
+      FirstSnapshotId every block of the second is listed.
+    - ListSnapshotBlocks: in block order with the same StartingBlockIndex/MaxResults/NextToken paging.
+    - BlockSize is 524288 everywhere (the API's only block size).
+    - EC2 sees the EBS state: pending from StartSnapshot until CompleteSnapshot.
+    """
+    import base64
+    import datetime
+    import json
+
+    from moto.core.exceptions import ServiceException
+    from moto.core.responses import ActionResult
+    from moto.ebs.models import EBSBackend, EBSSnapshot, Block
+    from moto.ebs.responses import EBSResponse
+
+    block_size = 512 * 1024
+
+    class EbsError(ServiceException):
+        def __init__(self, code, reason, message):
+            super().__init__(code, message)
+            self.Reason = reason
+
+    def validation(reason, message):
+        return EbsError("ValidationException", reason, message)
+
+    def not_found(reason, message):
+        return EbsError("ResourceNotFoundException", reason, message)
+
+    stock_init = EBSSnapshot.__init__
+
+    def snapshot_init(self, account_id, snapshot):
+        stock_init(self, account_id, snapshot)
+        self.block_size = block_size
+        self.lineage = self.snapshot_id
+        self.parent_id = None
+        self.ec2_snapshot = snapshot
+        # EC2 shows a direct-API snapshot as pending until CompleteSnapshot.
+        snapshot.status = "pending"
+
+    EBSSnapshot.__init__ = snapshot_init
+
+    def find(backend, snapshot_id):
+        snap = backend.snapshots.get(snapshot_id)
+        if snap is None:
+            raise not_found("SNAPSHOT_NOT_FOUND", f"The snapshot '{snapshot_id}' does not exist.")
+        return snap
+
+    def start_snapshot(self):
+        parent_id = self._get_param("ParentSnapshotId")
+        backend = self.ebs_backend
+        parent = None
+        if parent_id:
+            if self._get_param("Encrypted") is not None:
+                raise validation("INVALID_PARAMETER_VALUE",
+                                 "ParentSnapshotId and Encrypted cannot be specified in the same request.")
+            parent = backend.snapshots.get(parent_id)
+            if parent is None:
+                raise not_found("DEPENDENCY_RESOURCE_NOT_FOUND",
+                                f"The parent snapshot '{parent_id}' does not exist.")
+        snap = backend.start_snapshot(
+            volume_size=self._get_param("VolumeSize"),
+            tags=self._get_param("Tags"),
+            description=self._get_param("Description"),
+        )
+        if parent is not None:
+            snap.lineage = parent.lineage
+            snap.parent_id = parent.snapshot_id
+            for idx, b in parent.blocks.items():
+                snap.blocks[idx] = Block(b.block_data, b.checksum, b.checksum_algorithm, b.data_length)
+            # The child belongs to its parent's volume: one lineage, one volume.
+            ec2 = snap.ec2_snapshot
+            ec2.volume = parent.ec2_snapshot.volume
+        result = {
+            "SnapshotId": snap.snapshot_id,
+            "OwnerId": snap.account_id,
+            "Status": snap.status,
+            "StartTime": snap.start_time,
+            "VolumeSize": snap.volume_size,
+            "BlockSize": snap.block_size,
+            "Tags": snap.tags,
+            "Description": snap.description,
+        }
+        if parent is not None:
+            result["ParentSnapshotId"] = parent.snapshot_id
+        return ActionResult(result)
+
+    stock_complete = EBSBackend.complete_snapshot
+
+    def complete_snapshot(self, snapshot_id):
+        find(self, snapshot_id)
+        status = stock_complete(self, snapshot_id)
+        self.snapshots[snapshot_id].ec2_snapshot.status = "completed"
+        return status
+
+    def paging(resp, key):
+        """(first index, page size) from StartingBlockIndex/NextToken/MaxResults; `key` ties a token to its call."""
+        max_results = resp._get_param("MaxResults")
+        if max_results is None:
+            max_results = 10000
+        max_results = int(max_results)
+        if not 100 <= max_results <= 10000:
+            raise validation("INVALID_PARAMETER_VALUE", "MaxResults must be between 100 and 10000.")
+        token = resp._get_param("NextToken")
+        if token:
+            try:
+                t = json.loads(base64.b64decode(token))
+                if t["k"] != key:
+                    raise ValueError("token of another call")
+                start = int(t["i"])
+            except (ValueError, KeyError, TypeError):
+                raise validation("INVALID_PAGE_TOKEN", "The pagination token is not valid.")
+        else:
+            start = int(resp._get_param("StartingBlockIndex") or 0)
+        return start, max_results
+
+    def page_out(key, indices, start, max_results):
+        chosen = [i for i in indices if i >= start][: max_results + 1]
+        more = len(chosen) > max_results
+        chosen = chosen[:max_results]
+        token = None
+        if more:
+            token = base64.b64encode(json.dumps({"k": key, "i": chosen[-1] + 1}).encode()).decode()
+        return chosen, token
+
+    def expiry():
+        return datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=7)
+
+    def list_changed_blocks(self):
+        backend = self.ebs_backend
+        first_id = self._get_param("FirstSnapshotId")
+        second = find(backend, self._get_param("SecondSnapshotId"))
+        first = find(backend, first_id) if first_id else None
+        if first is not None and first.lineage != second.lineage:
+            raise validation("UNRELATED_SNAPSHOTS",
+                             f"The snapshots '{first.snapshot_id}' and '{second.snapshot_id}' are not related.")
+        key = f"{first_id or ''}/{second.snapshot_id}"
+        start, max_results = paging(self, key)
+        a = first.blocks if first is not None else {}
+        b = second.blocks
+        changed = sorted(
+            i for i in set(a) | set(b)
+            if not (i in a and i in b and a[i].block_data == b[i].block_data)
+        )
+        chosen, token = page_out(key, changed, start, max_results)
+        blocks = []
+        for i in chosen:
+            entry = {"BlockIndex": i}
+            if i in a:
+                entry["FirstBlockToken"] = a[i].block_token
+            if i in b:
+                entry["SecondBlockToken"] = b[i].block_token
+            blocks.append(entry)
+        result = {
+            "ChangedBlocks": blocks,
+            "ExpiryTime": expiry(),
+            "VolumeSize": second.volume_size,
+            "BlockSize": second.block_size,
+        }
+        if token:
+            result["NextToken"] = token
+        return ActionResult(result)
+
+    def list_snapshot_blocks(self):
+        snap = find(self.ebs_backend, self._get_param("SnapshotId"))
+        key = snap.snapshot_id
+        start, max_results = paging(self, key)
+        chosen, token = page_out(key, sorted(snap.blocks), start, max_results)
+        result = {
+            "Blocks": [{"BlockIndex": i, "BlockToken": snap.blocks[i].block_token} for i in chosen],
+            "ExpiryTime": expiry(),
+            "VolumeSize": snap.volume_size,
+            "BlockSize": snap.block_size,
+        }
+        if token:
+            result["NextToken"] = token
+        return ActionResult(result)
+
+    EBSResponse.start_snapshot = start_snapshot
+    EBSResponse.list_changed_blocks = list_changed_blocks
+    EBSResponse.list_snapshot_blocks = list_snapshot_blocks
+    EBSBackend.complete_snapshot = complete_snapshot
+
+
+fix_ebs_lineage()
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -285,3 +285,268 @@ impl DiskSource for EbsSnapshotSource {
         }
     }
 }
+
+#[allow(dead_code)] // called by `replicate` (issue 23)
+/// What changed between two snapshots of one lineage (ListChangedBlocks), as byte ranges of the second.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangedRanges {
+    /// The second snapshot's volume size in bytes.
+    pub volume_bytes: u64,
+    /// Sorted, non-overlapping, merged `[start, end)` byte ranges, each a whole number of 512 KiB blocks.
+    pub ranges: Vec<(u64, u64)>,
+    /// Blocks listed (the ranges' total length / 512 KiB).
+    pub blocks: u64,
+}
+
+#[allow(dead_code)] // called by `replicate` (issue 23)
+/// Why ListChangedBlocks gave no answer. [`ChangedBlocksError::can_hash_instead`] says whether a caller may
+/// fall back to comparing hashes (the snapshots cannot be compared by the service) rather than stop.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangedBlocksError {
+    /// The two snapshots are not of one volume/snapshot lineage (ValidationException, Reason
+    /// UNRELATED_SNAPSHOTS).
+    #[error(
+        "snapshots {first} and {second} are not of one volume lineage: EBS cannot list what changed between them"
+    )]
+    Unrelated {
+        /// The earlier snapshot.
+        first: String,
+        /// The later snapshot.
+        second: String,
+    },
+    /// Another validation error (ValidationException with another reason, e.g. an archived snapshot).
+    #[error("EBS refused to compare {first} and {second}: {detail}")]
+    Invalid {
+        /// The earlier snapshot.
+        first: String,
+        /// The later snapshot.
+        second: String,
+        /// The ValidationException's Reason, when given (`INVALID_SNAPSHOT_ID`...).
+        reason: Option<String>,
+        /// Code, status and message.
+        detail: String,
+    },
+    /// One of the snapshots does not exist (ResourceNotFoundException), e.g. the earlier one was deleted.
+    #[error("cannot compare {first} and {second}: {detail}")]
+    NotFound {
+        /// The earlier snapshot.
+        first: String,
+        /// The later snapshot.
+        second: String,
+        /// Code, status and message.
+        detail: String,
+    },
+    /// Anything else (access denied, throttled after every retry, unreachable, a reply that makes no sense):
+    /// a fault to report, not a reason to hash.
+    #[error("cannot list the blocks changed between {first} and {second}")]
+    Failed {
+        /// The earlier snapshot.
+        first: String,
+        /// The later snapshot.
+        second: String,
+        /// What went wrong.
+        #[source]
+        source: anyhow::Error,
+    },
+}
+
+#[allow(dead_code)] // called by `replicate` (issue 23)
+impl ChangedBlocksError {
+    /// Whether the service cannot compare these snapshots (unrelated, refused, one missing), so a caller may
+    /// compare hashes instead; `false` for faults (access, network, throttling) that hashing would not fix.
+    pub fn can_hash_instead(&self) -> bool {
+        !matches!(self, ChangedBlocksError::Failed { .. })
+    }
+}
+
+#[allow(dead_code)] // called by `replicate` (issue 23)
+/// ListChangedBlocks between `first` and `second` (same lineage), every page, as merged byte ranges of
+/// `second`. Each page waits for a permit of `limiter` (shared with the caller's other EBS calls; throttling
+/// lowers it). The blocks listed are those whose data differs, including blocks present in only one snapshot.
+pub async fn list_changed(
+    client: &aws_sdk_ebs::Client,
+    policy: &Policy,
+    limiter: &std::sync::Arc<crate::targets::limiter::Limiter>,
+    first: &str,
+    second: &str,
+) -> std::result::Result<ChangedRanges, ChangedBlocksError> {
+    list_changed_paged(client, policy, limiter, first, second, LIST_PAGE).await
+}
+
+/// [`list_changed`] asking for pages of `page` blocks (100..=10000).
+#[allow(dead_code)] // called by `replicate` (issue 23)
+pub(crate) async fn list_changed_paged(
+    client: &aws_sdk_ebs::Client,
+    policy: &Policy,
+    limiter: &std::sync::Arc<crate::targets::limiter::Limiter>,
+    first: &str,
+    second: &str,
+    page: i32,
+) -> std::result::Result<ChangedRanges, ChangedBlocksError> {
+    use aws_sdk_ebs::operation::list_changed_blocks::ListChangedBlocksError as Sdk;
+    let failed = |source: anyhow::Error| ChangedBlocksError::Failed {
+        first: first.to_string(),
+        second: second.to_string(),
+        source,
+    };
+    // A completed snapshot that is not found is gone, not "not visible yet".
+    let policy = Policy {
+        not_found_grace: std::time::Duration::ZERO,
+        ..*policy
+    };
+    let max_blocks = super::EBS_MAX_VOLUME_GIB * (1 << 30) / EBS_BLOCK_SIZE;
+    let page = page.clamp(100, LIST_PAGE);
+    let max_pages = max_blocks / page as u64 + 2;
+    let mut indices: Vec<u64> = Vec::new();
+    let mut token: Option<String> = None;
+    let mut volume_blocks: Option<u64> = None;
+    for _ in 0..max_pages {
+        let reason: Mutex<Option<String>> = Mutex::new(None);
+        let permit = limiter.acquire().await.map_err(failed)?;
+        let out = retry::with_retry(
+            &policy,
+            "ListChangedBlocks",
+            |c| {
+                if c == retry::Class::Throttle {
+                    limiter.throttled();
+                }
+            },
+            || {
+                let req = client
+                    .list_changed_blocks()
+                    .first_snapshot_id(first)
+                    .second_snapshot_id(second)
+                    .max_results(page)
+                    .set_next_token(token.clone());
+                let reason = &reason;
+                async move {
+                    let r = req.send().await;
+                    if let Err(aws_sdk_ebs::error::SdkError::ServiceError(se)) = &r
+                        && let Sdk::ValidationException(v) = se.err()
+                        && let Ok(mut slot) = reason.lock()
+                    {
+                        *slot = v.reason().map(|r| r.as_str().to_string());
+                    }
+                    r
+                }
+            },
+        )
+        .await;
+        drop(permit);
+        let out = match out {
+            Ok(o) => {
+                limiter.succeeded();
+                o
+            }
+            Err(e) => {
+                let Some(call) = e.downcast_ref::<retry::CallError>() else {
+                    return Err(failed(e));
+                };
+                let reason = reason.lock().ok().and_then(|r| r.clone());
+                return Err(match call.code.as_deref() {
+                    Some("ValidationException")
+                        if reason.as_deref() == Some("UNRELATED_SNAPSHOTS") =>
+                    {
+                        ChangedBlocksError::Unrelated {
+                            first: first.to_string(),
+                            second: second.to_string(),
+                        }
+                    }
+                    Some("ValidationException") => ChangedBlocksError::Invalid {
+                        first: first.to_string(),
+                        second: second.to_string(),
+                        reason,
+                        detail: call.detail.clone(),
+                    },
+                    Some("ResourceNotFoundException") => ChangedBlocksError::NotFound {
+                        first: first.to_string(),
+                        second: second.to_string(),
+                        detail: call.detail.clone(),
+                    },
+                    _ => failed(e),
+                });
+            }
+        };
+        if volume_blocks.is_none() {
+            let gib = out
+                .volume_size()
+                .and_then(|s| u64::try_from(s).ok())
+                .filter(|&g| g > 0 && g <= super::EBS_MAX_VOLUME_GIB)
+                .ok_or_else(|| {
+                    failed(anyhow::anyhow!(
+                        "ListChangedBlocks reported no or an impossible volume size ({:?} GiB)",
+                        out.volume_size()
+                    ))
+                })?;
+            volume_blocks = Some(gib * ((1 << 30) / EBS_BLOCK_SIZE));
+        }
+        let limit = volume_blocks.unwrap_or(0);
+        for b in out.changed_blocks() {
+            let i = b
+                .block_index()
+                .and_then(|i| u64::try_from(i).ok())
+                .filter(|&i| i < limit)
+                .ok_or_else(|| {
+                    failed(anyhow::anyhow!(
+                        "ListChangedBlocks listed block {:?}, outside the {limit}-block volume",
+                        b.block_index()
+                    ))
+                })?;
+            indices.push(i);
+        }
+        if indices.len() as u64 > max_blocks {
+            return Err(failed(anyhow::anyhow!(
+                "ListChangedBlocks listed more blocks than a volume holds"
+            )));
+        }
+        match out.next_token() {
+            Some(t) if !t.is_empty() && Some(t) != token.as_deref() => token = Some(t.to_string()),
+            _ => {
+                token = None;
+                break;
+            }
+        }
+    }
+    if token.is_some() {
+        return Err(failed(anyhow::anyhow!(
+            "ListChangedBlocks did not finish paging within {max_pages} pages"
+        )));
+    }
+    indices.sort_unstable();
+    indices.dedup();
+    let blocks = indices.len() as u64;
+    Ok(ChangedRanges {
+        volume_bytes: volume_blocks.unwrap_or(0) * EBS_BLOCK_SIZE,
+        ranges: merge_blocks(&indices),
+        blocks,
+    })
+}
+
+/// Sorted, deduplicated block indices as merged byte ranges.
+#[allow(dead_code)] // called by `replicate` (issue 23)
+fn merge_blocks(indices: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &i in indices {
+        let (s, e) = (i * EBS_BLOCK_SIZE, (i + 1) * EBS_BLOCK_SIZE);
+        match out.last_mut() {
+            Some(last) if last.1 == s => last.1 = e,
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_merge_into_sorted_byte_ranges() {
+        const B: u64 = EBS_BLOCK_SIZE;
+        assert_eq!(merge_blocks(&[]), vec![]);
+        assert_eq!(
+            merge_blocks(&[0, 1, 2, 5, 7, 8]),
+            vec![(0, 3 * B), (5 * B, 6 * B), (7 * B, 9 * B)]
+        );
+    }
+}

@@ -291,6 +291,7 @@ impl Target for AwsTarget {
                     encrypted: self.encrypted,
                     kms_key_arn: kms.as_deref(),
                     tags: &tags,
+                    parent_snapshot_id: None,
                 };
                 let policy = self.policy;
                 let place = self.place("ebs")?;

@@ -12,6 +12,7 @@ pub mod images;
 pub mod launch_template;
 pub mod lifecycle;
 pub mod register;
+pub mod replica;
 pub mod retry;
 pub mod source;
 pub mod upload;

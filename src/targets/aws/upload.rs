@@ -331,6 +331,93 @@ pub fn stream_snapshot(
     }
 }
 
+/// The 512 KiB blocks that `ranges` (sorted `[start, end)` byte ranges) touch on a disk of `block_count`
+/// blocks, in order, each once; an error if a range is unsorted, empty or beyond the disk.
+pub fn blocks_of_ranges(ranges: &[(u64, u64)], block_count: u64) -> Result<Vec<u64>> {
+    let mut out: Vec<u64> = Vec::new();
+    let mut prev_end = 0u64;
+    for &(start, end) in ranges {
+        if end <= start || start < prev_end {
+            bail!("changed ranges must be sorted, non-empty and non-overlapping ({start}..{end})");
+        }
+        let last = end.div_ceil(EBS_BLOCK_SIZE);
+        if last > block_count {
+            bail!("changed range {start}..{end} lies beyond the {block_count}-block snapshot");
+        }
+        for i in start / EBS_BLOCK_SIZE..last {
+            if out.last() != Some(&i) {
+                out.push(i);
+            }
+        }
+        prev_end = end;
+    }
+    Ok(out)
+}
+
+/// Puts only the blocks touching `ranges` (sorted byte ranges of `src`, e.g. what changed since the parent
+/// snapshot) into the pending snapshot `snapshot_id`, each as read from `src` — a block that reads as zeros is
+/// put as zeros, since the snapshot would otherwise keep its parent's block. Blocks already in `ledger` are
+/// skipped (resume). The same uploader as [`stream_snapshot`]; `block_count` is the snapshot's size in blocks.
+/// Complete the snapshot afterwards with [`complete_snapshot`] and the ledger's count.
+#[allow(clippy::too_many_arguments, dead_code)] // dead_code: called by `replicate` (issue 23)
+pub fn stream_ranges(
+    rt: &tokio::runtime::Runtime,
+    client: &aws_sdk_ebs::Client,
+    snapshot_id: &str,
+    src: &dyn imgshift_converters::DiskSource,
+    ranges: &[(u64, u64)],
+    block_count: u64,
+    ledger: Ledger,
+    opts: UploaderOptions,
+    progress: Arc<dyn Fn(u64) + Send + Sync>,
+    verbose: bool,
+) -> Result<UploadCounts> {
+    let skip = ledger.bitmap()?;
+    let blocks = blocks_of_ranges(ranges, block_count)?;
+    let size = src.virtual_size();
+    let (tx, rx) = mpsc::channel(BLOCK_QUEUE);
+    let (feed, upload) = std::thread::scope(|s| {
+        let feeder = s.spawn(move || -> Result<()> {
+            for index in blocks {
+                if skip.get(index) {
+                    continue;
+                }
+                let mut data = vec![0u8; EBS_BLOCK_SIZE as usize];
+                let at = index * EBS_BLOCK_SIZE;
+                // The snapshot may be larger than the disk (whole GiB): past the disk's end reads as zeros.
+                let n = size.saturating_sub(at).min(EBS_BLOCK_SIZE) as usize;
+                if let Some(buf) = data.get_mut(..n)
+                    && n > 0
+                {
+                    src.read_at(buf, at)
+                        .with_context(|| format!("cannot read block {index} of the source"))?;
+                }
+                if tx.blocking_send(Block { index, data }).is_err() {
+                    // The uploader stopped; its error is the one to report.
+                    break;
+                }
+            }
+            Ok(())
+        });
+        let upload = rt.block_on(put_blocks(
+            client.clone(),
+            snapshot_id.to_string(),
+            rx,
+            opts,
+            ledger,
+            progress,
+            verbose,
+        ));
+        (feeder.join(), upload)
+    });
+    let counts = upload?;
+    match feed {
+        Ok(Ok(())) => Ok(counts),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(anyhow::anyhow!("the reader thread failed")),
+    }
+}
+
 /// Blocks queued between the converter and the uploader.
 const BLOCK_QUEUE: usize = 8;
 
@@ -349,6 +436,10 @@ pub struct SnapshotRequest<'a> {
     pub kms_key_arn: Option<&'a str>,
     /// Tags.
     pub tags: &'a [(String, String)],
+    /// The snapshot this one is an increment of (StartSnapshot `ParentSnapshotId`): the new snapshot holds
+    /// the parent's blocks plus what is put. The parent decides encryption (the API refuses `Encrypted` with a
+    /// parent), so `encrypted` must be false.
+    pub parent_snapshot_id: Option<&'a str>,
 }
 
 /// Starts (or, with the same client token, finds again) a snapshot. Returns its id and whether it is encrypted.
@@ -364,7 +455,14 @@ pub async fn start_snapshot(
         encrypted,
         kms_key_arn,
         tags,
+        parent_snapshot_id,
     } = *r;
+    if parent_snapshot_id.is_some() && encrypted {
+        bail!(
+            "an incremental snapshot takes its encryption from its parent: EBS refuses Encrypted together with \
+             ParentSnapshotId"
+        );
+    }
     if volume_gib > super::EBS_MAX_VOLUME_GIB {
         bail!(
             "the disk needs {volume_gib} GiB; EBS snapshots hold at most {} GiB",
@@ -384,7 +482,9 @@ pub async fn start_snapshot(
             if let Some(d) = description {
                 req = req.description(d);
             }
-            if encrypted || kms_key_arn.is_some() {
+            if let Some(p) = parent_snapshot_id {
+                req = req.parent_snapshot_id(p);
+            } else if encrypted || kms_key_arn.is_some() {
                 req = req.encrypted(true);
             }
             if let Some(k) = kms_key_arn {
@@ -509,6 +609,18 @@ mod tests {
         done.set(2);
         let got = feed(true, 4, done, &[(2 * EBS_BLOCK_SIZE, Some(vec![5u8; B]))]);
         assert_eq!(got, vec![(1, 0), (3, 0)]);
+    }
+
+    #[test]
+    fn ranges_become_each_touched_block_once() {
+        let b = EBS_BLOCK_SIZE;
+        assert_eq!(
+            blocks_of_ranges(&[(0, 1), (b - 1, b + 1), (3 * b, 5 * b)], 8).unwrap(),
+            vec![0, 1, 3, 4]
+        );
+        assert!(blocks_of_ranges(&[(2 * b, 3 * b), (0, b)], 8).is_err());
+        assert!(blocks_of_ranges(&[(0, 0)], 8).is_err());
+        assert!(blocks_of_ranges(&[(7 * b, 8 * b + 1)], 8).is_err());
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod images;
 pub mod inuse;
 pub mod lifecycle;
 pub mod plan;
+pub mod replica;
 pub mod rpc;
 pub mod sink;
 pub mod source;

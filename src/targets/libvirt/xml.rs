@@ -25,6 +25,25 @@ pub fn volume_xml(name: &str, capacity: u64, format: VolFormat) -> Result<String
     w.finish()
 }
 
+/// A qcow2 volume `name` of `capacity` bytes over the qcow2 file `backing` (a path on the daemon's host): it
+/// reads as `backing` and takes the writes, leaving `backing` as it was.
+pub fn overlay_volume_xml(name: &str, capacity: u64, backing: &str) -> Result<String> {
+    let mut w = Xml::new(false);
+    w.open("volume", &[])?;
+    w.text("name", &[], name)?;
+    w.text("capacity", &[("unit", "bytes")], &capacity.to_string())?;
+    w.text("allocation", &[("unit", "bytes")], "0")?;
+    w.open("target", &[])?;
+    w.empty("format", &[("type", VolFormat::Qcow2.name())])?;
+    w.close("target")?;
+    w.open("backingStore", &[])?;
+    w.text("path", &[], backing)?;
+    w.empty("format", &[("type", VolFormat::Qcow2.name())])?;
+    w.close("backingStore")?;
+    w.close("volume")?;
+    w.finish()
+}
+
 /// What `--define` puts into the domain.
 #[derive(Debug, Clone)]
 pub struct DomainSpec {

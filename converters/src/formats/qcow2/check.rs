@@ -21,14 +21,12 @@ const MAX_CHECK_L1_ENTRIES: u64 = 1 << 28;
 const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
 /// qemu's `QCOW_MAX_SNAPSHOT_EXTRA_DATA`.
 const MAX_SNAPSHOT_EXTRA: u64 = 1024;
-/// Most bitmaps in an image: qemu's `QCOW2_MAX_BITMAPS` (block/qcow2.h).
-const MAX_BITMAPS: u32 = 65535;
-/// Largest bitmap directory, 1 KiB per bitmap (just under 64 MiB): qemu's `QCOW2_MAX_BITMAP_DIRECTORY_SIZE`.
-const MAX_BITMAP_DIRECTORY: u64 = 1024 * MAX_BITMAPS as u64;
-/// Most entries of one bitmap table: qemu's `BME_MAX_TABLE_SIZE` (block/qcow2-bitmap.c).
-const MAX_BITMAP_TABLE_ENTRIES: u64 = 0x800_0000;
-/// Longest bitmap name: qemu's `BME_MAX_NAME_SIZE` (block/qcow2-bitmap.c).
-const MAX_BITMAP_NAME: u64 = 1023;
+use super::bitmaps::{
+    MAX_BITMAPS, MAX_DIRECTORY as MAX_BITMAP_DIRECTORY, MAX_NAME,
+    MAX_TABLE_ENTRIES as MAX_BITMAP_TABLE_ENTRIES,
+};
+/// Longest bitmap name (see [`super::bitmaps::MAX_NAME`]).
+const MAX_BITMAP_NAME: u64 = MAX_NAME as u64;
 /// Refcount table entries: "Bits 9-63 of the offset".
 const REFT_OFFSET_MASK: u64 = !511;
 

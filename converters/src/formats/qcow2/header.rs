@@ -124,6 +124,10 @@ pub struct BitmapsExt {
     pub directory_size: u64,
     /// Cluster-aligned offset of the bitmap directory.
     pub directory_offset: u64,
+    /// Bytes 4-7, "Reserved, must be zero".
+    pub reserved: u32,
+    /// Length of the extension's data (24 by the spec).
+    pub ext_len: u64,
 }
 
 /// A validated header.
@@ -536,6 +540,8 @@ fn parse_extensions(head: &[u8], start: u64, end: u64, version: u32) -> Result<E
                     nb_bitmaps: be32(data, 0, "bitmaps extension")?,
                     directory_size: be64(data, 8, "bitmaps extension")?,
                     directory_offset: be64(data, 16, "bitmaps extension")?,
+                    reserved: be32(data, 4, "bitmaps extension")?,
+                    ext_len: len,
                 });
             }
             // "other - Unknown header extension, can be safely ignored"

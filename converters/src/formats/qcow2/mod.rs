@@ -10,8 +10,10 @@
 //! Write: version 3, 16-bit refcounts, optional zlib/zstd compression, a backing file reference; seekable
 //! outputs get metadata after the data, streams get metadata first (see `writer`).
 
+pub mod bitmaps;
 mod check;
 pub mod header;
+mod inplace;
 mod mapping;
 mod repair;
 mod writer;
@@ -27,6 +29,7 @@ use crate::source::{
 };
 use crate::storage::Storage;
 
+pub use inplace::Qcow2InPlace;
 pub use repair::{RepairOutcome, read_header_fields, repair_leaks};
 pub use writer::{OPTIONS as WRITER_OPTIONS, Qcow2Compressor, Qcow2Writer};
 
@@ -75,19 +78,7 @@ pub struct Qcow2Reader {
 impl Qcow2Reader {
     /// Opens a qcow2 image. A backing file is opened through `gate` with the format the header records.
     pub fn open(storage: Arc<dyn Storage>, gate: &OpenGate) -> Result<Self> {
-        let file_len = storage.len();
-        let mut head = [0u8; header::V3_HEADER_LEN];
-        let n = storage.read_at_zero_fill(&mut head, 0)?;
-        // Read the cluster-0 bytes once cluster_bits is known to be sane.
-        let cb = header::be32(&head, 20, "cluster_bits").unwrap_or(0);
-        let head_len = if (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cb) {
-            (1u64 << cb).min(file_len)
-        } else {
-            n as u64
-        };
-        let mut cluster0 = vec![0u8; head_len as usize];
-        storage.read_exact_at(&mut cluster0, 0)?;
-        let header = header::parse(&cluster0, file_len)?;
+        let header = bitmaps::read_header(storage.as_ref())?;
 
         let needed = header.size.div_ceil(header.l2_span());
         let mut raw_l1 = vec![0u8; (needed * 8) as usize];
@@ -116,6 +107,19 @@ impl Qcow2Reader {
     /// The validated header.
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// The persistent bitmaps of this image (qemu-img info's `bitmaps`), each directory entry checked.
+    pub fn bitmaps(&self) -> Result<Vec<bitmaps::BitmapInfo>> {
+        bitmaps::list(self.storage.as_ref(), &self.header)
+    }
+
+    /// The guest ranges the dirty bitmap `name` marks (see [`bitmaps::dirty_ranges`]).
+    pub fn dirty_bitmap(
+        &self,
+        name: &str,
+    ) -> std::result::Result<bitmaps::DirtyBitmap, bitmaps::BitmapError> {
+        bitmaps::dirty_ranges(self.storage.as_ref(), &self.header, name)
     }
 }
 
@@ -263,6 +267,21 @@ impl DiskSource for Qcow2Reader {
             );
         }
         spec.insert("refcount-bits".into(), (1u64 << h.refcount_order).into());
+        // As qemu-img info: listed when the extension is consistent (autoclear bit set); a directory that does
+        // not parse is left out here (the `bitmaps` accessor and `check` report it).
+        if h.autoclear & header::AUTOCLEAR_BITMAPS != 0
+            && let Ok(list) = self.bitmaps()
+            && !list.is_empty()
+        {
+            let v: Vec<serde_json::Value> = list
+                .iter()
+                .map(|b| {
+                    serde_json::json!({"flags": b.flag_names(), "name": b.name,
+                                       "granularity": b.granularity()})
+                })
+                .collect();
+            spec.insert("bitmaps".into(), v.into());
+        }
         if v3 {
             spec.insert("corrupt".into(), h.corrupt().into());
             spec.insert("extended-l2".into(), h.extended_l2().into());

@@ -22,7 +22,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::extent::{ExtentKind, ExtentMap};
 use crate::formats::Format;
 use crate::gate::OpenGate;
-use crate::source::{CheckReport, DiskSource, ImageInfo, check_range, read_from_backing};
+use crate::source::{
+    CheckReport, DiskSource, HostExtent, ImageInfo, check_range, read_from_backing,
+};
 use crate::storage::Storage;
 
 use meta::{
@@ -88,6 +90,11 @@ impl VhdReader {
             }
         }
         Ok(reader)
+    }
+
+    /// Fixed, dynamic or differencing.
+    pub fn disk_type(&self) -> DiskType {
+        self.footer.disk_type
     }
 
     /// The footer's unique id (a differencing child names its parent by it).
@@ -551,6 +558,40 @@ impl DiskSource for VhdReader {
                 }
             }
         })
+    }
+
+    /// Fixed: guest byte N is file byte N (holes included, as qemu-img map reports them). Dynamic: an allocated
+    /// block's data follows its sector bitmap (spec "Block Allocation Table"); differencing: only the sectors
+    /// its bitmap marks present.
+    fn host_extents(&self, offset: u64, len: u64) -> Result<Option<Vec<HostExtent>>> {
+        check_range(self.virtual_size, offset, len)?;
+        let mut out = Vec::new();
+        let Some(s) = &self.sparse else {
+            HostExtent::push_merged(&mut out, offset, len, Some(offset));
+            return Ok(Some(out));
+        };
+        let differencing = s.parent.is_some();
+        Self::for_blocks(s, offset, len, |at, n, entry| {
+            let Some(e) = entry else { return Ok(()) };
+            let base = at / s.block_size * s.block_size;
+            // Entries were checked at open to lie inside the file with their whole block.
+            let data = u64::from(e)
+                .checked_mul(SECTOR)
+                .and_then(|d| d.checked_add(s.bitmap_size))
+                .ok_or_else(|| Error::corrupt(FMT, format!("BAT entry {e} overflows")))?;
+            if !differencing {
+                HostExtent::push_merged(&mut out, at, n, Some(data + (at - base)));
+                return Ok(());
+            }
+            let bm = self.bitmap(s, e)?;
+            Self::bitmap_runs(&bm, at - base, at - base + n, |a, l, present| {
+                if present {
+                    HostExtent::push_merged(&mut out, base + a, l, Some(data + a));
+                }
+                Ok(())
+            })
+        })?;
+        Ok(Some(out))
     }
 
     fn backing(&self) -> Option<&dyn DiskSource> {

@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::extent::{ExtentKind, ExtentMap};
 use crate::formats::Format;
 use crate::gate::OpenGate;
-use crate::source::{self, CheckReport, DiskSource, ImageInfo, check_range};
+use crate::source::{self, CheckReport, DiskSource, HostExtent, ImageInfo, check_range};
 use crate::storage::Storage;
 
 use bat::{Bat, Geometry, Payload, SB_BLOCK_PRESENT};
@@ -587,6 +587,20 @@ impl DiskSource for VhdxReader {
                 Seg::File(off) => self.storage.read_exact_at(dst, off),
             }
         })
+    }
+
+    /// Payload blocks (fully present, or the present sectors of a partially present one) at their file offsets
+    /// (MS-VHDX 2.5.1, "BAT"). qemu's vhdx driver reports no offsets (it has no block status); these are the
+    /// offsets `read_at` reads from.
+    fn host_extents(&self, offset: u64, len: u64) -> Result<Option<Vec<HostExtent>>> {
+        let mut out = Vec::new();
+        self.segments(offset, len, &mut |at, n, seg| {
+            if let Seg::File(off) = seg {
+                HostExtent::push_merged(&mut out, at, n, Some(off));
+            }
+            Ok(())
+        })?;
+        Ok(Some(out))
     }
 
     fn backing(&self) -> Option<&dyn DiskSource> {

@@ -15,7 +15,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::error::{CheckedExt, Error, Result};
 use crate::extent::{ExtentKind, ExtentMap};
-use crate::source::{DiskSource, read_from_backing};
+use crate::source::{DiskSource, HostExtent, read_from_backing};
 use crate::storage::Storage;
 
 const FMT: &str = "vmdk";
@@ -524,6 +524,45 @@ impl SparseExtent {
                         map.push(base + pos, gend - pos, kind)?;
                         pos = gend;
                     }
+                }
+            }
+            pos = table_end;
+        }
+        Ok(())
+    }
+
+    /// Appends where `[offset, offset+len)` (extent-relative) is stored in this extent's file to `out`, at guest
+    /// offset `base + offset`: allocated grains at their offset, compressed grains (stream-optimized) with none.
+    pub fn host_extents_into(
+        &self,
+        base: u64,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<HostExtent>,
+    ) -> Result<()> {
+        let g = self.header.grain_bytes();
+        let per = self.header.gtes_per_gt;
+        let span = g * per;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let gd_index = pos / span;
+            let table_end = ((gd_index + 1) * span).min(end);
+            if let Some(t) = self.table(gd_index)? {
+                while pos < table_end {
+                    let gi = pos / g;
+                    let gend = ((gi + 1) * g).min(table_end);
+                    let gte = t.get((gi % per) as usize).copied().unwrap_or(0);
+                    if let Grain::At(off) = self.classify(gi, gte)? {
+                        let host = if self.header.compressed {
+                            None
+                        } else {
+                            // classify checked `off` against the file; `pos % g` is below a grain
+                            off.checked_add(pos % g)
+                        };
+                        HostExtent::push_merged(out, base + pos, gend - pos, host);
+                    }
+                    pos = gend;
                 }
             }
             pos = table_end;
