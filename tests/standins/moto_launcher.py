@@ -13,6 +13,11 @@ ParentSnapshotId), ListChangedBlocks over both snapshots with pagination and the
 BlockSize, and pending/completed states seen by EC2 DescribeSnapshots; `tests/standin_moto.rs` tests each of these
 on its own against the EBS direct API reference.
 
+For the AMI lifecycle (`imgshift images`, the copy/share stages), two EC2 calls follow the reference too
+(`copy_image_honouring_client_token_and_tags`, `describe_images_sees_amis_shared_by_other_accounts`, below):
+CopyImage keeps its ClientToken, TagSpecifications and CopyImageTags, and DescribeImages shows an AMI shared with
+another account (header x-moto-account-id) to that account; each has its own test in `tests/standin_moto.rs`.
+
 Usage: moto_launcher.py [moto_server arguments...]   (the same arguments as moto_server)
 """
 import sys
