@@ -388,6 +388,10 @@ pub struct CloudSourceArgs {
         value_name = "URI"
     )]
     pub connect: String,
+    /// Read a running libvirt domain (libvirt:domain/NAME) anyway: its disks change while they are read, so the
+    /// copy is crash-consistent at best.
+    #[arg(long = "allow-running")]
+    pub allow_running: bool,
 }
 
 /// Where `migrate`'s cloud source is read from (its target's options keep their own names).
@@ -431,6 +435,10 @@ pub struct MigrateSourceArgs {
     /// libvirt connection URI for a libvirt: source (default: LIBVIRT_DEFAULT_URI, else qemu:///system).
     #[arg(id = "source_connect", long = "source-connect", value_name = "URI")]
     pub connect: Option<String>,
+    /// Read a running libvirt domain (libvirt:domain/NAME) anyway: its disks change while they are read, so the
+    /// copy is crash-consistent at best.
+    #[arg(long = "allow-running")]
+    pub allow_running: bool,
 }
 
 /// AWS connection options.
@@ -728,6 +736,10 @@ pub struct LibvirtUploadArgs {
     /// Show a progress bar even when standard error is not a terminal.
     #[arg(short = 'p', long)]
     pub progress: bool,
+    /// Folder for the job's journal while it runs (default: $XDG_STATE_HOME/imgshift/jobs); a failed upload
+    /// removes what it created and its journal.
+    #[arg(long = "state-dir", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     #[command(flatten)]
     pub trust: TrustArgs,
 }

@@ -1,8 +1,8 @@
 //! Sources by name: a local image (a path, as always), or a disk in a cloud read in place — `aws:snap-...` (an
 //! EBS snapshot), `aws:vol-...` (that volume's newest completed snapshot), `aws:ami-...` (every EBS mapping of an
-//! AMI, boot disk first), `azure:disk/GROUP/NAME` (a managed
-//! disk), `libvirt:POOL/VOLUME` (a storage volume). A cloud source is read through its cloud's read API straight into the engine: nothing is written
-//! locally.
+//! AMI, boot disk first), `azure:disk/GROUP/NAME` (a managed disk), `libvirt:POOL/VOLUME` (a storage volume),
+//! `libvirt:domain/NAME` (every disk of a domain, boot disk first; a running one only when allowed). A cloud
+//! source is read through its cloud's read API straight into the engine: nothing is written locally.
 //!
 //! A path keeps meaning a file: only a name that starts with `aws:`, `azure:` or `libvirt:` is a cloud source, so
 //! `./aws:x` is a file.
@@ -36,6 +36,11 @@ pub enum SourceRef {
         /// Its name.
         volume: String,
     },
+    /// Every disk of a libvirt domain.
+    LibvirtDomain {
+        /// Its name.
+        name: String,
+    },
     /// A managed disk.
     AzureDisk {
         /// Its resource group.
@@ -57,6 +62,13 @@ impl SourceRef {
         if let Some(rest) = text.strip_prefix("libvirt:") {
             let parts: Vec<&str> = rest.split('/').collect();
             return match parts.as_slice() {
+                // `domain/NAME` is always a domain (a pool named "domain" is read volume by volume through a
+                // domain, or renamed).
+                ["domain", name] if !name.is_empty() && !name.contains('\0') => {
+                    Ok(SourceRef::LibvirtDomain {
+                        name: name.to_string(),
+                    })
+                }
                 [pool, volume]
                     if [pool, volume].iter().all(|p| {
                         !p.is_empty() && !p.chars().all(|c| c == '.') && !p.contains('\0')
@@ -68,8 +80,8 @@ impl SourceRef {
                     })
                 }
                 _ => bail!(
-                    "{text}: a libvirt source is libvirt:POOL/VOLUME (a storage volume); a file whose name starts \
-                     with 'libvirt:' is ./{text}"
+                    "{text}: a libvirt source is libvirt:POOL/VOLUME (a storage volume) or libvirt:domain/NAME \
+                     (every disk of a domain); a file whose name starts with 'libvirt:' is ./{text}"
                 ),
             };
         }
@@ -133,6 +145,8 @@ pub struct SourceConn {
     pub azure: AzureReadConn,
     /// libvirt connection URI.
     pub libvirt_uri: String,
+    /// Read a running libvirt domain (`--allow-running`).
+    pub allow_running: bool,
 }
 
 /// What the source's cloud says about the guest (carried to the target).
@@ -176,6 +190,34 @@ pub fn open_all(
                 disks: SourceDisks {
                     names: vec![format!("{pool}/{volume}")],
                     disks: vec![Arc::from(d)],
+                    ova: false,
+                },
+                facts: SourceFacts::default(),
+            })
+        }
+        SourceRef::LibvirtDomain { name } => {
+            if format.is_some() {
+                bail!(
+                    "-f names a local image's format; a domain's disks' formats come from libvirt"
+                );
+            }
+            let d = crate::targets::libvirt::source::open_domain(
+                &conn.libvirt_uri,
+                &name,
+                conn.allow_running,
+            )?;
+            if d.running {
+                warn_running(&name);
+            }
+            let (names, disks) = d
+                .disks
+                .into_iter()
+                .map(|(n, s)| (n, Arc::<dyn DiskSource>::from(s)))
+                .unzip();
+            Ok(OpenedSource {
+                disks: SourceDisks {
+                    names,
+                    disks,
                     ova: false,
                 },
                 facts: SourceFacts::default(),
@@ -260,11 +302,29 @@ pub fn open_all(
                 }
                 SourceRef::File(_)
                 | SourceRef::AzureDisk { .. }
-                | SourceRef::LibvirtVolume { .. } => {
+                | SourceRef::LibvirtVolume { .. }
+                | SourceRef::LibvirtDomain { .. } => {
                     bail!("{}: not an AWS source", src.display())
                 }
             }
         }
+    }
+}
+
+/// Says once per process and domain that a running domain is being read (a command may open its source more
+/// than once).
+fn warn_running(name: &str) {
+    static WARNED: std::sync::Mutex<std::collections::BTreeSet<String>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let first = WARNED
+        .lock()
+        .map(|mut w| w.insert(name.to_string()))
+        .unwrap_or(true);
+    if first {
+        eprintln!(
+            "imgshift: warning: domain '{name}' is running (--allow-running): its disks change while they are \
+             read, so the copy is crash-consistent at best"
+        );
     }
 }
 
@@ -338,6 +398,14 @@ mod tests {
             }
         );
         assert!(p("libvirt:default").is_err());
+        assert_eq!(
+            p("libvirt:domain/web01").unwrap(),
+            SourceRef::LibvirtDomain {
+                name: "web01".into()
+            }
+        );
+        assert!(p("libvirt:domain/").is_err());
+        assert!(p("libvirt:domain/a/b").is_err());
         assert!(p("libvirt:../x").is_err());
     }
 }

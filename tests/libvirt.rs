@@ -564,6 +564,28 @@ fn existing_volume_and_domain_need_overwrite() {
     .ok();
     let x = virsh_ok(&["dumpxml", &dom]);
     assert!(x.contains("volume='d2.img'"), "{x}");
+    // The same volume and domain again, with --overwrite: both replaced (the domain with the new settings).
+    pool.upload(
+        &second,
+        "d2.img",
+        &[
+            "--define",
+            &dom,
+            "--overwrite",
+            "--memory",
+            "256",
+            "--domain-type",
+            "qemu",
+        ],
+    )
+    .ok();
+    let x = virsh_ok(&["dumpxml", &dom]);
+    assert!(x.contains("volume='d2.img'"), "{x}");
+    assert!(x.contains("<memory unit='KiB'>262144</memory>"), "{x}");
+    std::fs::remove_file(&back).unwrap();
+    pool.download("d2.img", &back);
+    assert_same(&second, "raw", &back, "qcow2");
+    assert_eq!(pool.volumes(), ["d1.img", "d2.img", "v.img"]);
 }
 
 #[test]
@@ -738,20 +760,31 @@ fn failed_define_removes_the_volume() {
     let d = tmpdir();
     let pool = Pool::new();
     let raw = test_raw(d.path(), "source.raw", MIB);
+    let state = d.path().join("state");
     // libvirt refuses domain names with '/'; the volume was already uploaded by then.
     let r = pool.upload(
         &raw,
         "v.qcow2",
-        &["--define", "bad/name", "--domain-type", "qemu"],
+        &[
+            "--define",
+            "bad/name",
+            "--domain-type",
+            "qemu",
+            "--state-dir",
+            s(&state),
+        ],
     );
     one_line_error(&r);
     assert!(
         r.stderr.contains("cannot define domain 'bad/name'")
-            && r.stderr.contains("volume 'v.qcow2' was removed"),
+            && r.stderr.contains("rolled back")
+            && r.stderr.contains("deleted volume 'v.qcow2'"),
         "{}",
         r.stderr
     );
     assert!(pool.volumes().is_empty(), "{:?}", pool.volumes());
+    // One-shot: the job is rolled back, not kept for `resume`.
+    assert!(files_in(&state).is_empty(), "{:?}", files_in(&state));
 }
 
 /// A 4 MiB BIOS disk whose boot sector writes `IMGSHIFT-BOOT-OK machine-id=bootsector` to COM1 and powers the
@@ -1208,4 +1241,119 @@ fn starts_a_session_daemon_when_none_runs() {
         daemon.dir.path().join("run/libvirt/libvirtd.pid").exists(),
         "the daemon's pid file (for the clean-up)"
     );
+}
+
+/// Runs `upload libvirt` with `IMGSHIFT_TEST_PAUSE_AT=point` and kills it with SIGKILL once it paused there
+/// (no clean-up of any kind runs). Returns the id of the one job journal in `state`.
+fn upload_and_kill(
+    pool: &Pool,
+    src: &Path,
+    vol: &str,
+    extra: &[&str],
+    state: &Path,
+    point: &str,
+) -> String {
+    use std::io::{BufRead, BufReader};
+    let u = uri();
+    let mut child = Command::new(imgshift_bin())
+        .args([
+            "upload",
+            "libvirt",
+            s(src),
+            "--connect",
+            &u,
+            "--pool",
+            &pool.name,
+            "--volume",
+            vol,
+            "--state-dir",
+            s(state),
+        ])
+        .args(extra)
+        .env("IMGSHIFT_TEST_PAUSE_AT", point)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let want = format!("imgshift-test: paused at {point}");
+    let mut seen = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains(&want) {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen.contains(&want), "never paused at {point}: {seen}");
+    let jobs: Vec<String> = files_in(state)
+        .into_iter()
+        .filter_map(|f| f.strip_suffix(".json").map(str::to_string))
+        .collect();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    jobs[0].clone()
+}
+
+/// `upload libvirt` is a job of the runner: killed with -9 after its upload, `resume` defines the domain without
+/// sending the volume again, and `jobs cancel` removes the volume of another killed upload.
+#[test]
+fn killed_upload_is_resumed_or_cancelled_as_a_job() {
+    let d = tmpdir();
+    let mut pool = Pool::new();
+    let raw = test_raw(d.path(), "source.raw", 2 * MIB);
+    let state = d.path().join("state");
+    let dom = pool.domain();
+    let vol = format!("{dom}.qcow2");
+    let choices = [
+        "--define",
+        &dom,
+        "--domain-type",
+        "qemu",
+        "--firmware",
+        "bios",
+        "--disk-bus",
+        "virtio",
+    ];
+    let job = upload_and_kill(&pool, &raw, &vol, &choices, &state, "after-upload");
+    assert_eq!(pool.volumes(), std::slice::from_ref(&vol));
+    assert!(
+        virsh(&["dominfo", &dom]).code != 0,
+        "{dom} defined too early"
+    );
+    let inode = std::fs::metadata(pool.path(&vol)).unwrap().ino();
+
+    let r = imgshift(&["resume", &job, "--state-dir", s(&state)]).ok();
+    assert_eq!(
+        r.stdout.trim(),
+        format!("{}\ndomain {dom}", s(&pool.path(&vol)))
+    );
+    assert_eq!(
+        std::fs::metadata(pool.path(&vol)).unwrap().ino(),
+        inode,
+        "the volume was made again"
+    );
+    let x = virsh_ok(&["dumpxml", &dom]);
+    assert!(x.contains(&format!("volume='{vol}'")), "{x}");
+    assert_same(&raw, "raw", &pool.path(&vol), "qcow2");
+    assert!(files_in(&state).iter().all(|f| !f.ends_with(".json")));
+
+    let job = upload_and_kill(
+        &pool,
+        &raw,
+        "other.raw",
+        &["-O", "raw"],
+        &state,
+        "after-upload",
+    );
+    assert!(pool.volumes().contains(&"other.raw".to_string()));
+    let r = imgshift(&["jobs", "cancel", &job, "--state-dir", s(&state)]).ok();
+    assert!(
+        r.stdout.contains("deleted volume 'other.raw'"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(pool.volumes(), [vol]);
+    assert!(files_in(&state).iter().all(|f| !f.ends_with(".json")));
 }

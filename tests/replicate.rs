@@ -591,6 +591,12 @@ mod aws {
             snaps.iter().all(|(_, st, _)| st == "completed"),
             "{snaps:?}"
         );
+        // A completed point leaves no journal behind.
+        let left: Vec<String> = util::files_in(&state.join("replicas"))
+            .into_iter()
+            .filter(|f| f.contains("aws-point"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
         let snap3 = third["point"]["target_id"].as_str().unwrap().to_string();
         let back3 = d.join("back3.raw");
         read_back(d, &snap3, &back3);

@@ -212,6 +212,14 @@ pub fn resume(job: &str, dir: Option<&Path>, quiet: bool) -> Result<u8> {
             }
             super::upload::azure(&args, quiet)
         }
+        Command::Upload {
+            target: UploadTarget::Libvirt(mut args),
+        } => {
+            if args.state_dir.is_none() {
+                args.state_dir = Some(dir.clone());
+            }
+            super::upload::libvirt(&args, quiet)
+        }
         _ => bail!("job {job}: its saved command is not a migration or an upload"),
     }
 }

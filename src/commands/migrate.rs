@@ -94,6 +94,7 @@ pub fn source_conn_of(source: &crate::cli::MigrateSourceArgs, max_attempts: u32)
             .clone()
             .or(env("LIBVIRT_DEFAULT_URI"))
             .unwrap_or_else(|| "qemu:///system".into()),
+        allow_running: source.allow_running,
     }
 }
 
@@ -102,7 +103,7 @@ pub fn source_conn_of(source: &crate::cli::MigrateSourceArgs, max_attempts: u32)
 fn source_key(args: &MigrateArgs) -> Result<String> {
     match SourceRef::parse(&args.src)? {
         SourceRef::File(p) => crate::journal::source_identity(&p),
-        r @ SourceRef::LibvirtVolume { .. } => Ok(format!(
+        r @ (SourceRef::LibvirtVolume { .. } | SourceRef::LibvirtDomain { .. }) => Ok(format!(
             "{r:?}\0{:?}",
             args.source
                 .connect
@@ -241,6 +242,7 @@ pub fn run(args: &MigrateArgs, quiet: bool) -> Result<u8> {
         state_dir: state_dir(args.state_dir.as_deref())?,
         tags: parse_tags(&args.tags)?,
         verbose: args.verbose,
+        rollback: false,
     };
     let out = runner::run(spec, target.as_mut(), ui)?;
     let source = args.src.display().to_string();

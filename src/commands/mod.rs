@@ -17,7 +17,6 @@ mod migrate;
 mod replicate;
 mod targets;
 mod upload;
-pub(crate) mod upload_libvirt;
 
 pub(crate) use crate::targets::parse_tags;
 
@@ -131,7 +130,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         } => upload::azure(&args, quiet),
         Command::Upload {
             target: UploadTarget::Libvirt(args),
-        } => upload_libvirt::run(&args, quiet),
+        } => upload::libvirt(&args, quiet),
         Command::Download {
             target: DownloadTarget::Aws(args),
         } => download::aws(&args, quiet),
@@ -180,6 +179,7 @@ fn set_source_conn(c: &crate::cli::CloudSourceArgs) {
             max_attempts: 10,
         },
         libvirt_uri: c.connect.clone(),
+        allow_running: c.allow_running,
     });
 }
 

@@ -5,7 +5,8 @@
 use anyhow::{Result, bail};
 
 use crate::cli::{
-    AwsAfterArgs, AwsConnArgs, AwsUploadArgs, AzureUploadArgs, Command, MigrateArgs, UploadTarget,
+    AwsAfterArgs, AwsConnArgs, AwsUploadArgs, AzureUploadArgs, Command, DiskBusArg, DomainTypeArg,
+    FirmwareArg, LibvirtUploadArgs, LibvirtVolFormat, MigrateArgs, UploadTarget,
 };
 use crate::job::Target;
 use crate::target_kind::TargetKind;
@@ -14,6 +15,9 @@ use crate::targets::aws::config::AwsTarget as AwsConn;
 use crate::targets::aws::lifecycle::{self as aws, AwsSettings, AwsTarget};
 use crate::targets::aws::register::ImageSpec;
 use crate::targets::azure::lifecycle::{self as azure, AzureSettings, AzureTarget};
+use crate::targets::libvirt::VolFormat;
+use crate::targets::libvirt::lifecycle::{LibvirtSettings, LibvirtTarget};
+use crate::targets::libvirt::plan::{BusChoice, DomainChoices, FirmwareChoice, TypeChoice};
 
 fn aws_conn(
     region: &Option<String>,
@@ -186,17 +190,15 @@ pub fn for_saved_command(cmd: Command) -> Result<Box<dyn Target>> {
         Command::Upload {
             target: UploadTarget::Azure(a),
         } => Ok(Box::new(azure_for_upload(&a)?)),
-        _ => bail!("its saved command is not a migration or an upload to AWS or Azure"),
+        Command::Upload {
+            target: UploadTarget::Libvirt(a),
+        } => Ok(Box::new(libvirt_for_upload(&a)?)),
+        _ => bail!("its saved command is not a migration or an upload"),
     }
 }
 
-/// `migrate --to libvirt`.
-pub fn libvirt_for_migrate(
-    args: &MigrateArgs,
-) -> Result<crate::targets::libvirt::lifecycle::LibvirtTarget> {
-    use super::upload_libvirt::{bus_choice, firmware_choice, type_choice};
-    use crate::cli::LibvirtVolFormat;
-    use crate::targets::libvirt::VolFormat;
+/// `migrate --to libvirt`: volumes named after the job, a domain of its name.
+pub fn libvirt_for_migrate(args: &MigrateArgs) -> Result<LibvirtTarget> {
     let a = &args.libvirt;
     let Some(pool) = a.pool.clone().filter(|p| !p.is_empty()) else {
         bail!(
@@ -204,26 +206,88 @@ pub fn libvirt_for_migrate(
              lists them)"
         );
     };
-    crate::targets::libvirt::lifecycle::LibvirtTarget::new(
-        crate::targets::libvirt::lifecycle::LibvirtSettings {
-            uri: a.connect.clone(),
-            pool,
-            format: match a.volume_format {
-                LibvirtVolFormat::Qcow2 => VolFormat::Qcow2,
-                LibvirtVolFormat::Raw => VolFormat::Raw,
-            },
-            choices: crate::targets::libvirt::plan::DomainChoices {
-                firmware: firmware_choice(a.firmware),
-                disk_bus: bus_choice(a.disk_bus),
-                domain_type: type_choice(a.domain_type),
-                memory_mib: a.memory,
-                vcpus: a.vcpus,
-                network: a.network.clone(),
-                serial_log: a.serial_log.clone(),
-            },
-            start: a.start,
+    LibvirtTarget::new(LibvirtSettings {
+        uri: a.connect.clone(),
+        pool,
+        format: vol_format(a.volume_format),
+        choices: DomainChoices {
+            firmware: firmware_choice(a.firmware),
+            disk_bus: bus_choice(a.disk_bus),
+            domain_type: type_choice(a.domain_type),
+            memory_mib: a.memory,
+            vcpus: a.vcpus,
+            network: a.network.clone(),
+            serial_log: a.serial_log.clone(),
         },
-    )
+        start: a.start,
+        volume_names: None,
+        define: true,
+        overwrite: false,
+        // A disk's upload runs to its end; the job stops at the next disk and keeps what is finished.
+        stop: None,
+    })
+}
+
+/// `upload libvirt`: the volume `--volume`, a domain only with `--define`, `--overwrite` as given; Ctrl-C stops
+/// the stream at once (the upload is rolled back anyway).
+pub fn libvirt_for_upload(args: &LibvirtUploadArgs) -> Result<LibvirtTarget> {
+    if args.define.as_deref() == Some("") {
+        bail!("--define needs a domain name");
+    }
+    LibvirtTarget::new(LibvirtSettings {
+        uri: args.connect.clone(),
+        pool: args.pool.clone(),
+        format: vol_format(args.output_format),
+        choices: DomainChoices {
+            firmware: firmware_choice(args.firmware),
+            disk_bus: bus_choice(args.disk_bus),
+            domain_type: type_choice(args.domain_type),
+            memory_mib: args.memory,
+            vcpus: args.vcpus,
+            network: args.network.clone(),
+            serial_log: args.serial_log.clone(),
+        },
+        start: args.start,
+        volume_names: Some(vec![args.volume.clone()]),
+        define: args.define.is_some(),
+        overwrite: args.overwrite,
+        stop: Some(crate::interrupt::stop_flag()),
+    })
+}
+
+fn vol_format(f: LibvirtVolFormat) -> VolFormat {
+    match f {
+        LibvirtVolFormat::Qcow2 => VolFormat::Qcow2,
+        LibvirtVolFormat::Raw => VolFormat::Raw,
+    }
+}
+
+/// `--firmware` as the libvirt target's choice.
+fn firmware_choice(a: FirmwareArg) -> FirmwareChoice {
+    match a {
+        FirmwareArg::Auto => FirmwareChoice::Auto,
+        FirmwareArg::Bios => FirmwareChoice::Bios,
+        FirmwareArg::Uefi => FirmwareChoice::Uefi,
+    }
+}
+
+/// `--disk-bus` as the libvirt target's choice.
+fn bus_choice(a: DiskBusArg) -> BusChoice {
+    match a {
+        DiskBusArg::Auto => BusChoice::Auto,
+        DiskBusArg::Virtio => BusChoice::Virtio,
+        DiskBusArg::Sata => BusChoice::Sata,
+        DiskBusArg::Scsi => BusChoice::Scsi,
+    }
+}
+
+/// `--domain-type` as the libvirt target's choice.
+fn type_choice(a: DomainTypeArg) -> TypeChoice {
+    match a {
+        DomainTypeArg::Auto => TypeChoice::Auto,
+        DomainTypeArg::Kvm => TypeChoice::Kvm,
+        DomainTypeArg::Qemu => TypeChoice::Qemu,
+    }
 }
 
 /// The target of a `migrate` command whose source's cloud says `facts` about the guest: what the target's

@@ -1,5 +1,7 @@
-//! `imgshift upload aws|azure`: the job runner ([`crate::runner`]) with the upload and register stages only, on
-//! the same target lifecycle `migrate` uses; the output is the upload's ids and counts.
+//! `imgshift upload aws|azure|libvirt`: the job runner ([`crate::runner`]) with the upload and register stages
+//! (and, for a libvirt domain whose firmware or bus is `auto`, the inspect stage), on the same target lifecycle
+//! `migrate` uses; the output is the upload's ids and counts. `upload libvirt` is one-shot: a failure removes
+//! what it created (the runner's `rollback`) rather than keeping the job for `resume`.
 
 use std::sync::Arc;
 
@@ -9,7 +11,9 @@ use serde_json::json;
 pub(crate) use crate::targets::{parse_tags, runtime};
 
 use super::targets;
-use crate::cli::{AwsConnArgs, AwsUploadArgs, AzureUploadArgs, OutputFormat, TrustArgs};
+use crate::cli::{
+    AwsConnArgs, AwsUploadArgs, AzureUploadArgs, LibvirtUploadArgs, OutputFormat, TrustArgs,
+};
 use crate::job::Target;
 use crate::journal::state_dir;
 use crate::progress::StageUi;
@@ -61,6 +65,12 @@ struct Upload<'a> {
     trust: &'a TrustArgs,
     generalize: Option<String>,
     register: bool,
+    /// Run the inspect stage (its findings are not a refusal: the upload goes on).
+    inspect: bool,
+    /// Send only the boot disk (of an OVA).
+    boot_only: bool,
+    /// One-shot: a failure removes what was created.
+    rollback: bool,
     state_dir: Option<&'a std::path::Path>,
     tags: Vec<(String, String)>,
     verbose: bool,
@@ -69,10 +79,16 @@ struct Upload<'a> {
 
 /// Runs an upload job through the runner.
 fn run_upload(u: Upload<'_>, target: &mut dyn Target, quiet: bool) -> Result<RunOutcome> {
-    let sources = crate::open::open_disks(u.src, u.format.as_deref(), &u.trust.allow_dirs)?;
+    let mut sources = crate::open::open_disks(u.src, u.format.as_deref(), &u.trust.allow_dirs)?;
+    if u.boot_only {
+        sources.disks.truncate(1);
+        sources.names.truncate(1);
+    }
     let ui = Arc::new(StageUi::bars_only(
         quiet,
-        2 + usize::from(u.generalize.is_some()) + target.after_stages().len(),
+        2 + usize::from(u.generalize.is_some())
+            + usize::from(u.inspect)
+            + target.after_stages().len(),
         u.progress,
         u.verbose,
     ));
@@ -90,17 +106,18 @@ fn run_upload(u: Upload<'_>, target: &mut dyn Target, quiet: bool) -> Result<Run
         reopen_boot: Box::new(move || super::open_image(&src, format.as_deref(), &trust)),
         generalize: u.generalize.map(|g| (g, u.target)),
         stages: Stages {
-            inspect: false,
+            inspect: u.inspect,
             register: u.register,
             verify: false,
         },
         boot_mode: None,
-        force: false,
+        force: true,
         confirm: false,
         yes: true,
         state_dir: state_dir(u.state_dir)?,
         tags: u.tags,
         verbose: u.verbose,
+        rollback: u.rollback,
     };
     runner::run(spec, target, ui)
 }
@@ -119,6 +136,9 @@ pub fn aws(args: &AwsUploadArgs, quiet: bool) -> Result<u8> {
             trust: &args.trust,
             generalize: args.generalize.clone(),
             register: !args.snapshot_only,
+            inspect: false,
+            boot_only: false,
+            rollback: false,
             state_dir: args.state_dir.as_deref(),
             tags: parse_tags(&args.tags)?,
             verbose: args.verbose,
@@ -214,6 +234,9 @@ pub fn azure(args: &AzureUploadArgs, quiet: bool) -> Result<u8> {
             trust: &args.trust,
             generalize: args.generalize.clone(),
             register,
+            inspect: false,
+            boot_only: false,
+            rollback: false,
             state_dir: args.state_dir.as_deref(),
             tags: parse_tags(&args.tags)?,
             verbose: args.verbose,
@@ -258,4 +281,189 @@ pub fn azure(args: &AzureUploadArgs, quiet: bool) -> Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// Same source (path, size, mtime) to the same volume (and domain) of the same pool and daemon = same job.
+fn libvirt_job_id(args: &LibvirtUploadArgs) -> Result<String> {
+    let key = format!(
+        "libvirt-upload\0{}\0{}\0{}\0{}\0{:?}\0{:?}",
+        crate::journal::source_identity(&args.src)?,
+        args.connect,
+        args.pool,
+        args.volume,
+        args.define,
+        args.output_format,
+    );
+    Ok(crate::journal::job_id_from("libvirt", &key))
+}
+
+/// Runs `upload libvirt`: the boot disk (of an OVA, or the image) into a new volume, optionally a domain that
+/// boots from it; a failure removes what this run created.
+pub fn libvirt(args: &LibvirtUploadArgs, quiet: bool) -> Result<u8> {
+    let mut target = targets::libvirt_for_upload(args)?;
+    let define = args.define.is_some();
+    let out = run_upload(
+        Upload {
+            id: libvirt_job_id(args)?,
+            kind: "libvirt-upload",
+            target: TargetKind::Libvirt,
+            name: args.define.clone().unwrap_or_else(|| args.volume.clone()),
+            src: &args.src,
+            format: args.format.clone(),
+            trust: &args.trust,
+            generalize: None,
+            register: define,
+            // `auto` firmware and bus follow inspection, as in `migrate`.
+            inspect: target.needs_guest(),
+            boot_only: true,
+            rollback: true,
+            state_dir: args.state_dir.as_deref(),
+            tags: Vec::new(),
+            verbose: false,
+            progress: args.progress,
+        },
+        &mut target,
+        quiet,
+    )?;
+    let o = &out.outputs;
+    let path = o["paths"][0].as_str().unwrap_or_default().to_string();
+    let started = o["started"].as_bool().unwrap_or(false);
+    let size = out.disks.first().map_or(0, |d| d.virtual_size);
+    let format = target.format();
+    let stats = out.stats.first().copied().unwrap_or_default();
+    match args.output {
+        OutputFormat::Json => {
+            let domain = define.then(|| {
+                json!({
+                    "name": o["domain"],
+                    "type": o["domain_type"],
+                    "firmware": o["firmware"],
+                    "disk_bus": o["disk_bus"],
+                    "memory_mib": args.memory,
+                    "vcpus": args.vcpus,
+                    "started": started,
+                })
+            });
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "uri": args.connect,
+                    "pool": args.pool,
+                    "volume": args.volume,
+                    "path": path,
+                    "format": format,
+                    "capacity": crate::targets::libvirt::fill::capacity(format, size)?,
+                    "virtual_size": size,
+                    "data_bytes": out.disks.first().map_or(0, |d| d.data_bytes),
+                    "sent": {
+                        "bytes_sent": stats.bytes_sent,
+                        "zero_fill_bytes": stats.zero_fill_bytes,
+                        "skipped_bytes": stats.skipped_bytes,
+                        "holes": stats.holes,
+                        "streams": stats.streams,
+                    },
+                    "domain": domain,
+                }))?
+            );
+        }
+        OutputFormat::Human => {
+            println!("{path}");
+            if let Some(name) = o["domain"].as_str() {
+                println!("domain {name}{}", if started { " (started)" } else { "" });
+            }
+        }
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clap::Parser;
+
+    use crate::cli::{
+        Cli, Command, DiskBusArg, DomainTypeArg, FirmwareArg, LibvirtVolFormat, UploadTarget,
+    };
+
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<LibvirtUploadArgs, clap::Error> {
+        let mut argv = vec![
+            "imgshift", "upload", "libvirt", "d.qcow2", "--pool", "p", "--volume", "v",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Upload {
+                target: UploadTarget::Libvirt(a),
+            } => Ok(a),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn libvirt_defaults() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.output_format, LibvirtVolFormat::Qcow2);
+        assert!(a.define.is_none() && !a.overwrite && !a.start);
+        assert_eq!(a.firmware, FirmwareArg::Auto);
+        assert_eq!(a.disk_bus, DiskBusArg::Auto);
+        assert_eq!(a.domain_type, DomainTypeArg::Auto);
+    }
+
+    #[test]
+    fn domain_flags_need_define() {
+        for f in [
+            &["--start"][..],
+            &["--memory", "512"],
+            &["--vcpus", "2"],
+            &["--firmware", "uefi"],
+            &["--disk-bus", "virtio"],
+            &["--domain-type", "qemu"],
+            &["--network", "default"],
+            &["--serial-log", "/tmp/x"],
+        ] {
+            assert!(parse(f).is_err(), "{f:?} without --define");
+        }
+        let a = parse(&[
+            "--define",
+            "vm",
+            "-O",
+            "raw",
+            "--overwrite",
+            "--memory",
+            "512",
+            "--vcpus",
+            "2",
+            "--firmware",
+            "uefi",
+            "--disk-bus",
+            "scsi",
+            "--domain-type",
+            "qemu",
+            "--network",
+            "default",
+            "--serial-log",
+            "/tmp/x",
+            "--start",
+            "--connect",
+            "qemu:///session",
+        ])
+        .unwrap();
+        assert_eq!(a.define.as_deref(), Some("vm"));
+        assert_eq!(a.output_format, LibvirtVolFormat::Raw);
+        assert_eq!((a.memory, a.vcpus), (512, 2));
+        assert_eq!(a.firmware, FirmwareArg::Uefi);
+        assert_eq!(a.disk_bus, DiskBusArg::Scsi);
+        assert_eq!(a.domain_type, DomainTypeArg::Qemu);
+        assert_eq!(a.connect, "qemu:///session");
+        assert!(a.overwrite && a.start);
+    }
+
+    #[test]
+    fn rejects_unknown_values() {
+        assert!(parse(&["-O", "vmdk"]).is_err());
+        assert!(parse(&["--define", "x", "--firmware", "coreboot"]).is_err());
+        assert!(parse(&["--define", "x", "--disk-bus", "ide"]).is_err());
+        assert!(parse(&["--define", "x", "--domain-type", "xen"]).is_err());
+    }
 }

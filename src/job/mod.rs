@@ -34,6 +34,14 @@ pub struct UploadStats {
     pub retries: u64,
     /// Of those, throttled ones.
     pub throttled: u64,
+    /// Upload streams opened (libvirt: one per volume).
+    pub streams: u64,
+    /// Gaps sent as holes rather than data (libvirt sparse streams).
+    pub holes: u64,
+    /// Bytes those holes covered (never sent as data).
+    pub skipped_bytes: u64,
+    /// Zero bytes sent as data to fill gaps too short for a hole (included in `bytes_sent`).
+    pub zero_fill_bytes: u64,
 }
 
 impl UploadStats {
@@ -43,6 +51,10 @@ impl UploadStats {
         self.requests = self.requests.saturating_add(o.requests);
         self.retries = self.retries.saturating_add(o.retries);
         self.throttled = self.throttled.saturating_add(o.throttled);
+        self.streams = self.streams.saturating_add(o.streams);
+        self.holes = self.holes.saturating_add(o.holes);
+        self.skipped_bytes = self.skipped_bytes.saturating_add(o.skipped_bytes);
+        self.zero_fill_bytes = self.zero_fill_bytes.saturating_add(o.zero_fill_bytes);
     }
 }
 

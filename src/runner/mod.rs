@@ -79,6 +79,9 @@ pub struct RunSpec {
     pub tags: Vec<(String, String)>,
     /// Say each step.
     pub verbose: bool,
+    /// A one-shot job (`upload libvirt`): a failure after the journal was made removes what the job created
+    /// (through the target's `cancel`) and forgets the job, instead of keeping it for `resume`.
+    pub rollback: bool,
 }
 
 /// What a finished job made and sent.
@@ -143,6 +146,7 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
         state_dir: dir,
         tags,
         verbose,
+        rollback,
     } = spec;
     if generalize.is_some() && srcs.ova {
         bail!(
@@ -258,7 +262,11 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
     {
         ui.skipped(0, "inspect", &r.detail);
     }
-    let stopped = |e: anyhow::Error, stage: &str| {
+    let overlay = dir.join(format!("{id}.overlay.qcow2"));
+    let stopped = |e: anyhow::Error, stage: &str, target: &mut dyn Target| {
+        if rollback {
+            return roll_back(&job, target, &overlay, e);
+        }
         let saved = if e.chain().any(|c| c.is::<crate::interrupt::Interrupted>()) {
             " with its journal saved"
         } else {
@@ -285,11 +293,10 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
             }
             return Err(e);
         }
-        return Err(stopped(e, "upload"));
+        return Err(stopped(e, "upload", target));
     }
 
     // Generalisation: an overlay over the boot disk, kept in the job folder until the job is done.
-    let overlay = dir.join(format!("{id}.overlay.qcow2"));
     let mut sources: Vec<Arc<dyn DiskSource>> = srcs.disks.clone();
     let mut maps = maps;
     if let Some((ops, gen_target)) = &generalize {
@@ -324,7 +331,7 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
                     .unwrap_or_default();
                 Ok((g, detail))
             })
-            .map_err(|e| stopped(e, "generalize"))?,
+            .map_err(|e| stopped(e, "generalize", target))?,
         };
         // An upload shows no stage lines, but what generalisation removed is worth saying.
         if !ui.stage_lines()
@@ -378,7 +385,7 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
                     ),
                 ))
             })
-            .map_err(|e| stopped(e, "upload"))?;
+            .map_err(|e| stopped(e, "upload", target))?;
         }
     }
     index += 1;
@@ -388,7 +395,7 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
             Some(r) => ui.skipped(index, "register", &r.detail),
             None => {
                 stage(&job, index, "register", || Ok(((), target.register(&job)?)))
-                    .map_err(|e| stopped(e, "register"))?;
+                    .map_err(|e| stopped(e, "register", target))?;
             }
         }
         index += 1;
@@ -401,7 +408,7 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
                 stage(&job, index, "verify", || {
                     Ok(((), target.verify(&job, &sources)?))
                 })
-                .map_err(|e| stopped(e, "verify"))?;
+                .map_err(|e| stopped(e, "verify", target))?;
             }
         }
         index += 1;
@@ -416,7 +423,7 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
                     stage(&job, index, name, || {
                         Ok(((), target.run_after_stage(&job, name)?))
                     })
-                    .map_err(|e| stopped(e, name))?;
+                    .map_err(|e| stopped(e, name, target))?;
                 }
             }
             index += 1;
@@ -444,6 +451,38 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
             .with_context(|| format!("cannot remove the overlay {}", overlay.display()))?;
     }
     Ok(outcome)
+}
+
+/// Undoes a failed one-shot job: removes what it created through the target's `cancel`, then its journal and
+/// overlay. Returns `e` saying what was removed, or, when removing failed, what is left and how to retry.
+fn roll_back(
+    job: &Job,
+    target: &mut dyn Target,
+    overlay: &std::path::Path,
+    e: anyhow::Error,
+) -> anyhow::Error {
+    let (resources, path) = match job.journal.lock() {
+        Ok(j) => (j.state.resources.clone(), j.path().to_path_buf()),
+        Err(_) => return e.context("journal lock poisoned"),
+    };
+    match target.cancel(&resources) {
+        Ok(lines) => {
+            let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_file(path.with_extension("lock"));
+            let _ = std::fs::remove_file(overlay);
+            if lines.is_empty() {
+                e
+            } else {
+                e.context(format!("rolled back: {}", lines.join(", ")))
+            }
+        }
+        Err(c) => e.context(format!(
+            "removing what job {} created failed ({}); `imgshift jobs cancel {}` tries again",
+            job.id,
+            format!("{c:#}").replace('\n', " "),
+            job.id
+        )),
+    }
 }
 
 /// What a dry run checks on the target without creating anything: the target's `connect` (credentials, region

@@ -362,6 +362,7 @@ impl Target for AwsTarget {
             requests: counts.blocks_put,
             retries: counts.retries,
             throttled: counts.throttled,
+            ..UploadStats::default()
         })
     }
 

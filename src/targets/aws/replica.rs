@@ -467,6 +467,8 @@ impl ReplicaStore for AwsStore {
         ))?;
         let sent = put.saturating_mul(EBS_BLOCK_SIZE);
         self.tag(&snapshot, &[(TAG_SENT.to_string(), sent.to_string())])?;
+        // The point is complete: its journal goes (the ledger holds the last other reference to it).
+        drop(ledger);
         if let Ok(j) = Arc::try_unwrap(journal)
             .map_err(|_| ())
             .and_then(|m| m.into_inner().map_err(|_| ()))

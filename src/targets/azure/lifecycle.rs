@@ -562,6 +562,7 @@ impl Target for AzureTarget {
                 requests: counts.requests,
                 retries: counts.retries,
                 throttled: counts.throttled,
+                ..UploadStats::default()
             };
         }
         if stage == UPLOADED {

@@ -14,6 +14,7 @@
 //!   streams under imgshift's own qcow2/raw reader), and the domain's XML naming every volume.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result, bail};
 use imgshift_converters::{DiskSource, ExtentMap};
@@ -23,7 +24,7 @@ use crate::job::{DiskInfo, Job, Target, UploadStats, map_disk, verify};
 use crate::journal::{DiskKey, JobKey, Resource};
 use crate::progress::Bar;
 use crate::targets::libvirt::plan::{self, DomainChoices, GuestHints};
-use crate::targets::libvirt::rpc::{Connect, StoragePool};
+use crate::targets::libvirt::rpc::{self, Connect, StoragePool};
 use crate::targets::libvirt::xml::{DomainDisk, domain_xml};
 use crate::targets::libvirt::{
     Error as LvError, Firmware, VolFormat, conn as lv, download, fill, inuse, volume,
@@ -36,6 +37,10 @@ pub struct LibvirtTarget {
     format: VolFormat,
     choices: DomainChoices,
     start: bool,
+    volume_names: Option<Vec<String>>,
+    define: bool,
+    overwrite: bool,
+    stop: Option<Arc<AtomicBool>>,
     conn: Option<Connect>,
 }
 
@@ -66,6 +71,19 @@ pub struct LibvirtSettings {
     pub choices: DomainChoices,
     /// Start the domain once defined.
     pub start: bool,
+    /// The volumes' names, one per disk (`upload libvirt --volume`); `None`: named after the job
+    /// ([`volume_name`]).
+    pub volume_names: Option<Vec<String>>,
+    /// Define a domain named after the job in the register stage (a taken name is refused in `connect`).
+    pub define: bool,
+    /// Replace a volume or a stopped domain of the same name that is not this job's (never one a running domain
+    /// uses, never a running domain): the old volume is deleted in `connect`, the old domain undefined just
+    /// before the new one is defined.
+    pub overwrite: bool,
+    /// When set (Ctrl-C, SIGTERM), a running upload fails its next write, which deletes the partial volume: for
+    /// one-shot uploads, which are rolled back anyway. `None`: a disk's upload runs to its end and the job stops
+    /// at the next disk boundary, keeping what is finished for `resume`.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 /// The firmware a disk's partition table suggests (guest inspection's fact): UEFI for a GPT with an EFI system
@@ -96,14 +114,33 @@ impl LibvirtTarget {
             );
         }
         s.choices.check()?;
+        if let Some(names) = &s.volume_names
+            && names.iter().any(String::is_empty)
+        {
+            bail!("a volume name is empty");
+        }
         Ok(LibvirtTarget {
             uri: s.uri,
             pool: s.pool,
             format: s.format,
             choices: s.choices,
             start: s.start,
+            volume_names: s.volume_names,
+            define: s.define,
+            overwrite: s.overwrite,
+            stop: s.stop,
             conn: None,
         })
+    }
+
+    /// Whether registering needs what inspection finds (a domain whose firmware or bus is `auto`).
+    pub fn needs_guest(&self) -> bool {
+        self.define && self.choices.needs_guest()
+    }
+
+    /// The volumes' format.
+    pub fn format(&self) -> VolFormat {
+        self.format
     }
 
     fn conn(&mut self) -> Result<Connect> {
@@ -121,7 +158,97 @@ impl LibvirtTarget {
     }
 
     fn volume(&self, job: &Job, disk: usize) -> String {
-        volume_name(&job.name, disk, self.format)
+        self.volume_for(&job.name, disk)
+    }
+
+    /// The volume of disk `disk`: the name given for it, else named after the job.
+    fn volume_for(&self, job_name: &str, disk: usize) -> String {
+        match self.volume_names.as_ref().and_then(|n| n.get(disk)) {
+            Some(n) => n.clone(),
+            None => volume_name(job_name, disk, self.format),
+        }
+    }
+
+    /// Checks a taken volume name that is not this job's: refused unless `overwrite`, and never replaced under a
+    /// running domain.
+    fn check_replaceable_volume(
+        &self,
+        conn: &Connect,
+        old: &rpc::StorageVol,
+        vol: &str,
+    ) -> Result<()> {
+        if !self.overwrite {
+            if self.volume_names.is_some() {
+                return Err(LvError::VolumeExists {
+                    pool: self.pool.clone(),
+                    volume: vol.to_string(),
+                }
+                .into());
+            }
+            bail!(
+                "volume '{vol}' already exists in pool '{}' and is not this job's: choose another --name, or \
+                 remove it (`virsh vol-delete --pool {} {vol}`)",
+                self.pool,
+                self.pool
+            );
+        }
+        let path = old
+            .path()
+            .map_err(|e| LvError::call(format!("cannot read the path of volume '{vol}'"), &e))?;
+        let vref = inuse::VolumeRef {
+            pool: &self.pool,
+            volume: vol,
+            path: &path,
+        };
+        let users = inuse::running_users(conn, &vref)?;
+        if !users.is_empty() {
+            return Err(LvError::VolumeInUse {
+                pool: self.pool.clone(),
+                volume: vol.to_string(),
+                domains: users
+                    .iter()
+                    .map(|u| format!("'{u}'"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Where each disk's volume is on the daemon's host (`None` for one not made yet).
+    fn paths(&self, job: &Job) -> Result<Vec<Option<String>>> {
+        let Some(conn) = &self.conn else {
+            return Ok(vec![None; job.disks.len()]);
+        };
+        let pool = lv::running_pool(conn, &self.pool, &self.uri)?;
+        let mut out = Vec::new();
+        for i in 0..job.disks.len() {
+            let vol = self.volume(job, i);
+            out.push(match lv::find_volume(&pool, &self.pool, &vol)? {
+                Some(v) => Some(v.path().map_err(|e| {
+                    LvError::call(format!("cannot read the path of volume '{vol}'"), &e)
+                })?),
+                None => None,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Whether domain XML `xml` attaches any of the job's volumes.
+    fn uses_job_volumes(&self, job: &Job, xml: &str) -> Result<bool> {
+        for i in 0..job.disks.len() {
+            let vol = self.volume(job, i);
+            let r = inuse::VolumeRef {
+                pool: &self.pool,
+                volume: &vol,
+                path: "",
+            };
+            if inuse::uses(xml, &r)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// What inspection found, as the inspect stage kept it: the preflight settings, whether a Linux root was
@@ -161,19 +288,21 @@ impl Target for LibvirtTarget {
             .map(|(i, d)| {
                 format!(
                     "volume '{}' in pool '{}' ({}, {} virtual) from disk {i}",
-                    volume_name(job_name, i, self.format),
+                    self.volume_for(job_name, i),
                     self.pool,
                     self.format.name(),
                     crate::progress::human_size(d.virtual_size)
                 )
             })
             .collect();
-        out.push(format!(
-            "domain '{job_name}' with {} disk{}{}",
-            disks.len(),
-            if disks.len() == 1 { "" } else { "s" },
-            if self.start { ", started" } else { "" }
-        ));
+        if self.define {
+            out.push(format!(
+                "domain '{job_name}' with {} disk{}{}",
+                disks.len(),
+                if disks.len() == 1 { "" } else { "s" },
+                if self.start { ", started" } else { "" }
+            ));
+        }
         out
     }
 
@@ -190,27 +319,37 @@ impl Target for LibvirtTarget {
             Some(_) => {}
             None => job.set_id(JobKey::VolumeFormat, self.format.name())?,
         }
-        // A taken name is refused before anything is created, unless this job made (or was making) it.
+        // A taken name is refused before anything is created, unless this job made (or was making) it, or
+        // replacing it was asked for; everything is checked before an old volume is deleted.
+        let mut replace = Vec::new();
         for i in 0..job.disks.len() {
             let vol = self.volume(job, i);
-            if lv::find_volume(&pool, &self.pool, &vol)?.is_some()
+            if let Some(old) = lv::find_volume(&pool, &self.pool, &vol)?
                 && !job.owns("volume", &volume_resource(&self.pool, &vol))
             {
-                bail!(
-                    "volume '{vol}' already exists in pool '{}' and is not this job's: choose another --name, or \
-                     remove it (`virsh vol-delete --pool {} {vol}`)",
-                    self.pool,
-                    self.pool
-                );
+                self.check_replaceable_volume(&conn, &old, &vol)?;
+                replace.push((old, vol));
             }
         }
-        if lv::find_domain(&conn, &job.name)?.is_some() && !job.owns("domain", &job.name) {
-            bail!(
-                "domain '{}' already exists and is not this job's: choose another --name, or remove it \
-                 (`virsh undefine {}`)",
-                job.name,
-                job.name
-            );
+        if self.define
+            && let Some(d) = lv::find_domain(&conn, &job.name)?
+            && !job.owns("domain", &job.name)
+        {
+            if !self.overwrite && self.volume_names.is_none() {
+                bail!(
+                    "domain '{}' already exists and is not this job's: choose another --name, or remove it \
+                     (`virsh undefine {}`)",
+                    job.name,
+                    job.name
+                );
+            }
+            lv::check_replaceable(&d, &job.name, self.overwrite)?;
+        }
+        for (old, vol) in replace {
+            volume::replace(&old, &self.pool, &vol)?;
+            job.say(&format!(
+                "deleted the existing volume '{vol}' (--overwrite)"
+            ));
         }
         Ok(())
     }
@@ -251,9 +390,20 @@ impl Target for LibvirtTarget {
             "created volume '{vol}' ({capacity} bytes) at {}",
             created.path
         ));
-        match fill::fill(&created, self.format, src, Some(map), bar.as_ref(), None) {
+        match fill::fill(
+            &created,
+            self.format,
+            src,
+            Some(map),
+            bar.as_ref(),
+            self.stop.clone(),
+        ) {
             Ok((sent, _)) => Ok(UploadStats {
                 bytes_sent: sent.bytes_sent,
+                streams: sent.streams,
+                holes: sent.holes,
+                skipped_bytes: sent.skipped_bytes,
+                zero_fill_bytes: sent.zero_fill_bytes,
                 ..UploadStats::default()
             }),
             Err(f) => {
@@ -282,15 +432,33 @@ impl Target for LibvirtTarget {
             .collect();
         let hints = Self::hints(job)?;
         let plan = plan::plan_domain(&job.name, &self.choices, disks, Some(&hints), &conn)?;
-        for n in &plan.notes {
-            job.ui.note(n);
-        }
         let name = plan.spec.name.clone();
-        let dom = match lv::find_domain(&conn, &name)? {
-            // Defined by an earlier run of this job (connect refused a domain that is not this job's).
+        let existing = match lv::find_domain(&conn, &name)? {
             Some(d) => {
+                let xml = d
+                    .xml_desc(0)
+                    .map_err(|e| LvError::call(format!("cannot read domain '{name}'"), &e))?;
+                Some((
+                    d,
+                    job.owns("domain", &name) && self.uses_job_volumes(job, &xml)?,
+                ))
+            }
+            None => None,
+        };
+        let dom = match existing {
+            // Defined by an earlier run of this job.
+            Some((d, true)) => {
                 job.say(&format!("domain '{name}' was defined by an earlier run"));
                 d
+            }
+            // Not this job's: `connect` let it through only for --overwrite (a stopped domain); checked again.
+            Some((old, false)) => {
+                lv::check_replaceable(&old, &name, self.overwrite)?;
+                lv::undefine(&old, &name)?;
+                job.record("domain", &name)?;
+                let xml = domain_xml(&plan.spec)?;
+                lv::define(&conn, &xml, &name)
+                    .with_context(|| format!("the previous domain '{name}' was undefined"))?
             }
             None => {
                 job.record("domain", &name)?;
@@ -312,6 +480,10 @@ impl Target for LibvirtTarget {
             }
             started = true;
             job.set_id(JobKey::Started, "true")?;
+        }
+        // Why each `auto` choice was made, once the domain is there (a failed definition says only what failed).
+        for n in &plan.notes {
+            job.ui.say(n);
         }
         Ok(format!(
             "domain '{name}' with {} disk{} ({} firmware, {} bus, type {}){}",
@@ -354,6 +526,14 @@ impl Target for LibvirtTarget {
             })?;
             vols.push((name, path));
         }
+        if !self.define {
+            return Ok(format!(
+                "{} volume{}: capacities as expected, {} sampled and identical",
+                vols.len(),
+                if vols.len() == 1 { "" } else { "s" },
+                crate::progress::human_size(compared)
+            ));
+        }
         let dom = lv::find_domain(&conn, &job.name)?
             .with_context(|| format!("domain '{}' is not defined", job.name))?;
         let xml = dom
@@ -386,6 +566,7 @@ impl Target for LibvirtTarget {
             "domain": job.id_of(JobKey::Domain)?,
             "pool": self.pool,
             "volumes": job.disk_ids(DiskKey::Volume)?,
+            "paths": self.paths(job)?,
             "uri": self.uri,
             "firmware": job.id_of(JobKey::Firmware)?,
             "disk_bus": job.id_of(JobKey::DiskBus)?,

@@ -102,6 +102,23 @@ pub enum Error {
         /// Domain name.
         name: String,
     },
+    /// A domain to read from is running, and reading it anyway was not asked for.
+    #[error(
+        "domain '{name}' is running: a copy of its disks would be crash-consistent at best; shut it down \
+         (`virsh shutdown {name}`), or pass --allow-running to copy it anyway"
+    )]
+    SourceDomainRunning {
+        /// Domain name.
+        name: String,
+    },
+    /// No domain of that name.
+    #[error("no domain '{name}' at {uri}; list domains with `virsh -c '{uri}' list --all`")]
+    NoDomain {
+        /// Domain name.
+        name: String,
+        /// Connection URI.
+        uri: String,
+    },
     /// A volume this run created could not be deleted after a failure.
     #[error(
         "volume '{volume}' was left in pool '{pool}' ({message}): remove it with `virsh vol-delete --pool {pool} \

@@ -58,6 +58,18 @@ impl Connect {
         })
     }
 
+    /// The volume at `path` on the daemon's host, in whichever pool holds it
+    /// (`remote_storage_vol_lookup_by_path_args`: the path; the reply: the volume).
+    pub fn lookup_storage_vol_by_path(&self, path: &str) -> Result<StorageVol> {
+        let mut e = Encoder::new();
+        e.string(path);
+        let ret = self.call(procs::STORAGE_VOL_LOOKUP_BY_PATH, e)?;
+        Ok(StorageVol {
+            conn: self.clone(),
+            r: decode(&ret, VolRef::decode)?,
+        })
+    }
+
     /// The domain `name`.
     pub fn lookup_domain_by_name(&self, name: &str) -> Result<Domain> {
         let mut e = Encoder::new();
@@ -163,6 +175,16 @@ impl StorageVol {
         e.u32(0);
         let ret = self.conn.call(procs::STORAGE_VOL_GET_XML_DESC, e)?;
         decode(&ret, |d| d.string("volume XML"))
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.r.name
+    }
+
+    /// The name of its pool.
+    pub fn pool_name(&self) -> &str {
+        &self.r.pool
     }
 
     /// Its path on the daemon's host.
