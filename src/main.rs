@@ -63,10 +63,10 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             // A job stopped by Ctrl-C or SIGTERM exits as the shell expects (130, 143).
-            match e
-                .chain()
-                .find_map(|c| c.downcast_ref::<interrupt::Interrupted>())
-            {
+            match e.downcast_ref::<interrupt::Interrupted>().or_else(|| {
+                e.chain()
+                    .find_map(|c| c.downcast_ref::<interrupt::Interrupted>())
+            }) {
                 Some(i) => ExitCode::from(i.exit_code()),
                 None => ExitCode::from(1),
             }

@@ -1,8 +1,9 @@
 //! Sources by name: a local image (a path, as always), or a disk in a cloud read in place — `aws:snap-...` (an
 //! EBS snapshot), `aws:vol-...` (that volume's newest completed snapshot), `aws:ami-...` (every EBS mapping of an
-//! AMI, boot disk first), `azure:disk/GROUP/NAME` (a managed disk), `libvirt:POOL/VOLUME` (a storage volume),
-//! `libvirt:domain/NAME` (every disk of a domain, boot disk first; a running one only when allowed). A cloud
-//! source is read through its cloud's read API straight into the engine: nothing is written locally.
+//! AMI, boot disk first), `azure:disk/GROUP/NAME` (a managed disk), `azure:snapshot/GROUP/NAME` (a managed
+//! disk's snapshot), `libvirt:POOL/VOLUME` (a storage volume), `libvirt:domain/NAME` (every disk of a domain, boot
+//! disk first; a running one only when allowed). A cloud source is read through its cloud's read API straight
+//! into the engine: nothing is written locally.
 //!
 //! A path keeps meaning a file: only a name that starts with `aws:`, `azure:` or `libvirt:` is a cloud source, so
 //! `./aws:x` is a file.
@@ -16,7 +17,7 @@ use imgshift_converters::DiskSource;
 use crate::open::{SourceDisks, open_disks, open_image};
 use crate::targets::aws::config::AwsTarget as AwsConn;
 use crate::targets::aws::source::AwsReader;
-use crate::targets::azure::source::{AzureDiskSource, AzureReadConn};
+use crate::targets::azure::source::{AzureDiskSource, AzureReadConn, AzureSourceKind};
 
 /// A source the user named.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +44,13 @@ pub enum SourceRef {
     },
     /// A managed disk.
     AzureDisk {
+        /// Its resource group.
+        group: String,
+        /// Its name.
+        name: String,
+    },
+    /// A snapshot of a managed disk.
+    AzureSnapshot {
         /// Its resource group.
         group: String,
         /// Its name.
@@ -88,20 +96,23 @@ impl SourceRef {
         if let Some(rest) = text.strip_prefix("azure:") {
             let parts: Vec<&str> = rest.split('/').collect();
             return match parts.as_slice() {
-                ["disk", group, name] => {
+                [kind @ ("disk" | "snapshot"), group, name] => {
                     if [group, name].iter().any(|p| p.chars().all(|c| c == '.')) {
                         bail!("{text}: '.' and '..' are not Azure names");
                     }
                     crate::targets::azure::arm::check_name("the resource group", group)?;
-                    crate::targets::azure::arm::check_name("the disk", name)?;
-                    Ok(SourceRef::AzureDisk {
-                        group: group.to_string(),
-                        name: name.to_string(),
+                    crate::targets::azure::arm::check_name(&format!("the {kind}"), name)?;
+                    let (group, name) = (group.to_string(), name.to_string());
+                    Ok(if *kind == "disk" {
+                        SourceRef::AzureDisk { group, name }
+                    } else {
+                        SourceRef::AzureSnapshot { group, name }
                     })
                 }
                 _ => bail!(
-                    "{text}: an Azure source is azure:disk/RESOURCE-GROUP/NAME (a managed disk); a file whose name \
-                     starts with 'azure:' is ./{text}"
+                    "{text}: an Azure source is azure:disk/RESOURCE-GROUP/NAME (a managed disk) or \
+                     azure:snapshot/RESOURCE-GROUP/NAME (a snapshot); a file whose name starts with 'azure:' is \
+                     ./{text}"
                 ),
             };
         }
@@ -166,6 +177,9 @@ pub struct OpenedSource {
     pub disks: SourceDisks,
     /// What its cloud says about the guest.
     pub facts: SourceFacts,
+    /// Read grants held while it is open, as `(kind, id)` journal resources, so `jobs cancel` can end them
+    /// after a killed run ([`crate::targets::azure::source::READ_GRANT_KIND`]).
+    pub grants: Vec<(String, String)>,
 }
 
 /// Opens every disk of `src`.
@@ -179,6 +193,7 @@ pub fn open_all(
         SourceRef::File(p) => Ok(OpenedSource {
             disks: open_disks(&p, format, allow_dirs)?,
             facts: SourceFacts::default(),
+            grants: Vec::new(),
         }),
         SourceRef::LibvirtVolume { pool, volume } => {
             if format.is_some() {
@@ -193,6 +208,7 @@ pub fn open_all(
                     ova: false,
                 },
                 facts: SourceFacts::default(),
+                grants: Vec::new(),
             })
         }
         SourceRef::LibvirtDomain { name } => {
@@ -221,15 +237,23 @@ pub fn open_all(
                     ova: false,
                 },
                 facts: SourceFacts::default(),
+                grants: Vec::new(),
             })
         }
-        SourceRef::AzureDisk { group, name } => {
+        r @ (SourceRef::AzureDisk { .. } | SourceRef::AzureSnapshot { .. }) => {
             if format.is_some() {
                 bail!(
                     "-f names a local image's format; a cloud disk is read as the raw disk it is"
                 );
             }
-            let d = AzureDiskSource::open(&conn.azure, &group, &name)?;
+            let (kind, group, name) = match r {
+                SourceRef::AzureSnapshot { group, name } => {
+                    (AzureSourceKind::Snapshot, group, name)
+                }
+                SourceRef::AzureDisk { group, name } => (AzureSourceKind::Disk, group, name),
+                _ => bail!("{}: not an Azure source", src.display()),
+            };
+            let d = AzureDiskSource::open(&conn.azure, kind, &group, &name)?;
             let facts = SourceFacts {
                 boot_mode: match d.hyper_v_generation.as_deref() {
                     Some("V2") => Some("uefi".into()),
@@ -239,6 +263,10 @@ pub fn open_all(
                 architecture: None,
                 ena: None,
             };
+            let grants = vec![(
+                crate::targets::azure::source::READ_GRANT_KIND.to_string(),
+                d.resource_id.clone(),
+            )];
             Ok(OpenedSource {
                 disks: SourceDisks {
                     names: vec![name],
@@ -246,6 +274,7 @@ pub fn open_all(
                     ova: false,
                 },
                 facts,
+                grants,
             })
         }
         r => {
@@ -265,6 +294,7 @@ pub fn open_all(
                             ova: false,
                         },
                         facts: SourceFacts::default(),
+                        grants: Vec::new(),
                     })
                 }
                 SourceRef::AwsVolume(vol) => {
@@ -277,6 +307,7 @@ pub fn open_all(
                             ova: false,
                         },
                         facts: SourceFacts::default(),
+                        grants: Vec::new(),
                     })
                 }
                 SourceRef::AwsImage(id) => {
@@ -298,10 +329,12 @@ pub fn open_all(
                             architecture: facts.architecture,
                             ena: facts.ena,
                         },
+                        grants: Vec::new(),
                     })
                 }
                 SourceRef::File(_)
                 | SourceRef::AzureDisk { .. }
+                | SourceRef::AzureSnapshot { .. }
                 | SourceRef::LibvirtVolume { .. }
                 | SourceRef::LibvirtDomain { .. } => {
                     bail!("{}: not an AWS source", src.display())
@@ -386,6 +419,15 @@ mod tests {
                 name: "web01-os".into()
             }
         );
+        assert_eq!(
+            p("azure:snapshot/rg-1/web01-snap").unwrap(),
+            SourceRef::AzureSnapshot {
+                group: "rg-1".into(),
+                name: "web01-snap".into()
+            }
+        );
+        assert!(p("azure:snapshot/rg").is_err());
+        assert!(p("azure:snapshot/../x").is_err());
         assert!(p("azure:disk/rg").is_err());
         assert!(p("azure:disk/rg/a/b").is_err());
         assert!(p("azure:disk/rg/../x").is_err());

@@ -148,9 +148,11 @@ fn a_snapshot_is_read_in_place_by_info_map_compare_and_convert() {
 }
 
 /// A snapshot series of one volume made through the EBS direct APIs with boto3 (the stand-in's incremental
-/// snapshots, tests/standin_moto.rs): block `i` of each snapshot is filled with the byte given. Writes the
-/// expected disk of the newest completed snapshot to `expect` (4 blocks); returns the volume id.
-fn volume_series(expect: &Path) -> String {
+/// snapshots, tests/standin_moto.rs): block `i` of each snapshot is filled with the byte given. moto reports
+/// StartTime in whole seconds (EC2 gives milliseconds), so the snapshots start a second apart to be ordered. Writes the
+/// expected disk of the newest completed snapshot to `expect` (4 blocks); returns the volume id and the id of a
+/// newer snapshot left pending.
+fn volume_series(expect: &Path) -> (String, String) {
     let out = Command::new(util::aws::venv_python())
         .arg("-c")
         .arg(format!(
@@ -162,10 +164,11 @@ fn volume_series(expect: &Path) -> String {
              \x20 d=bytes([b])*B\n\
              \x20 e.put_snapshot_block(SnapshotId=s,BlockIndex=i,BlockData=d,DataLength=B,ChecksumAlgorithm='SHA256',Checksum=base64.b64encode(hashlib.sha256(d).digest()).decode())\n\
              p=e.start_snapshot(VolumeSize=1)['SnapshotId']; put(p,0,1); put(p,2,2); e.complete_snapshot(SnapshotId=p,ChangedBlocksCount=2)\n\
+             import time; time.sleep(1.1)\n\
              k=e.start_snapshot(VolumeSize=1,ParentSnapshotId=p)['SnapshotId']; put(k,2,5); put(k,3,6); e.complete_snapshot(SnapshotId=k,ChangedBlocksCount=2)\n\
              n=e.start_snapshot(VolumeSize=1,ParentSnapshotId=k)['SnapshotId']; put(n,0,9)\n\
              open('{}','wb').write(bytes([1])*B+bytes(B)+bytes([5])*B+bytes([6])*B)\n\
-             print(c.describe_snapshots(SnapshotIds=[n])['Snapshots'][0]['VolumeId'])",
+             print(c.describe_snapshots(SnapshotIds=[n])['Snapshots'][0]['VolumeId'], n)",
             moto_url(),
             moto_url(),
             s(expect)
@@ -177,7 +180,9 @@ fn volume_series(expect: &Path) -> String {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut w = text.split_whitespace();
+    (w.next().unwrap().to_string(), w.next().unwrap().to_string())
 }
 
 #[test]
@@ -185,7 +190,7 @@ fn a_volume_is_read_as_its_newest_completed_snapshot() {
     let d = tmpdir();
     let expect = d.path().join("expect.raw");
     // Three snapshots of one volume: the newest is still pending, so the one before it is read.
-    let vol = volume_series(&expect);
+    let (vol, pending) = volume_series(&expect);
     let out = d.path().join("vol.qcow2");
     let src = format!("aws:{vol}");
     let r = imgshift_aws(
@@ -225,6 +230,70 @@ fn a_volume_is_read_as_its_newest_completed_snapshot() {
     );
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("has no snapshot"), "{}", r.stderr);
+
+    // A migrate of the volume killed after it started, then a newer snapshot completes: the rerun does not mix
+    // the two snapshots into one job, it stops saying so.
+    let state = d.path().join("state");
+    let cmd = || {
+        let mut c = aws_cmd(d.path());
+        c.args([
+            "migrate",
+            &src,
+            "--to",
+            "aws",
+            "--endpoint-url",
+            &moto_url(),
+        ])
+        .args(["--source-endpoint-url", &moto_url()])
+        .args([
+            "--name",
+            "fromvol",
+            "--state-dir",
+            s(&state),
+            "--yes",
+            "--force",
+        ]);
+        c
+    };
+    let mut c = cmd();
+    c.env("IMGSHIFT_TEST_PAUSE_AT", "after-inspect")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let mut seen = Vec::new();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("imgshift-test: paused at after-inspect") => break,
+            Some(Ok(l)) => seen.push(l),
+            _ => panic!("the migrate ended before pausing after inspect: {seen:?}"),
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let done = Command::new(util::aws::venv_python())
+        .arg("-c")
+        .arg(format!(
+            "import boto3\n\
+             boto3.client('ebs',endpoint_url='{}',region_name='us-east-1',aws_access_key_id='t',aws_secret_access_key='t')\
+             .complete_snapshot(SnapshotId='{pending}',ChangedBlocksCount=1)",
+            moto_url()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let r = run(cmd());
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("is now {vol} ({pending})")) && r.stderr.contains("jobs cancel"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -385,6 +454,322 @@ fn an_azure_disk_converts_in_place_and_migrates_to_aws_with_its_generation() {
     };
     assert!(posts("beginGetAccess") >= 3, "{}", posts("beginGetAccess"));
     assert_eq!(posts("beginGetAccess"), posts("endGetAccess"));
+}
+
+/// Takes snapshot `snap` of managed disk `disk` through the fake ARM (PUT snapshots/NAME, createOption Copy,
+/// incremental), as `az snapshot create --incremental` does.
+fn take_snapshot(env: &azure_util::Env, disk: &str, snap: &str) {
+    let url = format!(
+        "{}/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/snapshots/{snap}?api-version=2023-04-02",
+        env.arm_url(),
+        sub = azure_util::SUB,
+        rg = azure_util::RG
+    );
+    let body = serde_json::json!({"location": "westeurope", "properties": {"incremental": true, "creationData": {
+        "createOption": "Copy",
+        "sourceResourceId": format!("/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/disks/{disk}",
+            azure_util::SUB, azure_util::RG)}}});
+    let o = Command::new("curl")
+        .args(["-sS", "-f", "-X", "PUT", "--cacert", s(&env.ca)])
+        .args([
+            "-H",
+            &format!("Authorization: Bearer {}", azure_util::TOKEN),
+        ])
+        .args([
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &body.to_string(),
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Grants the fake ARM holds open (disks/NAME, snapshots/NAME with an active SAS).
+fn open_grants(env: &azure_util::Env) -> Vec<String> {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&env.arm_state).unwrap()).unwrap();
+    v["grants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A child process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `curl` against the fake ARM with its token and CA: the JSON body and the Location header of the reply.
+fn arm_call(env: &azure_util::Env, method: &str, url: &str) -> (serde_json::Value, Option<String>) {
+    let o = Command::new("curl")
+        .args(["-sS", "-f", "-i", "-X", method, "--cacert", s(&env.ca)])
+        .args([
+            "-H",
+            &format!("Authorization: Bearer {}", azure_util::TOKEN),
+        ])
+        .args([
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"access":"Read","durationInSeconds":3600}"#,
+        ])
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let location = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Location: ")
+                .or_else(|| l.strip_prefix("location: "))
+        })
+        .map(|l| l.trim().to_string());
+    (
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        location,
+    )
+}
+
+/// A read SAS of snapshot `snap` from the fake ARM (beginGetAccess, its operation polled to the result).
+fn snapshot_sas(env: &azure_util::Env, snap: &str) -> String {
+    let url = format!(
+        "{}/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/snapshots/{snap}/beginGetAccess?api-version=2023-04-02",
+        env.arm_url(),
+        azure_util::SUB,
+        azure_util::RG
+    );
+    let (_, mut location) = arm_call(env, "POST", &url);
+    for _ in 0..10 {
+        let (v, next) = arm_call(env, "GET", &location.clone().unwrap());
+        if let Some(sas) = v["accessSAS"].as_str() {
+            return sas.to_string();
+        }
+        // A relative Location is on the fake ARM.
+        location = next
+            .map(|l| {
+                if l.starts_with('/') {
+                    format!("{}{l}", env.arm_url())
+                } else {
+                    l
+                }
+            })
+            .or(location);
+    }
+    panic!("no SAS for snapshot {snap}");
+}
+
+#[test]
+fn an_azure_snapshot_converts_in_place_as_the_disk_was_when_it_was_taken() {
+    // The fake ARM's SAS URLs point at tests/standins/fake_blob_diff.py in front of Azurite: every blob call
+    // passes through it, and it answers the page-range diff Azurite lacks (Azure/Azurite#812).
+    let front_dir = util::tmpdir();
+    let mut fc = Command::new("python3");
+    fc.arg(azure_util::script("fake_blob_diff.py")).args([
+        "--upstream",
+        &azure_util::azurite_url(),
+        "--log",
+        s(&front_dir.path().join("diff.jsonl")),
+    ]);
+    let (front, port) = azure_util::spawn_port(fc);
+    let _front = Killed(front);
+    let base = format!("http://127.0.0.1:{port}");
+    let env = azure_util::Env::start("azsnap", &["--blob-base", &base], None);
+    let d = env.path();
+    let raw = disk(
+        d,
+        "az.raw",
+        24 * MIB,
+        &[(0, MIB), (17 * MIB, 3 * MIB + 4096)],
+    );
+    let r = env.upload(&raw, "snapsrc", &["--hyper-v-generation", "V2"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    take_snapshot(&env, "snapsrc", "snapsrc-1");
+    // The disk changes after the snapshot: the snapshot keeps what the disk held when it was taken.
+    env.damage("snapsrc", 512, 0x5a);
+    let out = d.join("snap.qcow2");
+    let mut c = env.cmd();
+    c.args([
+        "convert",
+        "-O",
+        "qcow2",
+        &format!("azure:snapshot/{}/snapsrc-1", azure_util::RG),
+        s(&out),
+    ])
+    .args([
+        "--subscription",
+        azure_util::SUB,
+        "--arm-endpoint",
+        &env.arm_url(),
+    ]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    qemu_img(&["check", "-f", "qcow2", s(&out)]);
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2", s(&raw), s(&out)])
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    // The snapshot's read grant was asked for and ended; none is left open.
+    let posts = |action: &str| {
+        env.records()
+            .iter()
+            .filter(|r| {
+                r["method"] == "POST"
+                    && r["path"]
+                        .as_str()
+                        .unwrap()
+                        .ends_with(&format!("/snapshots/snapsrc-1/{action}"))
+            })
+            .count()
+    };
+    assert_eq!(posts("beginGetAccess"), 1);
+    assert_eq!(posts("endGetAccess"), 1);
+    assert!(open_grants(&env).is_empty(), "{:?}", open_grants(&env));
+
+    // A snapshot that does not exist: one line naming it.
+    let mut c = env.cmd();
+    c.args([
+        "info",
+        &format!("azure:snapshot/{}/nosuch", azure_util::RG),
+        "--subscription",
+        azure_util::SUB,
+        "--arm-endpoint",
+        &env.arm_url(),
+    ]);
+    let r = run(c);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("no snapshot nosuch"), "{}", r.stderr);
+
+    // The chain replicate uses (issue 23): a second incremental snapshot after the change, the two snapshots'
+    // read SAS from the fake ARM, and Get Page Ranges with x-ms-previous-snapshot-url lists exactly the page
+    // that changed; a snapshot of another disk is refused (409 PreviousSnapshotNotFound).
+    take_snapshot(&env, "snapsrc", "snapsrc-2");
+    let (s1, s2) = (
+        snapshot_sas(&env, "snapsrc-1"),
+        snapshot_sas(&env, "snapsrc-2"),
+    );
+    let diff = |prev: &str| {
+        let o = Command::new("curl")
+            .args(["-sS", "-H", "x-ms-version: 2025-01-05"])
+            .args(["-H", &format!("x-ms-previous-snapshot-url: {prev}")])
+            .args(["-w", "\n%{http_code}"])
+            .arg(format!("{s2}&comp=pagelist"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let listed = diff(&s1);
+    assert!(listed.ends_with("\n200"), "{listed}");
+    assert!(
+        listed.contains(
+            "<PageList><PageRange><Start>512</Start><End>1023</End></PageRange><NextMarker"
+        ),
+        "{listed}"
+    );
+    let raw2 = disk(d, "other.raw", 20 * MIB, &[(0, MIB)]);
+    let r = env.upload(&raw2, "otherdisk", &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    take_snapshot(&env, "otherdisk", "other-1");
+    let refused = diff(&snapshot_sas(&env, "other-1"));
+    assert!(
+        refused.ends_with("\n409") && refused.contains("PreviousSnapshotNotFound"),
+        "{refused}"
+    );
+}
+
+#[test]
+fn jobs_cancel_ends_the_read_grant_a_killed_migrate_left_open() {
+    // Issue 22: "endGetAccess always called ... on `jobs cancel` (the grant is recorded in the journal like any
+    // resource)". A migrate from an Azure disk to AWS is killed (SIGKILL: no destructor runs) while it reads
+    // and sends; the fake ARM still holds the disk's read grant; `jobs cancel` ends it.
+    let env = azure_util::Env::start("grantcancel", &[], None);
+    let d = env.path();
+    let raw = disk(d, "g.raw", 64 * MIB, &[(0, 8 * MIB), (40 * MIB, 12 * MIB)]);
+    let r = env.upload(&raw, "grant-src", &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let state = d.join("mstate");
+    let mut c = env.cmd();
+    with_aws(&mut c, d);
+    c.args([
+        "migrate",
+        &format!("azure:disk/{}/grant-src", azure_util::RG),
+        "--to",
+        "aws",
+        "--endpoint-url",
+        &moto_url(),
+    ])
+    .args(["--source-subscription", azure_util::SUB])
+    .args(["--source-arm-endpoint", &env.arm_url()])
+    .args(["--name", "grantcancel", "--state-dir", s(&state), "--yes"])
+    .args(["--force", "--concurrency", "1", "--output", "json"])
+    .env("IMGSHIFT_TEST_PAUSE_AT", "upload-saved")
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("imgshift-test: paused at upload-saved") => break,
+            Some(Ok(_)) => {}
+            _ => panic!("the migrate ended before pausing mid-copy"),
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        open_grants(&env),
+        ["disks/grant-src"],
+        "the killed run's grant is open"
+    );
+
+    let mut c = env.cmd();
+    with_aws(&mut c, d);
+    c.args(["jobs", "--output", "json", "--state-dir", s(&state)]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let listed: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let job = listed[0]["id"].as_str().unwrap().to_string();
+    let grant_id = format!(
+        "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/disks/grant-src",
+        azure_util::SUB,
+        azure_util::RG
+    );
+    assert!(
+        listed[0]["resources"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!({"kind": "azure-read-grant", "id": grant_id})),
+        "{listed}"
+    );
+
+    let mut c = env.cmd();
+    with_aws(&mut c, d);
+    c.args(["jobs", "cancel", &job, "--state-dir", s(&state)]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("ended read access to disk grant-src"),
+        "{}",
+        r.stdout
+    );
+    assert!(open_grants(&env).is_empty(), "{:?}", open_grants(&env));
 }
 
 #[test]

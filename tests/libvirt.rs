@@ -745,7 +745,9 @@ fn interrupted_upload_leaves_no_volume() {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     };
-    one_line_error(&r);
+    // Exits as the shell expects after SIGINT (128 + 2), in one line.
+    assert_eq!(r.code, 130, "stdout={} stderr={}", r.stdout, r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
     assert!(
         r.stderr.contains("interrupted") && r.stderr.contains("volume 'big.raw' was removed"),
         "{}",

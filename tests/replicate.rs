@@ -174,37 +174,19 @@ fn file_replica_points_hold_only_what_changed() {
 
     // kill -9 while point 4 is written; the rerun completes point 4 and leaves no temporary file.
     qemu_io("raw", &g, &["write -P 0x62 41M 64k"]);
-    let mut child = Command::new(imgshift_bin())
-        .args([
-            "replicate",
-            s(&g),
-            "-f",
-            "raw",
-            "--to",
-            "file",
-            "--dir",
-            s(&dir),
-        ])
-        .args(["--name", "web", "--state-dir", s(&state)])
-        .env("IMGSHIFT_TEST_PAUSE_AT", "replicate-point-written")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(
-            err.read_line(&mut line).unwrap() > 0,
-            "the run ended before pausing"
-        );
-        if line.contains("paused at replicate-point-written") {
-            break;
-        }
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let mut c = Command::new(imgshift_bin());
+    c.args([
+        "replicate",
+        s(&g),
+        "-f",
+        "raw",
+        "--to",
+        "file",
+        "--dir",
+        s(&dir),
+    ])
+    .args(["--name", "web", "--state-dir", s(&state)]);
+    kill_at_pause(c, "replicate-point-written");
     let fifth = replicate(&g, &dir, &state, &[]);
     assert_eq!(fifth["point"]["number"], 4);
     let list = points(&dir);
@@ -339,36 +321,21 @@ fn libvirt_replica_points_and_failover_boot() {
 
     // kill -9 while point 4 is written: the rerun makes point 4 once.
     qemu_io("raw", &g, &["write -P 0x74 81M 64k"]);
-    let mut child = Command::new(imgshift_bin())
-        .args([
-            "replicate",
-            s(&g),
-            "-f",
-            "raw",
-            "--to",
-            "libvirt",
-            "-c",
-            &conn,
-            "--pool",
-            &pool.name,
-        ])
-        .args(["--name", "lv", "--state-dir", s(&state)])
-        .env("IMGSHIFT_TEST_PAUSE_AT", "replicate-point-written")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("paused at") {
-        line.clear();
-        assert!(
-            err.read_line(&mut line).unwrap() > 0,
-            "the run ended before pausing"
-        );
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let mut c = Command::new(imgshift_bin());
+    c.args([
+        "replicate",
+        s(&g),
+        "-f",
+        "raw",
+        "--to",
+        "libvirt",
+        "-c",
+        &conn,
+        "--pool",
+        &pool.name,
+    ])
+    .args(["--name", "lv", "--state-dir", s(&state)]);
+    kill_at_pause(c, "replicate-point-written");
     let fourth = run(&[]);
     assert_eq!(fourth["point"]["number"], 4);
     let pts = imgshift(&[
@@ -567,22 +534,8 @@ mod aws {
             "--name",
             &name,
         ])
-        .args(["--state-dir", s(&state), "--endpoint-url", &moto_url()])
-        .env("IMGSHIFT_TEST_PAUSE_AT", "replicate-point-written")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        while !line.contains("paused at") {
-            line.clear();
-            assert!(
-                err.read_line(&mut line).unwrap() > 0,
-                "the run ended before pausing"
-            );
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
+        .args(["--state-dir", s(&state), "--endpoint-url", &moto_url()]);
+        kill_at_pause(c, "replicate-point-written");
         let third = rep(&[]);
         assert_eq!(third["point"]["number"], 3);
         let snaps = snapshots(&name);
@@ -746,6 +699,25 @@ mod aws {
         let third = rep(k);
         assert!(third["point"].is_null(), "{third}");
     }
+}
+
+/// Runs `c` until it pauses at `point` (the debug build's test hook), then kills it with SIGKILL.
+fn kill_at_pause(mut c: Command, point: &str) {
+    c.env("IMGSHIFT_TEST_PAUSE_AT", point)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains(&format!("paused at {point}")) {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "the run ended before pausing at {point}"
+        );
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 fn same_raw(a: &Path, b: &Path) {

@@ -167,7 +167,9 @@ fn copy_image_is_idempotent_by_client_token_and_tags_the_copy() {
 // INVALID_PAGE_TOKEN), API_ResourceNotFoundException.html (Reason SNAPSHOT_NOT_FOUND,
 // DEPENDENCY_RESOURCE_NOT_FOUND) and the 524288-byte BlockSize. Stock moto fails every one of them.
 
-/// Runs Python `code` with `e` an EBS client and `c` an EC2 client on moto, and helpers: `put(snap, index,
+/// Runs Python `code` with `e` an EBS client and `c` an EC2 client on moto (in an account of their own,
+/// `x-moto-account-id`, so the RegisterImage test's snapshot count in the default account is not disturbed by
+/// these running beside it), and helpers: `put(snap, index,
 /// byte)` puts a 512 KiB block of `byte`, `start(**kw)` starts a snapshot, `done(snap)` completes it, `err(f)`
 /// returns `[code, reason, status]` of the error `f()` raises. Returns standard output.
 fn ebs_py(code: &str) -> String {
@@ -177,6 +179,7 @@ fn ebs_py(code: &str) -> String {
             "import boto3,json,hashlib,base64\n\
              kw=dict(endpoint_url='{}',region_name='us-east-1',aws_access_key_id='t',aws_secret_access_key='t')\n\
              e=boto3.client('ebs',**kw); c=boto3.client('ec2',**kw)\n\
+             for cl in (e,c): cl.meta.events.register('before-sign.*.*',lambda request,**k: request.headers.__setitem__('x-moto-account-id','210987654321'))\n\
              B=524288\n\
              def put(s,i,b):\n\
              \x20 d=bytes([b])*B\n\

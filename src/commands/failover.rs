@@ -145,15 +145,7 @@ pub fn run(args: &FailoverArgs) -> Result<u8> {
         .clone()
         .unwrap_or_else(|| format!("{}-failover", args.name));
     drop(store);
-    let uri = t
-        .connect
-        .clone()
-        .or_else(|| {
-            std::env::var("LIBVIRT_DEFAULT_URI")
-                .ok()
-                .filter(|v| !v.is_empty())
-        })
-        .unwrap_or_else(|| "qemu:///system".into());
+    let uri = super::replicate::libvirt_uri(&t);
     let pool = t.pool.clone().context("--to libvirt needs --pool POOL")?;
     let lv = LibvirtStore::new(&uri, &pool, stop)?;
     let done = lv.failover(point, &domain, &choices, &hints, args.start)?;

@@ -243,7 +243,26 @@ pub fn cancel(job: &str, dir: Option<&Path>, output: OutputFormat) -> Result<u8>
     let state = journal.state.clone();
     let mut target = super::targets::for_saved_command(saved_cli(&state)?.command)
         .with_context(|| format!("job {job} ({})", state.kind))?;
-    let removed = target.cancel(&state.resources)?;
+    let mut removed = target.cancel(&state.resources)?;
+    // Read grants a killed run left open on its source (issue 22): ended through the source's connection.
+    let grants: Vec<&str> = state
+        .resources
+        .iter()
+        .filter(|r| r.kind == crate::targets::azure::source::READ_GRANT_KIND)
+        .map(|r| r.id.as_str())
+        .collect();
+    if !grants.is_empty() {
+        let Command::Migrate(args) = saved_cli(&state)?.command else {
+            bail!("job {job} records a source read grant but is not a migrate job");
+        };
+        let conn = super::migrate::source_conn(&args);
+        for g in grants {
+            removed.push(crate::targets::azure::source::end_read_grant(
+                &conn.azure,
+                g,
+            )?);
+        }
+    }
     let overlay = dir.join(format!("{job}.overlay.qcow2"));
     if overlay.exists() {
         std::fs::remove_file(&overlay)

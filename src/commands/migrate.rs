@@ -67,7 +67,7 @@ pub fn foreign_options(to: TargetKind) -> Option<String> {
 }
 
 /// Where `migrate`'s cloud source is read from: its `--source-*` options (the environment serves both sides).
-fn source_conn(args: &MigrateArgs) -> SourceConn {
+pub(crate) fn source_conn(args: &MigrateArgs) -> SourceConn {
     source_conn_of(&args.source, args.max_attempts)
 }
 
@@ -110,7 +110,7 @@ fn source_key(args: &MigrateArgs) -> Result<String> {
                 .as_deref()
                 .or(env("LIBVIRT_DEFAULT_URI").as_deref())
         )),
-        r @ SourceRef::AzureDisk { .. } => Ok(format!(
+        r @ (SourceRef::AzureDisk { .. } | SourceRef::AzureSnapshot { .. }) => Ok(format!(
             "{r:?}\0{}\0{:?}",
             args.source.arm_endpoint,
             args.source
@@ -154,6 +154,25 @@ pub fn run(args: &MigrateArgs, quiet: bool) -> Result<u8> {
     )?;
     let facts = opened.facts;
     let srcs = opened.disks;
+    let source_resources = opened.grants;
+    // `aws:vol-` reads the volume's newest completed snapshot: an interrupted job of the same command must go on
+    // with the snapshot it started from, never mix two.
+    if matches!(SourceRef::parse(&args.src)?, SourceRef::AwsVolume(_)) && !args.dry_run {
+        let id = job_id(args)?;
+        let journal = state_dir(args.state_dir.as_deref())?.join(format!("{id}.json"));
+        if let Some(st) = crate::journal::peek(&journal) {
+            let started: Vec<String> = st.disks.iter().map(|d| d.name.clone()).collect();
+            if started != srcs.names {
+                bail!(
+                    "{}: job {id} started from {} but the volume's newest completed snapshot is now {}: \
+                     `imgshift jobs cancel {id}` removes what the job made, then run the command again",
+                    args.src.display(),
+                    started.join(", "),
+                    srcs.names.join(", ")
+                );
+            }
+        }
+    }
     let mut target = super::targets::for_migrate_from(args, &facts)?;
     // The boot mode the guest is registered with on AWS: the flag, else what the source's cloud says.
     let boot_mode = match args.to {
@@ -225,6 +244,7 @@ pub fn run(args: &MigrateArgs, quiet: bool) -> Result<u8> {
         name,
         source_label: args.src.display().to_string(),
         sources: srcs,
+        source_resources,
         boot_path: args.src.clone(),
         reopen_boot: Box::new(move || {
             crate::open::open_image(&src, format.as_deref(), &trust.allow_dirs)

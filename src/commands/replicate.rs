@@ -104,6 +104,18 @@ pub fn resolve_target(
     Ok((to, out))
 }
 
+/// The libvirt URI `t` names: `-c`, else LIBVIRT_DEFAULT_URI, else qemu:///system.
+pub fn libvirt_uri(t: &ReplicaTargetArgs) -> String {
+    t.connect
+        .clone()
+        .or_else(|| {
+            std::env::var("LIBVIRT_DEFAULT_URI")
+                .ok()
+                .filter(|v| !v.is_empty())
+        })
+        .unwrap_or_else(|| "qemu:///system".into())
+}
+
 /// The store `to` names with `t`'s options.
 pub fn store(
     to: ReplicaKind,
@@ -125,17 +137,8 @@ pub fn store(
             let Some(pool) = &t.pool else {
                 bail!("--to libvirt needs --pool POOL, the storage pool of the points");
             };
-            let uri = t
-                .connect
-                .clone()
-                .or_else(|| {
-                    std::env::var("LIBVIRT_DEFAULT_URI")
-                        .ok()
-                        .filter(|v| !v.is_empty())
-                })
-                .unwrap_or_else(|| "qemu:///system".into());
             Ok(Box::new(
-                crate::targets::libvirt::replica::LibvirtStore::new(&uri, pool, stop)?,
+                crate::targets::libvirt::replica::LibvirtStore::new(&libvirt_uri(t), pool, stop)?,
             ))
         }
     }

@@ -96,6 +96,7 @@ fn run_upload(u: Upload<'_>, target: &mut dyn Target, quiet: bool) -> Result<Run
     let format = u.format.clone();
     let trust = u.trust.clone();
     let spec = RunSpec {
+        source_resources: Vec::new(),
         id: u.id,
         kind: u.kind.to_string(),
         target_name: u.target.name(),

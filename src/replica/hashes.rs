@@ -9,8 +9,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use anyhow::{Context, Result, bail};
+use imgshift_converters::DiskSource;
 use imgshift_converters::engine::{is_zero, source_map};
-use imgshift_converters::{DiskSource, ExtentMap, Format, HostExtent, ImageInfo};
 use sha2::{Digest, Sha256};
 
 use super::BLOCK;
@@ -187,79 +187,6 @@ pub fn read_and_hash(
     }
     out.into_inner()
         .map_err(|_| anyhow::anyhow!("hash table lock poisoned"))
-}
-
-/// A source that hashes every whole, block-aligned block read through it, so a point written by the engine
-/// yields its blocks' hashes without a second read. Blocks read in pieces are not recorded; [`Self::take`] says
-/// which.
-pub struct HashingSource<'a> {
-    inner: &'a dyn DiskSource,
-    seen: Mutex<std::collections::BTreeMap<u64, [u8; 32]>>,
-}
-
-impl<'a> HashingSource<'a> {
-    /// Hashes what is read from `inner`.
-    pub fn new(inner: &'a dyn DiskSource) -> Self {
-        HashingSource {
-            inner,
-            seen: Mutex::new(Default::default()),
-        }
-    }
-
-    /// The hashes recorded, by block index.
-    pub fn take(self) -> std::collections::BTreeMap<u64, [u8; 32]> {
-        self.seen.into_inner().unwrap_or_default()
-    }
-}
-
-impl DiskSource for HashingSource<'_> {
-    fn format(&self) -> Format {
-        self.inner.format()
-    }
-    fn virtual_size(&self) -> u64 {
-        self.inner.virtual_size()
-    }
-    fn extents(&self, offset: u64, len: u64) -> imgshift_converters::Result<ExtentMap> {
-        self.inner.extents(offset, len)
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> imgshift_converters::Result<()> {
-        self.inner.read_at(buf, offset)?;
-        let size = self.inner.virtual_size();
-        let mut at = offset.div_ceil(BLOCK) * BLOCK;
-        let end = offset.saturating_add(buf.len() as u64);
-        let mut found = Vec::new();
-        while at < end {
-            let block_end = at.saturating_add(BLOCK).min(size);
-            if block_end > end {
-                break;
-            }
-            let from = (at - offset) as usize;
-            let to = (block_end - offset) as usize;
-            if let Some(b) = buf.get(from..to) {
-                found.push((at / BLOCK, hash_block(b)));
-            }
-            at = block_end;
-        }
-        if !found.is_empty()
-            && let Ok(mut s) = self.seen.lock()
-        {
-            s.extend(found);
-        }
-        Ok(())
-    }
-    fn backing(&self) -> Option<&dyn DiskSource> {
-        self.inner.backing()
-    }
-    fn host_extents(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> imgshift_converters::Result<Option<Vec<HostExtent>>> {
-        self.inner.host_extents(offset, len)
-    }
-    fn info(&self) -> ImageInfo {
-        self.inner.info()
-    }
 }
 
 /// The hashes of a new point: `prev`'s (or zeros for a first point) with the changed blocks' hashes from

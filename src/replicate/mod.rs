@@ -22,7 +22,7 @@ use imgshift_converters::engine::source_map;
 
 use crate::replica::changes::ChangeSet;
 use crate::replica::counting::CountingSource;
-use crate::replica::hashes::{self, BlockHashes, HashingSource};
+use crate::replica::hashes::{self, BlockHashes};
 use crate::replica::{Point, PointInput, ReplicaStore, now_rfc3339};
 
 /// Largest cached hash file read.
@@ -149,15 +149,14 @@ fn cache_path(dir: &Path, name: &str, n: u32) -> PathBuf {
     dir.join(format!("{name}.{n}.sha256"))
 }
 
-/// The hashes of point `p`: the local cache, else the store's copy, else read back from the target and hashed.
-/// `None` when none of these is possible.
-fn previous_hashes(
+/// The hashes of point `p` kept in the local cache or with the replica (unreadable copies are reported in
+/// `warnings` and passed over).
+fn stored_hashes(
     spec: &Spec<'_>,
     store: &mut dyn ReplicaStore,
     p: &Point,
     warnings: &mut Vec<String>,
 ) -> Result<Option<BlockHashes>> {
-    let size = p.virtual_size;
     let cached = crate::replica::read_bounded(
         &cache_path(&spec.cache_dir, spec.name, p.number),
         MAX_HASHES,
@@ -166,13 +165,27 @@ fn previous_hashes(
         .into_iter()
         .flatten()
     {
-        match BlockHashes::from_bytes(&bytes, size) {
+        match BlockHashes::from_bytes(&bytes, p.virtual_size) {
             Ok(h) => return Ok(Some(h)),
             Err(e) => warnings.push(format!(
                 "ignoring stored block hashes of point {}: {e:#}",
                 p.number
             )),
         }
+    }
+    Ok(None)
+}
+
+/// The hashes of point `p`: the local cache, else the store's copy, else read back from the target and hashed.
+/// `None` when none of these is possible.
+fn previous_hashes(
+    spec: &Spec<'_>,
+    store: &mut dyn ReplicaStore,
+    p: &Point,
+    warnings: &mut Vec<String>,
+) -> Result<Option<BlockHashes>> {
+    if let Some(h) = stored_hashes(spec, store, p, warnings)? {
+        return Ok(Some(h));
     }
     match store.open_point(spec.name, p)? {
         Some(reader) => {
@@ -307,7 +320,7 @@ pub fn run(
     let number = prev
         .map_or(Some(1), |p| p.number.checked_add(1))
         .context("too many points")?;
-    let hashing = HashingSource::new(&counting);
+    counting.record_hashes();
     let point = store.write_point(PointInput {
         name: spec.name,
         point: Point {
@@ -327,14 +340,14 @@ pub fn run(
             guest: spec.guest.clone(),
         },
         parent: prev,
-        src: &hashing,
+        src: &counting,
         changes: &changes,
         progress,
     })?;
-    let recorded = hashing.take();
+    let recorded = counting.take_hashes();
     if new_hashes.is_none() {
         let before = match prev {
-            Some(p) => previous_hashes_cached_only(spec, store, p)?,
+            Some(p) => stored_hashes(spec, store, p, &mut warnings)?,
             None => None,
         };
         new_hashes = hashes::after_point(
@@ -375,26 +388,4 @@ pub fn run(
     }
     outcome.warnings = warnings;
     Ok(outcome)
-}
-
-/// The hashes of `p` from the cache or the store only (no read-back): for carrying hashes forward after a
-/// point made from a source's diff.
-fn previous_hashes_cached_only(
-    spec: &Spec<'_>,
-    store: &mut dyn ReplicaStore,
-    p: &Point,
-) -> Result<Option<BlockHashes>> {
-    let cached = crate::replica::read_bounded(
-        &cache_path(&spec.cache_dir, spec.name, p.number),
-        MAX_HASHES,
-    )?;
-    for bytes in [cached, store.load_hashes(spec.name, p)?]
-        .into_iter()
-        .flatten()
-    {
-        if let Ok(h) = BlockHashes::from_bytes(&bytes, p.virtual_size) {
-            return Ok(Some(h));
-        }
-    }
-    Ok(None)
 }

@@ -57,6 +57,9 @@ pub struct RunSpec {
     pub source_label: String,
     /// The opened source disks.
     pub sources: SourceDisks,
+    /// What reading the sources holds open (a cloud's read grant), as `(kind, id)`: recorded in the journal once
+    /// the target is reached, so `jobs cancel` releases it after a killed run.
+    pub source_resources: Vec<(String, String)>,
     /// The boot disk's image file and how to open it again (for generalisation).
     pub boot_path: PathBuf,
     /// Opens the boot disk again (the generalisation overlay's backing).
@@ -135,6 +138,7 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
         name,
         source_label,
         sources: srcs,
+        source_resources,
         boot_path,
         reopen_boot,
         generalize,
@@ -264,6 +268,12 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
     }
     let overlay = dir.join(format!("{id}.overlay.qcow2"));
     let stopped = |e: anyhow::Error, stage: &str, target: &mut dyn Target| {
+        // A failure because a signal arrived (a stream cancelled by the stop flag) is an interruption: the
+        // process exits 130/143, as the shell expects.
+        let e = match crate::interrupt::check() {
+            Err(i) if e.downcast_ref::<crate::interrupt::Interrupted>().is_none() => e.context(i),
+            _ => e,
+        };
         if rollback {
             return roll_back(&job, target, &overlay, e);
         }
@@ -294,6 +304,9 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
             return Err(e);
         }
         return Err(stopped(e, "upload", target));
+    }
+    for (kind, rid) in &source_resources {
+        job.record(kind, rid)?;
     }
 
     // Generalisation: an overlay over the boot disk, kept in the job folder until the job is done.

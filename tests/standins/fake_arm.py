@@ -14,8 +14,13 @@ Gallery Sharing Profile - Update, Role Assignments - Create/Delete, Gallery Imag
 resource paths held) after every change, so tests count what exists. Prints its port as its first line. Loopback
 only.
 
-`get BLOB OUT` / `ranges BLOB` / `create-blob BLOB SIZE` / `list CONTAINER` / `put-page BLOB OFFSET BYTE`: Azurite helpers for the tests
-(SharedKey).
+Snapshots (issue 22): PUT snapshots/NAME (createOption Copy from one of its disks, `incremental` kept) copies the
+disk's blob into `snap-NAME.vhd` (metadata `lineage` = the disk's name, which tests/standins/fake_blob_diff.py
+reads), GET, DELETE, and beginGetAccess (Read) / endGetAccess. The state file also lists the open grants
+(`grants`: disks/NAME, snapshots/NAME with an active SAS), so tests count grants left open.
+
+`get BLOB OUT` / `ranges BLOB` / `create-blob BLOB SIZE [--lineage L]` / `list CONTAINER` / `put-page BLOB OFFSET BYTE`
+/ `sas BLOB --base URL`: Azurite helpers for the tests (SharedKey; `sas` prints a read SAS URL on --base).
 """
 import argparse
 import base64
@@ -74,12 +79,14 @@ def shared_key_request(azurite, method, path, query=None, headers=None, body=b""
     return r.status, data
 
 
-def create_page_blob(azurite, container, blob, size):
+def create_page_blob(azurite, container, blob, size, lineage=None):
     st, _ = shared_key_request(azurite, "PUT", f"/{container}", {"restype": "container"})
     if st not in (201, 409):
         raise RuntimeError(f"create container: {st}")
-    st, data = shared_key_request(azurite, "PUT", f"/{container}/{blob}", {}, {
-        "x-ms-blob-type": "PageBlob", "x-ms-blob-content-length": str(size)})
+    headers = {"x-ms-blob-type": "PageBlob", "x-ms-blob-content-length": str(size)}
+    if lineage:
+        headers["x-ms-meta-lineage"] = lineage
+    st, data = shared_key_request(azurite, "PUT", f"/{container}/{blob}", {}, headers)
     if st != 201:
         raise RuntimeError(f"create page blob: {st} {data[:200]}")
 
@@ -106,6 +113,7 @@ class State:
         self.args = args
         self.lock = threading.Lock()
         self.disks = {}      # name -> dict
+        self.snapshots = {}  # name -> dict (see the snapshot section of make_handler)
         self.resources = {}  # path -> json
         self.ops = {}        # op id -> {"polls": n, "fail": bool, "result": json or None}
         self.throttled = set()
@@ -119,7 +127,12 @@ class State:
             return
         tmp = self.args.state_file + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"disks": sorted(self.disks), "resources": sorted(self.resources)}, f)
+            grants = [f"disks/{n}" for n, d in self.disks.items()
+                      if d["properties"].get("diskState", "").startswith("Active")]
+            grants += [f"snapshots/{n}" for n, d in self.snapshots.items()
+                       if d["properties"].get("diskState", "").startswith("Active")]
+            json.dump({"disks": sorted(self.disks), "resources": sorted(self.resources),
+                       "snapshots": sorted(self.snapshots), "grants": sorted(grants)}, f)
         os.replace(tmp, self.args.state_file)
 
 
@@ -212,6 +225,10 @@ def make_handler(state):
                 return self.disk(parts[1], body)
             if parts[0] == "disks" and len(parts) == 3 and self.command == "POST":
                 return self.disk_action(parts[1], parts[2], body)
+            if parts[0] == "snapshots" and len(parts) == 2:
+                return self.snapshot(sub, rg, parts[1], body)
+            if parts[0] == "snapshots" and len(parts) == 3 and self.command == "POST":
+                return self.snapshot_action(parts[1], parts[2], body)
             if parts[0] in ("images", "galleries") and self.command in ("PUT", "GET", "DELETE"):
                 return self.resource(rest, body, "image" if parts[0] == "images" else "gallery")
             return self.err(404, "NotFound", f"no route {u.path}")
@@ -300,6 +317,7 @@ def make_handler(state):
                     ttls = [int(x) for x in a.sas_ttl.split(",")]
                     ttl = ttls[min(state.grants, len(ttls) - 1)]
                     state.grants += 1
+                    state.save()
                 perms = "rw" if access == "Write" else "r"
                 sas = f"{a.blob_base}/{ACCOUNT}/{a.container}/{name}.vhd?" + blob_sas(a.container, f"{name}.vhd", ttl,
                                                                                     perms)
@@ -308,9 +326,106 @@ def make_handler(state):
                                               "Location": f"{host}/operations/{op}/result", "Retry-After": "0"})
             if action == "endGetAccess":
                 d["properties"]["diskState"] = "Unattached"
+                with state.lock:
+                    state.save()
                 op, host = self.new_op()
                 return self.reply(202, None, {"Location": f"{host}/operations/{op}/result", "Retry-After": "0"})
             return self.err(404, "NotFound", action)
+
+        # ---------------------------------------------------------------- snapshots (issue 22: azure:snapshot/...)
+        def snapshot(self, sub, rg, name, body):
+            if self.command == "GET":
+                d = state.snapshots.get(name)
+                if d is None:
+                    return self.err(404, "ResourceNotFound",
+                                    f"The Resource 'Microsoft.Compute/snapshots/{name}' was not found.")
+                return self.reply(200, d)
+            if self.command == "DELETE":
+                with state.lock:
+                    d = state.snapshots.get(name)
+                    if d is None:
+                        return self.reply(204)
+                    if d["properties"].get("diskState", "").startswith("Active"):
+                        return self.err(409, "OperationNotAllowed",
+                                        f"Snapshot {name} has an active SAS: revoke it before deleting it.")
+                    del state.snapshots[name]
+                    state.save()
+                shared_key_request(a.azurite, "DELETE", f"/{a.container}/snap-{name}.vhd")
+                op, host = self.new_op()
+                return self.reply(202, None, {"Location": f"{host}/operations/{op}/result", "Retry-After": "0"})
+            if self.command != "PUT":
+                return self.err(405, "MethodNotAllowed", "")
+            props = (body or {}).get("properties", {})
+            cd = props.get("creationData", {})
+            src = cd.get("sourceResourceId", "")
+            prefix = f"/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/disks/"
+            if cd.get("createOption") != "Copy" or not src.startswith(prefix):
+                return self.err(400, "InvalidParameter",
+                                "createOption Copy with sourceResourceId of a disk of this resource group required")
+            disk_name = src[len(prefix):]
+            d = state.disks.get(disk_name)
+            if d is None:
+                return self.err(404, "ResourceNotFound", f"disk {disk_name} not found")
+            if d["properties"].get("diskState") in ("ReadyToUpload", "ActiveUpload"):
+                return self.err(409, "OperationNotAllowed", f"disk {disk_name} is not uploaded yet")
+            # The snapshot's blob: a copy of the disk's page blob (allocated pages only), marked with its lineage.
+            src_blob = f"/{a.container}/{disk_name}.vhd"
+            st, data = shared_key_request(a.azurite, "GET", src_blob, {"comp": "pagelist"})
+            if st != 200:
+                return self.err(500, "InternalError", f"Azurite page ranges: {st}")
+            size = d["properties"]["creationData"]["uploadSizeBytes"]
+            create_page_blob(a.azurite, a.container, f"snap-{name}.vhd", size, lineage=disk_name)
+            for p in ET.fromstring(data).iter("PageRange"):
+                at, end = int(p.find("Start").text), int(p.find("End").text) + 1
+                while at < end:
+                    n = min(4 << 20, end - at)
+                    st, chunk = shared_key_request(a.azurite, "GET", src_blob, {}, {"x-ms-range": f"bytes={at}-{at + n - 1}"})
+                    if st not in (200, 206):
+                        return self.err(500, "InternalError", f"Azurite read: {st}")
+                    st, _ = shared_key_request(a.azurite, "PUT", f"/{a.container}/snap-{name}.vhd", {"comp": "page"},
+                                               {"x-ms-page-write": "update",
+                                                "x-ms-range": f"bytes={at}-{at + n - 1}"}, chunk)
+                    if st != 201:
+                        return self.err(500, "InternalError", f"Azurite put page: {st}")
+                    at += n
+            snap = {"name": name, "location": (body or {}).get("location"), "properties": {
+                "creationData": cd, "incremental": bool(props.get("incremental")),
+                "diskSizeBytes": size - 512, "hyperVGeneration": d["properties"].get("hyperVGeneration"),
+                "osType": d["properties"].get("osType"), "diskState": "Unattached",
+                "provisioningState": "Succeeded"}}
+            with state.lock:
+                state.snapshots[name] = snap
+                state.save()
+            op, host = self.new_op()
+            self.reply(201, {**snap, "properties": {**snap["properties"], "provisioningState": "Updating"}},
+                       {"Azure-AsyncOperation": f"{host}/operations/{op}", "Retry-After": "0"})
+
+        def snapshot_action(self, name, action, body):
+            d = state.snapshots.get(name)
+            if d is None:
+                return self.err(404, "ResourceNotFound", f"snapshot {name} not found")
+            if action == "beginGetAccess":
+                if (body or {}).get("access") != "Read":
+                    return self.err(400, "InvalidParameter", "a snapshot grants Read access only")
+                with state.lock:
+                    d["properties"]["diskState"] = "ActiveSAS"
+                    ttls = [int(x) for x in a.sas_ttl.split(",")]
+                    ttl = ttls[min(state.grants, len(ttls) - 1)]
+                    state.grants += 1
+                    state.save()
+                blob = f"snap-{name}.vhd"
+                sas = f"{a.blob_base}/{ACCOUNT}/{a.container}/{blob}?" + blob_sas(a.container, blob, ttl, "r")
+                op, host = self.new_op(fail="grant" in a.fail_lro, result={"accessSAS": sas})
+                return self.reply(202, None, {"Azure-AsyncOperation": f"{host}/operations/{op}",
+                                              "Location": f"{host}/operations/{op}/result", "Retry-After": "0"})
+            if action == "endGetAccess":
+                with state.lock:
+                    d["properties"]["diskState"] = "Unattached"
+                    state.save()
+                op, host = self.new_op()
+                return self.reply(202, None, {"Location": f"{host}/operations/{op}/result", "Retry-After": "0"})
+            return self.err(404, "NotFound", action)
+        # ---------------------------------------------------------------- end of snapshots
 
         # ---- images after migration: lists, gallery sharing, role assignments, replication (issue 25)
         def implied(self, rest):
@@ -506,7 +621,12 @@ def main():
     c = sub.add_parser("create-blob")
     c.add_argument("blob")
     c.add_argument("size", type=int)
+    c.add_argument("--lineage", default=None, help="metadata x-ms-meta-lineage (the disk a snapshot is of)")
     c.add_argument("--azurite", default=AZURITE)
+    sa = sub.add_parser("sas", help="prints a read SAS URL of BLOB on --base")
+    sa.add_argument("blob")
+    sa.add_argument("--base", required=True)
+    sa.add_argument("--ttl", type=int, default=3600)
     ls = sub.add_parser("list")
     ls.add_argument("container")
     ls.add_argument("--azurite", default=AZURITE)
@@ -546,7 +666,11 @@ def main():
         return
     if a.cmd == "create-blob":
         container, b = split_blob(a.blob)
-        create_page_blob(a.azurite, container, b, a.size)
+        create_page_blob(a.azurite, container, b, a.size, lineage=a.lineage)
+        return
+    if a.cmd == "sas":
+        container, b = split_blob(a.blob)
+        print(f"{a.base.rstrip('/')}/{ACCOUNT}/{a.blob}?" + blob_sas(container, b, a.ttl, "r"))
         return
     a.blob_base = (a.blob_base or a.azurite).rstrip("/")
     a.fail_lro = [x for x in a.fail_lro.split(",") if x]

@@ -286,7 +286,6 @@ impl DiskSource for EbsSnapshotSource {
     }
 }
 
-#[allow(dead_code)] // called by `replicate` (issue 23)
 /// What changed between two snapshots of one lineage (ListChangedBlocks), as byte ranges of the second.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ChangedRanges {
@@ -298,7 +297,6 @@ pub struct ChangedRanges {
     pub blocks: u64,
 }
 
-#[allow(dead_code)] // called by `replicate` (issue 23)
 /// Why ListChangedBlocks gave no answer. [`ChangedBlocksError::can_hash_instead`] says whether a caller may
 /// fall back to comparing hashes (the snapshots cannot be compared by the service) rather than stop.
 #[derive(Debug, thiserror::Error)]
@@ -350,7 +348,6 @@ pub enum ChangedBlocksError {
     },
 }
 
-#[allow(dead_code)] // called by `replicate` (issue 23)
 impl ChangedBlocksError {
     /// Whether the service cannot compare these snapshots (unrelated, refused, one missing), so a caller may
     /// compare hashes instead; `false` for faults (access, network, throttling) that hashing would not fix.
@@ -359,7 +356,6 @@ impl ChangedBlocksError {
     }
 }
 
-#[allow(dead_code)] // called by `replicate` (issue 23)
 /// ListChangedBlocks between `first` and `second` (same lineage), every page, as merged byte ranges of
 /// `second`. Each page waits for a permit of `limiter` (shared with the caller's other EBS calls; throttling
 /// lowers it). The blocks listed are those whose data differs, including blocks present in only one snapshot.
@@ -374,7 +370,6 @@ pub async fn list_changed(
 }
 
 /// [`list_changed`] asking for pages of `page` blocks (100..=10000).
-#[allow(dead_code)] // called by `replicate` (issue 23)
 pub(crate) async fn list_changed_paged(
     client: &aws_sdk_ebs::Client,
     policy: &Policy,
@@ -523,7 +518,6 @@ pub(crate) async fn list_changed_paged(
 }
 
 /// Sorted, deduplicated block indices as merged byte ranges.
-#[allow(dead_code)] // called by `replicate` (issue 23)
 fn merge_blocks(indices: &[u64]) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     for &i in indices {

@@ -83,7 +83,6 @@ impl AwsReader {
     /// The blocks that differ between `first_snapshot` and `second_snapshot` (ListChangedBlocks, every page), as
     /// sorted 512 KiB-aligned byte ranges of the second. [`ChangedBlocksError::can_hash_instead`] tells a caller
     /// when to compare hashes instead (snapshots of different lineages, one deleted).
-    #[allow(dead_code)] // called by `replicate` (issue 23)
     pub fn changed_blocks(
         &self,
         first_snapshot: &str,
@@ -405,6 +404,8 @@ mod standin_tests {
         assert_eq!(put1, 6);
         // Block 1 changed, block 3 became zeros, block 5 got data; the rest is as before.
         let b = disk(&v2, &[1, 9, 0, 0, 5, 6]);
+        // moto reports StartTime in whole seconds (EC2 in milliseconds): a second apart, the child is newer.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
         let changed = [(B, 2 * B), (3 * B, 4 * B), (5 * B, 6 * B)];
         let (child, put2) = write(&m, dir.path(), b.as_ref(), &changed, Some(&parent));
         assert_eq!(put2, 3, "only the changed blocks are put");
@@ -444,6 +445,36 @@ mod standin_tests {
             ))
             .unwrap_err();
         assert!(matches!(e, ChangedBlocksError::NotFound { .. }), "{e}");
+
+        // The child carries the tags it was started with.
+        let tags =
+            m.rt.block_on(m.ec2.describe_snapshots().snapshot_ids(&child).send())
+                .unwrap()
+                .snapshots()[0]
+                .tags()
+                .iter()
+                .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
+                .collect::<Vec<_>>();
+        assert!(
+            tags.contains(&("imgshift-replica".to_string(), "test".to_string())),
+            "{tags:?}"
+        );
+
+        // An unknown parent is refused at once (the API's ResourceNotFoundException), not retried.
+        let req = SnapshotRequest {
+            volume_gib: 1,
+            client_token: "unknown-parent",
+            parent_snapshot_id: Some("snap-0123456789abcdef0"),
+            ..SnapshotRequest::default()
+        };
+        let e =
+            m.rt.block_on(up::start_snapshot(&m.ebs, &policy, &req))
+                .unwrap_err();
+        let call = e
+            .downcast_ref::<crate::targets::aws::retry::CallError>()
+            .unwrap();
+        assert_eq!(call.code.as_deref(), Some("ResourceNotFoundException"));
+        assert_eq!(call.attempts, 1);
 
         // The volume's newest completed snapshot is the child (a child joins its parent's volume).
         let vol =

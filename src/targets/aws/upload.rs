@@ -359,7 +359,7 @@ pub fn blocks_of_ranges(ranges: &[(u64, u64)], block_count: u64) -> Result<Vec<u
 /// put as zeros, since the snapshot would otherwise keep its parent's block. Blocks already in `ledger` are
 /// skipped (resume). The same uploader as [`stream_snapshot`]; `block_count` is the snapshot's size in blocks.
 /// Complete the snapshot afterwards with [`complete_snapshot`] and the ledger's count.
-#[allow(clippy::too_many_arguments, dead_code)] // dead_code: called by `replicate` (issue 23)
+#[allow(clippy::too_many_arguments)]
 pub fn stream_ranges(
     rt: &tokio::runtime::Runtime,
     client: &aws_sdk_ebs::Client,
@@ -469,6 +469,15 @@ pub async fn start_snapshot(
             super::EBS_MAX_VOLUME_GIB
         );
     }
+    // An unknown parent is ResourceNotFoundException (DEPENDENCY_RESOURCE_NOT_FOUND): gone, not "not visible yet".
+    let policy = &Policy {
+        not_found_grace: if parent_snapshot_id.is_some() {
+            std::time::Duration::ZERO
+        } else {
+            policy.not_found_grace
+        },
+        ..*policy
+    };
     let out = retry::with_retry(
         policy,
         "StartSnapshot",

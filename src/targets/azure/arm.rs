@@ -80,6 +80,14 @@ pub struct DiskSpec<'a> {
     pub tags: &'a [(String, String)],
 }
 
+/// "disk NAME" for `disks/NAME`, "snapshot NAME" for `snapshots/NAME`.
+fn resource_name(resource: &str) -> String {
+    match resource.split_once('/') {
+        Some((kind, name)) => format!("{} {name}", kind.strip_suffix('s').unwrap_or(kind)),
+        None => resource.to_string(),
+    }
+}
+
 /// The ARM client of one subscription and resource group.
 pub struct Arm {
     pipeline: Pipeline,
@@ -318,11 +326,23 @@ impl Arm {
     }
 
     async fn grant(&self, disk: &str, access: &str, seconds: u64) -> Result<String> {
-        let url = self.url(&format!("disks/{disk}"), DISK_API, Some("beginGetAccess"))?;
+        self.grant_on(&format!("disks/{disk}"), access, seconds)
+            .await
+    }
+
+    /// `beginGetAccess` with access Read on a disk or snapshot (`disks/NAME`, `snapshots/NAME`): a read-only SAS
+    /// URL of its page blob.
+    pub async fn grant_read_on(&self, resource: &str, seconds: u64) -> Result<String> {
+        self.grant_on(resource, "Read", seconds).await
+    }
+
+    async fn grant_on(&self, resource: &str, access: &str, seconds: u64) -> Result<String> {
+        let url = self.url(resource, DISK_API, Some("beginGetAccess"))?;
         let body = json!({"access": access, "durationInSeconds": seconds});
         let what = format!(
-            "granting {} access to disk {disk}",
-            access.to_ascii_lowercase()
+            "granting {} access to {}",
+            access.to_ascii_lowercase(),
+            resource_name(resource)
         );
         let r = self.call(Method::Post, &url, Some(&body), &what).await?;
         let v = lro::wait(self, &what, r, None, LRO_LIMIT).await?;
@@ -335,8 +355,13 @@ impl Arm {
 
     /// `endGetAccess`: revokes the SAS (the disk is usable only after this).
     pub async fn revoke(&self, disk: &str) -> Result<()> {
-        let url = self.url(&format!("disks/{disk}"), DISK_API, Some("endGetAccess"))?;
-        let what = format!("revoking access to disk {disk}");
+        self.revoke_on(&format!("disks/{disk}")).await
+    }
+
+    /// `endGetAccess` on a disk or snapshot (`disks/NAME`, `snapshots/NAME`).
+    pub async fn revoke_on(&self, resource: &str) -> Result<()> {
+        let url = self.url(resource, DISK_API, Some("endGetAccess"))?;
+        let what = format!("revoking access to {}", resource_name(resource));
         let r = self.call(Method::Post, &url, None, &what).await?;
         lro::wait(self, &what, r, None, LRO_LIMIT).await?;
         Ok(())

@@ -16,6 +16,12 @@ const READ_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A transport trusting the platform roots plus the certificates in `ca_bundle`.
 pub fn transport(ca_bundle: Option<&Path>) -> Result<Transport> {
+    Ok(Transport::new(Arc::new(client(ca_bundle)?)))
+}
+
+/// The reqwest client behind [`transport`], for the few blob calls the SDK does not offer (the managed-disk
+/// page-range diff).
+pub fn client(ca_bundle: Option<&Path>) -> Result<reqwest::Client> {
     let mut b = reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
         .read_timeout(READ_TIMEOUT)
@@ -29,8 +35,7 @@ pub fn transport(ca_bundle: Option<&Path>) -> Result<Transport> {
         }
         b = b.tls_certs_merge(certs);
     }
-    let client = b.build().context("cannot set up HTTPS")?;
-    Ok(Transport::new(Arc::new(client)))
+    b.build().context("cannot set up HTTPS")
 }
 
 /// Client options over `transport` with azure_core's own retries off (callers retry and count).
