@@ -218,9 +218,10 @@ pub enum Command {
         #[arg(long = "state-dir", value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
-    /// After migration: list, share, copy to other regions and delete the images imgshift made
+    /// After migration: list, share, copy to other regions and delete the images imgshift made (AWS, Azure;
+    /// libvirt: list and delete)
     #[command(
-        after_help = "Examples:\n  imgshift images list --on aws\n  imgshift images share ami-0abc --on aws --accounts 111122223333\n  imgshift images copy ami-0abc --on aws --to-regions eu-west-1,us-west-2\n  imgshift images delete ami-0abc --on aws --dry-run"
+        after_help = "Examples:\n  imgshift images list --on aws\n  imgshift images share ami-0abc --on aws --accounts 111122223333\n  imgshift images copy ami-0abc --on aws --to-regions eu-west-1,us-west-2\n  imgshift images delete ami-0abc --on aws --dry-run\n  imgshift images list --on azure --subscription SUB -g RG\n  imgshift images share 1.0.0 --on azure --subscription SUB -g RG --gallery G --gallery-image D --principal OBJECT_ID\n  imgshift images list --on libvirt -c qemu:///system"
     )]
     Images {
         /// What to do
@@ -501,8 +502,10 @@ pub struct AwsUploadArgs {
     #[arg(long = "tag", value_name = "KEY=VALUE")]
     pub tags: Vec<String>,
     /// Stop after the snapshot; register no AMI.
-    #[arg(long = "snapshot-only")]
+    #[arg(long = "snapshot-only", conflicts_with_all = ["copy_to_regions", "share_with", "launch_template"])]
     pub snapshot_only: bool,
+    #[command(flatten)]
+    pub after: AwsAfterArgs,
     /// PutSnapshotBlock requests in flight.
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub concurrency: usize,
@@ -528,6 +531,30 @@ pub struct AwsUploadArgs {
     pub verbose: bool,
     #[command(flatten)]
     pub trust: TrustArgs,
+}
+
+/// What `migrate --to aws` and `upload aws` do once the AMI exists: copies, sharing, a launch template (each a
+/// resumable stage of the job; `jobs cancel` undoes them).
+#[derive(Debug, Clone, Args, Default)]
+pub struct AwsAfterArgs {
+    /// Copy the AMI to these regions (CopyImage with a token derived from the AMI; copies tagged and waited for)
+    #[arg(long = "copy-to-regions", value_delimiter = ',', value_name = "R1,R2")]
+    pub copy_to_regions: Vec<String>,
+    /// Let these AWS accounts (12 digits) launch the AMI and its copies (their snapshots too)
+    #[arg(long = "share-with", value_delimiter = ',', value_name = "ID,...")]
+    pub share_with: Vec<String>,
+    /// Point this launch template at the AMI: created when absent, else a new version is added (its default
+    /// version is left as it is)
+    #[arg(long = "launch-template", value_name = "NAME")]
+    pub launch_template: Option<String>,
+    /// Instance type of the launch template (default: one that boots the AMI's architecture, boot mode and
+    /// ENA setting: t4g.micro for arm64, t3.micro with ENA, t2.micro for a BIOS guest without ENA)
+    #[arg(
+        long = "instance-type",
+        value_name = "TYPE",
+        requires = "launch_template"
+    )]
+    pub instance_type: Option<String>,
 }
 
 /// `imgshift download aws`.
@@ -935,6 +962,8 @@ pub struct MigrateAwsArgs {
     /// KMS key for the snapshots
     #[arg(long = "kms-key-id", value_name = "ARN")]
     pub kms_key_id: Option<String>,
+    #[command(flatten)]
+    pub after: AwsAfterArgs,
 }
 
 /// `migrate --to azure` options (as in `upload azure`).
@@ -1098,15 +1127,24 @@ pub struct ShareWith {
     /// An organizational unit ARN
     #[arg(long, value_name = "ARN")]
     pub ou: Option<String>,
-    /// Everyone (checks image block public access first)
+    /// Everyone (AWS: checks image block public access first; Azure: a community gallery)
     #[arg(long)]
     pub public: bool,
+    /// Azure: a Microsoft Entra principal's object id, given the Reader role on the gallery image
+    #[arg(long, value_name = "OBJECT_ID")]
+    pub principal: Option<String>,
+    /// Azure: subscription ids, through a direct-shared gallery's sharing profile
+    #[arg(long, value_delimiter = ',', value_name = "ID,...")]
+    pub subscriptions: Vec<String>,
+    /// Azure: tenant ids, through a direct-shared gallery's sharing profile
+    #[arg(long, value_delimiter = ',', value_name = "ID,...")]
+    pub tenants: Vec<String>,
 }
 
 /// `imgshift images` actions.
 #[derive(Debug, Subcommand)]
 pub enum ImagesAction {
-    /// The images imgshift made (tagged imgshift:job), with their snapshots, region and sharing
+    /// The images imgshift made (tagged imgshift:job), with their snapshots or disks, regions and sharing
     List {
         /// Every image the account owns, not only imgshift's
         #[arg(long)]
@@ -1116,7 +1154,7 @@ pub enum ImagesAction {
     },
     /// Deregister an AMI, then delete each of its snapshots no other AMI uses
     Delete {
-        /// The AMI id
+        /// The AMI id (Azure: the image, or the version of --gallery/--gallery-image; libvirt: the domain)
         image: String,
         /// Print exactly what would be removed; remove nothing
         #[arg(long)]
@@ -1124,9 +1162,10 @@ pub enum ImagesAction {
         #[command(flatten)]
         common: ImagesCommon,
     },
-    /// Let other accounts, an organization or OU, or everyone launch an AMI (its snapshots too, for accounts)
+    /// Let other accounts, an organization or OU, or everyone launch an AMI (its snapshots too, for accounts);
+    /// Azure: a gallery image, to a principal (Reader role) or through a direct-shared or community gallery
     Share {
-        /// The AMI id
+        /// The AMI id (Azure: the image, or the version of --gallery/--gallery-image; libvirt: the domain)
         image: String,
         #[command(flatten)]
         with: ShareWith,
@@ -1135,16 +1174,17 @@ pub enum ImagesAction {
     },
     /// Remove what `images share` granted
     Unshare {
-        /// The AMI id
+        /// The AMI id (Azure: the image, or the version of --gallery/--gallery-image; libvirt: the domain)
         image: String,
         #[command(flatten)]
         with: ShareWith,
         #[command(flatten)]
         common: ImagesCommon,
     },
-    /// Copy an AMI to other regions (one copy per region, however often it is run), wait, copy its tags
+    /// Copy an AMI to other regions (one copy per region, however often it is run), wait, copy its tags; Azure:
+    /// replicate a gallery image version to more regions
     Copy {
-        /// The AMI id
+        /// The AMI id (Azure: the image, or the version of --gallery/--gallery-image; libvirt: the domain)
         image: String,
         /// Destination regions, comma-separated
         #[arg(
@@ -1174,6 +1214,77 @@ mod tests {
     #[test]
     fn every_command_line_is_consistent() {
         super::Cli::command().debug_assert();
+    }
+
+    fn parse(args: &[&str]) -> Result<super::Cli, clap::Error> {
+        use clap::Parser;
+        super::Cli::try_parse_from(std::iter::once("imgshift").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn after_stage_flags_of_migrate_and_upload_aws() {
+        let after = "--copy-to-regions=eu-west-1,us-west-2 --share-with=111122223333,222233334444 \
+                     --launch-template=web --instance-type=t3.small";
+        let mut m = vec!["migrate", "a.raw", "--to", "aws"];
+        m.extend(after.split_whitespace());
+        let Ok(super::Cli {
+            command: super::Command::Migrate(a),
+            ..
+        }) = parse(&m)
+        else {
+            panic!("migrate did not parse");
+        };
+        assert_eq!(a.aws.after.copy_to_regions, ["eu-west-1", "us-west-2"]);
+        assert_eq!(a.aws.after.share_with, ["111122223333", "222233334444"]);
+        assert_eq!(a.aws.after.launch_template.as_deref(), Some("web"));
+        assert_eq!(a.aws.after.instance_type.as_deref(), Some("t3.small"));
+        let mut u = vec!["upload", "aws", "a.raw", "--name", "n"];
+        u.extend(after.split_whitespace());
+        assert!(parse(&u).is_ok());
+        // --instance-type belongs to a launch template; --snapshot-only registers nothing to act on.
+        assert!(
+            parse(&[
+                "upload",
+                "aws",
+                "a.raw",
+                "--name",
+                "n",
+                "--instance-type",
+                "t3.small"
+            ])
+            .is_err()
+        );
+        assert!(
+            parse(&[
+                "upload",
+                "aws",
+                "a.raw",
+                "--snapshot-only",
+                "--share-with",
+                "111122223333"
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn azure_share_flags_are_one_of_the_grantees() {
+        let base = ["images", "share", "1.0.0", "--on", "azure"];
+        for extra in [
+            &["--principal", "0a1b2c3d-0000-4000-8000-00000000beef"][..],
+            &["--subscriptions", "a,b"],
+            &["--tenants", "t"],
+            &["--public"],
+        ] {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            assert!(parse(&args).is_ok(), "{args:?}");
+        }
+        let two: Vec<&str> = base
+            .iter()
+            .chain(&["--principal", "p", "--public"])
+            .copied()
+            .collect();
+        assert!(parse(&two).is_err());
     }
 }
 

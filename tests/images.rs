@@ -326,6 +326,9 @@ fn share_with_an_account_and_unshare() {
         .find(|i| i["image_id"] == ami.as_str())
         .unwrap();
     assert_eq!(mine["launch_permissions"], serde_json::json!([ACCOUNT_B]));
+    // Account B describes it (moto keeps accounts apart; the launcher's correction is tested in
+    // standin_moto.rs), and no longer once it is unshared.
+    assert_eq!(described_by_b(&ami), ami.as_str());
 
     let u = images(
         d.path(),
@@ -337,6 +340,17 @@ fn share_with_an_account_and_unshare() {
     assert_eq!(v["launch_permissions"], serde_json::json!([]));
     assert_eq!(launch_permissions(&ami), serde_json::json!([]));
     assert_eq!(volume_permissions(&snaps[0]), serde_json::json!([]));
+    assert_eq!(described_by_b(&ami), "InvalidAMIID.NotFound");
+}
+
+/// DescribeImages of `ami` as account B (header `x-moto-account-id`): its id, or the error code.
+fn described_by_b(ami: &str) -> Value {
+    let out = ec2_py(&format!(
+        "c.meta.events.register('before-sign.ec2.*',lambda request,**kw: request.headers.__setitem__('x-moto-account-id','{ACCOUNT_B}'))\n\
+         try:\n    print(json.dumps(c.describe_images(ImageIds=['{ami}'])['Images'][0]['ImageId']))\n\
+         except Exception as e:\n    print(json.dumps(e.response['Error']['Code']))"
+    ));
+    serde_json::from_str(out.trim()).unwrap()
 }
 
 #[test]
@@ -686,22 +700,25 @@ fn azure_delete_of_a_gallery_version_then_its_image_leaves_nothing() {
 }
 
 #[test]
-fn azure_only_deletes_for_now() {
+fn libvirt_takes_list_and_delete_only() {
     let d = tempfile::tempdir().unwrap();
     let mut c = aws_cmd(d.path());
     c.args([
         "images",
-        "list",
+        "share",
+        "dom",
         "--on",
-        "azure",
-        "--subscription",
-        "s",
-        "-g",
-        "rg",
+        "libvirt",
+        "--accounts",
+        ACCOUNT_B,
     ]);
     let r = run(c);
     assert_eq!(r.code, 2, "{}", r.stderr);
-    assert!(r.stderr.contains("--on aws only"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("works --on aws and --on azure"),
+        "{}",
+        r.stderr
+    );
 }
 
 fn libvirt_images(args: &[&str]) -> Run {
@@ -749,6 +766,48 @@ fn libvirt_delete_removes_what_migrate_made() {
     .ok();
     let vol = format!("{dom}.qcow2");
     assert_eq!(pool.volumes(), std::slice::from_ref(&vol));
+
+    // Listed as imgshift's (its metadata mark), with its volume; a domain defined by hand is listed only
+    // with --all.
+    let other = pool.domain();
+    let xml = format!(
+        "<domain type='qemu'><name>{other}</name><memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os></domain>"
+    );
+    let f = state.path().join("other.xml");
+    std::fs::write(&f, xml).unwrap();
+    util::libvirt::virsh_ok(&["define", s(&f)]);
+    let find = |all: bool| -> Vec<Value> {
+        let mut a = vec!["list", "--output", "json"];
+        if all {
+            a.push("--all");
+        }
+        let r = libvirt_images(&a).ok();
+        let v: Value = serde_json::from_str(&r.stdout).unwrap();
+        v["domains"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["domain"] == dom.as_str() || d["domain"] == other.as_str())
+            .cloned()
+            .collect()
+    };
+    let mine = find(false);
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    assert_eq!(mine[0]["domain"], dom.as_str());
+    assert_eq!(
+        mine[0]["volumes"],
+        serde_json::json!([{"pool": pool.name, "volume": vol}])
+    );
+    assert_eq!(mine[0]["made_by_imgshift"], true);
+    assert_eq!(mine[0]["active"], false);
+    let every = find(true);
+    assert_eq!(every.len(), 2, "{every:?}");
+    assert!(
+        every
+            .iter()
+            .any(|d| d["domain"] == other.as_str() && d["made_by_imgshift"] == false)
+    );
+    util::libvirt::virsh_ok(&["undefine", &other]);
 
     let dry = libvirt_images(&["delete", &dom, "--dry-run", "--output", "json"]).ok();
     let v: Value = serde_json::from_str(&dry.stdout).unwrap();

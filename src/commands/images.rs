@@ -19,10 +19,17 @@ fn connect(c: &ImagesCommon) -> Result<AwsImages> {
     AwsImages::connect(&aws_conn_args(&c.aws), c.aws.max_attempts)
 }
 
-/// Why `action` cannot run `--on` that cloud yet (a usage error), if it cannot.
-fn aws_only(action: &str, c: &ImagesCommon) -> Option<String> {
-    (c.on != TargetKind::Aws).then(|| {
-        format!("images {action} works --on aws only for now (on Azure and libvirt: images delete)")
+/// Why `action` cannot run `--on` that cloud (a usage error), if it cannot.
+fn unsupported(action: &str, c: &ImagesCommon) -> Option<String> {
+    let ok = match c.on {
+        TargetKind::Aws => true,
+        TargetKind::Azure => true,
+        TargetKind::Libvirt => matches!(action, "list" | "delete"),
+    };
+    (!ok).then(|| {
+        format!(
+            "images {action} works --on aws and --on azure (on libvirt: images list and images delete)"
+        )
     })
 }
 
@@ -33,6 +40,12 @@ fn print_json(v: &serde_json::Value) -> Result<()> {
 
 /// The grantees `w` names, or why they are not valid.
 fn grantees(w: &ShareWith) -> std::result::Result<Grantees, String> {
+    if w.principal.is_some() || !w.subscriptions.is_empty() || !w.tenants.is_empty() {
+        return Err(
+            "--principal, --subscriptions and --tenants are for --on azure; on AWS share with --accounts,              --org, --ou or --public"
+                .into(),
+        );
+    }
     if w.public {
         return Ok(Grantees::Public);
     }
@@ -52,22 +65,49 @@ fn grantees(w: &ShareWith) -> std::result::Result<Grantees, String> {
         }
         return Ok(Grantees::Ou(o.clone()));
     }
+    Ok(Grantees::Accounts(account_ids("--accounts", &w.accounts)?))
+}
+
+/// 12-digit AWS account ids, once each, or why `flag`'s list is not.
+pub(crate) fn account_ids(flag: &str, list: &[String]) -> std::result::Result<Vec<String>, String> {
     let mut ids = Vec::new();
-    for a in &w.accounts {
+    for a in list {
         let a = a.trim();
         if a.len() != 12 || !a.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(format!(
-                "--accounts wants 12-digit AWS account ids, not '{a}'"
-            ));
+            return Err(format!("{flag} wants 12-digit AWS account ids, not '{a}'"));
         }
         if !ids.iter().any(|i| i == a) {
             ids.push(a.to_string());
         }
     }
     if ids.is_empty() {
-        return Err("--accounts names no account".into());
+        return Err(format!("{flag} names no account"));
     }
-    Ok(Grantees::Accounts(ids))
+    Ok(ids)
+}
+
+/// Region names, once each, or why `flag`'s list is not.
+pub(crate) fn region_names(
+    flag: &str,
+    list: &[String],
+) -> std::result::Result<Vec<String>, String> {
+    let mut regions: Vec<String> = Vec::new();
+    for r in list {
+        let r = r.trim();
+        if r.is_empty()
+            || !r
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(format!(
+                "{flag}: '{r}' is not a region name (like eu-west-1)"
+            ));
+        }
+        if !regions.iter().any(|x| x == r) {
+            regions.push(r.to_string());
+        }
+    }
+    Ok(regions)
 }
 
 fn check_ami(image: &str) -> Option<String> {
@@ -83,13 +123,39 @@ pub fn run(action: &ImagesAction) -> Result<u8> {
         ImagesAction::Unshare { common, .. } => ("unshare", common),
         ImagesAction::Copy { common, .. } => ("copy", common),
     };
-    if name != "delete"
-        && let Some(m) = aws_only(name, common)
-    {
+    if let Some(m) = unsupported(name, common) {
         return usage(&m);
     }
     match action {
+        ImagesAction::List { all, common } if common.on == TargetKind::Azure => {
+            list_azure(*all, common)
+        }
+        ImagesAction::List { all, common } if common.on == TargetKind::Libvirt => {
+            list_libvirt(*all, common)
+        }
         ImagesAction::List { all, common } => list(*all, common),
+        ImagesAction::Share {
+            image,
+            with,
+            common,
+        } if common.on == TargetKind::Azure => share_azure(image, with, common, true),
+        ImagesAction::Unshare {
+            image,
+            with,
+            common,
+        } if common.on == TargetKind::Azure => share_azure(image, with, common, false),
+        ImagesAction::Copy {
+            image,
+            to_regions,
+            encrypted,
+            kms_key_id,
+            common,
+        } if common.on == TargetKind::Azure => {
+            if *encrypted || kms_key_id.is_some() {
+                return usage("--encrypted and --kms-key-id are for --on aws");
+            }
+            copy_azure(image, to_regions, common)
+        }
         ImagesAction::Delete {
             image,
             dry_run,
@@ -130,22 +196,10 @@ pub fn run(action: &ImagesAction) -> Result<u8> {
             if let Some(m) = check_ami(image) {
                 return usage(&m);
             }
-            let mut regions: Vec<String> = Vec::new();
-            for r in to_regions {
-                let r = r.trim();
-                if r.is_empty()
-                    || !r
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                {
-                    return usage(&format!(
-                        "--to-regions: '{r}' is not a region name (like eu-west-1)"
-                    ));
-                }
-                if !regions.iter().any(|x| x == r) {
-                    regions.push(r.to_string());
-                }
-            }
+            let regions = match region_names("--to-regions", to_regions) {
+                Ok(r) => r,
+                Err(m) => return usage(&m),
+            };
             let s = CopySettings {
                 regions,
                 encrypted: *encrypted,
@@ -290,20 +344,165 @@ fn copy(image: &str, s: &CopySettings, common: &ImagesCommon) -> Result<u8> {
     Ok(0)
 }
 
-fn delete_azure(name: &str, dry_run: bool, common: &ImagesCommon) -> Result<u8> {
+/// The Azure connection of an `images ACTION --on azure`, or the usage error when the place is not given.
+fn azure(action: &str, common: &ImagesCommon) -> Result<std::result::Result<AzureImages, String>> {
     let a = &common.azure;
     let (Some(subscription), Some(resource_group)) = (&a.subscription, &a.resource_group) else {
-        return usage(
-            "images delete --on azure needs --subscription (or AZURE_SUBSCRIPTION_ID) and --resource-group",
-        );
+        return Ok(Err(format!(
+            "images {action} --on azure needs --subscription (or AZURE_SUBSCRIPTION_ID) and --resource-group"
+        )));
     };
-    let c = AzureImages::connect(&AzureImagesSettings {
+    Ok(Ok(AzureImages::connect(&AzureImagesSettings {
         arm_endpoint: a.arm_endpoint.clone(),
         ca_bundle: a.ca_bundle.clone(),
         subscription: subscription.clone(),
         resource_group: resource_group.clone(),
         max_attempts: common.aws.max_attempts,
-    })?;
+    })?))
+}
+
+fn list_azure(all: bool, common: &ImagesCommon) -> Result<u8> {
+    let c = match azure("list", common)? {
+        Ok(c) => c,
+        Err(m) => return usage(&m),
+    };
+    let images = c.list(all)?;
+    let rg = common.azure.resource_group.clone().unwrap_or_default();
+    if common.output == OutputFormat::Json {
+        print_json(&json!({ "resource_group": rg, "images": images }))?;
+        return Ok(0);
+    }
+    if images.is_empty() {
+        println!(
+            "no {}image or gallery image version in resource group {rg}",
+            if all { "" } else { "imgshift " }
+        );
+        return Ok(0);
+    }
+    for i in &images {
+        let mut line = format!("{}  {}  {}", i.kind, i.name, i.location);
+        if !i.target_regions.is_empty() {
+            line.push_str(&format!("  replicated to {}", i.target_regions.join(",")));
+        }
+        if let Some(sh) = &i.sharing {
+            line.push_str(&format!("  gallery sharing {sh}"));
+        }
+        if !i.source_disks.is_empty() {
+            let names: Vec<&str> = i
+                .source_disks
+                .iter()
+                .map(|d| d.rsplit('/').next().unwrap_or(d))
+                .collect();
+            line.push_str(&format!("  disks {}", names.join(",")));
+        }
+        if let Some(j) = &i.job {
+            line.push_str(&format!("  job {j}"));
+        }
+        println!("{line}");
+    }
+    Ok(0)
+}
+
+fn share_azure(image: &str, with: &ShareWith, common: &ImagesCommon, add: bool) -> Result<u8> {
+    use crate::targets::azure::images::{AzureGrantee, is_guid};
+    if !with.accounts.is_empty() || with.org.is_some() || with.ou.is_some() {
+        return usage(
+            "--accounts, --org and --ou are for --on aws; on Azure share with --principal, --subscriptions,              --tenants or --public",
+        );
+    }
+    let guids = |flag: &str, list: &[String]| -> std::result::Result<Vec<String>, String> {
+        let mut out: Vec<String> = Vec::new();
+        for v in list {
+            let v = v.trim();
+            if !is_guid(v) {
+                return Err(format!("{flag} wants ids (GUIDs), not '{v}'"));
+            }
+            if !out.iter().any(|o| o.eq_ignore_ascii_case(v)) {
+                out.push(v.to_string());
+            }
+        }
+        Ok(out)
+    };
+    let who = if with.public {
+        AzureGrantee::Public
+    } else if let Some(p) = &with.principal {
+        AzureGrantee::Principal(p.trim().to_string())
+    } else if !with.subscriptions.is_empty() {
+        match guids("--subscriptions", &with.subscriptions) {
+            Ok(v) => AzureGrantee::Subscriptions(v),
+            Err(m) => return usage(&m),
+        }
+    } else {
+        match guids("--tenants", &with.tenants) {
+            Ok(v) => AzureGrantee::Tenants(v),
+            Err(m) => return usage(&m),
+        }
+    };
+    let c = match azure(if add { "share" } else { "unshare" }, common)? {
+        Ok(c) => c,
+        Err(m) => return usage(&m),
+    };
+    let out = match (&common.azure.gallery, &common.azure.gallery_image) {
+        (Some(g), Some(d)) => c.share(g, d, &who, add)?,
+        _ => c.refuse_managed_image(image)?,
+    };
+    if common.output == OutputFormat::Json {
+        print_json(&serde_json::to_value(&out)?)?;
+    } else {
+        for n in &out.notes {
+            println!("{n}");
+        }
+    }
+    Ok(0)
+}
+
+fn copy_azure(version: &str, to_regions: &[String], common: &ImagesCommon) -> Result<u8> {
+    let (Some(g), Some(d)) = (&common.azure.gallery, &common.azure.gallery_image) else {
+        return usage(
+            "images copy --on azure replicates a gallery image version: name its gallery and image definition              with --gallery and --gallery-image (a managed image cannot be replicated)",
+        );
+    };
+    let regions: Vec<String> = to_regions
+        .iter()
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty())
+        .collect();
+    if regions.is_empty()
+        || regions
+            .iter()
+            .any(|r| !r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b' '))
+    {
+        return usage("--to-regions wants Azure region names (like westeurope,eastus2)");
+    }
+    let c = match azure("copy", common)? {
+        Ok(c) => c,
+        Err(m) => return usage(&m),
+    };
+    let (now, changed) = c.copy(g, d, version, &regions)?;
+    if common.output == OutputFormat::Json {
+        print_json(&json!({
+            "gallery_image_version": format!("{g}/{d}/{version}"),
+            "target_regions": now,
+            "changed": changed,
+        }))?;
+    } else if changed {
+        println!("{g}/{d}/{version} replicated to {}", now.join(", "));
+    } else {
+        println!(
+            "{g}/{d}/{version} was already replicated to {}",
+            now.join(", ")
+        );
+    }
+    Ok(0)
+}
+
+fn delete_azure(name: &str, dry_run: bool, common: &ImagesCommon) -> Result<u8> {
+    let c = match azure("delete", common)? {
+        Ok(c) => c,
+        Err(m) => return usage(&m),
+    };
+    let resource_group = common.azure.resource_group.clone().unwrap_or_default();
+    let a = &common.azure;
     let gallery = a.gallery.as_deref().zip(a.gallery_image.as_deref());
     let plan = c.delete_plan(name, gallery)?;
     let json_out = common.output == OutputFormat::Json;
@@ -333,6 +532,45 @@ fn delete_azure(name: &str, dry_run: bool, common: &ImagesCommon) -> Result<u8> 
         for d in done {
             println!("{d}");
         }
+    }
+    Ok(0)
+}
+
+fn list_libvirt(all: bool, common: &ImagesCommon) -> Result<u8> {
+    use crate::targets::libvirt::images as lvi;
+    let uri = &common.connect;
+    let domains = lvi::list(uri, all)?;
+    if common.output == OutputFormat::Json {
+        print_json(&json!({ "uri": uri, "domains": domains }))?;
+        return Ok(0);
+    }
+    if domains.is_empty() {
+        println!("no {}domain at {uri}", if all { "" } else { "imgshift " });
+        return Ok(0);
+    }
+    for d in &domains {
+        let vols: Vec<String> = d
+            .volumes
+            .iter()
+            .map(|v| format!("{}/{}", v.pool, v.volume))
+            .chain(d.other_disks.iter().cloned())
+            .collect();
+        println!(
+            "{}  {}  {}  disks {}{}",
+            d.domain,
+            if d.active { "running" } else { "shut off" },
+            d.firmware,
+            if vols.is_empty() {
+                "none".to_string()
+            } else {
+                vols.join(",")
+            },
+            if all && d.made_by_imgshift {
+                "  (imgshift)"
+            } else {
+                ""
+            }
+        );
     }
     Ok(0)
 }

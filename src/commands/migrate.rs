@@ -229,7 +229,7 @@ pub fn run(args: &MigrateArgs, quiet: bool) -> Result<u8> {
         return Ok(u8::from(fails && !args.force));
     }
 
-    let mut stage_count = 4;
+    let mut stage_count = 4 + target.after_stages().len();
     if args.generalize.is_some() {
         stage_count += 1;
     }

@@ -5,11 +5,12 @@
 use anyhow::{Result, bail};
 
 use crate::cli::{
-    AwsConnArgs, AwsUploadArgs, AzureUploadArgs, Command, DiskBusArg, DomainTypeArg, FirmwareArg,
-    LibvirtUploadArgs, LibvirtVolFormat, MigrateArgs, UploadTarget,
+    AwsAfterArgs, AwsConnArgs, AwsUploadArgs, AzureUploadArgs, Command, DiskBusArg, DomainTypeArg,
+    FirmwareArg, LibvirtUploadArgs, LibvirtVolFormat, MigrateArgs, UploadTarget,
 };
 use crate::job::Target;
 use crate::target_kind::TargetKind;
+use crate::targets::aws::after::AfterSettings;
 use crate::targets::aws::config::AwsTarget as AwsConn;
 use crate::targets::aws::lifecycle::{self as aws, AwsSettings, AwsTarget};
 use crate::targets::aws::register::ImageSpec;
@@ -54,7 +55,25 @@ pub fn aws_for_migrate(args: &MigrateArgs, name: &str) -> Result<AwsTarget> {
             tags: super::parse_tags(&args.tags)?,
         }),
         snapshot_description: None,
+        after: aws_after(&a.after)?,
         verbose: args.verbose,
+    })
+}
+
+/// `--copy-to-regions`, `--share-with`, `--launch-template`, `--instance-type`.
+fn aws_after(a: &AwsAfterArgs) -> Result<AfterSettings> {
+    let copy_to_regions = super::images::region_names("--copy-to-regions", &a.copy_to_regions)
+        .map_err(|m| anyhow::anyhow!(m))?;
+    let share_with = if a.share_with.is_empty() {
+        Vec::new()
+    } else {
+        super::images::account_ids("--share-with", &a.share_with).map_err(|m| anyhow::anyhow!(m))?
+    };
+    Ok(AfterSettings {
+        copy_to_regions,
+        share_with,
+        launch_template: a.launch_template.clone(),
+        instance_type: a.instance_type.clone(),
     })
 }
 
@@ -88,6 +107,7 @@ pub fn aws_for_upload(args: &AwsUploadArgs) -> Result<AwsTarget> {
         kms_key_id: args.kms_key_id.clone(),
         image,
         snapshot_description: args.description.clone(),
+        after: aws_after(&args.after)?,
         verbose: args.verbose,
     })
 }

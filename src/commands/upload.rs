@@ -86,7 +86,9 @@ fn run_upload(u: Upload<'_>, target: &mut dyn Target, quiet: bool) -> Result<Run
     }
     let ui = Arc::new(StageUi::bars_only(
         quiet,
-        2 + usize::from(u.generalize.is_some()) + usize::from(u.inspect),
+        2 + usize::from(u.generalize.is_some())
+            + usize::from(u.inspect)
+            + target.after_stages().len(),
         u.progress,
         u.verbose,
     ));
@@ -171,6 +173,9 @@ pub fn aws(args: &AwsUploadArgs, quiet: bool) -> Result<u8> {
                 "bytes_sent": stats.bytes_sent,
                 "retries": stats.retries,
                 "throttled": stats.throttled,
+                "copies": o.get("copies"),
+                "shared_with": o.get("shared_with"),
+                "launch_template": o.get("launch_template"),
             }))?
         ),
         OutputFormat::Human => {
@@ -178,6 +183,24 @@ pub fn aws(args: &AwsUploadArgs, quiet: bool) -> Result<u8> {
                 println!("{ami}");
             }
             println!("{snapshot}");
+            for c in o["copies"].as_array().into_iter().flatten() {
+                println!(
+                    "copy {} in {}",
+                    c["image_id"].as_str().unwrap_or_default(),
+                    c["region"].as_str().unwrap_or_default()
+                );
+            }
+            if let Some(a) = o["shared_with"].as_array().filter(|a| !a.is_empty()) {
+                let a: Vec<&str> = a.iter().filter_map(|v| v.as_str()).collect();
+                println!("shared with {}", a.join(", "));
+            }
+            if let Some(t) = o["launch_template"].as_object() {
+                println!(
+                    "launch template {} version {}",
+                    t.get("name").and_then(|v| v.as_str()).unwrap_or_default(),
+                    t.get("version").map(|v| v.to_string()).unwrap_or_default()
+                );
+            }
         }
     }
     Ok(0)

@@ -184,6 +184,15 @@ pub trait Target {
     fn register(&mut self, job: &Job) -> Result<String>;
     /// Reads back what the target holds and compares it with the sources; returns a one-line verdict.
     fn verify(&mut self, job: &Job, sources: &[Arc<dyn DiskSource>]) -> Result<String>;
+    /// Stages after `verify`, in order, that act on what was registered (AWS: copies, sharing, a launch
+    /// template). None by default.
+    fn after_stages(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
+    /// Runs after-stage `stage` (one of [`Target::after_stages`]); returns a one-line summary.
+    fn run_after_stage(&mut self, _job: &Job, stage: &str) -> Result<String> {
+        anyhow::bail!("this target has no stage {stage}")
+    }
     /// The ids of what was made, for the report.
     fn outputs(&self, job: &Job) -> Result<serde_json::Value>;
     /// Deletes the recorded resources (absent ones are fine); returns what was removed, one line each.

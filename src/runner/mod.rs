@@ -4,7 +4,8 @@
 //! Stages, in order, each recorded in the job's journal when it finishes (so a rerun or `resume` skips it):
 //! `inspect` (inspection + the target's preflight; a failing verdict stops before any target call unless
 //! forced), `generalize` (optional, a qcow2 overlay in the job folder), `upload` (per disk, streamed from the
-//! engine, resumable per unit), `register`, `verify` (read back what the target holds). Which stages run is the
+//! engine, resumable per unit), `register`, `verify` (read back what the target holds), then the target's
+//! after-stages (AWS: `copy`, `share`, `launch-template`). Which stages run is the
 //! command's choice ([`Stages`]); what each does on a cloud is the target's ([`crate::job::Target`]), and every
 //! target-side resource is recorded in the journal before or as it is created, which is what `jobs cancel`
 //! removes through the same target.
@@ -422,6 +423,23 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
                 })
                 .map_err(|e| stopped(e, "verify", target))?;
             }
+        }
+        index += 1;
+    }
+
+    // What acts on the registered image (copies, sharing, a launch template), each resumable on its own.
+    if which.register {
+        for name in target.after_stages() {
+            match recorded(&job, name)? {
+                Some(r) => ui.skipped(index, name, &r.detail),
+                None => {
+                    stage(&job, index, name, || {
+                        Ok(((), target.run_after_stage(&job, name)?))
+                    })
+                    .map_err(|e| stopped(e, name, target))?;
+                }
+            }
+            index += 1;
         }
     }
 

@@ -7,7 +7,10 @@ a blob SAS for a page blob it creates in Azurite (SharedKey with the Azurite dev
 It checks the bearer token and records every request (one JSON line each) so tests assert what was sent. Faults:
 --fail-lro OP (disk|grant|image|gallery: the operation ends Failed), --throttle-once REGEX (first matching request
 gets 429 + Retry-After: 1), --sas-ttl SECONDS[,SECONDS...]. beginGetAccess with access Read hands out a read-only SAS; DELETE removes disks
-(and their blobs), images and gallery versions. With --state-file it rewrites that file (JSON: disk names and
+(and their blobs), images and gallery versions. For `imgshift images`: lists (images, galleries, their image
+definitions and versions; a gallery or definition exists when --gallery-sharing names it or a version implies it),
+Gallery Sharing Profile - Update, Role Assignments - Create/Delete, Gallery Image Versions - Update (PATCH). With
+--state-file it rewrites that file (JSON: disk names and
 resource paths held) after every change, so tests count what exists. Prints its port as its first line. Loopback
 only.
 
@@ -116,6 +119,7 @@ class State:
         self.throttled = set()
         self.seq = 0
         self.grants = 0
+        self.shared = {}     # gallery -> [{"type", "id"}] (its sharing profile's groups)
 
     def save(self):
         """Writes what exists to --state-file (atomically); call with the lock held."""
@@ -208,6 +212,15 @@ def make_handler(state):
             if rg != a.resource_group:
                 return self.err(404, "ResourceGroupNotFound", f"Resource group '{rg}' could not be found.")
             parts = rest.split("/")
+            if "/providers/Microsoft.Authorization/roleAssignments/" in rest:
+                return self.role_assignment(sub, rg, rest, body)
+            if len(parts) == 3 and parts[0] == "galleries" and parts[2] == "share" and self.command == "POST":
+                return self.gallery_share(parts[1], body)
+            if self.command == "GET" and (rest in ("images", "galleries") or (
+                    parts[0] == "galleries" and len(parts) in (3, 5) and parts[-1] in ("images", "versions"))):
+                return self.list_children(sub, rg, rest)
+            if self.command == "PATCH" and parts[0] == "galleries" and len(parts) == 6 and parts[4] == "versions":
+                return self.patch_version(rest, body)
             if parts[0] == "disks" and len(parts) == 2:
                 return self.disk(parts[1], body)
             if parts[0] == "disks" and len(parts) == 3 and self.command == "POST":
@@ -414,9 +427,145 @@ def make_handler(state):
             return self.err(404, "NotFound", action)
         # ---------------------------------------------------------------- end of snapshots
 
-        def resource(self, rest, body, kind):
+        # ---- images after migration: lists, gallery sharing, role assignments, replication (issue 25)
+        def implied(self, rest):
+            """A gallery or image definition exists when named by --gallery-sharing or implied by a version."""
+            r = state.resources.get(rest)
+            if r is not None:
+                return r
+            parts = rest.split("/")
+            if parts[0] != "galleries" or len(parts) not in (2, 4):
+                return None
+            if len(parts) == 2 and parts[1] in a.gallery_sharing:
+                pass
+            elif not any(k.startswith(rest + "/") for k in state.resources):
+                return None
+            r = {"name": parts[-1], "location": "westeurope", "properties": {"provisioningState": "Succeeded"}}
+            if len(parts) == 2:
+                r["properties"]["sharingProfile"] = {"permissions": a.gallery_sharing.get(parts[1], "Private"),
+                                                     "groups": state.shared.get(parts[1], [])}
+            return r
+
+        def list_children(self, sub, rg, rest):
+            """Images - List By Resource Group, Galleries - List By Resource Group, Gallery Images - List By
+            Gallery, Gallery Image Versions - List By Gallery Image: {"value": [...]} (one page)."""
+            depth = len(rest.split("/")) + 1
+            names = set()
+            with state.lock:
+                keys = list(state.resources)
+            for k in keys + [f"galleries/{g}" for g in a.gallery_sharing]:
+                if k.startswith(rest + "/") and "/providers/" not in k:
+                    names.add("/".join(k.split("/")[:depth]))
+            base = f"/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/"
+            out = []
+            for k in sorted(names):
+                r = self.implied(k)
+                if r is not None:
+                    out.append({**r, "name": k.split("/")[-1], "id": base + k})
+            return self.reply(200, {"value": out})
+
+        def gallery_share(self, gallery, body):
+            """Gallery Sharing Profile - Update: Add/Remove groups on a direct-shared (Groups) gallery,
+            EnableCommunity on a community gallery, Reset on either."""
+            g = self.implied(f"galleries/{gallery}")
+            if g is None:
+                return self.err(404, "ResourceNotFound", f"gallery {gallery}")
+            kind = g["properties"]["sharingProfile"]["permissions"]
+            op = (body or {}).get("operationType")
+            groups = (body or {}).get("groups") or []
+            if op in ("Add", "Remove"):
+                if kind != "Groups":
+                    return self.err(409, "OperationNotAllowed", f"gallery {gallery} is not direct-shared")
+                if not groups or any(x.get("type") not in ("Subscriptions", "AADTenants") or not x.get("ids")
+                                     for x in groups):
+                    return self.err(400, "InvalidParameter", "groups need a type and ids")
+                with state.lock:
+                    cur = state.shared.setdefault(gallery, [])
+                    for grp in groups:
+                        for i in grp["ids"]:
+                            item = {"type": grp["type"], "id": i}
+                            if op == "Add" and item not in cur:
+                                cur.append(item)
+                            if op == "Remove" and item in cur:
+                                cur.remove(item)
+            elif op == "EnableCommunity":
+                if kind != "Community":
+                    return self.err(409, "OperationNotAllowed", f"gallery {gallery} is not a community gallery")
+                with state.lock:
+                    state.shared[gallery] = [{"type": "Community", "id": "public"}]
+            elif op == "Reset":
+                with state.lock:
+                    state.shared[gallery] = []
+            else:
+                return self.err(400, "InvalidParameter", f"operationType {op}")
+            with state.lock:
+                state.save()
+            op_id, host = self.new_op(result=body)
+            return self.reply(202, None, {"Location": f"{host}/operations/{op_id}/result", "Retry-After": "0"})
+
+        def role_assignment(self, sub, rg, rest, body):
+            """Role Assignments - Create (PUT, 201) / Delete (200 with the assignment, 204 when absent) / Get."""
+            scope_rest, name = rest.split("/providers/Microsoft.Authorization/roleAssignments/", 1)
+            if not re.fullmatch(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}", name):
+                return self.err(400, "InvalidRoleAssignmentId", f"{name} is not a GUID")
+            base = f"/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/"
             if self.command == "GET":
                 r = state.resources.get(rest)
+                return self.reply(200, r) if r else self.err(404, "RoleAssignmentNotFound", name)
+            if self.command == "DELETE":
+                with state.lock:
+                    r = state.resources.pop(rest, None)
+                    state.save()
+                return self.reply(200, r) if r else self.reply(204)
+            if self.command != "PUT":
+                return self.err(405, "MethodNotAllowed", "")
+            if self.implied(scope_rest) is None:
+                return self.err(404, "ResourceNotFound", f"scope {scope_rest}")
+            p = (body or {}).get("properties") or {}
+            role, principal = p.get("roleDefinitionId"), p.get("principalId")
+            if not role or not principal:
+                return self.err(400, "InvalidRequestContent", "roleDefinitionId and principalId are required")
+            if not re.fullmatch(rf"/subscriptions/{re.escape(sub)}/providers/Microsoft\.Authorization/"
+                                r"roleDefinitions/[0-9a-fA-F-]{36}", role):
+                return self.err(400, "InvalidRoleDefinitionId", role)
+            with state.lock:
+                for k, r in state.resources.items():
+                    if (k != rest and k.startswith(scope_rest + "/providers/Microsoft.Authorization/")
+                            and r["properties"]["principalId"] == principal
+                            and r["properties"]["roleDefinitionId"] == role):
+                        return self.err(409, "RoleAssignmentExists", "The role assignment already exists.")
+                r = {"id": base + rest, "name": name, "type": "Microsoft.Authorization/roleAssignments",
+                     "properties": {"roleDefinitionId": role, "principalId": principal, "scope": base + scope_rest}}
+                state.resources[rest] = r
+                state.save()
+            return self.reply(201, r)
+
+        def patch_version(self, rest, body):
+            """Gallery Image Versions - Update: merges publishingProfile (targetRegions), long-running."""
+            with state.lock:
+                r = state.resources.get(rest)
+            if r is None:
+                return self.err(404, "ResourceNotFound", rest)
+            pp = ((body or {}).get("properties") or {}).get("publishingProfile") or {}
+            regions = pp.get("targetRegions")
+            if regions is not None:
+                names = [t.get("name") for t in regions]
+                if not all(isinstance(n, str) and n for n in names):
+                    return self.err(400, "InvalidParameter", "every target region needs a name")
+                home = (r.get("location") or "").replace(" ", "").lower()
+                if home and home not in [n.replace(" ", "").lower() for n in names]:
+                    return self.err(400, "InvalidParameter",
+                                    "the gallery image version's own region must be one of its target regions")
+            with state.lock:
+                props = r.setdefault("properties", {})
+                props.setdefault("publishingProfile", {}).update(pp)
+                state.save()
+            op, host = self.new_op()
+            return self.reply(200, r, {"Azure-AsyncOperation": f"{host}/operations/{op}", "Retry-After": "0"})
+
+        def resource(self, rest, body, kind):
+            if self.command == "GET":
+                r = self.implied(rest)
                 if r is None:
                     return self.err(404, "ResourceNotFound", rest)
                 return self.reply(200, r)
@@ -436,7 +585,7 @@ def make_handler(state):
             self.reply(201, {**r, "properties": {**r["properties"], "provisioningState": "Creating"}},
                        {"Azure-AsyncOperation": f"{host}/operations/{op}", "Retry-After": "0"})
 
-        do_GET = do_PUT = do_POST = do_DELETE = handle_any
+        do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = handle_any
 
     return H
 
@@ -460,6 +609,8 @@ def main():
     s.add_argument("--fail-lro", default="")
     s.add_argument("--throttle-once", default="")
     s.add_argument("--state-file", default="")
+    s.add_argument("--gallery-sharing", action="append", default=[],
+                   help="NAME=Private|Groups|Community: a gallery that exists with that sharing profile")
     g = sub.add_parser("get")
     g.add_argument("blob")
     g.add_argument("out")
@@ -523,6 +674,7 @@ def main():
         return
     a.blob_base = (a.blob_base or a.azurite).rstrip("/")
     a.fail_lro = [x for x in a.fail_lro.split(",") if x]
+    a.gallery_sharing = dict(x.split("=", 1) for x in a.gallery_sharing)
     state = State(a)
     srv = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -13,6 +13,11 @@ ParentSnapshotId), ListChangedBlocks over both snapshots with pagination and the
 BlockSize, and pending/completed states seen by EC2 DescribeSnapshots; `tests/standin_moto.rs` tests each of these
 on its own against the EBS direct API reference.
 
+For the AMI lifecycle (`imgshift images`, the copy/share stages), two EC2 calls follow the reference too
+(`copy_image_honouring_client_token_and_tags`, `describe_images_sees_amis_shared_by_other_accounts`, below):
+CopyImage keeps its ClientToken, TagSpecifications and CopyImageTags, and DescribeImages shows an AMI shared with
+another account (header x-moto-account-id) to that account; each has its own test in `tests/standin_moto.rs`.
+
 Usage: moto_launcher.py [moto_server arguments...]   (the same arguments as moto_server)
 """
 import sys
@@ -91,6 +96,123 @@ def block_device_mappings(self):
 AmisResponse.register_image = register_image
 Ami.block_device_mappings = property(block_device_mappings)
 
+
+# --- AMI lifecycle corrections (issue 25): kept in their own functions ----------------------------------------
+
+_copies_by_token = {}
+
+
+def copy_image_honouring_client_token_and_tags(self):
+    """CopyImage as the EC2 API reference describes it, where stock moto differs:
+
+    - ClientToken makes the call idempotent: the same token with the same parameters returns the AMI the first
+      call made, and makes no second copy; the same token with other parameters fails with
+      IdempotentParameterMismatch.
+    - TagSpecifications tag the new AMI (ResourceType image) and its snapshots (ResourceType snapshot).
+    - CopyImageTags=true copies the source AMI's user-defined tags to the copy.
+    Stock moto ignores all three (a rerun makes a second copy, untagged).
+    """
+    from moto.core.responses import ActionResult
+    from moto.ec2.exceptions import EC2ClientError
+    from moto.ec2.models import ec2_backends
+
+    source_image_id = self._get_param("SourceImageId")
+    source_region = self._get_param("SourceRegion")
+    name = self._get_param("Name")
+    description = self._get_param("Description")
+    token = self._get_param("ClientToken")
+    self.error_on_dryrun()
+    params = (source_image_id, source_region, name, description)
+    key = (self.current_account, self.region, token)
+    if token and key in _copies_by_token:
+        ami_id, first = _copies_by_token[key]
+        if first != params:
+            raise EC2ClientError(
+                "IdempotentParameterMismatch",
+                "The client token you have provided is associated with a resource that is already deleted or "
+                "with different parameters.",
+            )
+        return ActionResult({"ImageId": ami_id})
+    image = self.ec2_backend.copy_image(source_image_id, source_region, name, description)
+    if token:
+        _copies_by_token[key] = (image.id, params)
+    if str(self._get_param("CopyImageTags", "false")).lower() == "true":
+        source = ec2_backends[self.current_account][source_region].describe_images(ami_ids=[source_image_id])[0]
+        for t in source.get_tags():
+            if not t["key"].startswith("aws:"):
+                image.add_tag(t["key"], t["value"])
+    for spec in self._get_param("TagSpecifications", []) or []:
+        kind = spec.get("ResourceType")
+        for t in spec.get("Tags", []):
+            if kind == "image":
+                image.add_tag(t["Key"], t["Value"])
+            elif kind == "snapshot":
+                image.ebs_snapshot.add_tag(t["Key"], t["Value"])
+    return ActionResult({"ImageId": image.id})
+
+
+def describe_images_sees_amis_shared_by_other_accounts(self):
+    """DescribeImages as the EC2 API reference describes it across accounts.
+
+    "Images available to you include public images, private images that you own, and private images owned by
+    other accounts for which you have explicit launch permissions." With ImageIds, only those (an image you
+    cannot launch is left out); with Owners, those owners' images you can launch ('self' is you); with
+    ExecutableUsers, images with an explicit launch permission for that account ('self' is you; 'all' is the
+    public ones). Stock moto keeps each account (header x-moto-account-id) in its own backend and never
+    returns another account's AMI, however it was shared. Only this call changes: another account still cannot
+    modify or describe the attributes of an AMI it does not own.
+    """
+    from moto.core.responses import ActionResult
+    from moto.ec2.exceptions import InvalidAMIIdError
+    from moto.ec2.models import ec2_backends
+    from moto.ec2.utils import generic_filter
+
+    self.error_on_dryrun()
+    ami_ids = self._get_param("ImageIds", [])
+    filters = self._filters_from_querystring()
+    owners = self._get_param("Owners", [])
+    exec_users = self._get_param("ExecutableUsers", [])
+    me = self.current_account
+    mine = {"UserId": me}
+
+    shared = []
+    for account in list(dict.keys(ec2_backends)):
+        if account == me:
+            continue
+        regional = dict.get(dict.__getitem__(ec2_backends, account), self.region)
+        if regional is None:
+            continue
+        for ami in list(regional.amis.values()):
+            if ami.is_public or mine in ami.launch_permissions:
+                shared.append(ami)
+    if ami_ids:
+        shared = [a for a in shared if a.id in ami_ids]
+    else:
+        if exec_users:
+            def launchable_by(ami, user):
+                if user == "all":
+                    return ami.is_public
+                account = me if user == "self" else user
+                return {"UserId": account} in ami.launch_permissions
+            shared = [a for a in shared if any(launchable_by(a, u) for u in exec_users)]
+        if owners:
+            wanted = [me if o == "self" else o for o in owners]
+            shared = [a for a in shared if a.owner_id in wanted or a.owner_alias in wanted]
+        if filters:
+            shared = list(generic_filter(filters, shared))
+    try:
+        own = self.ec2_backend.describe_images(
+            ami_ids=ami_ids, filters=filters, exec_users=exec_users, owners=owners
+        )
+    except InvalidAMIIdError:
+        if not shared:
+            raise
+        own = []
+    return ActionResult({"Images": list(own) + shared})
+
+
+AmisResponse.copy_image = copy_image_honouring_client_token_and_tags
+AmisResponse.describe_images = describe_images_sees_amis_shared_by_other_accounts
 
 
 def fix_ebs_lineage():

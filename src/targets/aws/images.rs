@@ -159,13 +159,37 @@ pub struct CopyOutcome {
     pub created: bool,
 }
 
+/// What a copy tells its caller: lines to show, and each copy's region before CopyImage is called and its AMI
+/// once known (a job records them for `resume` and `jobs cancel`).
+pub trait CopyHooks {
+    /// A line saying what happened.
+    fn say(&mut self, msg: &str);
+    /// CopyImage is about to be called for `region`.
+    fn before_copy(&mut self, _region: &str) -> Result<()> {
+        Ok(())
+    }
+    /// The copy in `region` is `image` (made now or by an earlier run).
+    fn copied(&mut self, _region: &str, _image: &str) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Hooks that only show the lines.
+struct SayOnly<F: FnMut(&str)>(F);
+
+impl<F: FnMut(&str)> CopyHooks for SayOnly<F> {
+    fn say(&mut self, msg: &str) {
+        (self.0)(msg)
+    }
+}
+
 /// A connection to EC2 in one region.
 pub struct AwsImages {
-    rt: tokio::runtime::Runtime,
+    pub(super) rt: tokio::runtime::Runtime,
     sdk: aws_config::SdkConfig,
-    ec2: aws_sdk_ec2::Client,
+    pub(super) ec2: aws_sdk_ec2::Client,
     region: String,
-    policy: Policy,
+    pub(super) policy: Policy,
 }
 
 fn tags_of(list: &[Tag]) -> BTreeMap<String, String> {
@@ -195,7 +219,7 @@ fn permission_label(p: &LaunchPermission) -> Option<String> {
 }
 
 /// Whether `e` is an EC2 error with one of `codes`.
-fn has_code(e: &anyhow::Error, codes: &[&str]) -> bool {
+pub(super) fn has_code(e: &anyhow::Error, codes: &[&str]) -> bool {
     e.chain()
         .filter_map(|c| c.downcast_ref::<retry::CallError>())
         .any(|c| c.code.as_deref().is_some_and(|code| codes.contains(&code)))
@@ -310,6 +334,24 @@ impl AwsImages {
             .iter()
             .filter_map(permission_label)
             .collect())
+    }
+
+    /// The AMIs in this region tagged as copies of `source` ([`COPY_OF_TAG`]).
+    pub fn copies_of(&self, source: &str) -> Result<Vec<String>> {
+        let f = Filter::builder()
+            .name(format!("tag:{COPY_OF_TAG}"))
+            .values(source)
+            .build();
+        Ok(self
+            .owned_images(&self.ec2, &[f])?
+            .iter()
+            .filter_map(|i| i.image_id().map(str::to_string))
+            .collect())
+    }
+
+    /// Whether AMI `id` is registered in this region (deregistered or unknown: false).
+    pub fn exists(&self, id: &str) -> Result<bool> {
+        self.still_there(id)
     }
 
     /// Whether AMI `id` is still registered here.
@@ -726,7 +768,17 @@ impl AwsImages {
         &self,
         id: &str,
         s: &CopySettings,
-        mut say: impl FnMut(&str),
+        say: impl FnMut(&str),
+    ) -> Result<Vec<CopyOutcome>> {
+        self.copy_with(id, s, &mut SayOnly(say))
+    }
+
+    /// [`AwsImages::copy`], telling `hooks` before each CopyImage call and after it returned (for a journal).
+    pub fn copy_with(
+        &self,
+        id: &str,
+        s: &CopySettings,
+        hooks: &mut dyn CopyHooks,
     ) -> Result<Vec<CopyOutcome>> {
         let img = self.image(id)?;
         let name = img.name().unwrap_or(id).to_string();
@@ -751,10 +803,12 @@ impl AwsImages {
                 .find_map(|i| i.image_id().map(str::to_string));
             let (copy, created) = match existing {
                 Some(c) => {
-                    say(&format!("{region}: {c} is already a copy of {id}"));
+                    hooks.say(&format!("{region}: {c} is already a copy of {id}"));
+                    hooks.copied(region, &c)?;
                     (c, false)
                 }
                 None => {
+                    hooks.before_copy(region)?;
                     let token = Self::copy_token(id, region);
                     let spec = TagSpecification::builder()
                         .resource_type(ResourceType::Image)
@@ -792,7 +846,8 @@ impl AwsImages {
                         .image_id()
                         .with_context(|| format!("CopyImage to {region} returned no image id"))?
                         .to_string();
-                    say(&format!("{region}: copying {id} as {c}"));
+                    hooks.say(&format!("{region}: copying {id} as {c}"));
+                    hooks.copied(region, &c)?;
                     (c, true)
                 }
             };
@@ -824,7 +879,7 @@ impl AwsImages {
                     },
                 ))
                 .with_context(|| format!("cannot tag copy {copy} in {region}"))?;
-            say(&format!("{region}: {copy} available and tagged"));
+            hooks.say(&format!("{region}: {copy} available and tagged"));
             out.push(CopyOutcome {
                 region: region.clone(),
                 image_id: copy,

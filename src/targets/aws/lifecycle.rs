@@ -10,6 +10,7 @@ use aws_sdk_ec2::types::{Filter, SnapshotState};
 use imgshift_converters::{DiskSource, ExtentMap};
 use serde_json::json;
 
+use super::after::{self, AfterSettings, AmiFacts};
 use super::download::EbsSnapshotSource;
 use super::register::{self, ImageSpec};
 use super::retry::{self, Policy};
@@ -54,6 +55,8 @@ pub struct AwsSettings {
     pub image: Option<ImageSpec>,
     /// Description of each snapshot (default: the job and disk).
     pub snapshot_description: Option<String>,
+    /// Copies, sharing and a launch template once the AMI exists.
+    pub after: AfterSettings,
     /// Say each step.
     pub verbose: bool,
 }
@@ -67,6 +70,7 @@ pub struct AwsTarget {
     encrypted: bool,
     kms_key_id: Option<String>,
     snapshot_description: Option<String>,
+    after: AfterSettings,
     verbose: bool,
     clients: Option<Clients>,
 }
@@ -83,6 +87,8 @@ impl AwsTarget {
         t.kms_key_id = s.kms_key_id;
         t.image = s.image;
         t.snapshot_description = s.snapshot_description;
+        s.after.check()?;
+        t.after = s.after;
         t.verbose = s.verbose;
         Ok(t)
     }
@@ -100,6 +106,7 @@ impl AwsTarget {
             encrypted: false,
             kms_key_id: None,
             snapshot_description: None,
+            after: AfterSettings::default(),
             verbose: false,
             clients: None,
         }
@@ -210,6 +217,7 @@ impl Target for AwsTarget {
                 spec.name,
                 devices.join(", ")
             ));
+            out.extend(self.after.plan_lines());
         }
         out
     }
@@ -453,13 +461,55 @@ impl Target for AwsTarget {
         ))
     }
 
+    fn after_stages(&self) -> Vec<&'static str> {
+        if self.image.is_none() {
+            return Vec::new();
+        }
+        self.after.stages()
+    }
+
+    fn run_after_stage(&mut self, job: &Job, stage: &str) -> Result<String> {
+        let image_id = job
+            .id_of(JobKey::Image)?
+            .context("the job has no AMI in its journal")?;
+        let Some(spec) = self.image.clone() else {
+            bail!("the job registers no AMI");
+        };
+        let boot_mode = spec
+            .boot_mode
+            .clone()
+            .or_else(|| job.settings.get("boot_mode").cloned());
+        let facts = AmiFacts {
+            image_id: &image_id,
+            architecture: &spec.architecture,
+            boot_mode: boot_mode.as_deref(),
+            ena: spec.ena,
+            imds_v2_required: spec.imds_v2_required,
+        };
+        after::run_stage(
+            &self.conn,
+            self.policy.max_attempts,
+            &self.after,
+            job,
+            stage,
+            &facts,
+        )
+    }
+
     fn outputs(&self, job: &Job) -> Result<serde_json::Value> {
-        Ok(json!({
+        let mut out = json!({
             "image_id": job.id_of(JobKey::Image)?,
             "snapshot_ids": job.disk_ids(DiskKey::Snapshot)?,
             "encrypted": job.disk_ids(DiskKey::Encrypted)?.iter().map(Option::is_some).collect::<Vec<bool>>(),
             "region": self.clients.as_ref().map(|c| c.region.clone()),
-        }))
+        });
+        if !self.after_stages().is_empty()
+            && let (Some(o), serde_json::Value::Object(more)) =
+                (out.as_object_mut(), after::outputs(job)?)
+        {
+            o.extend(more);
+        }
+        Ok(out)
     }
 
     fn cancel(&mut self, resources: &[Resource]) -> Result<Vec<String>> {
@@ -479,9 +529,11 @@ impl Target for AwsTarget {
                 });
             }
         }
+        // What acted on the AMI first: its permissions, template and copies.
+        let ids: Vec<String> = images.iter().map(|r| r.id.clone()).collect();
+        let mut done = after::cancel(&self.conn, self.policy.max_attempts, resources, &ids)?;
         let policy = self.policy;
         let c = self.clients()?;
-        let mut done = Vec::new();
         // The AMI first: a snapshot an AMI uses cannot be deleted.
         for r in &images {
             let res = c.rt.block_on(retry::with_retry(

@@ -5,9 +5,11 @@
 //! 512 KiB and addressed by index; each carries a base64 SHA-256; a volume is at most 64 TiB (65536 GiB); a
 //! snapshot that receives no block and is not completed within its timeout is cancelled.
 
+pub mod after;
 pub mod config;
 pub mod download;
 pub mod images;
+pub mod launch_template;
 pub mod lifecycle;
 pub mod register;
 pub mod replica;

@@ -100,7 +100,7 @@ pub struct Arm {
 }
 
 /// The one-line error of a non-2xx reply: `what`, the status and ARM's error code and message.
-fn failed(r: &Reply, what: &str) -> anyhow::Error {
+pub fn failed(r: &Reply, what: &str) -> anyhow::Error {
     let v = r.json();
     let code = v["error"]["code"].as_str().unwrap_or("");
     let msg = v["error"]["message"].as_str().unwrap_or("");
@@ -190,6 +190,16 @@ impl Arm {
         Ok(u)
     }
 
+    /// The URL of `path` (from the endpoint's root, e.g. a role assignment under a resource's id) at `api`.
+    pub fn url_at(&self, path: &str, api: &str) -> Result<Url> {
+        let mut u = self
+            .endpoint
+            .join(path)
+            .context("cannot build an ARM URL")?;
+        u.set_query(Some(&format!("api-version={api}")));
+        Ok(u)
+    }
+
     /// Accepts a poll URL from a reply only on the endpoint's own origin.
     pub fn poll_url(&self, u: &str) -> Result<Url> {
         let parsed = self
@@ -221,7 +231,9 @@ impl Arm {
         Ok(r)
     }
 
-    async fn send(
+    /// Sends one request and returns the reply whatever its status (the caller decides on the status and ARM's
+    /// error code).
+    pub async fn send(
         &self,
         method: Method,
         url: &Url,

@@ -586,6 +586,13 @@ impl Target for AzureTarget {
         let os_disk = self.disk_name(&job.name, 0);
         let generation = self.generation(job, None)?;
         let location = self.location()?.to_string();
+        // What `imgshift images list --on azure` finds imgshift's images and gallery versions by.
+        let mut tags = job.tags.clone();
+        tags.extend(super::images::origin_tags(
+            &job.id,
+            job.disks.first().map(|d| d.name.as_str()),
+            &job.tags,
+        ));
         let c = self.conn()?;
         let mut made = Vec::new();
         if let Some(image) = &self.image_name
@@ -598,7 +605,7 @@ impl Target for AzureTarget {
                 &os_disk,
                 self.os_type,
                 &generation,
-                &job.tags,
+                &tags,
             ))
             .with_context(|| {
                 format!(
@@ -618,7 +625,7 @@ impl Target for AzureTarget {
             if job.id_of(JobKey::GalleryVersion)?.is_none() {
                 job.record("gallery-version", &id)?;
                 c.rt.block_on(c.arm.create_gallery_version(
-                    &g.0, &g.1, &g.2, &location, &os_disk, &job.tags,
+                    &g.0, &g.1, &g.2, &location, &os_disk, &tags,
                 ))
                 .with_context(|| {
                     format!(

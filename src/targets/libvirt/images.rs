@@ -1,4 +1,5 @@
-//! After the domain exists, on libvirt: delete it — undefine the domain (and its NVRAM), then delete each storage
+//! After the domain exists, on libvirt: list the domains imgshift defined (marked by a `<metadata>` element in
+//! [`super::xml::METADATA_NS`]), and delete one — undefine the domain (and its NVRAM), then delete each storage
 //! volume it uses unless another domain uses it too.
 
 use anyhow::{Result, bail};
@@ -75,6 +76,99 @@ fn disks(xml: &str) -> Result<(Vec<PoolVolume>, Vec<String>)> {
             _ => {}
         }
     }
+}
+
+/// One domain as `images list --on libvirt` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DomainInfo {
+    /// Domain name.
+    pub domain: String,
+    /// Running.
+    pub active: bool,
+    /// UEFI (`<os firmware='efi'>` or a loader), else BIOS.
+    pub firmware: String,
+    /// Its pool volumes, boot disk first.
+    pub volumes: Vec<PoolVolume>,
+    /// Its disks that are not pool volumes.
+    pub other_disks: Vec<String>,
+    /// Defined by imgshift (its metadata mark).
+    pub made_by_imgshift: bool,
+}
+
+/// Whether domain XML carries imgshift's metadata mark, and whether it boots UEFI.
+fn mark_and_firmware(xml: &str) -> Result<(bool, bool)> {
+    let mut r = Reader::from_str(xml);
+    let mut depth_meta = false;
+    let mut marked = false;
+    let mut uefi = false;
+    loop {
+        match r.read_event().map_err(|e| LvError::Xml(e.to_string()))? {
+            Event::Start(e) if e.name().as_ref() == b"metadata" => depth_meta = true,
+            Event::End(e) if e.name().as_ref() == b"metadata" => depth_meta = false,
+            Event::Start(e) | Event::Empty(e) => {
+                if depth_meta
+                    && e.attributes().flatten().any(|a| {
+                        a.key.as_ref().starts_with(b"xmlns")
+                            && a.value.as_ref() == super::xml::METADATA_NS.as_bytes()
+                    })
+                {
+                    marked = true;
+                }
+                if e.name().as_ref() == b"os"
+                    && e.attributes()
+                        .flatten()
+                        .any(|a| a.key.as_ref() == b"firmware" && a.value.as_ref() == b"efi")
+                {
+                    uefi = true;
+                }
+                if e.name().as_ref() == b"loader" {
+                    uefi = true;
+                }
+            }
+            Event::Eof => return Ok((marked, uefi)),
+            _ => {}
+        }
+    }
+}
+
+/// The domains at `uri` imgshift defined (with `all`, every domain), by name.
+pub fn list(uri: &str, all: bool) -> Result<Vec<DomainInfo>> {
+    let conn = lv::connect(uri)?;
+    let mut out = Vec::new();
+    for d in conn
+        .list_all_domains(LIST_ALL)
+        .map_err(|e| LvError::call("cannot list domains", &e))?
+    {
+        let name = d.name().to_string();
+        let xml = match d.xml_desc(0) {
+            Ok(x) => x,
+            // Undefined while being listed.
+            Err(e) if is_not_found(&e) => continue,
+            Err(e) => {
+                return Err(LvError::call(format!("cannot read domain '{name}'"), &e).into());
+            }
+        };
+        let (marked, uefi) = mark_and_firmware(&xml)?;
+        if !marked && !all {
+            continue;
+        }
+        let (volumes, other_disks) = disks(&xml)?;
+        let active = match d.is_active() {
+            Ok(a) => a,
+            Err(e) if is_not_found(&e) => continue,
+            Err(e) => return Err(LvError::call(format!("cannot query domain '{name}'"), &e).into()),
+        };
+        out.push(DomainInfo {
+            domain: name,
+            active,
+            firmware: if uefi { "uefi" } else { "bios" }.into(),
+            volumes,
+            other_disks,
+            made_by_imgshift: marked,
+        });
+    }
+    out.sort_by(|a, b| a.domain.cmp(&b.domain));
+    Ok(out)
 }
 
 /// The path of a pool volume ("" when it cannot be found: then only `pool`/`volume` references match).
@@ -234,5 +328,18 @@ mod tests {
             }]
         );
         assert_eq!(o, vec!["/srv/x.raw".to_string()]);
+    }
+
+    #[test]
+    fn the_metadata_mark_is_found_by_its_namespace() {
+        let mine = format!(
+            "<domain><metadata><x:domain xmlns:x=\"{}\" made-by=\"imgshift\"/></metadata>\
+             <os firmware=\"efi\"><type>hvm</type></os></domain>",
+            crate::targets::libvirt::xml::METADATA_NS
+        );
+        assert_eq!(mark_and_firmware(&mine).unwrap(), (true, true));
+        let other = "<domain><metadata><y:app xmlns:y=\"http://example.org/\"/></metadata><os><type>hvm</type>\
+                     </os></domain>";
+        assert_eq!(mark_and_firmware(other).unwrap(), (false, false));
     }
 }

@@ -96,6 +96,9 @@ pub fn device_name(bus: DiskBus, index: usize) -> String {
     format!("{prefix}{}", String::from_utf8_lossy(&letters))
 }
 
+/// The namespace of imgshift's `<metadata>` element in the domains it defines.
+pub const METADATA_NS: &str = "http://imgshift.invalid/libvirt/domain/1";
+
 /// Domain XML for `spec`.
 ///
 /// - x86_64, machine `q35` (PCIe, AHCI built in), boots from the first disk (`<boot order='1'/>` on it, so
@@ -111,6 +114,13 @@ pub fn domain_xml(spec: &DomainSpec) -> Result<String> {
     w.text("name", &[], &spec.name)?;
     w.text("memory", &[("unit", "MiB")], &spec.memory_mib.to_string())?;
     w.text("vcpu", &[], &spec.vcpus.to_string())?;
+    // What `imgshift images list --on libvirt` knows imgshift's domains by (libvirt keeps namespaced metadata).
+    w.open("metadata", &[])?;
+    w.empty(
+        "imgshift:domain",
+        &[("xmlns:imgshift", METADATA_NS), ("made-by", "imgshift")],
+    )?;
+    w.close("metadata")?;
 
     let os: &[(&str, &str)] = match spec.firmware {
         Firmware::Uefi => &[("firmware", "efi")],
