@@ -370,6 +370,13 @@ impl Target for AwsTarget {
         if spec.boot_mode.is_none() {
             spec.boot_mode = job.settings.get("boot_mode").cloned();
         }
+        // A Windows guest without the ENA driver (inspection's `ena` setting): EnaSupport off, so EC2 launches
+        // it only on instance types it can drive (Xen families); with EnaSupport, Nitro types would start it
+        // without a network.
+        if spec.ena && job.settings.get("ena").map(String::as_str) == Some("no") {
+            spec.ena = false;
+            job.say("EnaSupport off: the guest has no ENA driver (inspection)");
+        }
         // What `imgshift images list` finds imgshift's AMIs (and their snapshots) by.
         spec.tags.extend(super::images::origin_tags(
             &job.id,
@@ -402,11 +409,12 @@ impl Target for AwsTarget {
         let c = self.clients()?;
         c.rt.block_on(register::wait_image(&c.ec2, &policy, &ami, WAIT_LIMIT))?;
         Ok(format!(
-            "AMI {ami} ({}) with {} block device mapping{}, boot mode {}",
+            "AMI {ami} ({}) with {} block device mapping{}, boot mode {}{}",
             spec.name,
             snapshots.len(),
             if snapshots.len() == 1 { "" } else { "s" },
-            spec.boot_mode.as_deref().unwrap_or("EC2 default")
+            spec.boot_mode.as_deref().unwrap_or("EC2 default"),
+            if spec.ena { "" } else { ", no ENA" }
         ))
     }
 
