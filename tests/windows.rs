@@ -859,7 +859,15 @@ fn azure_registers_windows_as_generalised_or_specialised() {
         (os["osType"].as_str(), os["osState"].as_str()),
         (Some("Windows"), Some("Generalized"))
     );
-    // Not generalised: the disk, a gallery version (its definition absent from the fake), no managed image.
+    // Not generalised: the plan says there will be no managed image ...
+    let r = migrate("server2019", "wdry", &["--dry-run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("no managed image 'wdry'"), "{}", r.stdout);
+    assert!(
+        env.bodies("PUT", "/disks/wdry-os").is_empty(),
+        "a dry run creates nothing"
+    );
+    // ... and the run makes the disk, a gallery version (its definition absent from the fake), no managed image.
     let r = migrate(
         "server2019",
         "wspec",
