@@ -1,7 +1,9 @@
 //! Windows guests (issue 24): disks built by tests/guests/mkwindows.sh from the minimal hive in tests/data/windows
 //! (hives merged with hivexregedit, an NTFS volume made with mkntfs and filled by guestfish, MBR or GPT+ESP),
 //! inspected as raw and converted by qemu-img; the preflight verdict of every variant for every target, from the
-//! table below; generalisation's refusal and no-op; hostile hives named, not panicked on.
+//! table below; generalisation's refusal and no-op; hostile hives named, not panicked on; what `migrate` and
+//! `upload` register a Windows guest as (AWS RegisterImage through the recording proxy, Azure through the fake
+//! ARM's recorded bodies, the libvirt domain XML read back from the private libvirtd).
 //!
 //! Needs libwin-hivex-perl, ntfs-3g, libguestfs-tools, fdisk, dosfstools, mtools and qemu-utils
 //! (`.ci/install-deps` installs them); a missing tool fails the build of the disks, naming that script.
