@@ -1,9 +1,9 @@
 //! Fuzz target: an ext2/3/4 filesystem as Linux inspection reads it (`src/guest/os.rs` over the `ext4-view`
 //! crate: os-release, fstab, hostname, kernels and their initramfs, modules, agents), the filesystem given in the
-//! sparse encoding (`imgshift_fuzz::guest_input`). The magic probe runs first, as in inspection.
+//! sparse encoding (`imgshift_fuzz::guest_input`). The magic probe runs first, and the filesystem opens through
+//! `fs::open_ext4` (superblock checks, then the crate), as in inspection.
 #![no_main]
 
-use ext4_view::Ext4;
 use imgshift_fuzz::guest::{fs, os};
 use imgshift_fuzz::guest_input::sparse_window;
 use libfuzzer_sys::fuzz_target;
@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let _ = fs::probe(&w);
-    let Ok(e) = Ext4::load(Box::new(w)) else {
+    let Ok(e) = fs::open_ext4(&w) else {
         return;
     };
     let _ = os::inspect(&e, None);
