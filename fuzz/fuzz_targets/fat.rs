@@ -4,15 +4,17 @@
 #![no_main]
 
 use imgshift_fuzz::guest::{fs, windows};
-use imgshift_fuzz::guest_input::sparse_window;
+use imgshift_fuzz::guest_input::{contain_crate_panics, no_panic, sparse_window};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    contain_crate_panics();
     let Some(w) = sparse_window(data) else {
         return;
     };
     let _ = fs::probe(&w);
-    if let Ok(loaders) = fs::efi_loaders(&w) {
+    // Inspection runs it under guest::no_panic (boot.rs).
+    if let Some(Ok(loaders)) = no_panic(|| fs::efi_loaders(&w)) {
         for (_, head) in &loaders {
             let _ = imgshift_fuzz::guest::boot::pe_arch(head);
         }

@@ -4,10 +4,11 @@
 #![no_main]
 
 use imgshift_fuzz::guest::{fs, partitions};
-use imgshift_fuzz::guest_input::sparse_window;
+use imgshift_fuzz::guest_input::{contain_crate_panics, sparse_window};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    contain_crate_panics();
     let Some(disk) = sparse_window(data) else {
         return;
     };

@@ -106,3 +106,28 @@ fn window(storage: Arc<dyn Storage>) -> Option<Window> {
     let src: Arc<dyn DiskSource> = Arc::new(RawReader::open(storage).ok()?);
     Some(Window::whole(src, Arc::new(AtomicU64::new(0))))
 }
+
+/// Makes a panic inside a third-party crate (`.cargo/registry` sources: ext4-view, fatfs, ntfs, gpt, ...) behave
+/// as in inspection, which runs those crates under `guest::no_panic` (`catch_unwind`): it unwinds to the nearest
+/// `catch_unwind` instead of aborting at once. libfuzzer-sys's own hook aborts on every panic, caught or not. A
+/// panic in imgshift's code still aborts here, and a crate panic that nothing catches still reaches the
+/// `fuzz_target!` wrapper, which aborts: both stay findings. Targets call their parser the way inspection does
+/// (inside `catch_unwind` where inspection has `no_panic`).
+pub fn contain_crate_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let file = info.location().map(|l| l.file()).unwrap_or("");
+            if file.contains("/.cargo/registry/") {
+                return;
+            }
+            eprintln!("{info}");
+            std::process::abort();
+        }));
+    });
+}
+
+/// Runs `f` as `guest::no_panic` does in inspection: a panic becomes `None`.
+pub fn no_panic<T>(f: impl FnOnce() -> T) -> Option<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok()
+}
