@@ -1018,3 +1018,51 @@ fn libvirt_nic_model_follows_the_windows_drivers() {
         );
     }
 }
+
+/// The `ntfs` fuzz target's input on which the ntfs crate panics (an index entry sliced out of range), as the
+/// volume of an MBR partition: inspection names it in one problem line, prints no panic, exits 0.
+#[test]
+fn a_crate_panic_on_a_crafted_ntfs_volume_is_one_problem_line() {
+    let enc = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/regressions/ntfs/crash-6ab3252a450dfe29216d7971567a06cd8108cfd9"),
+    )
+    .unwrap();
+    // The sparse encoding (fuzz/src/guest_input.rs): [u32 length] then [u32 offset][u16 length][bytes]...
+    let len = u32::from_le_bytes(enc[..4].try_into().unwrap()) as usize;
+    let mut vol = vec![0u8; len];
+    let mut p = 4;
+    while p + 6 <= enc.len() {
+        let off = u32::from_le_bytes(enc[p..p + 4].try_into().unwrap()) as usize;
+        let n = usize::from(u16::from_le_bytes(enc[p + 4..p + 6].try_into().unwrap()))
+            .min(enc.len() - p - 6);
+        let end = (off + n).min(len);
+        if off < end {
+            vol[off..end].copy_from_slice(&enc[p + 6..p + 6 + (end - off)]);
+        }
+        p += 6 + n;
+    }
+    let dir = tmpdir();
+    let img = dir.path().join("crafted.raw");
+    let mut disk = vec![0u8; 1 << 20];
+    disk.extend_from_slice(&vol);
+    disk.resize(disk.len().next_multiple_of(512), 0);
+    // One active NTFS partition from sector 2048 to the end.
+    let sectors = (disk.len() / 512 - 2048) as u32;
+    disk[446] = 0x80;
+    disk[450] = 0x07;
+    disk[454..458].copy_from_slice(&2048u32.to_le_bytes());
+    disk[458..462].copy_from_slice(&sectors.to_le_bytes());
+    disk[510] = 0x55;
+    disk[511] = 0xAA;
+    std::fs::write(&img, &disk).unwrap();
+    let r = imgshift(&["inspect", s(&img)]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    assert!(
+        r.stdout
+            .contains("problem: /dev/sda1: NTFS volume unreadable (the ntfs crate panicked on it)"),
+        "{}",
+        r.stdout
+    );
+}
