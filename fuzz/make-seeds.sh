@@ -147,4 +147,134 @@ else
     echo "make-seeds: hivexregedit not found (apt-get install libwin-hivex-perl): hive seeds are the minimal hive only" >&2
 fi
 
+# Guest parsers. Disks and filesystems are mostly zeros: the partitions, ext4, fat and ntfs targets read the
+# sparse encoding (fuzz/src/guest_input.rs), built by sparse-seed.py with a large KEEP so whole metadata runs
+# (inode tables' used part, MFT records, directories, hives) survive.
+guest_tools_ok=1
+for t in sfdisk mke2fs mkfs.vfat mmd mcopy cpio gzip; do
+    command -v "$t" >/dev/null || { echo "make-seeds: $t not found: guest seeds skipped (.ci/install-deps)" >&2; guest_tools_ok=0; }
+done
+pe() { # a minimal x86_64 PE header: MZ, e_lfanew = 0x80, "PE\0\0", machine AMD64
+    { printf 'MZ'; head -c 58 /dev/zero; printf '\x80\x00\x00\x00'; head -c 64 /dev/zero
+      printf 'PE\0\0\x64\x86'; head -c 378 /dev/zero; } >"$1"
+}
+sparse() { python3 "$here/sparse-seed.py" "$1" "$2" "${3:-1048576}"; }
+if [ "$guest_tools_ok" = 1 ]; then
+    # initramfs: newc cpio archives with module members and a modules.builtin, plain and compressed, and the
+    # early-microcode layout (a plain archive, then a compressed one).
+    r="$work/initrd-root"
+    mkdir -p "$r/usr/lib/modules/6.1.0-1-amd64/kernel/drivers/block" "$r/kernel/x86/microcode"
+    for m in virtio_blk.ko nvme.ko.xz ena.ko.zst hv_storvsc.ko.gz; do echo "$m" >"$r/usr/lib/modules/6.1.0-1-amd64/kernel/drivers/block/$m"; done
+    printf 'kernel/drivers/ata/ahci.ko\nkernel/drivers/scsi/sd_mod.ko\n' >"$r/usr/lib/modules/6.1.0-1-amd64/modules.builtin"
+    echo microcode >"$r/kernel/x86/microcode/GenuineIntel.bin"
+    (cd "$r" && find usr | sort | cpio -o -H newc --quiet) >"$work/initrd.cpio"
+    (cd "$r" && find kernel | sort | cpio -o -H newc --quiet) >"$work/early.cpio"
+    mkdir -p "$out/initramfs"
+    cp "$work/initrd.cpio" "$out/initramfs/plain.cpio"
+    gzip -9c "$work/initrd.cpio" >"$out/initramfs/initrd.gz"
+    cat "$work/early.cpio" "$out/initramfs/initrd.gz" >"$out/initramfs/early+gzip"
+    command -v zstd >/dev/null && zstd -q -19 -c "$work/initrd.cpio" >"$out/initramfs/initrd.zst"
+    command -v xz >/dev/null && xz -c --check=crc32 "$work/initrd.cpio" >"$out/initramfs/initrd.xz"
+    command -v lz4 >/dev/null && lz4 -q -l -c "$work/initrd.cpio" >"$out/initramfs/initrd.lz4-legacy"
+    command -v lz4 >/dev/null && lz4 -q -c "$work/initrd.cpio" >"$out/initramfs/initrd.lz4"
+
+    # ext4 / ext2: a Linux root with what os.rs reads (os-release, fstab, hostname, machine-id, an ELF /bin/sh,
+    # kernels and an initramfs in /boot, grub.cfg, modules), made by mke2fs -d.
+    r="$work/linux-root"
+    mkdir -p "$r/etc" "$r/bin" "$r/boot/grub" "$r/lib/modules/6.1.0-1-amd64/kernel/drivers/block" "$r/etc/cloud"
+    printf 'ID=debian\nPRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nVERSION_ID="12"\n' >"$r/etc/os-release"
+    printf 'UUID=0b8c7c1e-1111-4c1a-9a55-000000000001 / ext4 defaults 0 1\n/dev/vda15 /boot/efi vfat defaults 0 2\n' >"$r/etc/fstab"
+    echo seedhost >"$r/etc/hostname"
+    echo 0123456789abcdef0123456789abcdef >"$r/etc/machine-id"
+    { printf '\x7fELF\x02\x01\x01'; head -c 11 /dev/zero; printf '\x3e\x00'; head -c 44 /dev/zero; } >"$r/bin/sh"
+    echo kernel >"$r/boot/vmlinuz-6.1.0-1-amd64"
+    echo kernel >"$r/boot/vmlinuz-5.10.0-9-amd64"
+    cp "$out/initramfs/initrd.gz" "$r/boot/initrd.img-6.1.0-1-amd64"
+    printf 'menuentry "Debian" {\n\tlinux /boot/vmlinuz-6.1.0-1-amd64 root=/dev/vda1 ro quiet\n\tinitrd /boot/initrd.img-6.1.0-1-amd64\n}\n' >"$r/boot/grub/grub.cfg"
+    echo virtio_blk >"$r/lib/modules/6.1.0-1-amd64/kernel/drivers/block/virtio_blk.ko"
+    printf 'kernel/drivers/ata/ahci.ko\n' >"$r/lib/modules/6.1.0-1-amd64/modules.builtin"
+    printf 'kernel/drivers/block/virtio_blk.ko:\n' >"$r/lib/modules/6.1.0-1-amd64/modules.dep"
+    mkdir -p "$out/ext4"
+    for t in ext4 ext2; do
+        truncate -s 8M "$work/$t.img"
+        mke2fs -q -F -t "$t" -b 1024 -N 64 -L seed -U 0b8c7c1e-1111-4c1a-9a55-000000000001 -d "$r" "$work/$t.img"
+        sparse "$work/$t.img" "$out/ext4/$t.sparse"
+    done
+
+    # fat: EFI system partitions (FAT12, FAT16, FAT32) with \EFI\BOOT\BOOTX64.EFI, a vendor loader and
+    # \EFI\Microsoft\Boot\BCD.
+    pe "$work/loader.efi"
+    echo bcd >"$work/BCD"
+    mkdir -p "$out/fat"
+    for spec in 12:4 16:32 32:40; do
+        bits=${spec%%:*}; mib=${spec##*:}
+        img="$work/esp$bits.img"
+        truncate -s "${mib}M" "$img"
+        mkfs.vfat -F "$bits" -n ESP "$img" >/dev/null 2>&1
+        MTOOLS_SKIP_CHECK=1 mmd -i "$img" ::/EFI ::/EFI/BOOT ::/EFI/debian ::/EFI/Microsoft ::/EFI/Microsoft/Boot
+        MTOOLS_SKIP_CHECK=1 mcopy -i "$img" "$work/loader.efi" ::/EFI/BOOT/BOOTX64.EFI
+        MTOOLS_SKIP_CHECK=1 mcopy -i "$img" "$work/loader.efi" ::/EFI/debian/shimx64.efi
+        MTOOLS_SKIP_CHECK=1 mcopy -i "$img" "$work/BCD" ::/EFI/Microsoft/Boot/BCD
+        sparse "$img" "$out/fat/esp$bits.sparse"
+    done
+
+    # partitions: an MBR with primaries and an extended chain of logical partitions (one FAT partition for the
+    # probe), a GPT with an ESP, and a GPT with a hybrid-looking MBR.
+    mkdir -p "$out/partitions"
+    truncate -s 64M "$work/mbr.img"
+    printf 'label: dos\n1M,8M,83,*\n,4M,7\n,,5\n,4M,83\n,4M,82\n,4M,b\n' | sfdisk -q "$work/mbr.img" >/dev/null
+    dd if="$work/esp12.img" of="$work/mbr.img" bs=1M seek=1 conv=notrunc status=none
+    sparse "$work/mbr.img" "$out/partitions/mbr-extended.sparse" 4096
+    truncate -s 64M "$work/gpt.img"
+    printf 'label: gpt\n1M,32M,U\n,8M,L\n,,EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n' | sfdisk -q "$work/gpt.img" >/dev/null
+    dd if="$work/esp16.img" of="$work/gpt.img" bs=1M seek=1 conv=notrunc status=none
+    sparse "$work/gpt.img" "$out/partitions/gpt-esp.sparse" 4096
+    truncate -s 16M "$work/bare.img"
+    printf 'label: dos\n2048,,ee\n' | sfdisk -q "$work/bare.img" >/dev/null
+    sparse "$work/bare.img" "$out/partitions/protective-only.sparse" 4096
+fi
+
+# ntfs: the NTFS volumes of the Windows test disks (tests/guests/mkwindows.sh: Windows with hives, drivers,
+# \bootmgr; a System Reserved volume). Building them boots the libguestfs appliance (a minute or two), so a
+# folder of already built disks can be given instead: WINDOWS_DISKS=DIR (what tests/windows.rs caches under
+# CARGO_TARGET_TMPDIR/windows-guests/<tag>/). Their partition tables are seeds of the partitions target too.
+win="${WINDOWS_DISKS:-}"
+if [ -z "$win" ] && command -v guestfish >/dev/null && command -v mkntfs >/dev/null && command -v hivexregedit >/dev/null; then
+    win="$work/windows"
+    bash "$here/../tests/guests/mkwindows.sh" "$win" >/dev/null || win=""
+fi
+# mkntfs fills $LogFile (2 MiB here) with 0xFF; nothing inspection reads is there, so its pages become zeros
+# and drop out of the seed (the $MFT, $UpCase, indexes and hives stay whole: about 240 KiB a volume).
+ff_pages() {
+    python3 - "$1" <<'PY'
+import sys
+p = sys.argv[1]
+d = bytearray(open(p, "rb").read())
+ff, z = b"\xff" * 4096, bytes(4096)
+for i in range(0, len(d) - 4095, 4096):
+    if d[i:i + 4096] == ff:
+        d[i:i + 4096] = z
+open(p, "wb").write(d)
+PY
+}
+if [ -n "$win" ] && [ -f "$win/sysreserved.raw" ]; then
+    mkdir -p "$out/ntfs" "$out/partitions"
+    for v in server2019 sysprep controlset2 win11; do
+        # The Windows volume: sda2 on every variant (after an ESP on GPT or a System Reserved partition).
+        start=$(sfdisk -J "$win/$v.raw" | python3 -c 'import json,sys; p=json.load(sys.stdin)["partitiontable"]["partitions"]; print(p[-1]["start"], p[-1]["size"])')
+        set -- $start
+        dd if="$win/$v.raw" of="$work/$v.ntfs" bs=512 skip="$1" count="$2" status=none
+        ff_pages "$work/$v.ntfs"
+        sparse "$work/$v.ntfs" "$out/ntfs/$v.sparse"
+        sparse "$win/$v.raw" "$out/partitions/windows-$v.sparse" 4096
+    done
+    start=$(sfdisk -J "$win/sysreserved.raw" | python3 -c 'import json,sys; p=json.load(sys.stdin)["partitiontable"]["partitions"]; print(p[0]["start"], p[0]["size"])')
+    set -- $start
+    dd if="$win/sysreserved.raw" of="$work/sysreserved.ntfs" bs=512 skip="$1" count="$2" status=none
+    ff_pages "$work/sysreserved.ntfs"
+    sparse "$work/sysreserved.ntfs" "$out/ntfs/system-reserved.sparse"
+else
+    echo "make-seeds: no Windows test disks (WINDOWS_DISKS unset, or guestfish/mkntfs/hivexregedit missing): no ntfs seeds" >&2
+fi
+
 du -sh "$out"/* | sed 's/^/make-seeds: /'

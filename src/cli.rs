@@ -612,8 +612,8 @@ pub struct AzureUploadArgs {
     /// Gallery image version (X.Y.Z).
     #[arg(long = "gallery-version", requires = "gallery")]
     pub gallery_version: Option<String>,
-    /// Guest OS type.
-    #[arg(long = "os-type", default_value = "linux", value_parser = ["linux", "windows"])]
+    /// Guest OS type; auto = Windows when inspection finds a Windows system root, else Linux.
+    #[arg(long = "os-type", default_value = "auto", value_parser = ["auto", "linux", "windows"])]
     pub os_type: String,
     /// Hyper-V generation; auto = V2 when the disk has a GPT with an EFI system partition, else V1.
     #[arg(long = "hyper-v-generation", default_value = "auto", value_parser = ["V1", "V2", "auto"])]
@@ -718,7 +718,7 @@ pub struct LibvirtUploadArgs {
     /// Domain type (auto: kvm when the host offers KVM, else qemu, i.e. TCG emulation).
     #[arg(long = "domain-type", value_enum, default_value_t = DomainTypeArg::Auto, requires = "define")]
     pub domain_type: DomainTypeArg,
-    /// Attach a virtio network interface on this libvirt network.
+    /// Attach a network interface on this libvirt network (virtio; e1000e for a Windows guest without netkvm).
     #[arg(long, value_name = "NAME", requires = "define")]
     pub network: Option<String>,
     /// Also log the guest's serial console to this file (an absolute path on the daemon's host).
@@ -987,8 +987,8 @@ pub struct MigrateAzureArgs {
     /// Gallery image version (e.g. 1.0.0)
     #[arg(long = "gallery-version", requires = "gallery")]
     pub gallery_version: Option<String>,
-    /// Guest OS type
-    #[arg(long = "os-type", default_value = "linux", value_parser = ["linux", "windows"])]
+    /// Guest OS type (auto: Windows when inspection finds a Windows system root, else Linux)
+    #[arg(long = "os-type", default_value = "auto", value_parser = ["auto", "linux", "windows"])]
     pub os_type: String,
     /// Hyper-V generation (auto: from inspection)
     #[arg(long = "hyper-v-generation", default_value = "auto", value_parser = ["V1", "V2", "auto"])]
@@ -1050,7 +1050,7 @@ pub struct MigrateLibvirtArgs {
     /// Domain type (auto: kvm when the host offers it)
     #[arg(long = "domain-type", value_enum, default_value_t = DomainTypeArg::Auto)]
     pub domain_type: DomainTypeArg,
-    /// Network to attach
+    /// Network to attach (virtio NIC; e1000e for a Windows guest without netkvm)
     #[arg(long, value_name = "NAME")]
     pub network: Option<String>,
     /// Write the serial console to this file (absolute path on the daemon's host)

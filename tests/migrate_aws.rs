@@ -545,3 +545,47 @@ fn dry_run_refuses_options_of_another_target_and_a_taken_name() {
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("already exists"), "{}", r.stderr);
 }
+
+/// A raw disk whose data ranges hold whole 512 KiB blocks of zeros: the uploader skips those blocks, and verify
+/// accepts the snapshot's shorter block list once each block it lacks reads as zeros in the source (it used to
+/// fail with "lists N blocks; the source has M").
+#[test]
+fn verify_accepts_blocks_of_zeros_the_upload_skipped() {
+    let d = tmpdir();
+    let raw = d.path().join("zeros.raw");
+    // 4 MiB of data, then 3 MiB of written zeros (allocated, so the map calls them data), then 1 MiB of data.
+    make_raw(
+        &raw,
+        16 << 20,
+        &[(0, 4 << 20), (7 << 20, 1 << 20)],
+        &[(4 << 20, 3 << 20)],
+    );
+    let name = unique("zeros");
+    let r = run(migrate(
+        d.path(),
+        &moto_url(),
+        &raw,
+        &name,
+        &["--yes", "--force", "--output", "json"],
+    ));
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let j = report(&r.stdout);
+    let verify = j["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "verify")
+        .unwrap()
+        .clone();
+    assert!(
+        verify["result"].as_str().unwrap().contains("identical"),
+        "{verify}"
+    );
+    let snap = j["outputs"]["snapshots"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    if !snap.is_empty() {
+        assert_snapshot_holds(d.path(), &snap, &raw);
+    }
+}

@@ -1,12 +1,15 @@
 //! Windows guests (issue 24): disks built by tests/guests/mkwindows.sh from the minimal hive in tests/data/windows
 //! (hives merged with hivexregedit, an NTFS volume made with mkntfs and filled by guestfish, MBR or GPT+ESP),
 //! inspected as raw and converted by qemu-img; the preflight verdict of every variant for every target, from the
-//! table below; generalisation's refusal and no-op; hostile hives named, not panicked on.
+//! table below; generalisation's refusal and no-op; hostile hives named, not panicked on; what `migrate` and
+//! `upload` register a Windows guest as (AWS RegisterImage through the recording proxy, Azure through the fake
+//! ARM's recorded bodies, the libvirt domain XML read back from the private libvirtd).
 //!
 //! Needs libwin-hivex-perl, ntfs-3g, libguestfs-tools, fdisk, dosfstools, mtools and qemu-utils
 //! (`.ci/install-deps` installs them); a missing tool fails the build of the disks, naming that script.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod azure_util;
 mod util;
 
 use std::path::{Path, PathBuf};
@@ -694,4 +697,372 @@ fn libvirt_auto_bus_follows_the_windows_drivers() {
         );
         util::libvirt::virsh(&["undefine", &dom]);
     }
+}
+
+/// A qcow2 copy of a variant, in `dir`. The AWS tests send these: qemu-img leaves all-zero clusters out, while
+/// the raw disks hold allocated all-zero 512 KiB blocks, which the upload skips and the verify stage (which
+/// counts every EBS block a data range touches) then misses ("lists N blocks; the source has M").
+fn qcow2_of(variant: &str, dir: &Path) -> PathBuf {
+    let out = dir.join(format!("{variant}.qcow2"));
+    if !out.exists() {
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            s(&disk(variant)),
+            s(&out),
+        ]);
+    }
+    out
+}
+
+/// The fields of every RegisterImage request the recording proxy saw in front of moto (moto keeps neither the
+/// boot mode nor EnaSupport: what imgshift *sent* is what is checked), one map per request.
+fn register_requests(proxy: &util::aws::Proxy) -> Vec<std::collections::BTreeMap<String, String>> {
+    proxy
+        .records()
+        .iter()
+        .filter_map(|r| r["body"].as_str().map(str::to_string))
+        .filter(|b| b.contains("Action=RegisterImage"))
+        .map(|b| {
+            b.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+        .collect()
+}
+
+/// AWS registers a Windows guest with the boot mode its boot loader needs and EnaSupport only when the ENA
+/// driver is installed (EC2 refuses to launch an EnaSupport AMI on non-ENA types, and an ENA-less guest on a
+/// Nitro type has no network: <https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/enhanced-networking-ena.html>),
+/// and says that an AMI from a snapshot carries no license-included billing
+/// (<https://docs.aws.amazon.com/vm-import/latest/userguide/licensing.html>). `migrate` (inspect stage) and
+/// `upload aws` (quiet inspection) alike; checked on the requests sent through the recording proxy.
+#[test]
+fn aws_registers_windows_with_its_boot_mode_and_ena_flag() {
+    use util::aws::*;
+    let dir = tmpdir();
+    let proxy = Proxy::start(dir.path(), &[]);
+    let tag = std::process::id();
+    let migrate = |variant: &str, extra: &[&str]| {
+        let mut c = aws_cmd(dir.path());
+        c.args(["migrate", s(&qcow2_of(variant, dir.path())), "--to", "aws"])
+            .args(["--endpoint-url", &proxy.url])
+            .args(["--name", &format!("win-{variant}-{tag}"), "--yes"])
+            .args(["--state-dir", s(&dir.path().join("state"))])
+            .args(extra);
+        run(c)
+    };
+    // Server 2019: AWSNVMe at boot and ena installed: passes, BIOS, ENA on.
+    let r = migrate("server2019", &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("aws-windows-license") && r.stderr.contains("license-included"),
+        "the licence warning is shown: {}",
+        r.stderr
+    );
+    // Server 2016: no ENA driver (and no NVMe driver: the preflight fails unless forced).
+    let r = migrate("server2016", &[]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("aws-windows-ena"), "{}", r.stderr);
+    let r = migrate("server2016", &["--force"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // Windows 11 by `upload aws` (no inspect stage): UEFI only, no ENA driver.
+    let mut c = aws_cmd(dir.path());
+    c.args([
+        "upload",
+        "aws",
+        s(&qcow2_of("win11", dir.path())),
+        "--endpoint-url",
+        &proxy.url,
+    ])
+    .args(["--name", &format!("win-win11-{tag}")])
+    .args(["--state-dir", s(&dir.path().join("state"))]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("aws-windows-license"), "{}", r.stderr);
+    let regs = register_requests(&proxy);
+    let got: Vec<(String, String, String)> = regs
+        .iter()
+        .map(|m| {
+            (
+                m["Name"].clone(),
+                m.get("BootMode").cloned().unwrap_or_default(),
+                m.get("EnaSupport").cloned().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                format!("win-server2019-{tag}"),
+                "legacy-bios".into(),
+                "true".into()
+            ),
+            (
+                format!("win-server2016-{tag}"),
+                "legacy-bios".into(),
+                "false".into()
+            ),
+            (format!("win-win11-{tag}"), "uefi".into(), "false".into()),
+        ]
+    );
+}
+
+/// `migrate --to azure` of a Windows guest, checked on the fake ARM's recorded request bodies: osType Windows on
+/// the disk and the image, the Hyper-V generation from the boot mode (BIOS → V1, UEFI → V2), osState
+/// Generalized for a sysprep'd guest; a guest that is not generalised becomes no managed image (Azure's managed
+/// images are generalised only; a specialised one is a specialized gallery image version:
+/// <https://learn.microsoft.com/azure/virtual-machines/shared-image-galleries#generalized-and-specialized-images>),
+/// `upload azure --image-name` of it is refused before anything is created, and a gallery image definition whose
+/// osState differs is refused.
+#[test]
+fn azure_registers_windows_as_generalised_or_specialised() {
+    use azure_util::*;
+    let env = Env::start("win", &[], None);
+    let state = env.path().join("state");
+    let migrate = |variant: &str, name: &str, extra: &[&str]| {
+        let mut c = env.cmd();
+        c.args([
+            "migrate",
+            s(&disk(variant)),
+            "--to",
+            "azure",
+            "--subscription",
+            SUB,
+        ])
+        .args(["--resource-group", RG, "--location", "westeurope"])
+        .args(["--arm-endpoint", &env.arm_url(), "--name", name])
+        .args(["--state-dir", s(&state), "--yes"])
+        .args(extra);
+        run(c)
+    };
+    let disk_props = |name: &str| -> serde_json::Value {
+        let b = env.bodies("PUT", &format!("/disks/{name}"));
+        assert_eq!(b.len(), 1, "one PUT of disk {name}");
+        b[0]["properties"].clone()
+    };
+    // Sysprep'd, BIOS: a Windows V1 disk and a Generalized Windows image.
+    let r = migrate("sysprep", "wsys", &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let d = disk_props("wsys-os");
+    assert_eq!(
+        (d["osType"].as_str(), d["hyperVGeneration"].as_str()),
+        (Some("Windows"), Some("V1"))
+    );
+    let img = env.bodies("PUT", "/images/wsys");
+    assert_eq!(img.len(), 1, "{img:?}");
+    let os = &img[0]["properties"]["storageProfile"]["osDisk"];
+    assert_eq!(
+        (os["osType"].as_str(), os["osState"].as_str()),
+        (Some("Windows"), Some("Generalized"))
+    );
+    // Not generalised: the plan says there will be no managed image ...
+    let r = migrate("server2019", "wdry", &["--dry-run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("no managed image 'wdry'"), "{}", r.stdout);
+    assert!(
+        env.bodies("PUT", "/disks/wdry-os").is_empty(),
+        "a dry run creates nothing"
+    );
+    // ... and the run makes the disk, a gallery version (its definition absent from the fake), no managed image.
+    let r = migrate(
+        "server2019",
+        "wspec",
+        &[
+            "--gallery",
+            "gal",
+            "--gallery-image",
+            "def",
+            "--gallery-version",
+            "1.0.0",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no managed image 'wspec'"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(disk_props("wspec-os")["osType"], "Windows");
+    assert!(
+        env.bodies("PUT", "/images/wspec").is_empty(),
+        "no managed image of a specialised guest"
+    );
+    assert_eq!(
+        env.bodies("PUT", "/galleries/gal/images/def/versions/1.0.0")
+            .len(),
+        1
+    );
+    // A definition made for generalised images does not take it: refused before any disk is made.
+    let def = serde_json::json!({"location": "westeurope", "properties": {"osType": "Windows",
+        "osState": "Generalized", "hyperVGeneration": "V1"}});
+    let put = Command::new("curl")
+        .args(["-sf", "--cacert", s(&env.ca), "-X", "PUT", "-H"])
+        .arg(format!("Authorization: Bearer {TOKEN}"))
+        .args(["-H", "Content-Type: application/json", "--data", &def.to_string()])
+        .arg(format!(
+            "{}/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/galleries/gal/images/gen\
+             ?api-version=2023-07-03",
+            env.arm_url()
+        ))
+        .output()
+        .unwrap();
+    assert!(put.status.success(), "{put:?}");
+    let r = migrate(
+        "server2019",
+        "wgen",
+        &[
+            "--gallery",
+            "gal",
+            "--gallery-image",
+            "gen",
+            "--gallery-version",
+            "1.0.0",
+        ],
+    );
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr
+            .contains("osState Generalized, the guest is Specialized"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        env.bodies("PUT", "/disks/wgen-os").is_empty(),
+        "nothing created"
+    );
+    // upload azure --image-name of a specialised guest: refused, nothing created.
+    let r = env.upload(&disk("server2016"), "w16", &["--image-name", "w16img"]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("sysprep /generalize /oobe /shutdown"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        env.bodies("PUT", "/disks/w16").is_empty(),
+        "nothing created"
+    );
+    // upload azure of Windows 11 (UEFI only, GPT + ESP; no inspect stage): a Windows V2 disk.
+    let r = env.upload(&disk("win11"), "w11", &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let d = disk_props("w11");
+    assert_eq!(
+        (d["osType"].as_str(), d["hyperVGeneration"].as_str()),
+        (Some("Windows"), Some("V2"))
+    );
+}
+
+/// `--generalize` on a migration: a guest sysprep already generalised passes unchanged and the run says so (no
+/// overlay, no virt-sysprep); one that is not is refused before the job exists, with the command to run inside
+/// the guest, and no request reaches the target.
+#[test]
+fn migrate_generalize_says_already_generalised_or_refuses() {
+    use util::aws::*;
+    let dir = tmpdir();
+    let proxy = Proxy::start(dir.path(), &[]);
+    let tag = std::process::id();
+    let migrate = |variant: &str| {
+        let mut c = aws_cmd(dir.path());
+        c.args(["migrate", s(&qcow2_of(variant, dir.path())), "--to", "aws"])
+            .arg("--generalize")
+            .args(["--endpoint-url", &proxy.url])
+            .args(["--name", &format!("gen-{variant}-{tag}"), "--yes"])
+            .args(["--state-dir", s(&dir.path().join("state"))]);
+        run(c)
+    };
+    let r = migrate("server2019");
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("sysprep.exe /generalize /oobe /shutdown"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        proxy.records().is_empty(),
+        "a refused --generalize sends nothing"
+    );
+    assert!(
+        !dir.path().join("state").exists() || files_in(&dir.path().join("state")).is_empty(),
+        "no job left behind"
+    );
+    let r = migrate("sysprep");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("already generalised"), "{}", r.stderr);
+    assert_eq!(register_requests(&proxy).len(), 1);
+}
+
+/// libvirt: the domain's NIC follows the guest's network drivers — virtio with netkvm (server2019), e1000e
+/// without (server2016) — read back from the defined domain's XML on the private libvirtd.
+#[test]
+fn libvirt_nic_model_follows_the_windows_drivers() {
+    let pool = util::libvirt::Pool::new();
+    for (variant, model) in [("server2019", "virtio"), ("server2016", "e1000e")] {
+        let dom = format!("{}-nic-{variant}", pool.name);
+        let r = pool.upload(
+            &disk(variant),
+            &format!("{variant}-nic.qcow2"),
+            &["--define", &dom, "--network", "default"],
+        );
+        assert_eq!(r.code, 0, "{variant}: {}", r.stderr);
+        let xml = util::libvirt::virsh_ok(&["dumpxml", &dom]);
+        util::libvirt::virsh(&["undefine", &dom]);
+        assert!(
+            xml.contains(&format!("<model type='{model}'/>")),
+            "{variant}: expected NIC model {model} in {xml}"
+        );
+    }
+}
+
+/// The `ntfs` fuzz target's input on which the ntfs crate panics (an index entry sliced out of range), as the
+/// volume of an MBR partition: inspection names it in one problem line, prints no panic, exits 0.
+#[test]
+fn a_crate_panic_on_a_crafted_ntfs_volume_is_one_problem_line() {
+    let enc = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/regressions/ntfs/crash-6ab3252a450dfe29216d7971567a06cd8108cfd9"),
+    )
+    .unwrap();
+    // The sparse encoding (fuzz/src/guest_input.rs): [u32 length] then [u32 offset][u16 length][bytes]...
+    let len = u32::from_le_bytes(enc[..4].try_into().unwrap()) as usize;
+    let mut vol = vec![0u8; len];
+    let mut p = 4;
+    while p + 6 <= enc.len() {
+        let off = u32::from_le_bytes(enc[p..p + 4].try_into().unwrap()) as usize;
+        let n = usize::from(u16::from_le_bytes(enc[p + 4..p + 6].try_into().unwrap()))
+            .min(enc.len() - p - 6);
+        let end = (off + n).min(len);
+        if off < end {
+            vol[off..end].copy_from_slice(&enc[p + 6..p + 6 + (end - off)]);
+        }
+        p += 6 + n;
+    }
+    let dir = tmpdir();
+    let img = dir.path().join("crafted.raw");
+    let mut disk = vec![0u8; 1 << 20];
+    disk.extend_from_slice(&vol);
+    disk.resize(disk.len().next_multiple_of(512), 0);
+    // One active NTFS partition from sector 2048 to the end.
+    let sectors = (disk.len() / 512 - 2048) as u32;
+    disk[446] = 0x80;
+    disk[450] = 0x07;
+    disk[454..458].copy_from_slice(&2048u32.to_le_bytes());
+    disk[458..462].copy_from_slice(&sectors.to_le_bytes());
+    disk[510] = 0x55;
+    disk[511] = 0xAA;
+    std::fs::write(&img, &disk).unwrap();
+    let r = imgshift(&["inspect", s(&img)]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    assert!(
+        r.stdout
+            .contains("problem: /dev/sda1: NTFS volume unreadable (the ntfs crate panicked on it)"),
+        "{}",
+        r.stdout
+    );
 }

@@ -1,8 +1,17 @@
 //! The shared body of every fuzz target: open an in-memory image as one format (after probing it, with a
 //! deny-all gate so nothing outside the input is ever opened), then map, read and check it within fixed
 //! budgets, so a crafted virtual size of 2^62 bytes cannot make one input run for long.
+//!
+//! The guest-parser targets use [`guest`] (imgshift's `src/guest/`, compiled in) and [`guest_input`].
 
 use std::cell::RefCell;
+
+/// imgshift's guest inspection (`src/guest/`), compiled into the fuzz crate: it lives in the binary crate,
+/// which a fuzz target cannot link. The same source files, not a copy.
+#[path = "../../src/guest/mod.rs"]
+#[allow(dead_code, clippy::all)]
+pub mod guest;
+pub mod guest_input;
 use std::sync::Arc;
 
 use imgshift_converters::{DiskSource, Format, MemStorage, OpenGate, Storage, formats};

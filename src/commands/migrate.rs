@@ -182,14 +182,20 @@ pub fn run(args: &MigrateArgs, quiet: bool) -> Result<u8> {
 
     if args.dry_run {
         let (disks, _) = runner::disks_of(&srcs)?;
-        let creates = target.plan(&name, &disks);
-        // Everything that can be checked without creating anything: options, credentials, region or
-        // connection, names free, pool present.
-        runner::check_target(target.as_mut(), &name, &disks)?;
         let Some(boot) = srcs.disks.first() else {
             bail!("{}: no disk", args.src.display());
         };
         let pf = plan::preflight(boot, to, boot_mode.as_deref());
+        // A Windows guest: --generalize is refused unless sysprep already generalised it (then a no-op).
+        let windows_note = match &args.generalize {
+            Some(_) => plan::windows_generalize(boot)?,
+            None => None,
+        };
+        target.follow(&pf.verdict.settings);
+        let creates = target.plan(&name, &disks);
+        // Everything that can be checked without creating anything: options, credentials, region or
+        // connection, names free, pool present.
+        runner::check_target(target.as_mut(), &name, &disks)?;
         let lines = plan::plan_lines(to, &disks, &creates);
         let fails = pf.verdict.verdict == Level::Fail;
         match args.output {
@@ -211,7 +217,9 @@ pub fn run(args: &MigrateArgs, quiet: bool) -> Result<u8> {
                 for l in plan::finding_lines(&pf) {
                     println!("  {l}");
                 }
-                if let Some(g) = &args.generalize {
+                if let Some(note) = &windows_note {
+                    println!("generalize: {note}");
+                } else if let Some(g) = &args.generalize {
                     println!(
                         "generalize: operations {g} on disk 0 (in an overlay; the source is not changed)"
                     );

@@ -139,6 +139,7 @@ pub fn azure_for_migrate(args: &MigrateArgs, name: &str) -> Result<AzureTarget> 
         gallery: gallery(&a.gallery, &a.gallery_image, &a.gallery_version)?,
         disk_names: None,
         image_name: Some(name.to_string()),
+        image_explicit: false,
     })
 }
 
@@ -162,6 +163,7 @@ pub fn azure_for_upload(args: &AzureUploadArgs) -> Result<AzureTarget> {
         gallery: gallery(&args.gallery, &args.gallery_image, &args.gallery_version)?,
         disk_names: Some(vec![args.disk_name.clone()]),
         image_name: args.image_name.clone(),
+        image_explicit: args.image_name.is_some(),
     })
 }
 

@@ -150,10 +150,9 @@ pub fn open(src: Arc<dyn DiskSource>) -> Result<GuestView> {
     };
     let root = os.root.clone();
     let window = root_window(&disk, &root)?;
-    let fs = match crate::guest::no_panic(|| Ext4::load(Box::new(window))) {
-        Some(Ok(fs)) => fs,
-        Some(Err(e)) => bail!("{root}: cannot read the root filesystem: {e}"),
-        None => bail!("{root}: cannot read the root filesystem"),
+    let fs = match crate::guest::fs::open_ext4(&window) {
+        Ok(fs) => fs,
+        Err(e) => bail!("{root}: cannot read the root filesystem: {e}"),
     };
     Ok(GuestView { root, report, fs })
 }

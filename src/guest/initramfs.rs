@@ -120,6 +120,15 @@ struct State {
     decompressed: u64,
 }
 
+/// Largest zstd window accepted, as a power of two: zstd's own default limit (`ZSTD_WINDOWLOG_LIMIT_DEFAULT`, 128
+/// MiB), which `zstd -d` applies too; `zstd --ultra -22` stays within it. The decoder allocates the window the
+/// frame header asks for, so this is the most one zstd initramfs costs.
+const ZSTD_WINDOW_LOG_MAX: u32 = 27;
+/// Most memory the xz decoder may use: `xz -9` (a 64 MiB dictionary) needs 65 MiB to decompress. liblzma's
+/// default is no limit, and the dictionary size comes from the stream header: up to 1.5 GiB allocated for a few
+/// bytes of input.
+const XZ_MEMLIMIT: u64 = 96 << 20;
+
 /// Magic numbers of the compressions the kernel accepts for an initramfs (`lib/decompress.c`).
 const MAGICS: &[(&[u8], &str)] = &[
     (&[0x1f, 0x8b], "gzip"),
@@ -176,10 +185,15 @@ fn decompress_and_parse(
     match name {
         "gzip" => parse_stream(flate2::bufread::GzDecoder::new(input), l, st),
         "zstd" => {
-            let d = zstd::stream::read::Decoder::with_buffer(input)?.single_frame();
+            let mut d = zstd::stream::read::Decoder::with_buffer(input)?.single_frame();
+            d.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
             parse_stream(d, l, st)
         }
-        "xz" => parse_stream(xz2::bufread::XzDecoder::new(input), l, st),
+        "xz" => {
+            let stream = xz2::stream::Stream::new_stream_decoder(XZ_MEMLIMIT, 0)
+                .map_err(io::Error::other)?;
+            parse_stream(xz2::bufread::XzDecoder::new_stream(input, stream), l, st)
+        }
         "lz4" => {
             if peek(input, 4)? == [0x04, 0x22, 0x4d, 0x18] {
                 parse_stream(lz4_flex::frame::FrameDecoder::new(input), l, st)
@@ -548,6 +562,45 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use std::io::Write;
+
+    /// A zstd frame asking for a 1 GiB window (windowLog 30) is refused, not allocated.
+    #[test]
+    fn rejects_zstd_window_over_the_limit() {
+        // Magic, frame header descriptor (no content size, not single segment), window descriptor 20 << 3.
+        let frame = [0x28, 0xb5, 0x2f, 0xfd, 0x00, 20 << 3, 0x01, 0x00, 0x00];
+        let l = list(&frame[..], &Limits::default());
+        assert_eq!(l.archives, ["zstd"]);
+        assert!(l.problem.is_some(), "{l:?}");
+    }
+
+    /// The `initramfs` fuzz target's out-of-memory input: a zstd frame with a 128 MiB window (windowLog 27, the
+    /// limit) and a truncated lz4 frame: bounded, read as far as it goes.
+    #[test]
+    fn zstd_window_at_the_limit_is_read() {
+        let input = include_bytes!(
+            "../../fuzz/regressions/initramfs/oom-7d434fbd54803366ae73da35f441878c3b6cb1b5"
+        );
+        let l = list(&input[..], &Limits::default());
+        assert_eq!(l.archives.first().map(String::as_str), Some("zstd"));
+    }
+
+    /// An xz stream whose LZMA2 dictionary would need more than [`XZ_MEMLIMIT`] is refused.
+    #[test]
+    fn rejects_xz_dictionary_over_the_limit() {
+        let mut enc = xz2::stream::LzmaOptions::new_preset(6).unwrap();
+        enc.dict_size(1 << 30);
+        let mut filters = xz2::stream::Filters::new();
+        filters.lzma2(&enc);
+        let stream =
+            xz2::stream::Stream::new_stream_encoder(&filters, xz2::stream::Check::Crc32).unwrap();
+        let mut w = xz2::write::XzEncoder::new_stream(Vec::new(), stream);
+        w.write_all(b"07070100").unwrap();
+        let xz = w.finish().unwrap();
+        let l = list(&xz[..], &Limits::default());
+        assert_eq!(l.archives, ["xz"]);
+        let p = l.problem.unwrap_or_default();
+        assert!(p.to_lowercase().contains("memory"), "{p}");
+    }
 
     fn member(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8], declared: Option<u64>) {
         let ns = name.len() + 1;

@@ -677,12 +677,41 @@ pub fn table(target: &str) -> Option<&'static [Rule]> {
     }
 }
 
-/// Settings that follow from the facts before any rule: the boot mode the target must use, the default bus.
+/// Settings that follow from the facts before any rule: the boot mode the target must use, the default bus; for
+/// a Windows guest also what the image is registered as.
+///
+/// - aws `ena`: `no` for a Windows guest whose registry lists no `ena` driver. EC2 launches an AMI with
+///   EnaSupport only on instance types with ENA interfaces, which such a guest cannot drive; without the flag it
+///   runs on Xen instance families (<https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/enhanced-networking-ena.html>).
+/// - azure `os_type`: `windows` when a Windows system root was found (the disk's and image's osType).
+/// - azure `os_state`: `Generalized` unless the guest is a Windows that sysprep has not generalised (or whose
+///   state is unknown): then `Specialized`, which Azure takes only as a specialized gallery image version, never
+///   as a managed image (<https://learn.microsoft.com/azure/virtual-machines/shared-image-galleries#generalized-and-specialized-images>).
 fn base_settings(target: &str, f: &Facts) -> Vec<(&'static str, &'static str)> {
     let uefi_only = f.boot("uefi");
     match target {
-        "aws" => vec![("boot_mode", if uefi_only { "uefi" } else { "legacy-bios" })],
-        "azure" => vec![("hyper_v_generation", if uefi_only { "V2" } else { "V1" })],
+        "aws" => {
+            let mut v = vec![("boot_mode", if uefi_only { "uefi" } else { "legacy-bios" })];
+            if f.win_has(&["ena"]) == Some(false) {
+                v.push(("ena", "no"));
+            }
+            v
+        }
+        "azure" => {
+            let mut v = vec![("hyper_v_generation", if uefi_only { "V2" } else { "V1" })];
+            if let Some(w) = &f.windows {
+                v.push(("os_type", "windows"));
+                v.push((
+                    "os_state",
+                    if w.generalized == Some(true) {
+                        "Generalized"
+                    } else {
+                        "Specialized"
+                    },
+                ));
+            }
+            v
+        }
         "libvirt" => vec![
             ("firmware", if uefi_only { "efi" } else { "bios" }),
             ("bus", "virtio"),
@@ -928,6 +957,58 @@ mod tests {
             ids(&evaluate("aws", AWS, &f)),
             ["aws-windows-registry", "aws-windows-license"]
         );
+    }
+
+    /// What a Windows guest is registered as: osType and osState on Azure, EnaSupport on AWS, the NIC model
+    /// on libvirt; a Linux guest keeps the defaults (no os_type/os_state/ena settings).
+    #[test]
+    fn windows_registration_settings() {
+        let with_ena = [("AWSNVMe", 0), ("ena", 3), ("netkvm", 3), ("viostor", 0)];
+        let sysprepped = windows(&with_ena, true);
+        let az = evaluate("azure", AZURE, &sysprepped).settings;
+        assert_eq!(
+            (az["os_type"].as_str(), az["os_state"].as_str()),
+            ("windows", "Generalized")
+        );
+        let aws = evaluate("aws", AWS, &sysprepped).settings;
+        assert_eq!(aws.get("ena"), None, "ena installed: EnaSupport stays on");
+        assert_eq!(aws["boot_mode"], "legacy-bios");
+        assert_eq!(
+            evaluate("libvirt", LIBVIRT, &sysprepped)
+                .settings
+                .get("nic_model"),
+            None,
+            "netkvm installed: the default virtio NIC"
+        );
+        let specialised = windows(&[("stornvme", 0), ("storahci", 0)], false);
+        let az = evaluate("azure", AZURE, &specialised).settings;
+        assert_eq!(az["os_state"], "Specialized");
+        assert_eq!(evaluate("aws", AWS, &specialised).settings["ena"], "no");
+        assert_eq!(
+            evaluate("libvirt", LIBVIRT, &specialised).settings["nic_model"],
+            "e1000e"
+        );
+        let mut uefi = specialised.clone();
+        uefi.boot_mode = "uefi".into();
+        assert_eq!(
+            evaluate("azure", AZURE, &uefi).settings["hyper_v_generation"],
+            "V2"
+        );
+        assert_eq!(evaluate("aws", AWS, &uefi).settings["boot_mode"], "uefi");
+        // State unknown (registry unread): specialised, the safe side; ENA unknown: the flag stays.
+        let mut unread = windows(&[], true);
+        if let Some(w) = unread.windows.as_mut() {
+            w.registry_read = false;
+            w.generalized = None;
+        }
+        assert_eq!(
+            evaluate("azure", AZURE, &unread).settings["os_state"],
+            "Specialized"
+        );
+        assert_eq!(evaluate("aws", AWS, &unread).settings.get("ena"), None);
+        let linux = evaluate("azure", AZURE, &facts(ALL)).settings;
+        assert_eq!((linux.get("os_type"), linux.get("os_state")), (None, None));
+        assert_eq!(evaluate("aws", AWS, &facts(ALL)).settings.get("ena"), None);
     }
 
     #[test]

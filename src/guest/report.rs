@@ -197,14 +197,10 @@ fn linux_roots(found: &[Found], problems: &mut Vec<String>) -> Vec<OperatingSyst
     let mut exts: Vec<(&Found, Ext4)> = Vec::new();
     for f in found {
         if f.info.fs_type.starts_with("ext") {
-            match super::no_panic(|| Ext4::load(Box::new(f.window.clone()))) {
-                Some(Ok(e)) => exts.push((f, e)),
-                Some(Err(e)) => problems.push(format!(
+            match fs::open_ext4(&f.window) {
+                Ok(e) => exts.push((f, e)),
+                Err(e) => problems.push(format!(
                     "{}: {} filesystem unreadable: {e}",
-                    f.device, f.info.fs_type
-                )),
-                None => problems.push(format!(
-                    "{}: {} filesystem unreadable (the ext4-view crate panicked on it)",
                     f.device, f.info.fs_type
                 )),
             }

@@ -184,6 +184,10 @@ fn find(
     part: &Window,
     problems: &mut Vec<String>,
 ) -> Result<Option<WindowsInstall>, ntfs::NtfsError> {
+    if let Err(e) = ntfs_sane(part) {
+        problems.push(e);
+        return Ok(None);
+    }
     let mut r = part.clone();
     let mut fs = Ntfs::new(&mut r)?;
     fs.read_upcase_table(&mut r)?;
@@ -441,9 +445,47 @@ fn read_all<T: Read + Seek>(r: &mut T, file: &NtfsFile<'_>, cap: u64) -> Result<
     Ok(out)
 }
 
+/// Checks an NTFS boot sector before the `ntfs` crate reads it (the layout libyal's "New Technologies File
+/// System (NTFS)" documents: bytes per sector at 0x0B, total sectors at 0x28): a whole boot sector, a sector
+/// size of 512-4096 bytes, and the volume inside its partition. ntfs 0.4 turns a short read while parsing the
+/// boot sector (or any structure past the partition's end) into an `unreachable!` panic (found by the `ntfs`
+/// fuzz target on a volume shorter than its boot sector).
+pub fn ntfs_sane(part: &Window) -> Result<(), String> {
+    let b = part
+        .read_vec(0, 512)
+        .map_err(|e| format!("NTFS boot sector unreadable: {e}"))?;
+    let (Some(bps), Some(total)) = (super::le_u16(&b, 0x0B), super::le_u64(&b, 0x28)) else {
+        return Err(format!(
+            "NTFS boot sector: the {} byte volume is shorter than one sector",
+            part.len()
+        ));
+    };
+    if b.len() < 512 {
+        return Err(format!(
+            "NTFS boot sector: the {} byte volume is shorter than one sector",
+            part.len()
+        ));
+    }
+    if !matches!(bps, 512 | 1024 | 2048 | 4096) {
+        return Err(format!(
+            "NTFS boot sector: {bps} bytes per sector (512, 1024, 2048 or 4096)"
+        ));
+    }
+    match total.checked_mul(u64::from(bps)) {
+        Some(n) if n <= part.len() => Ok(()),
+        _ => Err(format!(
+            "NTFS boot sector: {total} sectors of {bps} bytes do not fit the {} byte partition",
+            part.len()
+        )),
+    }
+}
+
 /// Whether the NTFS volume `part` holds `\bootmgr` and `\Boot\BCD` (a "System Reserved" partition, or the
 /// Windows volume itself).
 pub fn bootmgr(part: &Window) -> bool {
+    if ntfs_sane(part).is_err() {
+        return false;
+    }
     let look = || -> Result<bool, ntfs::NtfsError> {
         let mut r = part.clone();
         let mut fs = Ntfs::new(&mut r)?;
@@ -462,11 +504,57 @@ pub fn bootmgr(part: &Window) -> bool {
 
 /// Whether the FAT ESP `part` holds Windows Boot Manager's BCD store (`\EFI\Microsoft\Boot\BCD`).
 pub fn esp_bcd(part: &Window) -> bool {
-    super::no_panic(|| {
-        let Ok(fs) = fatfs::FileSystem::new(part.clone(), fatfs::FsOptions::new()) else {
-            return false;
-        };
-        fs.root_dir().open_file("EFI/Microsoft/Boot/BCD").is_ok()
-    })
-    .unwrap_or(false)
+    let Ok(fs) = super::fs::open_fat(part) else {
+        return false;
+    };
+    super::no_panic(|| fs.root_dir().open_file("EFI/Microsoft/Boot/BCD").is_ok()).unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::guest::mem_window;
+
+    /// An NTFS boot sector (OEM id, `bps`-byte sectors, `total` sectors) at the start of `size` bytes.
+    fn ntfs(size: usize, bps: u16, total: u64) -> Vec<u8> {
+        let mut b = vec![0u8; size];
+        let n = size.min(0x30);
+        let mut head = [0u8; 0x30];
+        head[3..11].copy_from_slice(b"NTFS    ");
+        head[0x0B..0x0D].copy_from_slice(&bps.to_le_bytes());
+        head[0x28..0x30].copy_from_slice(&total.to_le_bytes());
+        b[..n].copy_from_slice(&head[..n]);
+        b
+    }
+
+    #[test]
+    fn ntfs_boot_sector_that_fits_passes() {
+        assert_eq!(ntfs_sane(&mem_window(ntfs(1 << 20, 512, 2047))), Ok(()));
+    }
+
+    /// The `ntfs` fuzz target's crash: a volume shorter than its boot sector made the ntfs crate reach an
+    /// `unreachable!` (a short read inside binrw). Now a problem line, no panic.
+    #[test]
+    fn rejects_ntfs_volume_shorter_than_its_boot_sector() {
+        let w = mem_window(ntfs(100, 512, 1));
+        assert!(ntfs_sane(&w).is_err());
+        let mut problems = Vec::new();
+        assert!(matches!(detect(&w, "/dev/sda1", &mut problems), Ok(None)));
+        assert!(
+            problems[0].starts_with("/dev/sda1: NTFS boot sector"),
+            "{problems:?}"
+        );
+        assert!(!bootmgr(&w));
+    }
+
+    #[test]
+    fn rejects_ntfs_volume_larger_than_its_partition() {
+        let e = ntfs_sane(&mem_window(ntfs(1 << 20, 512, 4096))).unwrap_err();
+        assert!(e.contains("do not fit the 1048576 byte partition"), "{e}");
+        assert!(
+            ntfs_sane(&mem_window(ntfs(1 << 20, 0, 1))).is_err(),
+            "0-byte sectors"
+        );
+    }
 }

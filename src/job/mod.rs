@@ -167,6 +167,12 @@ impl Job {
 pub trait Target {
     /// Resumable unit size of a disk of `virtual_size` bytes, and the number of units.
     fn units(&self, virtual_size: u64) -> Result<(u64, u64)>;
+    /// Takes the settings inspection chose for the guest (the preflight's, or the journal's on resume: boot
+    /// mode, OS type and state, ...) where the target's own options left the choice open. Called before
+    /// [`Target::plan`] and [`Target::connect`]; the default ignores them.
+    fn follow(&mut self, settings: &std::collections::BTreeMap<String, String>) {
+        let _ = settings;
+    }
     /// What the job would create, one line each (for the plan and `--dry-run`).
     fn plan(&self, job_name: &str, disks: &[DiskInfo]) -> Vec<String>;
     /// Connects and checks what can be checked before anything is created (credentials, names, pool).

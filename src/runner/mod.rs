@@ -163,12 +163,12 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
         bail!("{source_label}: no disk to send");
     };
     let (disks, maps) = disks_of(&srcs)?;
-    let creates = target.plan(&name, &disks);
     let existing = dir.join(format!("{id}.json")).exists();
 
     // Inspection and the plan come before the journal: a refused or unconfirmed job leaves nothing behind.
     let mut index = 0;
     let mut first: Option<(Option<Preflight>, f64)> = None;
+    let mut quiet_settings: Option<BTreeMap<String, String>> = None;
     if !existing {
         let mut pf = None;
         let mut secs = 0.0;
@@ -189,7 +189,28 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
             }
             ui.end(line, secs, &p.summary());
             pf = Some(p);
+        } else {
+            // Uploads have no inspect stage, but a Windows guest is registered as its registry says all the
+            // same (Azure osType and osState, AWS boot mode and EnaSupport): inspected quietly, never refused.
+            let p = plan::preflight(&boot, to, boot_mode.as_deref());
+            if p.windows {
+                // What the guest lacks on this target (Windows licence on AWS, drivers) is said all the same.
+                for l in plan::finding_lines(&p) {
+                    ui.say(&l);
+                }
+                quiet_settings = Some(p.verdict.settings.clone());
+                target.follow(&p.verdict.settings);
+            }
         }
+        if generalize.is_some()
+            && let Some(note) = plan::windows_generalize(&boot)?
+        {
+            ui.say(&format!("generalize: {note}"));
+        }
+        if let Some(p) = &pf {
+            target.follow(&p.verdict.settings);
+        }
+        let creates = target.plan(&name, &disks);
         for l in plan::plan_lines(to, &disks, &creates) {
             ui.note(&l);
         }
@@ -236,8 +257,12 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
         );
         fresh.guest = Some(pf.guest.clone());
     }
+    if let Some(s) = quiet_settings {
+        fresh.settings = s;
+    }
     let (journal, resumed) = Journal::open_or_create(&dir, fresh)?;
     let settings: BTreeMap<String, String> = journal.state.settings.clone();
+    target.follow(&settings);
     if resumed {
         let done: u64 = journal.parts.iter().map(|b| b.count()).sum();
         ui.say(&format!(
@@ -337,10 +362,12 @@ pub fn run(spec: RunSpec, target: &mut dyn Target, ui: Arc<StageUi>) -> Result<R
                     &overlay,
                     false,
                 )?;
+                // A Windows guest sysprep already generalised passes through: the note says so.
                 let detail = g
                     .outcome
                     .as_ref()
                     .map(crate::generalize::summary)
+                    .or_else(|| g.note.clone())
                     .unwrap_or_default();
                 Ok((g, detail))
             })

@@ -25,6 +25,8 @@ pub struct Preflight {
     /// Whether the guest's operating system was read (a Linux root filesystem, or a Windows registry): its boot
     /// drivers and boot files are known.
     pub os_read: bool,
+    /// The guest is Windows (a Windows system root and no Linux root).
+    pub windows: bool,
 }
 
 impl Preflight {
@@ -97,7 +99,16 @@ pub fn preflight(boot: &Arc<dyn DiskSource>, target: &str, boot_mode: Option<&st
         guest,
         verdict,
         os_read: facts.linux_root || facts.windows.as_ref().is_some_and(|w| w.registry_read),
+        windows: facts.windows.is_some(),
     }
+}
+
+/// `--generalize` on a Windows guest, checked before anything is created: `Ok(Some(note))` when sysprep has
+/// already generalised it (the stage is a no-op that says so), `Err` with the command to run inside the guest
+/// (`sysprep /generalize /oobe /shutdown`) when it has not; `Ok(None)` for a guest that is not Windows.
+pub fn windows_generalize(boot: &Arc<dyn DiskSource>) -> anyhow::Result<Option<String>> {
+    crate::generalize::verify::windows_state(Arc::clone(boot))
+        .map_err(|e| e.context("--generalize refused; nothing was sent"))
 }
 
 /// The plan, one line each: the disks, the data to send and what will be created.

@@ -62,6 +62,17 @@ pub fn check_name(what: &str, v: &str) -> Result<()> {
     Ok(())
 }
 
+/// What an image says of its OS disk.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageOs<'a> {
+    /// "Linux" or "Windows".
+    pub os_type: &'a str,
+    /// "Generalized" or "Specialized".
+    pub os_state: &'a str,
+    /// "V1" or "V2".
+    pub hyper_v_generation: &'a str,
+}
+
 /// What the disk is created with.
 pub struct DiskSpec<'a> {
     /// Disk name.
@@ -387,10 +398,14 @@ impl Arm {
         name: &str,
         location: &str,
         disk: &str,
-        os_type: &str,
-        hyper_v_generation: &str,
+        os: ImageOs<'_>,
         tags: &[(String, String)],
     ) -> Result<Value> {
+        let ImageOs {
+            os_type,
+            os_state,
+            hyper_v_generation,
+        } = os;
         let path = format!("images/{name}");
         let url = self.url(&path, IMAGE_API, None)?;
         let body = json!({
@@ -401,7 +416,7 @@ impl Arm {
                 "storageProfile": {
                     "osDisk": {
                         "osType": os_type,
-                        "osState": "Generalized",
+                        "osState": os_state,
                         "managedDisk": {"id": self.id(&format!("disks/{disk}"))},
                     },
                 },

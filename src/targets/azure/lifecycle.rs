@@ -19,7 +19,9 @@ use serde_json::json;
 use crate::job::{DiskInfo, Job, Target, UploadStats, map_disk, verify};
 use crate::journal::{DiskKey, JobKey, Resource};
 use crate::progress::{Bar, human_size};
-use crate::targets::azure::arm::{Arm, DISK_API, DiskSpec, GALLERY_API, IMAGE_API, check_name};
+use crate::targets::azure::arm::{
+    Arm, DISK_API, DiskSpec, GALLERY_API, IMAGE_API, ImageOs, check_name,
+};
 use crate::targets::azure::pages::slot_count;
 use crate::targets::azure::readback::{self, PageBlob, PageBlobSource};
 use crate::targets::azure::retry::Policy;
@@ -45,6 +47,9 @@ const CREATED: &str = "created";
 const GRANTED: &str = "granted";
 const UPLOADED: &str = "uploaded";
 const REVOKED: &str = "revoked";
+/// An image's osState: generalised (sysprep'd Windows; every Linux image, as before) or specialised.
+const GENERALIZED: &str = "Generalized";
+const SPECIALIZED: &str = "Specialized";
 
 /// The managed disk made from source disk `i` of job `name`.
 pub fn disk_name(name: &str, i: usize) -> String {
@@ -86,7 +91,7 @@ pub struct AzureSettings {
     pub access_duration: u64,
     /// Disk SKU.
     pub sku: String,
-    /// "windows" or "linux".
+    /// "windows", "linux" or "auto" (the guest's, from inspection: Windows when a Windows system root was found).
     pub os_type: String,
     /// "V1", "V2" or "auto".
     pub generation: String,
@@ -96,6 +101,9 @@ pub struct AzureSettings {
     pub disk_names: Option<Vec<String>>,
     /// The image to make from the OS disk; `None`: no image.
     pub image_name: Option<String>,
+    /// The image was asked for by name (`upload azure --image-name`): a guest that cannot become a managed
+    /// image (a specialised Windows) is refused instead of being left as a disk.
+    pub image_explicit: bool,
 }
 
 /// The Azure target of one job.
@@ -112,6 +120,14 @@ pub struct AzureTarget {
     sku: String,
     /// "Linux" or "Windows".
     os_type: &'static str,
+    /// `--os-type` when given (not `auto`).
+    os_type_flag: Option<&'static str>,
+    /// "Generalized" or "Specialized": the image's osState (the preflight's `os_state`; generalised unless it says
+    /// otherwise).
+    os_state: &'static str,
+    /// The managed image not made because the guest is specialised (`migrate` leaves the disk instead).
+    skipped_image: Option<String>,
+    image_explicit: bool,
     /// "V1", "V2" or "auto".
     generation: String,
     /// Gallery, image definition, version.
@@ -143,11 +159,15 @@ impl AzureTarget {
         t.concurrency = s.concurrency;
         t.access_duration = s.access_duration;
         t.sku = s.sku;
-        t.os_type = if s.os_type.eq_ignore_ascii_case("windows") {
-            "Windows"
+        t.os_type_flag = if s.os_type.eq_ignore_ascii_case("windows") {
+            Some("Windows")
+        } else if s.os_type.eq_ignore_ascii_case("linux") {
+            Some("Linux")
         } else {
-            "Linux"
+            None
         };
+        t.os_type = t.os_type_flag.unwrap_or("Linux");
+        t.image_explicit = s.image_explicit;
         t.generation = s.generation;
         t.gallery = s.gallery;
         t.disk_names = s.disk_names;
@@ -184,6 +204,10 @@ impl AzureTarget {
             access_duration: 86400,
             sku: "Standard_LRS".into(),
             os_type: "Linux",
+            os_type_flag: None,
+            os_state: GENERALIZED,
+            skipped_image: None,
+            image_explicit: false,
             generation: "auto".into(),
             gallery: None,
             disk_names: None,
@@ -304,6 +328,54 @@ impl AzureTarget {
         }
     }
 
+    /// Refuses a gallery image definition whose osType, osState or Hyper-V generation differ from the guest's:
+    /// every version of a definition shares them, and Azure refuses a version whose disk does not match
+    /// (<https://learn.microsoft.com/rest/api/compute/gallery-images/create-or-update>). A definition that
+    /// cannot be read is left to Azure's answer to the version.
+    fn check_definition(&self, job: &Job, (g, d, _): &(String, String, String)) -> Result<()> {
+        let c = self.conn()?;
+        let what = format!("looking up gallery image definition {g}/{d}");
+        let Some(def) = c.rt.block_on(c.arm.get(
+            &format!("galleries/{g}/images/{d}"),
+            GALLERY_API,
+            &what,
+        ))?
+        else {
+            return Ok(());
+        };
+        let p = &def["properties"];
+        let mut wrong = Vec::new();
+        if let Some(t) = p["osType"].as_str()
+            && !t.eq_ignore_ascii_case(self.os_type)
+        {
+            wrong.push(format!("osType {t}, the guest is {}", self.os_type));
+        }
+        if let Some(st) = p["osState"].as_str()
+            && !st.eq_ignore_ascii_case(self.os_state)
+        {
+            wrong.push(format!("osState {st}, the guest is {}", self.os_state));
+        }
+        let generation_known =
+            self.generation != "auto" || job.settings.contains_key("hyper_v_generation");
+        let generation = self.generation(job, None)?;
+        if generation_known
+            && let Some(hv) = p["hyperVGeneration"].as_str()
+            && !hv.eq_ignore_ascii_case(&generation)
+        {
+            wrong.push(format!("hyperVGeneration {hv}, the guest is {generation}"));
+        }
+        if !wrong.is_empty() {
+            bail!(
+                "gallery image definition {g}/{d} does not fit this guest ({}): use a definition made with \
+                 --os-type {} --os-state {} --hyper-v-generation {generation} (az sig image-definition create)",
+                wrong.join("; "),
+                self.os_type,
+                self.os_state
+            );
+        }
+        Ok(())
+    }
+
     fn gallery_path((g, d, v): &(String, String, String)) -> String {
         format!("galleries/{g}/images/{d}/versions/{v}")
     }
@@ -324,6 +396,28 @@ impl AzureTarget {
 }
 
 impl Target for AzureTarget {
+    /// The guest's OS type (unless `--os-type` says), and its state: a specialised Windows (not sysprep'd)
+    /// becomes no managed image (Azure's managed images are generalised only,
+    /// <https://learn.microsoft.com/azure/virtual-machines/capture-image-resource>): `migrate` leaves its disk
+    /// (and the gallery version, when asked), `upload azure --image-name` is refused in `connect`.
+    fn follow(&mut self, settings: &std::collections::BTreeMap<String, String>) {
+        if self.os_type_flag.is_none() {
+            self.os_type = if settings.get("os_type").map(String::as_str) == Some("windows") {
+                "Windows"
+            } else {
+                "Linux"
+            };
+        }
+        self.os_state = if settings.get("os_state").map(String::as_str) == Some(SPECIALIZED) {
+            SPECIALIZED
+        } else {
+            GENERALIZED
+        };
+        if self.os_state == SPECIALIZED && !self.image_explicit && self.skipped_image.is_none() {
+            self.skipped_image = self.image_name.take();
+        }
+    }
+
     fn units(&self, virtual_size: u64) -> Result<(u64, u64)> {
         let data_size = disk_data_size(virtual_size).with_context(|| {
             format!(
@@ -358,8 +452,23 @@ impl Target for AzureTarget {
                 }
             ));
         }
+        if let Some(image) = &self.skipped_image {
+            out.push(format!(
+                "no managed image '{image}': the guest is a specialised {} (not generalised by sysprep), which \
+                 Azure takes only as a specialized gallery image version{}",
+                self.os_type,
+                if self.gallery.is_some() {
+                    ""
+                } else {
+                    " (--gallery, --gallery-image, --gallery-version)"
+                }
+            ));
+        }
         if let Some(g) = &self.gallery {
-            out.push(format!("gallery image version {}/{}/{}", g.0, g.1, g.2));
+            out.push(format!(
+                "gallery image version {}/{}/{} ({}, {})",
+                g.0, g.1, g.2, self.os_type, self.os_state
+            ));
         }
         out
     }
@@ -388,6 +497,17 @@ impl Target for AzureTarget {
             check_name("--gallery", g)?;
             check_name("--gallery-image", d)?;
             check_name("--gallery-version", v)?;
+        }
+        if self.os_state == SPECIALIZED
+            && let Some(image) = &self.image_name
+        {
+            bail!(
+                "the guest is a specialised {} (not generalised by sysprep), and Azure makes managed images of \
+                 generalised guests only: image '{image}' is refused (nothing was created); drop --image-name and \
+                 pass --gallery, --gallery-image and --gallery-version for a specialized gallery image version, or \
+                 run `sysprep /generalize /oobe /shutdown` inside the guest first",
+                self.os_type
+            );
         }
         for (i, d) in job.disks.iter().enumerate() {
             self.units(d.virtual_size)
@@ -427,6 +547,7 @@ impl Target for AzureTarget {
                 &Self::gallery_path(g),
                 GALLERY_API,
             )?;
+            self.check_definition(job, g)?;
         }
         Ok(())
     }
@@ -603,8 +724,11 @@ impl Target for AzureTarget {
                 image,
                 &location,
                 &os_disk,
-                self.os_type,
-                &generation,
+                ImageOs {
+                    os_type: self.os_type,
+                    os_state: self.os_state,
+                    hyper_v_generation: &generation,
+                },
                 &tags,
             ))
             .with_context(|| {
@@ -618,6 +742,11 @@ impl Target for AzureTarget {
         }
         if let Some(image) = &self.image_name {
             made.push(format!("image {image}"));
+        }
+        if let Some(image) = &self.skipped_image {
+            made.push(format!(
+                "no managed image '{image}' (a specialised guest becomes a specialized gallery image version only)"
+            ));
         }
         let mut gallery = String::new();
         if let Some(g) = &self.gallery {
@@ -645,9 +774,10 @@ impl Target for AzureTarget {
             made.push("no image".into());
         }
         Ok(format!(
-            "{} (Hyper-V {generation}, {}) from disk {os_disk}{}{gallery}",
+            "{} (Hyper-V {generation}, {}, {}) from disk {os_disk}{}{gallery}",
             made.join(", "),
             self.os_type,
+            self.os_state,
             if data.is_empty() {
                 String::new()
             } else {
@@ -781,6 +911,7 @@ mod tests {
             gallery: None,
             disk_names: None,
             image_name: Some("vm".into()),
+            image_explicit: false,
         }
     }
 
@@ -853,6 +984,65 @@ mod tests {
         assert!(p[0].starts_with("managed disk vm-os"), "{p:?}");
         assert!(p[1].starts_with("managed disk vm-data1"), "{p:?}");
         assert!(p[2].starts_with("image 'vm' from vm-os"), "{p:?}");
-        assert_eq!(p[3], "gallery image version g/d/1.0.0");
+        assert_eq!(p[3], "gallery image version g/d/1.0.0 (Linux, Generalized)");
+    }
+
+    /// A specialised Windows guest (inspection's settings): osType Windows, no managed image for `migrate`
+    /// (the plan says why), a Specialized gallery version; `--os-type` given wins over inspection.
+    #[test]
+    fn a_specialised_windows_guest_gets_no_managed_image() {
+        let windows: std::collections::BTreeMap<String, String> = [
+            ("os_type", "windows"),
+            ("os_state", "Specialized"),
+            ("hyper_v_generation", "V1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let d = DiskInfo {
+            name: "w".into(),
+            virtual_size: 64 << 20,
+            data_bytes: 1 << 20,
+        };
+        let mut t = AzureTarget::new(AzureSettings {
+            os_type: "auto".into(),
+            gallery: Some(("g".into(), "d".into(), "1.0.0".into())),
+            ..settings()
+        })
+        .unwrap();
+        t.follow(&windows);
+        let p = t.plan("vm", std::slice::from_ref(&d));
+        assert!(
+            p[1].starts_with("no managed image 'vm': the guest is a specialised Windows"),
+            "{p:?}"
+        );
+        assert_eq!(
+            p[2],
+            "gallery image version g/d/1.0.0 (Windows, Specialized)"
+        );
+        assert_eq!(
+            (t.os_type, t.os_state, t.image_name.as_deref()),
+            ("Windows", SPECIALIZED, None)
+        );
+        // Asked for by name: kept, so that `connect` refuses it before anything is created.
+        let mut t = AzureTarget::new(AzureSettings {
+            os_type: "linux".into(),
+            image_explicit: true,
+            ..settings()
+        })
+        .unwrap();
+        t.follow(&windows);
+        assert_eq!((t.os_type, t.image_name.as_deref()), ("Linux", Some("vm")));
+        // A generalised Windows: a managed image, Generalized.
+        let mut t = AzureTarget::new(AzureSettings {
+            os_type: "auto".into(),
+            ..settings()
+        })
+        .unwrap();
+        let mut g = windows.clone();
+        g.insert("os_state".into(), "Generalized".into());
+        t.follow(&g);
+        assert_eq!((t.os_type, t.os_state), ("Windows", GENERALIZED));
+        assert!(t.plan("vm", &[d])[1].starts_with("image 'vm' from vm-os"));
     }
 }

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use anyhow::{Result, anyhow, bail};
 
 use super::rpc::Connect;
-use super::xml::{DomainDisk, DomainSpec};
+use super::xml::{DomainDisk, DomainSpec, NicModel};
 use super::{DiskBus, DomainType, Firmware, caps};
 
 /// Firmware to give the domain.
@@ -173,6 +173,18 @@ pub fn plan_domain(
             bus
         }
     };
+    // A Windows guest without the virtio network driver (netkvm) gets the e1000e NIC it has a driver for.
+    let nic_model = if g.setting("nic_model") == Some("e1000e") {
+        if c.network.is_some() {
+            notes.push(
+                "NIC model e1000e: the guest has no virtio network driver (netkvm) (inspection)"
+                    .to_string(),
+            );
+        }
+        NicModel::E1000e
+    } else {
+        NicModel::Virtio
+    };
     let domain_type = match c.domain_type {
         TypeChoice::Kvm => DomainType::Kvm,
         TypeChoice::Qemu => DomainType::Qemu,
@@ -201,6 +213,7 @@ pub fn plan_domain(
             disk_bus,
             disks,
             network: c.network.clone(),
+            nic_model,
             serial_log,
         },
         notes,

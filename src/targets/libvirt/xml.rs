@@ -61,10 +61,31 @@ pub struct DomainSpec {
     pub disk_bus: DiskBus,
     /// The disks, the boot disk first (at least one).
     pub disks: Vec<DomainDisk>,
-    /// A libvirt network for a virtio NIC.
+    /// A libvirt network for the NIC.
     pub network: Option<String>,
+    /// The NIC's model.
+    pub nic_model: NicModel,
     /// A file (on the daemon's host) that receives everything the guest writes to its serial console.
     pub serial_log: Option<String>,
+}
+
+/// The model of the domain's NIC (libvirt `<model type=...>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NicModel {
+    /// virtio-net: needs the guest's virtio network driver (Linux virtio_net, Windows netkvm).
+    Virtio,
+    /// Intel 82574 (e1000e) emulation: Windows has an in-box driver for it (e1000e is also q35's default).
+    E1000e,
+}
+
+impl NicModel {
+    /// The name libvirt gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            NicModel::Virtio => "virtio",
+            NicModel::E1000e => "e1000e",
+        }
+    }
 }
 
 /// A volume attached to the domain as a disk.
@@ -145,7 +166,7 @@ pub fn domain_xml(spec: &DomainSpec) -> Result<String> {
     if let Some(net) = &spec.network {
         w.open("interface", &[("type", "network")])?;
         w.empty("source", &[("network", net)])?;
-        w.empty("model", &[("type", "virtio")])?;
+        w.empty("model", &[("type", spec.nic_model.name())])?;
         w.close("interface")?;
     }
     w.open("serial", &[("type", "pty")])?;
@@ -263,6 +284,7 @@ mod tests {
                 format: VolFormat::Qcow2,
             }],
             network: None,
+            nic_model: NicModel::Virtio,
             serial_log: None,
         }
     }
@@ -290,6 +312,14 @@ mod tests {
         assert!(x.contains("pool=\"p&apos;\""), "{x}");
         assert!(x.contains("volume=\"v&quot;\""), "{x}");
         assert!(x.contains("network=\"n&amp;\""), "{x}");
+        assert!(x.contains("<model type=\"virtio\"/>"), "{x}");
+        let e = domain_xml(&DomainSpec {
+            network: Some("default".into()),
+            nic_model: NicModel::E1000e,
+            ..spec()
+        })
+        .unwrap();
+        assert!(e.contains("<model type=\"e1000e\"/>"), "{e}");
         assert!(x.contains("file=\"/tmp/&lt;x&gt;\""), "{x}");
         let v = volume_xml("x&y", 1234, VolFormat::Raw).unwrap();
         assert_eq!(
