@@ -166,6 +166,7 @@ fn volume_series(expect: &Path) -> (String, String) {
              p=e.start_snapshot(VolumeSize=1)['SnapshotId']; put(p,0,1); put(p,2,2); e.complete_snapshot(SnapshotId=p,ChangedBlocksCount=2)\n\
              import time; time.sleep(1.1)\n\
              k=e.start_snapshot(VolumeSize=1,ParentSnapshotId=p)['SnapshotId']; put(k,2,5); put(k,3,6); e.complete_snapshot(SnapshotId=k,ChangedBlocksCount=2)\n\
+             time.sleep(1.1)\n\
              n=e.start_snapshot(VolumeSize=1,ParentSnapshotId=k)['SnapshotId']; put(n,0,9)\n\
              open('{}','wb').write(bytes([1])*B+bytes(B)+bytes([5])*B+bytes([6])*B)\n\
              print(c.describe_snapshots(SnapshotIds=[n])['Snapshots'][0]['VolumeId'], n)",
